@@ -1,0 +1,88 @@
+"""A model's input contract and preprocessing, declared once beside its ``config.pbtxt``.
+
+``triton_models/<name>/contract.yaml`` is read by the worker (to preprocess and to name the
+labels) and by the Triton python backend (to validate requests and pick the activation), so
+the two sides cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CONTRACT_FILE = "contract.yaml"
+
+
+class InputKind(StrEnum):
+    IMAGE = "image"  # PNG / JPEG
+    NIFTI = "nifti"
+    DICOM = "dicom"  # a single DICOM file (whole series come later)
+
+
+class Activation(StrEnum):
+    SOFTMAX = "softmax"  # one logit per label
+    SIGMOID = "sigmoid"  # one logit: probability of labels[1]
+
+
+class TransformSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class TensorSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+    dtype: Literal["float32"] = "float32"
+    shape: tuple[int, ...] = Field(description="Without the batch dimension.")
+
+
+class ModelContract(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    description: str = ""
+    spatial_dims: Literal[2, 3]
+    accepts: tuple[InputKind, ...]
+    input: TensorSpec
+    output: TensorSpec
+    activation: Activation
+    labels: tuple[str, ...]
+    threshold: float = Field(default=0.5, gt=0.0, lt=1.0, description="sigmoid models only")
+    preprocessing: tuple[TransformSpec, ...] = ()
+    weights: str = Field(default="model.pt", description="TorchScript file in the version dir")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelContract:
+        if len(self.input.shape) != self.spatial_dims + 1:
+            raise ValueError(f"input.shape {self.input.shape} must be channel + {self.spatial_dims}D")
+        if self.output.shape != (len(self.labels),):
+            raise ValueError(f"output.shape {self.output.shape} must be ({len(self.labels)},)")
+        if self.activation is Activation.SIGMOID and len(self.labels) != 2:
+            raise ValueError("a sigmoid model has exactly two labels: negative, positive")
+        return self
+
+
+def load_contract(model_dir: Path) -> ModelContract:
+    path = model_dir / CONTRACT_FILE
+    try:
+        data = yaml.safe_load(path.read_text())
+        return ModelContract.model_validate(data)
+    except (OSError, yaml.YAMLError, ValidationError) as exc:
+        raise ValueError(f"{path}: invalid model contract: {exc}") from exc
+
+
+def discover_contracts(repository: Path) -> dict[str, ModelContract]:
+    """Every model folder of a Triton model repository that has a contract, by name."""
+    found: dict[str, ModelContract] = {}
+    for child in sorted(repository.iterdir()):
+        if (child / CONTRACT_FILE).is_file() and (child / "config.pbtxt").is_file():
+            contract = load_contract(child)
+            if contract.name != child.name:
+                raise ValueError(f"{child}: contract name {contract.name!r} != folder name")
+            found[contract.name] = contract
+    return found

@@ -1,0 +1,170 @@
+"""Convert stage: an input file becomes a float32 tensor that satisfies a model's contract.
+
+Loading is by kind (PNG/JPEG with Pillow, NIfTI with nibabel, a single DICOM file with
+pydicom); preprocessing is the contract's list of MONAI transforms. Every failure is an
+``InputError`` whose message says what was wrong with the file.
+"""
+
+from __future__ import annotations
+
+import warnings
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pydicom
+from monai import transforms as mt
+from monai.data import MetaTensor
+from PIL import Image, UnidentifiedImageError
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_rescale
+
+from pipeline.contract import InputKind, ModelContract
+from pipeline.errors import InputError
+
+# Larger inputs are refused before they are decoded: a 2048^3 float32 volume is 32 GiB.
+MAX_VOXELS = 512 * 512 * 2048
+
+# The transforms a contract may name. An allow-list, not getattr on monai: contracts are data.
+TRANSFORMS: dict[str, Callable[..., Any]] = {
+    "ScaleIntensity": mt.ScaleIntensity,
+    "ScaleIntensityRange": mt.ScaleIntensityRange,
+    "NormalizeIntensity": mt.NormalizeIntensity,
+    "CropForeground": mt.CropForeground,
+    "Resize": mt.Resize,
+    "Orientation": mt.Orientation,
+    "Spacing": mt.Spacing,
+    "SpatialPad": mt.SpatialPad,
+    "CenterSpatialCrop": mt.CenterSpatialCrop,
+}
+
+_SUFFIX_KINDS = {
+    ".png": InputKind.IMAGE,
+    ".jpg": InputKind.IMAGE,
+    ".jpeg": InputKind.IMAGE,
+    ".nii": InputKind.NIFTI,
+    ".nii.gz": InputKind.NIFTI,
+    ".dcm": InputKind.DICOM,
+}
+
+
+@dataclass(frozen=True)
+class LoadedImage:
+    kind: InputKind
+    array: MetaTensor  # channel first: (1, H, W) or (1, X, Y, Z)
+
+    @property
+    def spatial_dims(self) -> int:
+        return int(self.array.ndim) - 1
+
+
+def detect_kind(path: Path) -> InputKind:
+    name = path.name.lower()
+    for suffix, kind in _SUFFIX_KINDS.items():
+        if name.endswith(suffix):
+            return kind
+    with path.open("rb") as f:
+        head = f.read(132)
+    if head[128:132] == b"DICM":
+        return InputKind.DICOM
+    raise InputError(
+        f"unsupported file type {path.name!r}: expected .png, .jpg, .nii, .nii.gz or DICOM"
+    )
+
+
+def load(path: Path) -> LoadedImage:
+    kind = detect_kind(path)
+    if path.stat().st_size == 0:
+        raise InputError(f"{path.name}: empty file")
+    loader = {InputKind.IMAGE: _load_image, InputKind.NIFTI: _load_nifti, InputKind.DICOM: _load_dicom}
+    array = loader[kind](path)
+    if array.numel() > MAX_VOXELS:
+        raise InputError(f"{path.name}: {array.shape} is larger than {MAX_VOXELS} voxels")
+    return LoadedImage(kind, array)
+
+
+def _load_image(path: Path) -> MetaTensor:
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode now: a truncated file fails here, not later
+            pixels = np.array(img.convert("F"), dtype=np.float32)  # grayscale, 8 or 16 bit
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+        raise InputError(f"{path.name}: not a readable PNG/JPEG image ({exc})") from exc
+    return MetaTensor(pixels[np.newaxis])
+
+
+def _load_nifti(path: Path) -> MetaTensor:
+    try:
+        img = nib.load(path)
+        shape = tuple(int(s) for s in img.shape)
+        if int(np.prod(shape)) > MAX_VOXELS:
+            raise InputError(f"{path.name}: {shape} is larger than {MAX_VOXELS} voxels")
+        data = np.asarray(img.get_fdata(dtype=np.float32))
+    except InputError:
+        raise
+    except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError) as exc:
+        raise InputError(f"{path.name}: not a readable NIfTI file ({exc})") from exc
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise InputError(f"{path.name}: expected a 3D NIfTI volume, got shape {data.shape}")
+    if not np.isfinite(data).all():
+        raise InputError(f"{path.name}: volume holds NaN or infinite values")
+    return MetaTensor(data[np.newaxis], affine=img.affine)
+
+
+def _load_dicom(path: Path) -> MetaTensor:
+    try:
+        ds = pydicom.dcmread(path)
+        if "PixelData" not in ds:
+            raise InputError(f"{path.name}: DICOM object without pixel data (SOP class "
+                             f"{ds.get('SOPClassUID', 'unknown')})")
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        if rows * cols * frames > MAX_VOXELS:
+            raise InputError(f"{path.name}: {frames}x{rows}x{cols} is too large")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pixels = apply_rescale(ds.pixel_array, ds).astype(np.float32)
+    except InputError:
+        raise
+    except (InvalidDicomError, OSError, EOFError, ValueError, AttributeError, KeyError,
+            NotImplementedError, RuntimeError) as exc:
+        raise InputError(f"{path.name}: not a readable DICOM image ({type(exc).__name__}: {exc})") from exc
+    if pixels.ndim == 3 and pixels.shape[-1] in (3, 4) and ds.get("SamplesPerPixel", 1) > 1:
+        pixels = pixels[..., :3].mean(axis=-1)
+    if pixels.ndim == 3:  # multi-frame: (frames, rows, cols) -> (cols, rows, frames) like NIfTI
+        pixels = np.transpose(pixels, (2, 1, 0))
+    return MetaTensor(pixels[np.newaxis])
+
+
+def preprocessor(contract: ModelContract) -> mt.Compose:
+    steps = []
+    for spec in contract.preprocessing:
+        try:
+            steps.append(TRANSFORMS[spec.name](**spec.args))
+        except KeyError:
+            raise ValueError(f"{contract.name}: transform {spec.name!r} is not allowed; "
+                             f"choose from {sorted(TRANSFORMS)}") from None
+    return mt.Compose([*steps, mt.EnsureType(data_type="numpy", dtype=np.float32)])
+
+
+def to_model_input(image: LoadedImage, contract: ModelContract, compose: mt.Compose) -> np.ndarray:
+    """The contract's preprocessing applied; the result has exactly the contract's shape."""
+    if image.spatial_dims != contract.spatial_dims:
+        raise InputError(f"{contract.name} takes {contract.spatial_dims}D inputs, "
+                         f"got {image.spatial_dims}D {tuple(image.array.shape[1:])}")
+    try:
+        out = np.asarray(compose(image.array), dtype=np.float32)
+    except RuntimeError as exc:  # MONAI names the failing transform in the message
+        raise InputError(f"preprocessing for {contract.name} failed: {exc}") from exc
+    if tuple(out.shape) != contract.input.shape:
+        raise InputError(f"preprocessing for {contract.name} gave shape {out.shape}, "
+                         f"the model takes {contract.input.shape}")
+    if not np.isfinite(out).all():
+        raise InputError(f"preprocessing for {contract.name} produced NaN values (blank image?)")
+    return out

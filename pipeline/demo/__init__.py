@@ -1,0 +1,1 @@
+"""Demo weights without the internet: synthetic data the project generates, and training."""

