@@ -59,7 +59,9 @@ class ModelContract(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> ModelContract:
         if len(self.input.shape) != self.spatial_dims + 1:
-            raise ValueError(f"input.shape {self.input.shape} must be channel + {self.spatial_dims}D")
+            raise ValueError(
+                f"input.shape {self.input.shape} must be channel + {self.spatial_dims}D"
+            )
         if self.output.shape != (len(self.labels),):
             raise ValueError(f"output.shape {self.output.shape} must be ({len(self.labels)},)")
         if self.activation is Activation.SIGMOID and len(self.labels) != 2:

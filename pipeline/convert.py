@@ -2,7 +2,8 @@
 
 Loading is by kind (PNG/JPEG with Pillow, NIfTI with nibabel, a single DICOM file with
 pydicom); preprocessing is the contract's list of MONAI transforms. Every failure is an
-``InputError`` whose message says what was wrong with the file.
+``InputError`` whose message says what was wrong with the file, without its name: file names
+may carry patient names, and these messages are logged.
 """
 
 from __future__ import annotations
@@ -72,19 +73,30 @@ def detect_kind(path: Path) -> InputKind:
     if head[128:132] == b"DICM":
         return InputKind.DICOM
     raise InputError(
-        f"unsupported file type {path.name!r}: expected .png, .jpg, .nii, .nii.gz or DICOM"
+        f"unsupported file type (suffix {''.join(path.suffixes[-2:]) or 'none'!r}): "
+        "expected .png, .jpg, .nii, .nii.gz or DICOM"
     )
 
 
 def load(path: Path) -> LoadedImage:
     kind = detect_kind(path)
     if path.stat().st_size == 0:
-        raise InputError(f"{path.name}: empty file")
-    loader = {InputKind.IMAGE: _load_image, InputKind.NIFTI: _load_nifti, InputKind.DICOM: _load_dicom}
+        raise InputError("empty file")
+    loader = {
+        InputKind.IMAGE: _load_image,
+        InputKind.NIFTI: _load_nifti,
+        InputKind.DICOM: _load_dicom,
+    }
     array = loader[kind](path)
     if array.numel() > MAX_VOXELS:
-        raise InputError(f"{path.name}: {array.shape} is larger than {MAX_VOXELS} voxels")
+        raise InputError(f"{array.shape} is larger than {MAX_VOXELS} voxels")
     return LoadedImage(kind, array)
+
+
+def _reason(exc: BaseException, path: Path) -> str:
+    """The library's message with the file's path and name taken out."""
+    text = str(exc).replace(str(path), "<file>").replace(path.name, "<file>")
+    return f"{type(exc).__name__}: {text}"
 
 
 def _load_image(path: Path) -> MetaTensor:
@@ -93,7 +105,7 @@ def _load_image(path: Path) -> MetaTensor:
             img.load()  # decode now: a truncated file fails here, not later
             pixels = np.array(img.convert("F"), dtype=np.float32)  # grayscale, 8 or 16 bit
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
-        raise InputError(f"{path.name}: not a readable PNG/JPEG image ({exc})") from exc
+        raise InputError(f"not a readable PNG/JPEG image ({_reason(exc, path)})") from exc
     return MetaTensor(pixels[np.newaxis])
 
 
@@ -102,18 +114,18 @@ def _load_nifti(path: Path) -> MetaTensor:
         img = nib.load(path)
         shape = tuple(int(s) for s in img.shape)
         if int(np.prod(shape)) > MAX_VOXELS:
-            raise InputError(f"{path.name}: {shape} is larger than {MAX_VOXELS} voxels")
+            raise InputError(f"{shape} is larger than {MAX_VOXELS} voxels")
         data = np.asarray(img.get_fdata(dtype=np.float32))
     except InputError:
         raise
     except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError) as exc:
-        raise InputError(f"{path.name}: not a readable NIfTI file ({exc})") from exc
+        raise InputError(f"not a readable NIfTI file ({_reason(exc, path)})") from exc
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
-        raise InputError(f"{path.name}: expected a 3D NIfTI volume, got shape {data.shape}")
+        raise InputError(f"expected a 3D NIfTI volume, got shape {data.shape}")
     if not np.isfinite(data).all():
-        raise InputError(f"{path.name}: volume holds NaN or infinite values")
+        raise InputError("volume holds NaN or infinite values")
     return MetaTensor(data[np.newaxis], affine=img.affine)
 
 
@@ -121,20 +133,29 @@ def _load_dicom(path: Path) -> MetaTensor:
     try:
         ds = pydicom.dcmread(path)
         if "PixelData" not in ds:
-            raise InputError(f"{path.name}: DICOM object without pixel data (SOP class "
-                             f"{ds.get('SOPClassUID', 'unknown')})")
+            raise InputError(
+                f"DICOM object without pixel data (SOP class {ds.get('SOPClassUID', 'unknown')})"
+            )
         rows, cols = int(ds.Rows), int(ds.Columns)
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         if rows * cols * frames > MAX_VOXELS:
-            raise InputError(f"{path.name}: {frames}x{rows}x{cols} is too large")
+            raise InputError(f"{frames}x{rows}x{cols} is too large")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             pixels = apply_rescale(ds.pixel_array, ds).astype(np.float32)
     except InputError:
         raise
-    except (InvalidDicomError, OSError, EOFError, ValueError, AttributeError, KeyError,
-            NotImplementedError, RuntimeError) as exc:
-        raise InputError(f"{path.name}: not a readable DICOM image ({type(exc).__name__}: {exc})") from exc
+    except (
+        InvalidDicomError,
+        OSError,
+        EOFError,
+        ValueError,
+        AttributeError,
+        KeyError,
+        NotImplementedError,
+        RuntimeError,
+    ) as exc:
+        raise InputError(f"not a readable DICOM image ({_reason(exc, path)})") from exc
     if pixels.ndim == 3 and pixels.shape[-1] in (3, 4) and ds.get("SamplesPerPixel", 1) > 1:
         pixels = pixels[..., :3].mean(axis=-1)
     if pixels.ndim == 3:  # multi-frame: (frames, rows, cols) -> (cols, rows, frames) like NIfTI
@@ -148,23 +169,29 @@ def preprocessor(contract: ModelContract) -> mt.Compose:
         try:
             steps.append(TRANSFORMS[spec.name](**spec.args))
         except KeyError:
-            raise ValueError(f"{contract.name}: transform {spec.name!r} is not allowed; "
-                             f"choose from {sorted(TRANSFORMS)}") from None
+            raise ValueError(
+                f"{contract.name}: transform {spec.name!r} is not allowed; "
+                f"choose from {sorted(TRANSFORMS)}"
+            ) from None
     return mt.Compose([*steps, mt.EnsureType(data_type="numpy", dtype=np.float32)])
 
 
 def to_model_input(image: LoadedImage, contract: ModelContract, compose: mt.Compose) -> np.ndarray:
     """The contract's preprocessing applied; the result has exactly the contract's shape."""
     if image.spatial_dims != contract.spatial_dims:
-        raise InputError(f"{contract.name} takes {contract.spatial_dims}D inputs, "
-                         f"got {image.spatial_dims}D {tuple(image.array.shape[1:])}")
+        raise InputError(
+            f"{contract.name} takes {contract.spatial_dims}D inputs, "
+            f"got {image.spatial_dims}D {tuple(image.array.shape[1:])}"
+        )
     try:
         out = np.asarray(compose(image.array), dtype=np.float32)
     except RuntimeError as exc:  # MONAI names the failing transform in the message
         raise InputError(f"preprocessing for {contract.name} failed: {exc}") from exc
     if tuple(out.shape) != contract.input.shape:
-        raise InputError(f"preprocessing for {contract.name} gave shape {out.shape}, "
-                         f"the model takes {contract.input.shape}")
+        raise InputError(
+            f"preprocessing for {contract.name} gave shape {out.shape}, "
+            f"the model takes {contract.input.shape}"
+        )
     if not np.isfinite(out).all():
         raise InputError(f"preprocessing for {contract.name} produced NaN values (blank image?)")
     return out

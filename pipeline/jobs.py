@@ -75,8 +75,11 @@ def job_dir(spool: Path, job_id: str) -> Path:
 def spool_file(path: Path, inbox: Path, spool: Path) -> Job:
     """Move an inbox file atomically into a new job folder; the job exists once job.json does."""
     job = Job(
-        id=new_job_id(), source="inbox", original_name=str(path.relative_to(inbox)),
-        input_file=path.name, received_at=now(),
+        id=new_job_id(),
+        source="inbox",
+        original_name=str(path.relative_to(inbox)),
+        input_file=path.name,
+        received_at=now(),
     )
     # Built under a dot-name and renamed: a half-made job folder is never seen as a job.
     staging = spool / f".{job.id}"

@@ -51,12 +51,17 @@ class Models:
         return self._composes[contract.name]
 
     def for_input(self, image: convert.LoadedImage) -> list[ModelContract]:
-        return [c for c in self.contracts.values()
-                if image.kind in c.accepts and c.spatial_dims == image.spatial_dims]
+        return [
+            c
+            for c in self.contracts.values()
+            if image.kind in c.accepts and c.spatial_dims == image.spatial_dims
+        ]
 
 
 def decide(contract: ModelContract, probabilities: np.ndarray) -> Prediction:
-    probs = {label: round(float(p), 6) for label, p in zip(contract.labels, probabilities, strict=True)}
+    probs = {
+        label: round(float(p), 6) for label, p in zip(contract.labels, probabilities, strict=True)
+    }
     if contract.activation is Activation.SIGMOID:
         label = contract.labels[1] if probabilities[1] >= contract.threshold else contract.labels[0]
     else:
@@ -78,10 +83,17 @@ def run_job(job: Job, settings: Settings, models: Models, client: TritonClient) 
         image = convert.load(path)
         chosen = models.for_input(image)
         if not chosen:
-            raise NoModelError(f"no served model takes a {image.spatial_dims}D {image.kind} "
-                               f"input (models: {', '.join(models.contracts) or 'none'})")
-        info = InputInfo(source=job.source, name=job.original_name, kind=image.kind.value,
-                         sha256=_sha256(path), shape=[int(s) for s in image.array.shape])
+            raise NoModelError(
+                f"no served model takes a {image.spatial_dims}D {image.kind} "
+                f"input (models: {', '.join(models.contracts) or 'none'})"
+            )
+        info = InputInfo(
+            source=job.source,
+            name=job.original_name,
+            kind=image.kind.value,
+            sha256=_sha256(path),
+            shape=[int(s) for s in image.array.shape],
+        )
         docs: list[tuple[str, Result]] = []
         for contract in chosen:
             stage = "preprocess"
@@ -90,29 +102,60 @@ def run_job(job: Job, settings: Settings, models: Models, client: TritonClient) 
             pre_ms = (time.perf_counter() - t0) * 1000.0
             stage = "infer"
             out = client.infer(contract, x[np.newaxis])
-            docs.append((contract.name, _result(job, info, contract, out.probabilities[0],
-                                                out.model_version, started, pre_ms,
-                                                out.milliseconds)))
+            docs.append(
+                (
+                    contract.name,
+                    _result(
+                        job,
+                        info,
+                        contract,
+                        out.probabilities[0],
+                        out.model_version,
+                        started,
+                        pre_ms,
+                        out.milliseconds,
+                    ),
+                )
+            )
         stage = "write"
-        written = [_write(settings.results_dir / job.id / name / "result.json", doc)
-                   for name, doc in docs]
+        written = [
+            _write(settings.results_dir / job.id / name / "result.json", doc) for name, doc in docs
+        ]
     except PipelineError as exc:
         raise StageError(stage, exc) from exc
     _finish(folder, settings)
-    log.info("job %s: %d result(s), %s", job.id, len(written),
-             ", ".join(f"{n}={d.prediction.label}" for n, d in docs))
+    log.info(
+        "job %s: %d result(s), %s",
+        job.id,
+        len(written),
+        ", ".join(f"{n}={d.prediction.label}" for n, d in docs),
+    )
     return written
 
 
-def _result(job: Job, info: InputInfo, contract: ModelContract, probabilities: np.ndarray,
-            version: str, started: datetime, pre_ms: float, infer_ms: float) -> Result:
+def _result(
+    job: Job,
+    info: InputInfo,
+    contract: ModelContract,
+    probabilities: np.ndarray,
+    version: str,
+    started: datetime,
+    pre_ms: float,
+    infer_ms: float,
+) -> Result:
     return Result(
-        job_id=job.id, input=info,
+        job_id=job.id,
+        input=info,
         model=ModelInfo(name=contract.name, version=version),
         prediction=decide(contract, probabilities),
-        timings=Timings(received=job.received_at, queued=job.queued_at, started=started,
-                        finished=now(), preprocess_ms=round(pre_ms, 2),
-                        inference_ms=round(infer_ms, 2)),
+        timings=Timings(
+            received=job.received_at,
+            queued=job.queued_at,
+            started=started,
+            finished=now(),
+            preprocess_ms=round(pre_ms, 2),
+            inference_ms=round(infer_ms, 2),
+        ),
         worker=WorkerInfo(host=socket.gethostname(), pid=os.getpid()),
     )
 

@@ -199,4 +199,6 @@ def load_settings(**overrides: Any) -> Settings:
             msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
             lines.append(f"config key '{key}': {msg}")
         source = config_file or str(DEFAULT_CONFIG_FILE)
-        raise ConfigError(f"invalid configuration ({source} / environment):\n  " + "\n  ".join(lines)) from None
+        raise ConfigError(
+            f"invalid configuration ({source} / environment):\n  " + "\n  ".join(lines)
+        ) from None

@@ -40,7 +40,8 @@ class TritonClient:
         self._client: Any
         if self.protocol == "grpc":
             self._client = grpcclient.InferenceServerClient(
-                url=target, ssl=tls,
+                url=target,
+                ssl=tls,
                 root_certificates=_opt(settings.root_certificates),
                 private_key=_opt(settings.private_key),
                 certificate_chain=_opt(settings.certificate_chain),
@@ -54,8 +55,11 @@ class TritonClient:
             if settings.certificate_chain:
                 ssl_options["certfile"] = str(settings.certificate_chain)
             self._client = httpclient.InferenceServerClient(
-                url=target, ssl=tls, ssl_options=ssl_options or None,
-                connection_timeout=10.0, network_timeout=self.timeout,
+                url=target,
+                ssl=tls,
+                ssl_options=ssl_options or None,
+                connection_timeout=10.0,
+                network_timeout=self.timeout,
             )
 
     def close(self) -> None:
@@ -76,8 +80,14 @@ class TritonClient:
                 index = self._client.get_model_repository_index()
         except (InferenceServerException, OSError) as exc:
             raise TransientError(f"Triton at {self.url} unreachable: {_message(exc)}") from exc
-        return [{"name": m.get("name", ""), "version": str(m.get("version", "")),
-                 "state": m.get("state", "")} for m in index]
+        return [
+            {
+                "name": m.get("name", ""),
+                "version": str(m.get("version", "")),
+                "state": m.get("state", ""),
+            }
+            for m in index
+        ]
 
     def infer(self, contract: ModelContract, batch: np.ndarray) -> InferenceOutput:
         lib: Any = grpcclient if self.protocol == "grpc" else httpclient
@@ -91,8 +101,9 @@ class TritonClient:
         started = time.perf_counter()
         try:
             if self.protocol == "grpc":
-                result = self._client.infer(contract.name, [inp], outputs=out,
-                                            client_timeout=self.timeout)
+                result = self._client.infer(
+                    contract.name, [inp], outputs=out, client_timeout=self.timeout
+                )
                 version = str(result.get_response(as_json=True).get("model_version", ""))
             else:
                 result = self._client.infer(contract.name, [inp], outputs=out)
@@ -117,8 +128,10 @@ class TritonClient:
         if model not in index:
             return ModelNotFoundError(f"Triton at {self.url} does not serve model {model!r}")
         if index[model]["state"] != "READY":
-            return TransientError(f"model {model!r} is {index[model]['state'] or 'not ready'} "
-                                  f"on Triton at {self.url}: {detail}")
+            return TransientError(
+                f"model {model!r} is {index[model]['state'] or 'not ready'} "
+                f"on Triton at {self.url}: {detail}"
+            )
         return InputError(f"model {model!r} rejected the request: {detail}")
 
 

@@ -17,7 +17,9 @@ MEDNIST_LABELS = ("AbdomenCT", "BreastMRI", "CXR", "ChestCT", "Hand", "HeadCT")
 COVID_LABELS = ("COVID Negative", "COVID Positive")
 
 
-def _ellipse(yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, ry: float, rx: float) -> np.ndarray:
+def _ellipse(
+    yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, ry: float, rx: float
+) -> np.ndarray:
     return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
 
 
@@ -32,8 +34,16 @@ def mednist_image(label: str, seed: int, size: int = 64) -> np.ndarray:
         img[_ellipse(yy, xx, cy, cx, 20 * s, 28 * s)] = 0.45
         img[_ellipse(yy, xx, cy + 12 * s, cx, 4 * s, 4 * s)] = 1.0  # spine
         for _ in range(3):
-            img[_ellipse(yy, xx, cy + rng.uniform(-10, 6) * s, cx + rng.uniform(-16, 16) * s,
-                         5 * s, 6 * s)] = 0.65
+            img[
+                _ellipse(
+                    yy,
+                    xx,
+                    cy + rng.uniform(-10, 6) * s,
+                    cx + rng.uniform(-16, 16) * s,
+                    5 * s,
+                    6 * s,
+                )
+            ] = 0.65
     elif label == "BreastMRI":
         for side in (-1, 1):
             m = _ellipse(yy, xx, cy + 8 * s, cx + side * 14 * s, 18 * s, 13 * s) & (yy < cy + 8 * s)
@@ -52,7 +62,9 @@ def mednist_image(label: str, seed: int, size: int = 64) -> np.ndarray:
         img[(np.abs(xx - cx) < 12 * s) & (yy > cy) & (yy < cy + 22 * s)] = 0.8
         for k in range(-2, 3):
             fx = cx + k * 5.5 * s
-            img[(np.abs(xx - fx) < 2 * s) & (yy > cy - (18 + 4 * rng.random()) * s) & (yy <= cy)] = 0.8
+            img[
+                (np.abs(xx - fx) < 2 * s) & (yy > cy - (18 + 4 * rng.random()) * s) & (yy <= cy)
+            ] = 0.8
     elif label == "HeadCT":
         img[_ellipse(yy, xx, cy, cx, 26 * s, 22 * s)] = 1.0
         img[_ellipse(yy, xx, cy, cx, 23 * s, 19 * s)] = 0.4
@@ -74,8 +86,11 @@ def ct_volume(positive: bool, seed: int) -> tuple[np.ndarray, np.ndarray]:
     lungs = np.zeros_like(body)
     for side in (-1, 1):
         lx = cx + side * 0.18 * nx
-        lungs |= (((x - lx) / (0.14 * nx)) ** 2 + ((y - cy) / (0.22 * ny)) ** 2
-                  + ((z - nz / 2) / (0.45 * nz)) ** 2) <= 1.0
+        lungs |= (
+            ((x - lx) / (0.14 * nx)) ** 2
+            + ((y - cy) / (0.22 * ny)) ** 2
+            + ((z - nz / 2) / (0.45 * nz)) ** 2
+        ) <= 1.0
     vol[lungs] = -850.0
     if positive:
         inside = np.argwhere(lungs)

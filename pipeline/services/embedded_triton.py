@@ -88,7 +88,7 @@ def server_env() -> dict[str, str]:
 
 def _ready(http: str) -> bool:
     try:
-        with urllib.request.urlopen(f"{http}/v2/health/ready", timeout=2) as r:  # noqa: S310
+        with urllib.request.urlopen(f"{http}/v2/health/ready", timeout=2) as r:
             return bool(r.status == 200)
     except OSError:
         return False
@@ -109,9 +109,12 @@ def start(settings: Settings) -> tuple[ManagedProcess, TritonEndpoints]:
         str(SERVER_DIR / "bin" / "tritonserver"),
         f"--model-repository={repo}",
         f"--backend-directory={prepare_backends(run)}",
-        "--http-address=127.0.0.1", f"--http-port={http_port}",
-        "--grpc-address=127.0.0.1", f"--grpc-port={grpc_port}",
-        "--metrics-address=127.0.0.1", f"--metrics-port={metrics_port}",
+        "--http-address=127.0.0.1",
+        f"--http-port={http_port}",
+        "--grpc-address=127.0.0.1",
+        f"--grpc-port={grpc_port}",
+        "--metrics-address=127.0.0.1",
+        f"--metrics-port={metrics_port}",
         f"--backend-config=python,shm-default-byte-size={shm}",
         f"--backend-config=python,shm-growth-byte-size={shm}",
         "--backend-config=python,stub-timeout-seconds=120",
@@ -121,7 +124,10 @@ def start(settings: Settings) -> tuple[ManagedProcess, TritonEndpoints]:
     proc.start()
     http = f"http://127.0.0.1:{http_port}"
     proc.wait_ready(lambda: _ready(http), t.startup_timeout_s)
-    endpoints = TritonEndpoints(http=http, grpc=f"grpc://127.0.0.1:{grpc_port}",
-                                metrics=f"http://127.0.0.1:{metrics_port}/metrics")
+    endpoints = TritonEndpoints(
+        http=http,
+        grpc=f"grpc://127.0.0.1:{grpc_port}",
+        metrics=f"http://127.0.0.1:{metrics_port}/metrics",
+    )
     atomic_write_json(endpoints_file(settings), endpoints.__dict__)
     return proc, endpoints

@@ -37,8 +37,14 @@ def free_port(host: str = "127.0.0.1") -> int:
 class ManagedProcess:
     """One supervised child: started, probed for readiness, stopped with SIGTERM then SIGKILL."""
 
-    def __init__(self, name: str, argv: Sequence[str], log_path: Path,
-                 env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        log_path: Path,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> None:
         self.name = name
         self.argv = list(argv)
         self.log_path = log_path
@@ -49,9 +55,15 @@ class ManagedProcess:
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as out:
-            self.proc = subprocess.Popen(  # noqa: S603 - argv built by the pipeline itself
-                self.argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=self.env, cwd=self.cwd, start_new_session=True, preexec_fn=_die_with_parent,
+            self.proc = subprocess.Popen(
+                self.argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                cwd=self.cwd,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         log.info("started %s (pid %d), log %s", self.name, self.proc.pid, self.log_path)
 
@@ -66,8 +78,10 @@ class ManagedProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.alive():
-                raise RuntimeError(f"{self.name} exited during start-up "
-                                   f"(code {self.returncode()}):\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"{self.name} exited during start-up "
+                    f"(code {self.returncode()}):\n{self.log_tail()}"
+                )
             if probe():
                 return
             time.sleep(0.2)

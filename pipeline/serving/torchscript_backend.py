@@ -50,7 +50,9 @@ class TorchScriptClassifier:
         if array.dtype != np.float32:
             raise ValueError(f"{spec.name} must be float32, got {array.dtype}")
         if array.ndim != len(spec.shape) + 1 or tuple(array.shape[1:]) != spec.shape:
-            raise ValueError(f"{spec.name} must have shape [batch, {spec.shape}], got {array.shape}")
+            raise ValueError(
+                f"{spec.name} must have shape [batch, {spec.shape}], got {array.shape}"
+            )
         if not np.isfinite(array).all():
             raise ValueError(f"{spec.name} holds NaN or infinite values")
         return array

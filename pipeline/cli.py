@@ -1,0 +1,351 @@
+"""The ``dicom-pipeline`` command line: thin wrappers that build the settings once and call the
+component functions. Errors of our own are printed as one clear message and exit code 2."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from pipeline.errors import PipelineError
+from pipeline.settings import Settings, load_settings
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="Medical image inference pipeline: inbox/DICOM -> Celery -> Triton -> results.",
+)
+config_app = typer.Typer(no_args_is_help=True, help="Show or describe the configuration.")
+models_app = typer.Typer(no_args_is_help=True, help="The Triton model repository.")
+app.add_typer(config_app, name="config")
+app.add_typer(models_app, name="models")
+
+log = logging.getLogger("pipeline")
+
+
+def _settings() -> Settings:
+    try:
+        settings = load_settings()
+    except PipelineError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
+    )
+    return settings
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(2)
+
+
+class _StopOnSignal:
+    """SIGINT/SIGTERM set an event instead of raising, so shutdown runs in order."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: self.event.set())
+
+
+def _triton_url(settings: Settings) -> str | None:
+    from pipeline.services import embedded_triton
+
+    if settings.triton.url:
+        return settings.triton.url
+    found = embedded_triton.read_endpoints(settings)
+    return found.url if found else None
+
+
+@config_app.command("show")
+def config_show() -> None:
+    """Print the effective settings (file + environment + defaults), secrets masked."""
+    typer.echo(json.dumps(_settings().masked(), indent=2))
+
+
+@config_app.command("schema")
+def config_schema() -> None:
+    """Print the JSON schema of the configuration file."""
+    typer.echo(json.dumps(Settings.model_json_schema(), indent=2))
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """The models in the repository, their inputs and labels, and whether weights are present."""
+    from pipeline.contract import discover_contracts
+
+    settings = _settings()
+    repo = settings.triton.model_repository
+    for name, c in discover_contracts(repo).items():
+        weights = repo / name / "1" / c.weights
+        state = "weights present" if weights.is_file() else "NO WEIGHTS (run models build-demo)"
+        typer.echo(
+            f"{name}: {c.spatial_dims}D {'/'.join(k.value for k in c.accepts)} -> "
+            f"{', '.join(c.labels)} [{state}]"
+        )
+
+
+@models_app.command("build-demo")
+def models_build_demo(
+    force: Annotated[bool, typer.Option(help="Retrain even where weights exist.")] = False,
+    model: Annotated[list[str] | None, typer.Option(help="Only this model (repeatable).")] = None,
+) -> None:
+    """Train demo weights on synthetic data (offline, CPU, a few minutes)."""
+    from pipeline.demo.train import build_demo
+
+    settings = _settings()
+    build_demo(settings.triton.model_repository, typer.echo, only=model, force=force)
+
+
+@app.command()
+def redis() -> None:
+    """Run the embedded Redis in the foreground (for a broker on this machine only)."""
+    from pipeline.services import embedded_redis
+
+    settings = _settings()
+    settings.ensure_dirs()
+    if settings.broker_url is not None:
+        raise _fail("broker_url is configured; the embedded Redis is for when it is not")
+    proc = embedded_redis.start(settings)
+    typer.echo(f"redis ready at {embedded_redis.broker_url(settings)}")
+    _wait_until_stopped([proc])
+
+
+@app.command()
+def triton() -> None:
+    """Run the embedded tritonserver (CPU) in the foreground, serving the model repository."""
+    from pipeline.services import embedded_triton
+
+    settings = _settings()
+    settings.ensure_dirs()
+    _check_weights(settings)
+    proc, endpoints = embedded_triton.start(settings)
+    typer.echo(f"triton ready: {endpoints.grpc} (gRPC), {endpoints.http} (HTTP)")
+    _wait_until_stopped([proc])
+
+
+@app.command()
+def worker(
+    concurrency: Annotated[int | None, typer.Option(help="Pool processes.")] = None,
+) -> None:
+    """Run a Celery worker that processes queued jobs."""
+    from pipeline.queue import QUEUE, make_celery
+    from pipeline.services import embedded_redis
+    from pipeline.tasks import register_tasks
+
+    settings = _settings()
+    settings.ensure_dirs()
+    url = _triton_url(settings)
+    if not url:
+        raise _fail(
+            "no Triton: set triton.url (PIPELINE_TRITON__URL) or run "
+            "`dicom-pipeline triton` on this data dir"
+        )
+    celery = make_celery(settings, embedded_redis.broker_url(settings))
+    register_tasks(celery, settings, url)
+    n = concurrency or settings.worker.concurrency
+    celery.worker_main(
+        [
+            "worker",
+            f"--loglevel={settings.log_level}",
+            f"--concurrency={n}",
+            "--pool=prefork",
+            f"--queues={QUEUE}",
+            "--without-gossip",
+            "--without-mingle",
+            f"--hostname=pipeline-{os.getpid()}@%h",
+        ]
+    )
+
+
+@app.command()
+def watch() -> None:
+    """Watch the inbox: stable files are spooled and queued."""
+    settings = _settings()
+    stop = _StopOnSignal()
+    _run_watcher(settings, stop.event)
+
+
+def _run_watcher(settings: Settings, stop: threading.Event) -> None:
+    from pipeline.inbox import InboxWatcher
+    from pipeline.queue import enqueue, make_celery
+    from pipeline.services import embedded_redis
+
+    celery = make_celery(settings, embedded_redis.broker_url(settings))
+    watcher = InboxWatcher(settings, lambda job: enqueue(celery, settings, job))
+    watcher.run(stop)
+
+
+@app.command()
+def up() -> None:
+    """Run everything on this machine in the foreground: Redis and Triton (unless configured
+    remote), a worker, and the inbox watcher. Ctrl-C stops it all."""
+    from pipeline.services import embedded_redis, embedded_triton
+    from pipeline.services.process import ManagedProcess
+
+    settings = _settings()
+    settings.ensure_dirs()
+    stop = _StopOnSignal()
+    procs: list[ManagedProcess] = []
+    env = dict(os.environ)
+    try:
+        if settings.broker_url is None:
+            typer.echo("starting embedded Redis ...")
+            procs.append(embedded_redis.start(settings))
+        env["PIPELINE_BROKER_URL"] = embedded_redis.broker_url(settings)
+        if not settings.triton.url:
+            _check_weights(settings)
+            typer.echo("starting embedded Triton (CPU; loading models takes a while) ...")
+            proc, endpoints = embedded_triton.start(settings)
+            procs.append(proc)
+            env["PIPELINE_TRITON__URL"] = endpoints.url
+        worker_proc = ManagedProcess(
+            "worker",
+            [sys.executable, "-m", "pipeline", "worker"],
+            settings.run_dir / "logs" / "worker.log",
+            env=env,
+        )
+        worker_proc.start()
+        procs.append(worker_proc)
+        watcher = threading.Thread(
+            target=_run_watcher, args=(settings, stop.event), name="inbox-watcher", daemon=True
+        )
+        watcher.start()
+        typer.echo(
+            f"\nready. Drop files (.png .jpg .nii .nii.gz .dcm) into:\n"
+            f"  inbox:   {settings.inbox_dir.resolve()}\n"
+            f"  results: {settings.results_dir.resolve()}\n"
+            f"  failed:  {settings.failed_dir.resolve()}\n"
+            f"  logs:    {(settings.run_dir / 'logs').resolve()}\n"
+            "Ctrl-C stops everything."
+        )
+        _supervise(procs, stop.event)
+        watcher.join(timeout=10)
+    except (PipelineError, RuntimeError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    finally:
+        stop.event.set()
+        for proc in reversed(procs):
+            proc.stop()
+        typer.echo("stopped.")
+
+
+def _supervise(procs: list[Any], stop: threading.Event) -> None:
+    """Restart a child that died on its own (at most 5 times a minute, then give up)."""
+    restarts: list[float] = []
+    while not stop.wait(1.0):
+        for proc in procs:
+            if proc.alive():
+                continue
+            restarts = [t for t in restarts if time.monotonic() - t < 60] + [time.monotonic()]
+            if len(restarts) > 5:
+                raise RuntimeError(f"{proc.name} keeps exiting; see {proc.log_path}")
+            log.error(
+                "%s exited (code %s); restarting. Log: %s",
+                proc.name,
+                proc.returncode(),
+                proc.log_path,
+            )
+            proc.start()
+
+
+def _wait_until_stopped(procs: list[Any]) -> None:
+    stop = _StopOnSignal()
+    try:
+        while not stop.event.wait(1.0):
+            if not all(p.alive() for p in procs):
+                raise _fail(f"{', '.join(p.name for p in procs if not p.alive())} exited")
+    finally:
+        for proc in procs:
+            proc.stop()
+
+
+def _check_weights(settings: Settings) -> None:
+    from pipeline.contract import discover_contracts
+
+    repo = settings.triton.model_repository
+    missing = [
+        name
+        for name, c in discover_contracts(repo).items()
+        if not (repo / name / "1" / c.weights).is_file()
+    ]
+    if missing:
+        raise _fail(
+            f"no weights for {', '.join(missing)} in {repo}: run "
+            "`dicom-pipeline models build-demo` (demo weights) or put real TorchScript "
+            "weights in <model>/1/ (see README)"
+        )
+
+
+@app.command()
+def infer(
+    files: Annotated[list[Path], typer.Argument(help="PNG/JPEG, NIfTI or DICOM files.")],
+) -> None:
+    """One-shot: convert each file, call Triton, print the prediction (no queue involved).
+
+    Uses triton.url, or a running embedded Triton, or starts one for the duration."""
+    from pipeline import convert
+    from pipeline.contract import discover_contracts
+    from pipeline.processing import Models, decide
+    from pipeline.services import embedded_triton
+    from pipeline.triton_client import TritonClient
+
+    settings = _settings()
+    settings.ensure_dirs()
+    proc = None
+    url = _triton_url(settings)
+    if url and not TritonClient(url, settings.triton).is_ready():
+        url = None
+    if not url:
+        _check_weights(settings)
+        typer.echo("starting embedded Triton for this run ...", err=True)
+        proc, endpoints = embedded_triton.start(settings)
+        url = endpoints.url
+    models = Models(discover_contracts(settings.triton.model_repository))
+    client = TritonClient(url, settings.triton)
+    failures = 0
+    try:
+        for path in files:
+            try:
+                image = convert.load(path)
+                chosen = models.for_input(image)
+                if not chosen:
+                    raise PipelineError(f"no model takes a {image.spatial_dims}D {image.kind}")
+                for c in chosen:
+                    x = convert.to_model_input(image, c, models.compose(c))
+                    out = client.infer(c, x[None])
+                    pred = decide(c, out.probabilities[0])
+                    typer.echo(
+                        json.dumps(
+                            {
+                                "file": str(path),
+                                "model": c.name,
+                                "label": pred.label,
+                                "probabilities": pred.probabilities,
+                                "inference_ms": round(out.milliseconds, 1),
+                            }
+                        )
+                    )
+            except (PipelineError, OSError) as exc:
+                failures += 1
+                typer.echo(json.dumps({"file": str(path), "error": f"{type(exc).__name__}: {exc}"}))
+    finally:
+        client.close()
+        if proc is not None:
+            proc.stop()
+    raise typer.Exit(1 if failures else 0)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,71 @@
+"""The Celery application: configured for no loss, JSON messages only.
+
+``acks_late`` + ``task_reject_on_worker_lost``: a message is acknowledged only after the task
+has finished, so a worker killed mid-task leaves it to be redelivered. Prefetch 1: a busy
+worker holds no queued work hostage. Producers (the watcher) only ``send_task`` by name and
+never import the task code.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Celery
+from kombu.exceptions import OperationalError
+
+from pipeline.jobs import Job, mark_enqueued, now
+from pipeline.settings import Settings
+
+log = logging.getLogger(__name__)
+
+TASK_NAME = "pipeline.process_job"
+QUEUE = "pipeline"
+# Redis redelivers an unacknowledged task after this long; it must exceed the longest task
+# plus the longest retry countdown, or a slow task would run twice.
+VISIBILITY_TIMEOUT_S = 3600
+
+
+def make_celery(settings: Settings, broker_url: str) -> Celery:
+    app = Celery("dicom_pipeline", broker=broker_url, set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue=QUEUE,
+        task_soft_time_limit=settings.worker.task_soft_time_limit_s,
+        task_time_limit=settings.worker.task_time_limit_s,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S},
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+    )
+    return app
+
+
+def enqueue(app: Celery, settings: Settings, job: Job) -> bool:
+    """Send the job's task; False (job stays spooled, retried later) when Redis is down."""
+    message = job.model_copy(update={"queued_at": now()}).model_dump(mode="json")
+    try:
+        app.send_task(
+            TASK_NAME,
+            args=[message],
+            task_id=job.id,
+            queue=QUEUE,
+            retry=True,
+            retry_policy={
+                "max_retries": 2,
+                "interval_start": 0.2,
+                "interval_step": 0.5,
+                "interval_max": 1.0,
+            },
+        )
+    except (OperationalError, OSError) as exc:
+        log.warning("job %s stays spooled, broker unavailable: %s", job.id, exc)
+        return False
+    mark_enqueued(settings.spool_dir, job.id)
+    log.info("job %s queued", job.id)
+    return True

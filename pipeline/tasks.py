@@ -1,0 +1,109 @@
+"""The Celery task: a thin wrapper that turns processing outcomes into retry or quarantine.
+
+Transient errors (Triton or the results disk unavailable) are retried with exponential
+backoff and jitter; once retries are exhausted, and for every permanent error, the job's
+folder moves to ``data/failed/<id>/`` with ``error.json``. The input is never deleted.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from celery import Celery, Task
+from celery.signals import worker_process_init
+from celery.utils.time import get_exponential_backoff_interval
+
+from pipeline.contract import discover_contracts
+from pipeline.errors import TransientError
+from pipeline.jobs import Job, error_record, job_dir, quarantine
+from pipeline.processing import Models, StageError, run_job
+from pipeline.queue import TASK_NAME
+from pipeline.settings import Settings
+from pipeline.triton_client import TritonClient
+
+log = logging.getLogger(__name__)
+
+
+class WorkerContext:
+    """Per worker process: the contracts and a Triton connection, made on first use."""
+
+    def __init__(self, settings: Settings, triton_url: str) -> None:
+        self.settings = settings
+        self.triton_url = triton_url
+        self._models: Models | None = None
+        self._client: TritonClient | None = None
+
+    @property
+    def models(self) -> Models:
+        if self._models is None:
+            self._models = Models(discover_contracts(self.settings.triton.model_repository))
+        return self._models
+
+    @property
+    def client(self) -> TritonClient:
+        if self._client is None:
+            self._client = TritonClient(self.triton_url, self.settings.triton)
+        return self._client
+
+    def reset(self) -> None:
+        """After fork: connections made by the parent must not be shared."""
+        self._client = None
+
+
+def register_tasks(app: Celery, settings: Settings, triton_url: str) -> None:
+    ctx = WorkerContext(settings, triton_url)
+
+    @worker_process_init.connect(weak=False)
+    def _init_process(**_: Any) -> None:
+        # One torch thread per pool process: processes, not threads, use the cores.
+        torch.set_num_threads(1)
+        ctx.reset()
+
+    @app.task(name=TASK_NAME, bind=True, max_retries=None)  # type: ignore[untyped-decorator]
+    def process_job(self: Task, message: dict[str, Any]) -> None:
+        handle(self, ctx, message)
+
+
+def handle(task: Task, ctx: WorkerContext, message: dict[str, Any]) -> None:
+    settings = ctx.settings
+    try:
+        job = Job.model_validate(message)
+    except ValueError as exc:
+        # A malformed message names no spool folder we could trust; log it, keep nothing.
+        log.error("rejected malformed task message: %s", exc)
+        return
+    try:
+        run_job(job, settings, ctx.models, ctx.client)
+    except StageError as exc:
+        retries = int(task.request.retries or 0)
+        if isinstance(exc.error, TransientError) and retries < settings.worker.max_retries:
+            countdown = get_exponential_backoff_interval(
+                factor=2,
+                retries=retries,
+                maximum=settings.worker.retry_backoff_max_s,
+                full_jitter=True,
+            )
+            log.warning("job %s: %s; retry %d in %d s", job.id, exc, retries + 1, countdown)
+            raise task.retry(countdown=countdown, exc=exc) from exc
+        _fail(job, settings, exc.error, exc.stage)
+    except Exception as exc:
+        log.exception("job %s: unexpected error", job.id)
+        _fail(job, settings, exc, "unexpected")
+
+
+def _fail(job: Job, settings: Settings, exc: BaseException, stage: str) -> None:
+    folder = job_dir(settings.spool_dir, job.id)
+    if not folder.exists():
+        log.error("job %s failed at %s but its spool folder is gone: %s", job.id, stage, exc)
+        return
+    dest = quarantine(folder, settings.failed_dir, error_record(exc, stage, job))
+    log.error(
+        "job %s failed at %s: %s (%s); input kept in %s",
+        job.id,
+        stage,
+        type(exc).__name__,
+        exc,
+        dest,
+    )
