@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import ConfigError
+from pipeline.settings import load_settings, mask_url
+
+
+def _config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str) -> None:
+    cfg = tmp_path / "pipeline.yaml"
+    cfg.write_text(text)
+    monkeypatch.setenv("PIPELINE_CONFIG", str(cfg))
+
+
+def test_yaml_file_is_read_and_environment_overrides_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _config(tmp_path, monkeypatch, "data_dir: /srv/pipeline\ninbox:\n  settle_seconds: 7\n")
+    monkeypatch.setenv("PIPELINE_INBOX__SETTLE_SECONDS", "3.5")
+    s = load_settings()
+    assert s.data_dir == Path("/srv/pipeline")
+    assert s.inbox.settle_seconds == 3.5
+    assert s.results_dir == Path("/srv/pipeline/results")
+
+
+def test_unknown_key_is_an_error_naming_the_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _config(tmp_path, monkeypatch, "triton:\n  urll: grpc://x:8001\n")
+    with pytest.raises(ConfigError, match=r"triton\.urll': unknown key"):
+        load_settings()
+
+
+def test_bad_value_is_an_error_naming_the_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _config(tmp_path, monkeypatch, "worker:\n  concurrency: 0\n")
+    with pytest.raises(ConfigError, match=r"worker\.concurrency"):
+        load_settings()
+    monkeypatch.setenv("PIPELINE_TRITON__URL", "ftp://triton:8001")
+    _config(tmp_path, monkeypatch, "")
+    with pytest.raises(ConfigError, match=r"triton\.url.*grpc://"):
+        load_settings()
+
+
+def test_missing_config_file_named_by_environment_is_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PIPELINE_CONFIG", str(tmp_path / "nope.yaml"))
+    with pytest.raises(ConfigError, match="no such file"):
+        load_settings()
+
+
+def test_broker_password_is_masked_in_show(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _config(tmp_path, monkeypatch, "broker_url: rediss://:s3cret@redis.example:6380/2\n")
+    shown = load_settings().masked()
+    assert shown["broker_url"] == "rediss://:***@redis.example:6380/2"
+    assert "s3cret" not in str(shown)
+    assert mask_url("redis://localhost:6379/0") == "redis://localhost:6379/0"
+
+
+def test_broker_url_must_be_redis(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _config(tmp_path, monkeypatch, "broker_url: amqp://guest@localhost//\n")
+    with pytest.raises(ConfigError, match="broker_url"):
+        load_settings()

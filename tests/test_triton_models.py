@@ -1,0 +1,100 @@
+"""Each model.py executed by the real tritonserver (python backend, CPU)."""
+
+from __future__ import annotations
+
+import threading
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from pipeline import convert
+from pipeline.contract import discover_contracts
+from pipeline.demo.synthetic import MEDNIST_LABELS, write_ct_nifti, write_mednist_png
+from pipeline.demo.train import TEST_SEED_BASE
+from pipeline.errors import InputError, ModelNotFoundError
+from pipeline.processing import decide
+from pipeline.services.embedded_triton import TritonEndpoints
+from pipeline.settings import TritonSettings
+from pipeline.triton_client import TritonClient
+
+from .conftest import MODEL_REPOSITORY
+
+CONTRACTS = discover_contracts(MODEL_REPOSITORY)
+
+
+def _input(path: Path, model: str) -> np.ndarray:
+    c = CONTRACTS[model]
+    return convert.to_model_input(convert.load(path), c, convert.preprocessor(c))[np.newaxis]
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_held_out_synthetic_inputs_get_the_right_labels(
+    triton: TritonEndpoints, tmp_path: Path, protocol: str
+) -> None:
+    client = TritonClient(getattr(triton, protocol), TritonSettings())
+    mednist = CONTRACTS["mednist_classifier"]
+    for k, label in enumerate(MEDNIST_LABELS):
+        x = _input(write_mednist_png(tmp_path / f"{k}.png", label, TEST_SEED_BASE + k), mednist.name)
+        out = client.infer(mednist, x)
+        assert decide(mednist, out.probabilities[0]).label == label
+        assert out.probabilities[0].sum() == pytest.approx(1.0, abs=1e-4)
+        assert out.model_version == "1"
+    covid = CONTRACTS["ct_covid_classifier"]
+    for k, positive in enumerate([True, False, True, False]):
+        path = write_ct_nifti(tmp_path / f"{k}.nii.gz", positive, TEST_SEED_BASE + 100 + k)
+        out = client.infer(covid, _input(path, covid.name))
+        assert decide(covid, out.probabilities[0]).label == covid.labels[int(positive)]
+
+
+def test_one_bad_request_in_a_dynamic_batch_fails_alone(
+    triton: TritonEndpoints, tmp_path: Path
+) -> None:
+    contract = CONTRACTS["mednist_classifier"]
+    good = _input(write_mednist_png(tmp_path / "h.png", "HeadCT", TEST_SEED_BASE + 50), contract.name)
+    bad = good.copy()
+    bad[0, 0, 10, 10] = np.nan
+    client = grpcclient.InferenceServerClient(triton.grpc.removeprefix("grpc://"))
+    before = _batch_sizes(client)
+    n, bad_index = 24, 12
+    results: dict[int, Any] = {}
+    done = threading.Semaphore(0)
+
+    def callback(i: int, result: Any, error: Any) -> None:
+        results[i] = error if error is not None else result.as_numpy("PROBABILITIES")
+        done.release()
+
+    for i in range(n):  # a burst: requests queue behind the running batch and batch together
+        inp = grpcclient.InferInput("INPUT__0", list(good.shape), "FP32")
+        inp.set_data_from_numpy(bad if i == bad_index else good)
+        client.async_infer(contract.name, [inp], callback=partial(callback, i))
+    for _ in range(n):
+        assert done.acquire(timeout=60)
+    assert "NaN" in str(results[bad_index])
+    for i in range(n):
+        if i != bad_index:
+            assert isinstance(results[i], np.ndarray), results[i]
+            assert decide(contract, results[i][0]).label == "HeadCT"
+    after = _batch_sizes(client)
+    grown = {size: after.get(size, 0) - before.get(size, 0) for size in after}
+    assert sum(size * count for size, count in grown.items()) == n
+    assert max(size for size, count in grown.items() if count) > 1, grown
+
+
+def _batch_sizes(client: grpcclient.InferenceServerClient) -> dict[int, int]:
+    stats = client.get_inference_statistics("mednist_classifier", as_json=True)
+    batches = stats["model_stats"][0].get("batch_stats", [])
+    return {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in batches}
+
+
+def test_wrong_shape_and_unknown_model_are_permanent_errors(triton: TritonEndpoints) -> None:
+    client = TritonClient(triton.grpc, TritonSettings())
+    contract = CONTRACTS["mednist_classifier"]
+    with pytest.raises(InputError):
+        client.infer(contract, np.zeros((1, 1, 32, 32), np.float32))
+    ghost = contract.model_copy(update={"name": "no_such_model"})
+    with pytest.raises(ModelNotFoundError, match="no_such_model"):
+        client.infer(ghost, np.zeros((1, 1, 64, 64), np.float32))
