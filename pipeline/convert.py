@@ -20,9 +20,10 @@ import numpy as np
 import pydicom
 from monai import transforms as mt
 from monai.data import MetaTensor
+from nibabel.filebasedimages import ImageFileError
 from PIL import Image, UnidentifiedImageError
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_rescale
+from pydicom.pixels.processing import apply_rescale
 
 from pipeline.contract import InputKind, ModelContract
 from pipeline.errors import InputError
@@ -118,7 +119,7 @@ def _load_nifti(path: Path) -> MetaTensor:
         data = np.asarray(img.get_fdata(dtype=np.float32))
     except InputError:
         raise
-    except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError) as exc:
+    except (OSError, EOFError, ValueError, zlib.error, ImageFileError) as exc:
         raise InputError(f"not a readable NIfTI file ({_reason(exc, path)})") from exc
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]

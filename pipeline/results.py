@@ -11,8 +11,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-SCHEMA_VERSION = "1.0"
-
 
 class _Doc(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -51,7 +49,7 @@ class WorkerInfo(_Doc):
 
 
 class Result(_Doc):
-    schema_version: Literal["1.0"] = SCHEMA_VERSION
+    schema_version: Literal["1.0"] = "1.0"
     job_id: str
     input: InputInfo
     model: ModelInfo

@@ -55,7 +55,7 @@ class WorkerContext:
 def register_tasks(app: Celery, settings: Settings, triton_url: str) -> None:
     ctx = WorkerContext(settings, triton_url)
 
-    @worker_process_init.connect(weak=False)
+    @worker_process_init.connect(weak=False)  # type: ignore[untyped-decorator]
     def _init_process(**_: Any) -> None:
         # One torch thread per pool process: processes, not threads, use the cores.
         torch.set_num_threads(1)

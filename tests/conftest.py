@@ -32,9 +32,12 @@ def make_settings(data_dir: Path, **overrides: object) -> Settings:
 
 
 @pytest.fixture(scope="session")
-def triton(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonEndpoints]:
-    settings = make_settings(tmp_path_factory.mktemp("triton"),
-                             triton={"model_repository": model_repository})
+def triton(
+    model_repository: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TritonEndpoints]:
+    settings = make_settings(
+        tmp_path_factory.mktemp("triton"), triton={"model_repository": model_repository}
+    )
     settings.ensure_dirs()
     proc, endpoints = embedded_triton.start(settings)
     yield endpoints

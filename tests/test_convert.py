@@ -7,7 +7,7 @@ import numpy as np
 import pydicom
 import pytest
 import torch
-import torch.nn.functional as F
+from torch.nn import functional
 
 from pipeline import convert
 from pipeline.contract import InputKind, discover_contracts
@@ -45,7 +45,7 @@ def test_nifti_is_windowed_cropped_and_resized_like_the_seed(tmp_path: Path) -> 
     nz = np.nonzero(w > 0)
     box = tuple(slice(int(a.min()) - 5, int(a.max()) + 6) for a in nz)
     crop = torch.from_numpy(w[box].copy())
-    ref = F.interpolate(crop[None, None], size=(192, 192, 64), mode="area")[0].numpy()
+    ref = functional.interpolate(crop[None, None], size=(192, 192, 64), mode="area")[0].numpy()
     assert np.allclose(x, ref, atol=1e-5)
 
 

@@ -53,9 +53,7 @@ def test_missing_config_file_named_by_environment_is_an_error(
         load_settings()
 
 
-def test_broker_password_is_masked_in_show(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_broker_password_is_masked_in_show(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _config(tmp_path, monkeypatch, "broker_url: rediss://:s3cret@redis.example:6380/2\n")
     shown = load_settings().masked()
     assert shown["broker_url"] == "rediss://:***@redis.example:6380/2"

@@ -38,7 +38,9 @@ def test_held_out_synthetic_inputs_get_the_right_labels(
     client = TritonClient(getattr(triton, protocol), TritonSettings())
     mednist = CONTRACTS["mednist_classifier"]
     for k, label in enumerate(MEDNIST_LABELS):
-        x = _input(write_mednist_png(tmp_path / f"{k}.png", label, TEST_SEED_BASE + k), mednist.name)
+        x = _input(
+            write_mednist_png(tmp_path / f"{k}.png", label, TEST_SEED_BASE + k), mednist.name
+        )
         out = client.infer(mednist, x)
         assert decide(mednist, out.probabilities[0]).label == label
         assert out.probabilities[0].sum() == pytest.approx(1.0, abs=1e-4)
@@ -54,7 +56,9 @@ def test_one_bad_request_in_a_dynamic_batch_fails_alone(
     triton: TritonEndpoints, tmp_path: Path
 ) -> None:
     contract = CONTRACTS["mednist_classifier"]
-    good = _input(write_mednist_png(tmp_path / "h.png", "HeadCT", TEST_SEED_BASE + 50), contract.name)
+    good = _input(
+        write_mednist_png(tmp_path / "h.png", "HeadCT", TEST_SEED_BASE + 50), contract.name
+    )
     bad = good.copy()
     bad[0, 0, 10, 10] = np.nan
     client = grpcclient.InferenceServerClient(triton.grpc.removeprefix("grpc://"))

@@ -55,7 +55,10 @@ class SmallCT3DNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.features(x)
-        return self.head(torch.cat([f.mean(dim=(2, 3, 4)), f.amax(dim=(2, 3, 4))], dim=1))
+        out: torch.Tensor = self.head(
+            torch.cat([f.mean(dim=(2, 3, 4)), f.amax(dim=(2, 3, 4))], dim=1)
+        )
+        return out
 
 
 def _dataset(
@@ -84,7 +87,7 @@ def _fit(
         idx = torch.randint(0, len(x), (batch,), generator=gen)
         opt.zero_grad()
         loss = loss_fn(net(x[idx]), y[idx])
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         opt.step()
         if step % 25 == 0 or step == steps - 1:
             progress(f"{name}: step {step + 1}/{steps} loss {loss.item():.4f}")
@@ -100,7 +103,7 @@ def _save(
     seconds: float,
 ) -> Path:
     with torch.no_grad():
-        scripted = torch.jit.trace(net, example)
+        scripted = torch.jit.trace(net, example)  # type: ignore[no-untyped-call]
     buf = io.BytesIO()
     torch.jit.save(scripted, buf)
     data = buf.getvalue()

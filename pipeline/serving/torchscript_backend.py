@@ -36,7 +36,9 @@ class TorchScriptClassifier:
                 f"{self.contract.name}: weights {weights} not found; run "
                 "`dicom-pipeline models build-demo` or put the real TorchScript file there"
             )
-        self.net = torch.jit.load(str(weights), map_location=self.device).eval()
+        self.net = torch.jit.load(  # type: ignore[no-untyped-call]
+            str(weights), map_location=self.device
+        ).eval()
         config = json.loads(args["model_config"])
         self.max_batch = int(config.get("max_batch_size", 0)) or 1
 
@@ -55,7 +57,7 @@ class TorchScriptClassifier:
             )
         if not np.isfinite(array).all():
             raise ValueError(f"{spec.name} holds NaN or infinite values")
-        return array
+        return np.asarray(array)
 
     def execute(self, requests: list[Any]) -> list[Any]:
         responses: list[Any] = [None] * len(requests)

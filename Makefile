@@ -1,0 +1,41 @@
+# The two commands of the README:
+#   make up    install (first time) and run the whole pipeline on this machine
+#   make test  install (first time) and run lint, type checks and the tests
+# Both create or reuse .venv; nothing needs root, Docker or a GPU.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install up test lint demo-weights clean-data
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] >= (3, 11), "Python 3.11+ needed"' \
+	  || { echo "error: $(PYTHON) is older than 3.11; run e.g. make PYTHON=python3.11"; exit 1; }
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) \
+	  || { echo "error: cannot create a virtual environment: install python3-venv"; exit 1; }
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch is pinned to 2.13.0 in pyproject.toml: the CPU build on machines that carry it.
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+install: $(STAMP)
+
+demo-weights: $(STAMP)
+	$(BIN)/dicom-pipeline models build-demo
+
+up: demo-weights
+	$(BIN)/dicom-pipeline up
+
+lint: $(STAMP)
+	$(BIN)/ruff check pipeline tests
+	$(BIN)/ruff format --check pipeline tests
+	$(BIN)/mypy
+
+# pytest exits 5 when it collected no test: make treats that as the failure it is.
+test: lint
+	$(BIN)/python -m pytest
+
+clean-data:
+	rm -rf data

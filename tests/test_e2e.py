@@ -1,0 +1,153 @@
+"""End to end, as a user runs it: `dicom-pipeline up`, files dropped into the inbox, results.
+
+Everything is real: the embedded redis-server, the tritonserver on CPU, a Celery worker, the
+watchdog watcher. The test owns the data folder and every process it starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline.demo.synthetic import MEDNIST_LABELS, write_ct_nifti, write_mednist_png
+from pipeline.demo.train import TEST_SEED_BASE
+
+pytestmark = pytest.mark.e2e
+
+
+def _descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _wait_for(predicate: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def test_inbox_to_results_through_real_services(model_repository: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    env = dict(
+        os.environ,
+        PIPELINE_DATA_DIR=str(data),
+        PIPELINE_TRITON__MODEL_REPOSITORY=str(model_repository),
+        PIPELINE_INBOX__SETTLE_SECONDS="0.5",
+        PIPELINE_CONFIG=str(tmp_path / "none.yaml"),
+    )
+    (tmp_path / "none.yaml").write_text("{}\n")
+    log = (tmp_path / "up.log").open("w+")
+    up = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "up"],
+        env=env,
+        cwd=tmp_path,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        _wait_for(
+            lambda: "ready. Drop files" in (tmp_path / "up.log").read_text(),
+            300,
+            "`up` to say where the inbox is",
+        )
+        assert str((data / "inbox").resolve()) in (tmp_path / "up.log").read_text()
+        inbox = data / "inbox"
+        expected: dict[str, tuple[str, str]] = {}
+        for k, label in enumerate(MEDNIST_LABELS):
+            write_mednist_png(inbox / f"{label}.png", label, TEST_SEED_BASE + 200 + k)
+            expected[f"{label}.png"] = ("mednist_classifier", label)
+        (inbox / "ward3").mkdir()
+        write_ct_nifti(tmp_path / "pos.nii.gz", True, TEST_SEED_BASE + 300)
+        os.replace(tmp_path / "pos.nii.gz", inbox / "ward3" / "pos.nii.gz")
+        expected["ward3/pos.nii.gz"] = ("ct_covid_classifier", "COVID Positive")
+        write_ct_nifti(inbox / "neg.nii.gz", False, TEST_SEED_BASE + 301)
+        expected["neg.nii.gz"] = ("ct_covid_classifier", "COVID Negative")
+        # Bad inputs: a truncated NIfTI and a text file named .png; and a partial download.
+        good = (inbox / "neg.nii.gz").read_bytes()
+        (inbox / "truncated.nii.gz").write_bytes(good[: len(good) // 3])
+        (inbox / "notes.png").write_text("not an image")
+        (inbox / "incoming.png.part").write_bytes(b"still downloading")
+
+        def results() -> dict[str, dict[str, Any]]:
+            found = {}
+            for f in (data / "results").glob("*/*/result.json"):
+                doc = json.loads(f.read_text())
+                found[doc["input"]["name"]] = doc
+            return found
+
+        def failed() -> dict[str, dict[str, Any]]:
+            found = {}
+            for f in (data / "failed").glob("*/error.json"):
+                doc = json.loads(f.read_text())
+                found[doc["job"]["original_name"]] = doc
+            return found
+
+        _wait_for(
+            lambda: len(results()) >= len(expected) and len(failed()) >= 2,
+            180,
+            "results and failures",
+        )
+        # A good file dropped after the bad ones still gets its result.
+        write_mednist_png(inbox / "late.png", "Hand", TEST_SEED_BASE + 400)
+        expected["late.png"] = ("mednist_classifier", "Hand")
+        _wait_for(lambda: "late.png" in results(), 60, "the late file's result")
+
+        got = results()
+        assert set(got) == set(expected)
+        for name, (model, label) in expected.items():
+            doc = got[name]
+            assert doc["model"]["name"] == model and doc["prediction"]["label"] == label, doc
+            assert doc["schema_version"] == "1.0" and doc["timings"]["inference_ms"] > 0
+        bad = failed()
+        assert set(bad) == {"truncated.nii.gz", "notes.png"}
+        assert "not a readable NIfTI" in str(bad["truncated.nii.gz"]["message"])
+        assert "not a readable PNG/JPEG" in str(bad["notes.png"]["message"])
+        for name, doc in bad.items():
+            assert doc["stage"] == "load"
+            # The input is kept beside its error.
+            assert (data / "failed" / str(doc["job"]["id"]) / Path(name).name).is_file()
+        assert (inbox / "incoming.png.part").exists()  # never taken while being written
+        assert not any((data / "results").rglob("*.tmp")) and not any((data / "spool").iterdir())
+
+        children = _descendants(up.pid)
+        assert len(children) >= 3  # redis, triton (+ stubs), worker (+ pool)
+    finally:
+        up.send_signal(signal.SIGTERM)
+        try:
+            up.wait(90)
+        except subprocess.TimeoutExpired:
+            up.kill()
+            raise
+    assert up.returncode == 0, (tmp_path / "up.log").read_text()[-3000:]
+    _wait_for(lambda: not any(_alive(p) for p in children), 10, "children to exit")
