@@ -1,0 +1,85 @@
+"""Nothing is lost when a service is down: the real embedded Redis, stopped and restarted;
+a Triton address where nothing listens."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import redis
+
+from pipeline.inbox import InboxWatcher
+from pipeline.jobs import ENQUEUED_MARKER, pending_jobs, spool_file
+from pipeline.queue import QUEUE, TASK_NAME, enqueue, make_celery
+from pipeline.services import embedded_redis
+from pipeline.services.process import free_port
+from pipeline.settings import Settings
+from pipeline.tasks import register_tasks
+
+from .conftest import MODEL_REPOSITORY, make_settings
+
+
+def _drop(settings: Settings, name: str = "scan.png") -> Path:
+    path = settings.inbox_dir / name
+    path.write_bytes(b"\x89PNG not really")
+    return path
+
+
+def test_job_waits_in_spool_while_redis_is_down_and_is_queued_when_back(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path / "data")
+    settings.ensure_dirs()
+    url = embedded_redis.broker_url(settings)
+    app = make_celery(settings, url)
+    job = spool_file(_drop(settings), settings.inbox_dir, settings.spool_dir)
+
+    assert not enqueue(app, settings, job)  # no Redis yet
+    assert [j.id for j in pending_jobs(settings.spool_dir)] == [job.id]
+
+    proc = embedded_redis.start(settings)
+    try:
+        # What the watcher does every few seconds and at start-up.
+        InboxWatcher(settings, lambda j: enqueue(app, settings, j))._requeue()
+        assert (settings.spool_dir / job.id / ENQUEUED_MARKER).exists()
+        assert list(pending_jobs(settings.spool_dir)) == []
+        client = redis.Redis(unix_socket_path=str(embedded_redis.socket_path(settings)))
+        messages = client.lrange(QUEUE, 0, -1)
+        assert len(messages) == 1
+        envelope = json.loads(messages[0])
+        assert envelope["headers"]["task"] == TASK_NAME
+        assert envelope["headers"]["id"] == job.id
+        assert envelope["content-type"] == "application/json"
+    finally:
+        proc.stop()
+
+
+def test_unreachable_triton_is_retried_then_failed_with_the_input_kept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from pipeline.demo.synthetic import write_mednist_png
+
+    settings = make_settings(
+        tmp_path / "data",
+        triton={"model_repository": MODEL_REPOSITORY, "request_timeout_s": 2},
+        worker={"max_retries": 2},
+    )
+    settings.ensure_dirs()
+    app = make_celery(settings, "memory://")
+    app.conf.task_always_eager = True
+    register_tasks(app, settings, f"grpc://127.0.0.1:{free_port()}")  # nothing listens there
+    write_mednist_png(settings.inbox_dir / "hand.png", "Hand", 1)
+    job = spool_file(settings.inbox_dir / "hand.png", settings.inbox_dir, settings.spool_dir)
+
+    with caplog.at_level(logging.WARNING, logger="pipeline.tasks"):
+        app.tasks[TASK_NAME].apply(args=[job.model_dump(mode="json")])
+
+    retries = [r.getMessage() for r in caplog.records if "; retry " in r.getMessage()]
+    assert len(retries) == 2 and "retry 2 in" in retries[1]
+
+    error = json.loads((settings.failed_dir / job.id / "error.json").read_text())
+    assert error["type"] == "TransientError" and error["stage"] == "infer"
+    assert "unavailable" in error["message"]
+    assert (settings.failed_dir / job.id / "hand.png").is_file()
+    assert not (settings.spool_dir / job.id).exists()
+    assert not any(settings.results_dir.iterdir())
