@@ -131,7 +131,11 @@ def triton() -> None:
     _check_weights(settings)
     proc, endpoints = embedded_triton.start(settings)
     typer.echo(f"triton ready: {endpoints.grpc} (gRPC), {endpoints.http} (HTTP)")
-    _wait_until_stopped([proc])
+    try:
+        _wait_until_stopped([proc])
+    finally:
+        # A stopped server's URLs must not be picked up by a worker started later.
+        embedded_triton.endpoints_file(settings).unlink(missing_ok=True)
 
 
 @app.command()
@@ -238,6 +242,7 @@ def up() -> None:
         stop.event.set()
         for proc in reversed(procs):
             proc.stop()
+        embedded_triton.endpoints_file(settings).unlink(missing_ok=True)
         typer.echo("stopped.")
 
 

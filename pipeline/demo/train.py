@@ -196,7 +196,6 @@ def build_demo(
     repository: Path, progress: Progress, only: list[str] | None = None, force: bool = False
 ) -> dict[str, Path]:
     """Train and write demo weights for every shipped model (or ``only`` those)."""
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     built: dict[str, Path] = {}
     for name, builder in BUILDERS.items():
         if only and name not in only:
