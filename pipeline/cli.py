@@ -324,12 +324,8 @@ def infer(
         for path in files:
             try:
                 image = convert.load(path)
-                chosen = models.for_input(image)
-                if not chosen:
-                    raise PipelineError(f"no model takes a {image.spatial_dims}D {image.kind}")
-                for c in chosen:
-                    x = convert.to_model_input(image, c, models.compose(c))
-                    out = client.infer(c, x[None])
+                for c in models.choose(image):
+                    out = client.infer(c, models.batch(image, c))
                     pred = decide(c, out.probabilities[0])
                     typer.echo(
                         json.dumps(

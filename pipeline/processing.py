@@ -50,12 +50,23 @@ class Models:
             self._composes[contract.name] = convert.preprocessor(contract)
         return self._composes[contract.name]
 
-    def for_input(self, image: convert.LoadedImage) -> list[ModelContract]:
-        return [
+    def choose(self, image: convert.LoadedImage) -> list[ModelContract]:
+        """The models that take this input; NoModelError when none does."""
+        chosen = [
             c
             for c in self.contracts.values()
             if image.kind in c.accepts and c.spatial_dims == image.spatial_dims
         ]
+        if not chosen:
+            raise NoModelError(
+                f"no served model takes a {image.spatial_dims}D {image.kind} "
+                f"input (models: {', '.join(self.contracts) or 'none'})"
+            )
+        return chosen
+
+    def batch(self, image: convert.LoadedImage, contract: ModelContract) -> np.ndarray:
+        """The contract's preprocessing applied, with a batch dimension of 1 added."""
+        return convert.to_model_input(image, contract, self.compose(contract))[np.newaxis]
 
 
 def decide(contract: ModelContract, probabilities: np.ndarray) -> Prediction:
@@ -81,12 +92,7 @@ def run_job(job: Job, settings: Settings, models: Models, client: TritonClient) 
     try:
         path = folder / job.input_file
         image = convert.load(path)
-        chosen = models.for_input(image)
-        if not chosen:
-            raise NoModelError(
-                f"no served model takes a {image.spatial_dims}D {image.kind} "
-                f"input (models: {', '.join(models.contracts) or 'none'})"
-            )
+        chosen = models.choose(image)
         info = InputInfo(
             source=job.source,
             name=job.original_name,
@@ -98,10 +104,10 @@ def run_job(job: Job, settings: Settings, models: Models, client: TritonClient) 
         for contract in chosen:
             stage = "preprocess"
             t0 = time.perf_counter()
-            x = convert.to_model_input(image, contract, models.compose(contract))
+            x = models.batch(image, contract)
             pre_ms = (time.perf_counter() - t0) * 1000.0
             stage = "infer"
-            out = client.infer(contract, x[np.newaxis])
+            out = client.infer(contract, x)
             docs.append(
                 (
                     contract.name,

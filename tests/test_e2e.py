@@ -48,6 +48,13 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _by_input_name(root: Path, pattern: str, section: str) -> dict[str, dict[str, Any]]:
+    """The JSON documents under ``root``, keyed by the inbox name their ``section`` records."""
+    docs = [json.loads(f.read_text()) for f in root.glob(pattern)]
+    key = "name" if section == "input" else "original_name"
+    return {doc[section][key]: doc for doc in docs}
+
+
 def _wait_for(predicate: object, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -100,18 +107,10 @@ def test_inbox_to_results_through_real_services(model_repository: Path, tmp_path
         (inbox / "incoming.png.part").write_bytes(b"still downloading")
 
         def results() -> dict[str, dict[str, Any]]:
-            found = {}
-            for f in (data / "results").glob("*/*/result.json"):
-                doc = json.loads(f.read_text())
-                found[doc["input"]["name"]] = doc
-            return found
+            return _by_input_name(data / "results", "*/*/result.json", "input")
 
         def failed() -> dict[str, dict[str, Any]]:
-            found = {}
-            for f in (data / "failed").glob("*/error.json"):
-                doc = json.loads(f.read_text())
-                found[doc["job"]["original_name"]] = doc
-            return found
+            return _by_input_name(data / "failed", "*/error.json", "job")
 
         _wait_for(
             lambda: len(results()) >= len(expected) and len(failed()) >= 2,
