@@ -1,3 +1,5 @@
 from pipeline.cli import main
 
-main()
+# Guarded: receiving processes are started with "spawn", which imports this module again.
+if __name__ == "__main__":
+    main()

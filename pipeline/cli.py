@@ -191,6 +191,114 @@ def _run_watcher(settings: Settings, stop: threading.Event) -> None:
 
 
 @app.command()
+def scp() -> None:
+    """Run the DICOM receiver (C-ECHO, C-STORE, MPPS): complete studies become queued jobs."""
+    from pipeline.dicomnet.receiver import Receiver
+    from pipeline.queue import enqueue, make_celery
+    from pipeline.services import embedded_redis
+
+    settings = _settings()
+    stop = _StopOnSignal()
+    celery = make_celery(settings, embedded_redis.broker_url(settings))
+    receiver = Receiver(settings, lambda job: enqueue(celery, settings, job))
+    rs = settings.receiver
+    try:
+        receiver.run(
+            stop.event,
+            on_ready=lambda host, port: typer.echo(
+                f"DICOM receiver ready: AE title {rs.ae_title} on {host}:{port}", err=True
+            ),
+        )
+    except OSError as exc:  # e.g. the port is taken
+        raise _fail(f"receiver cannot listen on {rs.host}:{rs.port}: {exc}") from None
+
+
+def _peer(
+    host: str, port: int, called_aet: str, calling_aet: str, tls_ca: Path | None, tls: bool
+) -> Any:
+    from pipeline.dicomnet.scu import Peer
+    from pipeline.dicomnet.tls import client_context
+
+    ctx = client_context(tls_ca) if tls or tls_ca else None
+    return Peer(host, port, called_aet, calling_aet, ctx)
+
+
+HostOpt = Annotated[str, typer.Option(help="Receiver host name or address.")]
+PortOpt = Annotated[int, typer.Option(help="Receiver port.")]
+CalledOpt = Annotated[str, typer.Option("--called-aet", help="The receiver's AE title.")]
+CallingOpt = Annotated[str, typer.Option("--calling-aet", help="Our AE title.")]
+TlsOpt = Annotated[bool, typer.Option("--tls", help="Use TLS (system CA store).")]
+TlsCaOpt = Annotated[
+    Path | None, typer.Option("--tls-ca", help="Use TLS, trusting this CA bundle.")
+]
+
+
+@app.command()
+def send(
+    paths: Annotated[list[Path], typer.Argument(help="DICOM files and folders (recursive).")],
+    host: HostOpt = "127.0.0.1",
+    port: PortOpt = 11112,
+    called_aet: CalledOpt = "PIPELINE",
+    calling_aet: CallingOpt = "PIPELINE_SCU",
+    retries: Annotated[int, typer.Option(help="Retries of what failed transiently.")] = 3,
+    tls: TlsOpt = False,
+    tls_ca: TlsCaOpt = None,
+) -> None:
+    """C-STORE files to our receiver or any PACS; exit code 1 if any file was not stored."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from pipeline.dicomnet.scu import collect
+    from pipeline.dicomnet.scu import send as send_files
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    files = collect(paths)
+    if not files:
+        raise _fail("no files to send")
+    peer = _peer(host, port, called_aet, calling_aet, tls_ca, tls)
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        transient=False,
+    ) as progress:
+        bar = progress.add_task(f"sending to {called_aet}@{host}:{port}", total=len(files))
+        started = time.perf_counter()
+        report = send_files(
+            files, peer, retries=retries, on_done=lambda _p, _ok: progress.advance(bar)
+        )
+        seconds = time.perf_counter() - started
+    typer.echo(
+        f"{len(report.sent)} sent, {len(report.failed)} failed "
+        f"({len(report.sent) / max(seconds, 1e-9):.0f} instances/s)"
+    )
+    for path, reason in sorted(report.failed.items()):
+        typer.echo(f"  failed: {path}: {reason}", err=True)
+    raise typer.Exit(0 if report.ok else 1)
+
+
+@app.command()
+def echo(
+    host: HostOpt = "127.0.0.1",
+    port: PortOpt = 11112,
+    called_aet: CalledOpt = "PIPELINE",
+    calling_aet: CallingOpt = "PIPELINE_SCU",
+    tls: TlsOpt = False,
+    tls_ca: TlsCaOpt = None,
+) -> None:
+    """C-ECHO a DICOM peer: exit code 0 when it answers success."""
+    from pipeline.dicomnet.scu import echo as c_echo
+
+    try:
+        status = c_echo(_peer(host, port, called_aet, calling_aet, tls_ca, tls))
+    except ConnectionError as exc:
+        raise _fail(str(exc)) from None
+    ok = status == 0
+    typer.echo(f"C-ECHO {called_aet}@{host}:{port}: {'success' if ok else f'status {status}'}")
+    raise typer.Exit(0 if ok else 1)
+
+
+@app.command()
 def up() -> None:
     """Run everything on this machine in the foreground: Redis and Triton (unless configured
     remote), a worker, and the inbox watcher. Ctrl-C stops it all."""
@@ -221,12 +329,25 @@ def up() -> None:
         )
         worker_proc.start()
         procs.append(worker_proc)
+        if settings.receiver.enabled:
+            receiver_proc = ManagedProcess(
+                "receiver",
+                [sys.executable, "-m", "pipeline", "scp"],
+                settings.run_dir / "logs" / "receiver.log",
+                env=env,
+            )
+            receiver_proc.start()
+            procs.append(receiver_proc)
         watcher = threading.Thread(
             target=_run_watcher, args=(settings, stop.event), name="inbox-watcher", daemon=True
         )
         watcher.start()
+        rs = settings.receiver
+        dicom = f"  DICOM:   AE title {rs.ae_title}, port {rs.port}\n" if rs.enabled else ""
         typer.echo(
-            f"\nready. Drop files (.png .jpg .nii .nii.gz .dcm) into:\n"
+            "\nready. Send studies by DICOM C-STORE, or drop files "
+            "(.png .jpg .nii .nii.gz .dcm):\n"
+            f"{dicom}"
             f"  inbox:   {settings.inbox_dir.resolve()}\n"
             f"  results: {settings.results_dir.resolve()}\n"
             f"  failed:  {settings.failed_dir.resolve()}\n"

@@ -23,6 +23,10 @@ class InputError(PermanentError):
     """The input cannot be read or has the wrong shape or kind."""
 
 
+class NotSupportedError(PermanentError):
+    """The input is valid but this version cannot process it yet; it is kept."""
+
+
 class NoModelError(PermanentError):
     """No served model accepts this input."""
 

@@ -23,7 +23,7 @@ from watchdog.observers import Observer
 
 from pipeline.errors import InputError
 from pipeline.fsutil import atomic_write_json, move_into
-from pipeline.jobs import Job, error_record, new_job_id, now, pending_jobs, spool_file
+from pipeline.jobs import Job, error_record, new_job_id, now, requeue_pending, spool_file
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -185,6 +185,4 @@ class InboxWatcher:
         log.error("inbox: rejected item as failed/%s: %s", job_id, error)
 
     def _requeue(self) -> None:
-        for job in pending_jobs(self.settings.spool_dir):
-            if not self.enqueue(job):
-                return  # broker still down; try again later
+        requeue_pending(self.enqueue, self.settings.spool_dir)

@@ -1,6 +1,7 @@
 """Jobs: one unit of work, spooled on disk before it is queued, so nothing is lost.
 
-``data/spool/<id>/`` holds the input file(s) and ``job.json``; ``.enqueued`` marks that the
+``data/spool/<id>/`` holds the input (a file from the inbox, or ``study/`` for a DICOM study
+from the receiver) and ``job.json``; ``.enqueued`` marks that the
 Celery message was accepted by Redis. A job without that marker is (re-)enqueued by the
 watcher, at start-up and whenever Redis comes back. The task message is the job as JSON.
 """
@@ -12,12 +13,12 @@ import logging
 import os
 import re
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipeline.errors import InputError
 from pipeline.fsutil import atomic_write_json, fsync_dir, move_into
@@ -45,15 +46,45 @@ def check_job_id(job_id: str) -> str:
     return job_id
 
 
+STUDY_FOLDER = "study"
+
+
+class StudyRef(BaseModel):
+    """What the receiver knows of a DICOM study when it hands it over."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    study_uid: str
+    series: dict[str, int] = Field(description="SeriesInstanceUID -> number of instances.")
+    instances: int
+    calling_aet: str | None = Field(description="Who sent it (last association).")
+    called_aet: str | None = Field(description="The AE title the sender addressed.")
+    completed_by: str = Field(
+        description="association-released, mpps-completed, quiet-period, max-wait or recovered."
+    )
+
+
 class Job(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     id: str
-    source: Literal["inbox"]
-    original_name: str = Field(description="Path relative to the inbox, as dropped.")
-    input_file: str = Field(description="File name inside the job's spool folder.")
+    source: Literal["inbox", "dicom"]
+    original_name: str = Field(
+        description="Inbox: path relative to the inbox, as dropped. DICOM: the study UID."
+    )
+    input_file: str = Field(
+        description="Name inside the job's spool folder: the file, or study/ holding "
+        "<SeriesInstanceUID>/<SOPInstanceUID>.dcm."
+    )
     received_at: datetime
     queued_at: datetime | None = None
+    study: StudyRef | None = None
+
+    @model_validator(mode="after")
+    def _study_for_dicom(self) -> Job:
+        if (self.source == "dicom") != (self.study is not None):
+            raise ValueError("a DICOM job carries its study, an inbox job none")
+        return self
 
     @field_validator("id")
     @classmethod
@@ -66,6 +97,10 @@ class Job(BaseModel):
         if not v or v in {".", ".."} or "/" in v or "\0" in v:
             raise ValueError(f"invalid input file name {v!r}")
         return v
+
+
+def is_job_id(name: str) -> bool:
+    return _JOB_ID.fullmatch(name) is not None
 
 
 def job_dir(spool: Path, job_id: str) -> Path:
@@ -89,6 +124,35 @@ def spool_file(path: Path, inbox: Path, spool: Path) -> Job:
     os.replace(staging, spool / job.id)
     fsync_dir(spool)
     return job
+
+
+def recover_staging(spool: Path, inbox: Path) -> None:
+    """Finish or undo job folders a crash left half-made (``spool/.<id>/``).
+
+    With job.json and its input inside, the job was complete: it is promoted. Without
+    job.json, any file in it came from the inbox and goes back there. A job.json without its
+    input belongs to a study that was never moved: the study folder is still in the spool.
+    """
+    if not spool.is_dir():
+        return
+    for staging in spool.iterdir():
+        if not staging.name.startswith(".") or not is_job_id(staging.name[1:]):
+            continue
+        try:
+            job = read_job(staging)
+        except (OSError, ValueError):
+            job = None
+        if job is not None and (staging / job.input_file).exists():
+            os.replace(staging, spool / job.id)
+            log.warning("recovered half-made job %s", job.id)
+        else:
+            for item in staging.iterdir():
+                if item.name != JOB_FILE:
+                    move_into(item, inbox)
+                    log.warning("returned an unspooled inbox file to the inbox")
+            (staging / JOB_FILE).unlink(missing_ok=True)
+            staging.rmdir()
+    fsync_dir(spool)
 
 
 def read_job(folder: Path) -> Job:
@@ -117,6 +181,13 @@ def pending_jobs(spool: Path) -> Iterator[Job]:
             yield read_job(folder)
         except (OSError, ValueError) as exc:
             log.warning("spool folder %s has no readable job.json: %s", folder.name, exc)
+
+
+def requeue_pending(enqueue_job: Callable[[Job], bool], spool: Path) -> None:
+    """Offer every spooled, never-queued job to the broker, oldest first."""
+    for job in pending_jobs(spool):
+        if not enqueue_job(job):
+            return  # broker still down; the caller tries again later
 
 
 def quarantine(folder: Path, failed: Path, error: dict[str, object]) -> Path:

@@ -21,7 +21,7 @@ from monai.transforms import Compose
 
 from pipeline import convert
 from pipeline.contract import Activation, ModelContract
-from pipeline.errors import NoModelError, PipelineError, TransientError
+from pipeline.errors import NoModelError, NotSupportedError, PipelineError, TransientError
 from pipeline.fsutil import atomic_write_bytes, move_into
 from pipeline.jobs import ENQUEUED_MARKER, Job, job_dir, now
 from pipeline.results import InputInfo, ModelInfo, Prediction, Result, Timings, WorkerInfo
@@ -90,6 +90,12 @@ def run_job(job: Job, settings: Settings, models: Models, client: TritonClient) 
     started = now()
     stage = "load"
     try:
+        if job.source == "dicom":
+            raise NotSupportedError(
+                "DICOM studies received over the network are not processed yet in this "
+                "version (series-to-volume conversion comes next); the study's instances are "
+                "kept in this folder"
+            )
         path = folder / job.input_file
         image = convert.load(path)
         chosen = models.choose(image)

@@ -8,12 +8,17 @@ never import the task code.
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 from celery import Celery
 from kombu.exceptions import OperationalError
 
-from pipeline.jobs import Job, mark_enqueued, now
+from pipeline.jobs import ENQUEUED_MARKER, Job, job_dir, mark_enqueued, now
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -23,6 +28,7 @@ QUEUE = "pipeline"
 # Redis redelivers an unacknowledged task after this long; it must exceed the longest task
 # plus the longest retry countdown, or a slow task would run twice.
 VISIBILITY_TIMEOUT_S = 3600
+ENQUEUE_LOCK = ".enqueue.lock"
 
 
 def make_celery(settings: Settings, broker_url: str) -> Celery:
@@ -46,8 +52,28 @@ def make_celery(settings: Settings, broker_url: str) -> Celery:
     return app
 
 
+@contextmanager
+def _enqueue_lock(spool: Path) -> Iterator[None]:
+    """The watcher and the receiver may both offer the same pending job: one at a time, and
+    each checks the marker under the lock, so a job is sent once."""
+    fd = os.open(spool / ENQUEUE_LOCK, os.O_RDWR | os.O_CREAT, 0o640)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def enqueue(app: Celery, settings: Settings, job: Job) -> bool:
     """Send the job's task; False (job stays spooled, retried later) when Redis is down."""
+    with _enqueue_lock(settings.spool_dir):
+        folder = job_dir(settings.spool_dir, job.id)
+        if (folder / ENQUEUED_MARKER).exists() or not folder.exists():
+            return True  # sent by another component, or already processed
+        return _send(app, settings, job)
+
+
+def _send(app: Celery, settings: Settings, job: Job) -> bool:
     message = job.model_copy(update={"queued_at": now()}).model_dump(mode="json")
     try:
         app.send_task(

@@ -8,12 +8,21 @@ Settings are built once in ``main()`` and passed down; nothing reads them at imp
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -95,6 +104,106 @@ class WorkerSettings(_Section):
     )
 
 
+def _check_ae_title(v: str) -> str:
+    # PS3.5 AE: up to 16 characters of the default repertoire, no backslash or control chars.
+    stripped = v.strip()
+    if not stripped or len(v) > 16 or "\\" in v or not v.isascii() or not v.isprintable():
+        raise ValueError(f"{v!r} is not a valid AE title (1-16 printable ASCII characters)")
+    return stripped
+
+
+class ReceiverSettings(_Section):
+    enabled: bool = Field(default=True, description="Run the DICOM receiver as part of `up`.")
+    ae_title: str = Field(default="PIPELINE", description="Our (called) AE title.")
+    host: str = Field(
+        default="0.0.0.0",  # a receiver must be reachable by the PACS
+        description="Address to listen on; 0.0.0.0 = every interface.",
+    )
+    port: int = Field(default=11112, ge=0, le=65535, description="0 picks a free port.")
+    allowed_calling_aets: tuple[str, ...] = Field(
+        default=(),
+        description="If set, only these calling AE titles may associate (others are "
+        "rejected: 'calling AE title not recognised').",
+    )
+    allowed_networks: tuple[str, ...] = Field(
+        default=(),
+        description="If set, only peers from these addresses or networks (CIDR, e.g. "
+        "10.1.0.0/16) may associate; others are rejected.",
+    )
+    max_associations: int = Field(
+        default=16,
+        ge=1,
+        le=1000,
+        description="Above this, associations are rejected "
+        "(transient, 'local limit exceeded') so the sender retries later.",
+    )
+    tls_certificate: Path | None = Field(default=None, description="PEM certificate: TLS on.")
+    tls_private_key: Path | None = Field(default=None, description="PEM key of the certificate.")
+    tls_ca: Path | None = Field(
+        default=None,
+        description="PEM CA bundle: peers must present a certificate signed by it (mutual TLS).",
+    )
+    processes: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="Receiving processes sharing the port (SO_REUSEPORT): pynetdicom runs one "
+        "core's worth of Python per process, so concurrent associations need several.",
+    )
+    release_grace_s: float = Field(
+        default=2.0,
+        ge=0.0,
+        description="A study is complete this long after the last association that sent to it "
+        "was released, if nothing more arrived.",
+    )
+    quiet_period_s: float = Field(
+        default=60.0, gt=0.0, description="A study is complete after this long without instances."
+    )
+    max_wait_s: float = Field(
+        default=3600.0, gt=0.0, description="A study is complete this long after it began."
+    )
+    min_free_disk_mb: int = Field(
+        default=1024,
+        ge=0,
+        description="Below this much free space in the spool, C-STORE answers 0xA700 (out of "
+        "resources) and writes nothing.",
+    )
+    network_timeout_s: float = Field(default=60.0, gt=0.0)
+    acse_timeout_s: float = Field(default=30.0, gt=0.0)
+    dimse_timeout_s: float = Field(default=60.0, gt=0.0)
+    maximum_pdu_size: int = Field(
+        default=4 * 1024 * 1024,
+        ge=0,
+        description="Largest PDU we accept (bytes, 0 = unlimited). Large PDUs cost fewer "
+        "round trips per instance.",
+    )
+
+    @field_validator("ae_title")
+    @classmethod
+    def _valid_aet(cls, v: str) -> str:
+        return _check_ae_title(v)
+
+    @field_validator("allowed_calling_aets")
+    @classmethod
+    def _valid_aets(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(_check_ae_title(a) for a in v)
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _valid_networks(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for net in v:
+            ipaddress.ip_network(net, strict=False)  # ValueError names the bad entry
+        return v
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ReceiverSettings:
+        if (self.tls_certificate is None) != (self.tls_private_key is None):
+            raise ValueError("tls_certificate and tls_private_key go together")
+        if self.tls_ca is not None and self.tls_certificate is None:
+            raise ValueError("tls_ca needs tls_certificate and tls_private_key")
+        return self
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="PIPELINE_",
@@ -113,6 +222,7 @@ class Settings(BaseSettings):
     triton: TritonSettings = TritonSettings()
     inbox: InboxSettings = InboxSettings()
     worker: WorkerSettings = WorkerSettings()
+    receiver: ReceiverSettings = ReceiverSettings()
 
     @field_validator("broker_url")
     @classmethod

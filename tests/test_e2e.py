@@ -19,6 +19,7 @@ import pytest
 
 from pipeline.demo.synthetic import MEDNIST_LABELS, write_ct_nifti, write_mednist_png
 from pipeline.demo.train import TEST_SEED_BASE
+from pipeline.services.process import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -72,6 +73,8 @@ def test_inbox_to_results_through_real_services(model_repository: Path, tmp_path
         PIPELINE_TRITON__MODEL_REPOSITORY=str(model_repository),
         PIPELINE_INBOX__SETTLE_SECONDS="0.5",
         PIPELINE_CONFIG=str(tmp_path / "none.yaml"),
+        PIPELINE_RECEIVER__HOST="127.0.0.1",
+        PIPELINE_RECEIVER__PORT=str(free_port()),
     )
     (tmp_path / "none.yaml").write_text("{}\n")
     log = (tmp_path / "up.log").open("w+")
@@ -84,7 +87,7 @@ def test_inbox_to_results_through_real_services(model_repository: Path, tmp_path
     )
     try:
         _wait_for(
-            lambda: "ready. Drop files" in (tmp_path / "up.log").read_text(),
+            lambda: "ready. Send studies" in (tmp_path / "up.log").read_text(),
             300,
             "`up` to say where the inbox is",
         )

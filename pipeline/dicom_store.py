@@ -1,0 +1,141 @@
+"""Received DICOM instances, on disk before the sender hears "success".
+
+Each instance is written as received (preamble, file meta, the sender's encoded bytes) to
+``spool/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``: first to
+``spool/.incoming/`` and fsynced, then renamed into place and the folder fsynced. The three UIDs
+are validated before they become path parts. A study folder is turned into a job by
+:func:`pipeline.studies.close_study`, which renames it away; writers and that rename are
+serialised by one lock file (shared for writers, exclusive for the rename), which works across
+threads and processes alike.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import secrets
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+from pydicom.uid import RE_VALID_UID
+
+from pipeline.errors import InputError, PipelineError
+from pipeline.fsutil import fsync_dir
+
+INCOMING = ".incoming"
+LOCK_FILE = ".studies.lock"
+SUFFIX = ".dcm"
+
+
+class InvalidUIDError(InputError):
+    """A UID that is missing or not a valid UID: it must not become a path."""
+
+
+class OutOfSpaceError(PipelineError):
+    """The spool is below its free-space watermark; nothing was written."""
+
+
+@dataclass(frozen=True)
+class InstanceUIDs:
+    study: str
+    series: str
+    sop: str
+
+
+def check_uid(value: object, what: str) -> str:
+    """A UID as PS3.5 defines it (digits and dots, no leading zeros, <= 64 characters).
+
+    Anything else, including ``..`` and ``/``, is refused before it can reach a path."""
+    text = "" if value is None else str(value)
+    # fullmatch: the pattern's "$" alone would accept a trailing newline.
+    if len(text) > 64 or not RE_VALID_UID.fullmatch(text):
+        raise InvalidUIDError(f"{what} {text[:80]!r} is not a valid DICOM UID")
+    return text
+
+
+def identify(ds: Dataset) -> InstanceUIDs:
+    return InstanceUIDs(
+        study=check_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID"),
+        series=check_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID"),
+        sop=check_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID"),
+    )
+
+
+@contextmanager
+def spool_lock(spool: Path, *, exclusive: bool) -> Iterator[None]:
+    """Writers hold it shared while they rename into a study folder; closing a study holds it
+    exclusively. Each call opens its own descriptor, so threads exclude each other too."""
+    fd = os.open(spool / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o640)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def free_bytes(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
+def check_space(spool: Path, incoming_bytes: int, min_free_bytes: int) -> None:
+    free = free_bytes(spool)
+    if free - incoming_bytes < min_free_bytes:
+        raise OutOfSpaceError(
+            f"spool has {free // 2**20} MiB free, below the {min_free_bytes // 2**20} MiB watermark"
+        )
+
+
+def instance_path(spool: Path, uids: InstanceUIDs) -> Path:
+    return spool / uids.study / uids.series / f"{uids.sop}{SUFFIX}"
+
+
+def store_instance(spool: Path, uids: InstanceUIDs, data: bytes, min_free_bytes: int) -> bool:
+    """Write one instance durably; True when it replaced an earlier copy of the same SOP
+    instance. Raises OutOfSpaceError (nothing written) or OSError."""
+    check_space(spool, len(data), min_free_bytes)
+    incoming = spool / INCOMING
+    incoming.mkdir(parents=True, exist_ok=True)
+    tmp = incoming / f"{uids.sop}.{secrets.token_hex(4)}.part"
+    try:
+        with tmp.open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        with spool_lock(spool, exclusive=False):
+            dest = instance_path(spool, uids)
+            _make_dirs(spool, dest.parent)
+            replaced = dest.exists()
+            os.replace(tmp, dest)
+            fsync_dir(dest.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return replaced
+
+
+def _make_dirs(spool: Path, series_dir: Path) -> None:
+    """Create study/series folders; a new folder's entry in its parent is fsynced too."""
+    if series_dir.is_dir():
+        return
+    study_dir = series_dir.parent
+    if not study_dir.is_dir():
+        study_dir.mkdir(exist_ok=True)
+        fsync_dir(spool)
+    series_dir.mkdir(exist_ok=True)
+    fsync_dir(study_dir)
+
+
+def clean_incoming(spool: Path) -> int:
+    """Remove partial writes left by a crash (never acknowledged, so the sender retries)."""
+    incoming = spool / INCOMING
+    if not incoming.is_dir():
+        return 0
+    removed = 0
+    for part in incoming.glob("*.part"):
+        part.unlink(missing_ok=True)
+        removed += 1
+    return removed

@@ -1,0 +1,1 @@
+"""DICOM networking at the edge: the receiver (SCP) and the sender (SCU), over pynetdicom."""

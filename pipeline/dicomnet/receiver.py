@@ -1,0 +1,200 @@
+"""The receiver service: serves associations and turns complete studies into queued jobs.
+
+At start-up it repairs what a crash left (half-made job folders, partial writes), adopts study
+folders still in the spool (their sender may resume; they complete on the usual rules) and
+queues jobs that were never queued. Then one loop reads the handlers' events, asks the
+:class:`~pipeline.studies.StudyTracker` which studies are complete, closes each into a job and
+queues it. With Redis down, jobs wait in the spool and are offered again every few seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from pipeline.dicom_store import clean_incoming
+from pipeline.dicomnet.scp import start_server
+from pipeline.jobs import Job, recover_staging, requeue_pending
+from pipeline.settings import Settings
+from pipeline.studies import StudyTracker, close_study, spooled_studies
+
+log = logging.getLogger(__name__)
+
+REQUEUE_S = 5.0
+
+
+class _Events(Protocol):
+    def put(self, item: tuple[Any, ...]) -> None: ...
+    def get(self, block: bool = True, timeout: float | None = None) -> tuple[Any, ...]: ...
+    def get_nowait(self) -> tuple[Any, ...]: ...
+
+
+def _serve_child(settings: Settings, port: int, events: _Events, stop: Any) -> None:
+    """A further receiving process: same port (SO_REUSEPORT), events to the parent."""
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
+    )
+    parent = os.getppid()
+    server = start_server(settings, events, port=port)
+    events.put(("ready", os.getpid()))
+    try:
+        # Exit with the parent: a receiver nobody reads events from must not take instances.
+        while not stop.wait(1.0) and os.getppid() == parent:
+            pass
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class Receiver:
+    def __init__(self, settings: Settings, enqueue: Callable[[Job], bool]) -> None:
+        rs = settings.receiver
+        self.settings = settings
+        self.spool = settings.spool_dir
+        self.enqueue = enqueue
+        self._mp = multiprocessing.get_context("spawn")
+        self._stop_children = self._mp.Event()
+        self.events: _Events = self._mp.Queue() if rs.processes > 1 else queue.Queue()
+        self.children: list[Any] = []
+        self.tracker = StudyTracker(rs.release_grace_s, rs.quiet_period_s, rs.max_wait_s)
+        self.address: tuple[str, int] | None = None
+
+    def recover(self) -> None:
+        self.settings.ensure_dirs()
+        recover_staging(self.spool, self.settings.inbox_dir)
+        if removed := clean_incoming(self.spool):
+            log.warning("removed %d partial instance write(s) left by a crash", removed)
+        self._adopt()
+        requeue_pending(self.enqueue, self.spool)
+
+    def _adopt(self) -> None:
+        for study_uid, sops in spooled_studies(self.spool):
+            if study_uid not in self.tracker:
+                self.tracker.adopt(study_uid, sops)
+                log.info("study %s: %d instance(s) in the spool, resumed", study_uid, len(sops))
+
+    def run(
+        self, stop: threading.Event, on_ready: Callable[[str, int], None] | None = None
+    ) -> None:
+        """Serve until ``stop`` is set."""
+        self.recover()
+        server = start_server(self.settings, self.events)
+        host, port = server.server_address[:2]
+        self.address = (str(host), int(port))
+        log.info(
+            "DICOM receiver %s listening on %s:%d%s",
+            self.settings.receiver.ae_title,
+            host,
+            port,
+            " (TLS)" if server.ssl_context else "",
+        )
+        for i in range(1, self.settings.receiver.processes):
+            self.children.append(self._start_child(i, int(port)))
+        self._wait_children_ready()
+        if on_ready is not None:
+            on_ready(str(host), int(port))
+        last_requeue = last_adopt = time.monotonic()
+        try:
+            while not stop.is_set():
+                self._drain(timeout=0.1)
+                self._close_due()
+                self._restart_dead_children(int(port))
+                t = time.monotonic()
+                if t - last_requeue >= REQUEUE_S:
+                    requeue_pending(self.enqueue, self.spool)
+                    last_requeue = t
+                if t - last_adopt >= self.settings.receiver.quiet_period_s:
+                    self._adopt()  # a safety net for events lost with a crashed process
+                    last_adopt = t
+        finally:
+            self._stop_children.set()
+            server.shutdown()
+            server.server_close()
+            for child in self.children:
+                child.join(timeout=10)
+                if child.is_alive():
+                    child.kill()
+            log.info("DICOM receiver stopped")
+
+    def _wait_children_ready(self, timeout_s: float = 60.0) -> None:
+        waiting = len(self.children)
+        deadline = time.monotonic() + timeout_s
+        while waiting and time.monotonic() < deadline:
+            try:
+                item = self.events.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if item[0] == "ready":
+                waiting -= 1
+            else:
+                self._apply(item)
+        if waiting:
+            log.error("%d receiving process(es) did not start in %.0f s", waiting, timeout_s)
+
+    def _start_child(self, index: int, port: int) -> Any:
+        child = self._mp.Process(
+            target=_serve_child,
+            args=(self.settings, port, self.events, self._stop_children),
+            name=f"receiver-{index}",
+            daemon=True,
+        )
+        child.start()
+        return child
+
+    def _restart_dead_children(self, port: int) -> None:
+        for i, child in enumerate(self.children):
+            if not child.is_alive():
+                log.error("%s exited (code %s); restarting it", child.name, child.exitcode)
+                self.children[i] = self._start_child(i + 1, port)
+
+    def _drain(self, timeout: float) -> None:
+        try:
+            item = self.events.get(timeout=timeout)
+        except queue.Empty:
+            return
+        while True:
+            self._apply(item)
+            try:
+                item = self.events.get_nowait()
+            except queue.Empty:
+                return
+
+    def _apply(self, item: tuple[Any, ...]) -> None:
+        kind = item[0]
+        if kind == "stored":
+            _, study, sop, assoc, calling, called = item
+            self.tracker.stored(study, sop, assoc, calling, called)
+        elif kind == "released":
+            self.tracker.released(item[1])
+        elif kind == "closed":
+            self.tracker.aborted(item[1])
+        elif kind == "mpps":
+            self.tracker.mpps_completed(item[1], frozenset(item[2]))
+
+    def _close_due(self) -> None:
+        for done in self.tracker.due():
+            try:
+                job = close_study(self.spool, done)
+            except OSError as exc:
+                # Left in the spool: adopted again and retried after the quiet period.
+                log.error("study %s: could not close: %s", done.study_uid, exc)
+                continue
+            if job is None or job.study is None:
+                continue
+            log.info(
+                "study %s complete (%s): %d instance(s) in %d series from %s; job %s",
+                done.study_uid,
+                done.reason.value,
+                job.study.instances,
+                len(job.study.series),
+                done.calling_aet or "?",
+                job.id,
+            )
+            self.enqueue(job)

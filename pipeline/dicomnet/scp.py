@@ -1,0 +1,317 @@
+"""The DICOM receiver: C-ECHO, C-STORE for every storage SOP class, and MPPS.
+
+The pynetdicom handlers are thin: they translate events into calls of
+:mod:`pipeline.dicom_store` and :mod:`pipeline.mpps` and translate errors into DICOM statuses.
+What they learn (instance stored, association released or broken, MPPS closed) goes as a small
+tuple to an event sink; :class:`pipeline.dicomnet.receiver.Receiver` reads it and decides when a
+study is complete. Handlers run in association threads, possibly in several processes, so they
+share nothing but the spool on disk and the sink.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import socket
+import ssl
+import threading
+from typing import Any, Protocol, cast
+
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    JPEG2000,
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+    generate_uid,
+)
+from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
+from pynetdicom.dimse_primitives import N_CREATE, N_SET
+from pynetdicom.events import Event
+from pynetdicom.transport import ThreadedAssociationServer
+
+from pipeline import mpps
+from pipeline.dicom_store import InvalidUIDError, OutOfSpaceError, identify, store_instance
+from pipeline.dicomnet import polling
+from pipeline.dicomnet.tls import server_context
+from pipeline.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Uncompressed and the common compressed syntaxes: senders need not decompress for us.
+TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+]
+
+# pynetdicom.sop_class builds these names at run time, out of the type checker's sight.
+VERIFICATION = UID("1.2.840.10008.1.1")
+MPPS_SOP_CLASS = UID("1.2.840.10008.3.1.2.3.3")  # Modality Performed Procedure Step
+
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700  # the disk watermark: the sender should retry later
+CANNOT_STORE = 0xA701  # writing failed (an out-of-resources code: a later retry may work)
+CANNOT_UNDERSTAND = 0xC210  # the data set could not be decoded
+INVALID_UID = 0xC220  # Study/Series/SOP Instance UID missing or invalid: nothing written
+
+
+class EventSink(Protocol):
+    def put(self, item: tuple[Any, ...]) -> None: ...
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _called_aet(event: Event) -> str:
+    """The AE title the sender addressed (we accept any; routing may use it)."""
+    rq = event.assoc.requestor.primitive
+    return str(rq.called_ae_title).strip() if rq is not None else ""
+
+
+def _assoc_key(event: Event) -> str:
+    # Unique across receiving processes; the object lives as long as its association.
+    return f"{os.getpid()}-{id(event.assoc)}"
+
+
+class Handlers:
+    """Event handlers for one receiving process."""
+
+    def __init__(self, settings: Settings, sink: EventSink) -> None:
+        rs = settings.receiver
+        self.spool = settings.spool_dir
+        self.sink = sink
+        self.min_free = rs.min_free_disk_mb * 2**20
+        self.calling_aets = set(rs.allowed_calling_aets)
+        self.networks: list[Network] = [
+            ipaddress.ip_network(n, strict=False) for n in rs.allowed_networks
+        ]
+        self._lock = threading.Lock()
+        self._counts: dict[str, list[int]] = {}  # association -> [stored, refused]
+
+    def bindings(self) -> list[Any]:
+        return [
+            (evt.EVT_REQUESTED, self.on_requested),
+            (evt.EVT_C_ECHO, self.on_echo),
+            (evt.EVT_C_STORE, self.on_store),
+            (evt.EVT_N_CREATE, self.on_n_create),
+            (evt.EVT_N_SET, self.on_n_set),
+            (evt.EVT_RELEASED, self.on_released),
+            (evt.EVT_ABORTED, self.on_broken),
+            (evt.EVT_CONN_CLOSE, self.on_broken),
+        ]
+
+    # -- association ---------------------------------------------------------------------
+    def on_requested(self, event: Event) -> None:
+        assoc = event.assoc
+        calling = str(assoc.requestor.ae_title).strip()
+        address = str(assoc.requestor.address)
+        if self.calling_aets and calling not in self.calling_aets:
+            log.warning("association from %s (%s) rejected: AE title not allowed", calling, address)
+            # rejected-permanent, service-user, calling-AE-title-not-recognized
+            assoc.acse.send_reject(0x01, 0x01, 0x03)
+            assoc.kill()
+        elif self.networks and not _in_networks(address, self.networks):
+            log.warning("association from %s (%s) rejected: address not allowed", calling, address)
+            # rejected-permanent, service-user, no-reason-given: there is no code for addresses
+            assoc.acse.send_reject(0x01, 0x01, 0x01)
+            assoc.kill()
+        else:
+            polling.mark_busy(assoc)  # the first instance follows at once
+
+    def on_released(self, event: Event) -> None:
+        self.sink.put(("released", _assoc_key(event)))
+
+    def on_broken(self, event: Event) -> None:
+        """Abort or connection closed (a no-op for the tracker after a release)."""
+        key = _assoc_key(event)
+        self.sink.put(("closed", key))
+        with self._lock:
+            counts = self._counts.pop(key, None)
+        if counts is not None:
+            log.info(
+                "association from %s ended: %d instance(s) stored, %d refused",
+                event.assoc.requestor.ae_title,
+                *counts,
+            )
+
+    def on_echo(self, event: Event) -> int:
+        polling.mark_busy(event.assoc)
+        return SUCCESS
+
+    # -- C-STORE -------------------------------------------------------------------------
+    def on_store(self, event: Event) -> int:
+        polling.mark_busy(event.assoc)
+        key = _assoc_key(event)
+        calling = str(event.assoc.requestor.ae_title).strip()
+        try:
+            uids = identify(event.dataset)
+        except InvalidUIDError as exc:
+            return self._refused(key, INVALID_UID, f"C-STORE from {calling} refused: {exc}")
+        except Exception as exc:  # noqa: BLE001 - any decoding failure is a status, not a crash
+            return self._refused(
+                key, CANNOT_UNDERSTAND, f"C-STORE from {calling}: undecodable data set ({exc})"
+            )
+        try:
+            replaced = store_instance(self.spool, uids, event.encoded_dataset(), self.min_free)
+        except OutOfSpaceError as exc:
+            return self._refused(key, OUT_OF_RESOURCES, f"C-STORE from {calling} refused: {exc}")
+        except OSError as exc:
+            return self._refused(key, CANNOT_STORE, f"C-STORE from {calling}: write failed: {exc}")
+        called = _called_aet(event)
+        self.sink.put(("stored", uids.study, uids.sop, key, calling, called))
+        with self._lock:
+            self._counts.setdefault(key, [0, 0])[0] += 1
+        if replaced:
+            log.info("instance %s of study %s received again: replaced", uids.sop, uids.study)
+        return SUCCESS
+
+    def _refused(self, key: str, status: int, message: str) -> int:
+        log.warning("%s (status 0x%04X)", message, status)
+        with self._lock:
+            self._counts.setdefault(key, [0, 0])[1] += 1
+        return status
+
+    # -- MPPS ----------------------------------------------------------------------------
+    def on_n_create(self, event: Event) -> tuple[int, Dataset | None]:
+        polling.mark_busy(event.assoc)
+        req = cast(N_CREATE, event.request)
+        if req.AffectedSOPClassUID != MPPS_SOP_CLASS:
+            return 0x0122, None  # SOP class not supported
+        uid = str(req.AffectedSOPInstanceUID or generate_uid())
+        attributes = event.attribute_list
+        try:
+            mpps.create(self.spool, uid, attributes)
+        except mpps.MppsError as exc:
+            log.warning("MPPS N-CREATE refused: %s", exc)
+            return exc.status, None
+        log.info("MPPS %s in progress", uid)
+        if req.AffectedSOPInstanceUID is None:
+            attributes.AffectedSOPInstanceUID = uid  # pynetdicom moves it to the response
+        return SUCCESS, attributes
+
+    def on_n_set(self, event: Event) -> tuple[int, Dataset | None]:
+        polling.mark_busy(event.assoc)
+        req = cast(N_SET, event.request)
+        uid = str(req.RequestedSOPInstanceUID)
+        modifications = event.modification_list
+        try:
+            closed = mpps.update(self.spool, uid, modifications)
+        except mpps.MppsError as exc:
+            log.warning("MPPS N-SET refused: %s", exc)
+            return exc.status, None
+        if closed is not None:
+            log.info("MPPS %s %s, %d instance(s) listed", uid, closed.status, len(closed.sop_uids))
+            if closed.status == mpps.COMPLETED:
+                self.sink.put(("mpps", closed.study_uid, tuple(sorted(closed.sop_uids))))
+        return SUCCESS, modifications
+
+
+def _in_networks(address: str, networks: list[Network]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in networks)
+
+
+class _Server(ThreadedAssociationServer):
+    """pynetdicom's server with three changes: TCP_NODELAY on each connection (without it
+    small PDUs wait for Nagle's timer), SO_REUSEPORT so several receiving processes can share
+    the port, and the TLS handshake done in the connection's own thread with a timeout, so a
+    silent client cannot stall the accept loop."""
+
+    handshake_timeout_s = 30.0
+
+    def server_bind(self) -> None:
+        assert self.socket is not None
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        assert self.socket is not None
+        client, address = self.socket.accept()
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(
+                client, server_side=True, do_handshake_on_connect=False
+            )
+        return client, address
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        if isinstance(request, ssl.SSLSocket):
+            previous = request.gettimeout()
+            try:
+                request.settimeout(self.handshake_timeout_s)
+                request.do_handshake()
+                request.settimeout(previous)
+            except (ssl.SSLError, OSError) as exc:
+                log.warning("TLS handshake with %s failed: %s", client_address[0], exc)
+                self.shutdown_request(request)
+                return
+        super().process_request_thread(request, client_address)
+
+
+def make_ae(settings: Settings) -> AE:
+    rs = settings.receiver
+    ae = AE(ae_title=rs.ae_title)
+    for cx in AllStoragePresentationContexts:
+        assert cx.abstract_syntax is not None
+        ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+    ae.add_supported_context(VERIFICATION, TRANSFER_SYNTAXES[:3])
+    ae.add_supported_context(MPPS_SOP_CLASS, TRANSFER_SYNTAXES[:3])
+    ae.maximum_associations = rs.max_associations
+    ae.maximum_pdu_size = rs.maximum_pdu_size
+    ae.network_timeout = rs.network_timeout_s
+    ae.acse_timeout = rs.acse_timeout_s
+    ae.dimse_timeout = rs.dimse_timeout_s
+    return ae
+
+
+def start_server(settings: Settings, sink: EventSink, port: int | None = None) -> _Server:
+    """Listen and serve in background threads; ``server.server_address`` has the real port."""
+    rs = settings.receiver
+    polling.install()
+    # pynetdicom logs data set identifiers (patient names, IDs) at some levels: keep it to
+    # warnings, and never identifiers.
+    _config.LOG_REQUEST_IDENTIFIERS = _config.LOG_RESPONSE_IDENTIFIERS = False
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    ssl_context = None
+    if rs.tls_certificate is not None and rs.tls_private_key is not None:
+        ssl_context = server_context(rs.tls_certificate, rs.tls_private_key, rs.tls_ca)
+    ae = make_ae(settings)
+    handlers = Handlers(settings, sink)
+    server = ae.make_server(
+        (rs.host, rs.port if port is None else port),
+        ssl_context=ssl_context,
+        evt_handlers=handlers.bindings(),
+        server_class=_Server,
+    )
+    assert isinstance(server, _Server)
+    ae._servers.append(server)  # as pynetdicom's start_server does; its shutdown() expects it
+    thread = threading.Thread(target=server.serve_forever, name="dicom-accept", daemon=True)
+    thread.start()
+    return server
