@@ -214,13 +214,31 @@ def scp() -> None:
 
 
 def _peer(
-    host: str, port: int, called_aet: str, calling_aet: str, tls_ca: Path | None, tls: bool
+    host: str,
+    port: int,
+    called_aet: str,
+    calling_aet: str,
+    tls: bool,
+    tls_ca: Path | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
 ) -> Any:
     from pipeline.dicomnet.scu import Peer
     from pipeline.dicomnet.tls import client_context
 
-    ctx = client_context(tls_ca) if tls or tls_ca else None
+    ctx = None
+    if tls or tls_ca or tls_cert:
+        try:
+            ctx = client_context(tls_ca, tls_cert, tls_key)
+        except (OSError, ValueError) as exc:
+            raise _fail(f"TLS set-up: {exc}") from None
     return Peer(host, port, called_aet, calling_aet, ctx)
+
+
+def _quiet_pynetdicom() -> None:
+    """The summary says what failed and why; pynetdicom's own error lines would repeat it."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
 
 
 HostOpt = Annotated[str, typer.Option(help="Receiver host name or address.")]
@@ -231,6 +249,10 @@ TlsOpt = Annotated[bool, typer.Option("--tls", help="Use TLS (system CA store)."
 TlsCaOpt = Annotated[
     Path | None, typer.Option("--tls-ca", help="Use TLS, trusting this CA bundle.")
 ]
+TlsCertOpt = Annotated[
+    Path | None, typer.Option("--tls-cert", help="Our certificate, for receivers that ask.")
+]
+TlsKeyOpt = Annotated[Path | None, typer.Option("--tls-key", help="The key of --tls-cert.")]
 
 
 @app.command()
@@ -243,6 +265,8 @@ def send(
     retries: Annotated[int, typer.Option(help="Retries of what failed transiently.")] = 3,
     tls: TlsOpt = False,
     tls_ca: TlsCaOpt = None,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
 ) -> None:
     """C-STORE files to our receiver or any PACS; exit code 1 if any file was not stored."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
@@ -250,11 +274,11 @@ def send(
     from pipeline.dicomnet.scu import collect
     from pipeline.dicomnet.scu import send as send_files
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    _quiet_pynetdicom()
     files = collect(paths)
     if not files:
         raise _fail("no files to send")
-    peer = _peer(host, port, called_aet, calling_aet, tls_ca, tls)
+    peer = _peer(host, port, called_aet, calling_aet, tls, tls_ca, tls_cert, tls_key)
     with Progress(
         "[progress.description]{task.description}",
         BarColumn(),
@@ -285,12 +309,15 @@ def echo(
     calling_aet: CallingOpt = "PIPELINE_SCU",
     tls: TlsOpt = False,
     tls_ca: TlsCaOpt = None,
+    tls_cert: TlsCertOpt = None,
+    tls_key: TlsKeyOpt = None,
 ) -> None:
     """C-ECHO a DICOM peer: exit code 0 when it answers success."""
     from pipeline.dicomnet.scu import echo as c_echo
 
+    _quiet_pynetdicom()
     try:
-        status = c_echo(_peer(host, port, called_aet, calling_aet, tls_ca, tls))
+        status = c_echo(_peer(host, port, called_aet, calling_aet, tls, tls_ca, tls_cert, tls_key))
     except ConnectionError as exc:
         raise _fail(str(exc)) from None
     ok = status == 0

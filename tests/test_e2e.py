@@ -17,28 +17,12 @@ from typing import Any
 
 import pytest
 
+from pipeline.demo.dicom_series import new_series, write_series
 from pipeline.demo.synthetic import MEDNIST_LABELS, write_ct_nifti, write_mednist_png
 from pipeline.demo.train import TEST_SEED_BASE
-from pipeline.services.process import free_port
+from pipeline.services.process import descendants, free_port
 
 pytestmark = pytest.mark.e2e
-
-
-def _descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
 
 
 def _alive(pid: int) -> bool:
@@ -67,6 +51,7 @@ def _wait_for(predicate: object, timeout: float, what: str) -> None:
 
 def test_inbox_to_results_through_real_services(model_repository: Path, tmp_path: Path) -> None:
     data = tmp_path / "data"
+    dicom_port = free_port()
     env = dict(
         os.environ,
         PIPELINE_DATA_DIR=str(data),
@@ -74,7 +59,7 @@ def test_inbox_to_results_through_real_services(model_repository: Path, tmp_path
         PIPELINE_INBOX__SETTLE_SECONDS="0.5",
         PIPELINE_CONFIG=str(tmp_path / "none.yaml"),
         PIPELINE_RECEIVER__HOST="127.0.0.1",
-        PIPELINE_RECEIVER__PORT=str(free_port()),
+        PIPELINE_RECEIVER__PORT=str(dicom_port),
     )
     (tmp_path / "none.yaml").write_text("{}\n")
     log = (tmp_path / "up.log").open("w+")
@@ -132,17 +117,45 @@ def test_inbox_to_results_through_real_services(model_repository: Path, tmp_path
             assert doc["model"]["name"] == model and doc["prediction"]["label"] == label, doc
             assert doc["schema_version"] == "1.0" and doc["timings"]["inference_ms"] > 0
         bad = failed()
-        assert set(bad) == {"truncated.nii.gz", "notes.png"}
+        assert {"truncated.nii.gz", "notes.png"} <= set(bad)
         assert "not a readable NIfTI" in str(bad["truncated.nii.gz"]["message"])
         assert "not a readable PNG/JPEG" in str(bad["notes.png"]["message"])
-        for name, doc in bad.items():
+        for name in ("truncated.nii.gz", "notes.png"):
+            doc = bad[name]
             assert doc["stage"] == "load"
             # The input is kept beside its error.
             assert (data / "failed" / str(doc["job"]["id"]) / Path(name).name).is_file()
         assert (inbox / "incoming.png.part").exists()  # never taken while being written
-        assert not any((data / "results").rglob("*.tmp")) and not any((data / "spool").iterdir())
 
-        children = _descendants(up.pid)
+        # A study sent by DICOM C-STORE is received, completed on release and queued; series
+        # processing is not in this version yet: it ends in failed/ with that said, kept whole.
+        spec = new_series(12, 32, 32)
+        write_series(tmp_path / "study", spec)
+        sent = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pipeline",
+                "send",
+                str(tmp_path / "study"),
+                "--port",
+                str(dicom_port),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert sent.returncode == 0, sent.stderr
+        _wait_for(lambda: spec.study_uid in failed(), 60, "the DICOM study's outcome")
+        doc = failed()[spec.study_uid]
+        assert "not processed yet" in str(doc["message"])
+        assert doc["job"]["study"]["instances"] == 12
+        kept = data / "failed" / str(doc["job"]["id"]) / "study" / spec.series_uid
+        assert len(list(kept.glob("*.dcm"))) == 12
+        spooled = [p for p in (data / "spool").iterdir() if not p.name.startswith(".")]
+        assert not any((data / "results").rglob("*.tmp")) and not spooled
+
+        children = descendants(up.pid)
         assert len(children) >= 3  # redis, triton (+ stubs), worker (+ pool)
     finally:
         up.send_signal(signal.SIGTERM)

@@ -125,7 +125,8 @@ class Handlers:
     # -- association ---------------------------------------------------------------------
     def on_requested(self, event: Event) -> None:
         assoc = event.assoc
-        calling = str(assoc.requestor.ae_title).strip()
+        rq = assoc.requestor.primitive  # the A-ASSOCIATE-RQ; requestor.ae_title is set later
+        calling = str(rq.calling_ae_title).strip() if rq is not None else ""
         address = str(assoc.requestor.address)
         if self.calling_aets and calling not in self.calling_aets:
             log.warning("association from %s (%s) rejected: AE title not allowed", calling, address)

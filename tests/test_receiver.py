@@ -1,0 +1,578 @@
+"""The DICOM receiver against real peers: dcmtk's storescu/echoscu and pynetdicom associations
+on loopback, a real embedded Redis behind it, studies checked on disk and in the queue."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+import redis
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+
+from pipeline.demo.dicom_series import (
+    TEST_PATIENT_ID,
+    TEST_PATIENT_NAME,
+    ct_slices,
+    new_series,
+    new_uid,
+    write_series,
+)
+from pipeline.dicomnet.receiver import Receiver
+from pipeline.dicomnet.scu import Peer, echo, send
+from pipeline.jobs import ENQUEUED_MARKER, STUDY_FOLDER
+from pipeline.queue import QUEUE, enqueue, make_celery
+from pipeline.services import embedded_redis
+from pipeline.services.process import ManagedProcess, free_port
+from pipeline.settings import Settings
+
+from .conftest import make_settings
+
+needs_dcmtk = pytest.mark.skipif(
+    shutil.which("storescu") is None,
+    reason="dcmtk is not installed (apt-get install dcmtk; .ci/run installs it)",
+)
+MPPS = "1.2.840.10008.3.1.2.3.3"
+CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def storescu(
+    port: int, files: list[Path], aet: str = "STORESCU"
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["storescu", "-aet", aet, "-aec", "PIPELINE", "127.0.0.1", str(port), *map(str, files)],
+        env={**os.environ, "TCP_NODELAY": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@dataclass
+class Running:
+    settings: Settings
+    port: int
+    stop: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+
+    def peer(self, calling_aet: str = "PIPELINE_SCU") -> Peer:
+        return Peer("127.0.0.1", self.port, self.settings.receiver.ae_title, calling_aet)
+
+    def tasks(self) -> list[dict[str, Any]]:
+        """The job messages queued in Redis, oldest first."""
+        client = redis.Redis(unix_socket_path=str(embedded_redis.socket_path(self.settings)))
+        try:
+            raw = client.lrange(QUEUE, 0, -1)
+        except redis.ConnectionError:
+            return []
+        # kombu pushes to the head of the list: reversed is oldest first.
+        bodies = [json.loads(base64.b64decode(json.loads(m)["body"])) for m in reversed(raw)]
+        return [body[0][0] for body in bodies]
+
+    def wait_tasks(self, n: int, timeout: float = 20.0) -> list[dict[str, Any]]:
+        tasks: list[dict[str, Any]] = wait_for(
+            lambda: (t := self.tasks()) and len(t) >= n and t, timeout, f"{n} task(s)"
+        )
+        return tasks
+
+    def job_files(self, task: dict[str, Any]) -> list[Path]:
+        return sorted((self.settings.spool_dir / task["id"] / STUDY_FOLDER).glob("*/*.dcm"))
+
+
+@pytest.fixture
+def receiver(tmp_path: Path) -> Iterator[Callable[..., Running]]:
+    """Start a receiver (in this process) with a real embedded Redis behind it."""
+    started: list[Running] = []
+    redis_procs: list[ManagedProcess] = []
+
+    def start(with_redis: bool = True, **receiver_settings: Any) -> Running:
+        options = {
+            "host": "127.0.0.1",
+            "port": free_port(),
+            "min_free_disk_mb": 0,
+            "release_grace_s": 0.5,
+            "quiet_period_s": 30.0,
+            "processes": 1,
+            **receiver_settings,
+        }
+        settings = make_settings(tmp_path / "data", receiver=options)
+        settings.ensure_dirs()
+        if with_redis:
+            redis_procs.append(embedded_redis.start(settings))
+        celery = make_celery(settings, embedded_redis.broker_url(settings))
+        rx = Receiver(settings, lambda job: enqueue(celery, settings, job))
+        running = Running(settings, options["port"])
+        ready = threading.Event()
+        running.thread = threading.Thread(
+            target=rx.run, args=(running.stop, lambda *_: ready.set()), daemon=True
+        )
+        running.thread.start()
+        assert ready.wait(60), "receiver did not start"
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        running.stop.set()
+        if running.thread is not None:
+            running.thread.join(30)
+    for proc in redis_procs:
+        proc.stop()
+
+
+def _datasets(n: int, study_uid: str | None = None, size: int = 32) -> list[Dataset]:
+    return list(ct_slices(new_series(n, size, size, study_uid=study_uid)))
+
+
+@needs_dcmtk
+def test_ct_series_arrives_whole_one_task_on_release_no_patient_data_in_logs(
+    receiver: Callable[..., Running], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("DEBUG")
+    rx = receiver()
+    spec = new_series(200, 64, 64)
+    files = write_series(tmp_path / "series", spec)
+    out = storescu(rx.port, files)
+    sent_at = time.monotonic()
+    assert out.returncode == 0, out.stderr
+    [task] = rx.wait_tasks(1)
+    latency = time.monotonic() - sent_at
+    assert latency < rx.settings.receiver.quiet_period_s / 4  # the release, not the timer
+    study = task["study"]
+    assert task["source"] == "dicom" and task["input_file"] == STUDY_FOLDER
+    assert study["study_uid"] == spec.study_uid
+    assert study["series"] == {spec.series_uid: 200} and study["instances"] == 200
+    assert (study["calling_aet"], study["called_aet"]) == ("STORESCU", "PIPELINE")
+    assert study["completed_by"] == "association-released"
+    stored = rx.job_files(task)
+    assert len(stored) == 200
+    originals = {str(dcmread(f).SOPInstanceUID): dcmread(f) for f in files}
+    for path in stored:
+        ds = dcmread(path)
+        assert path.stem == ds.SOPInstanceUID
+        assert ds.PixelData == originals[path.stem].PixelData
+    assert (rx.settings.spool_dir / task["id"] / ENQUEUED_MARKER).exists()
+    time.sleep(1.0)
+    assert len(rx.tasks()) == 1  # exactly one task for the study
+    assert TEST_PATIENT_NAME.split("^")[0] not in caplog.text
+    assert TEST_PATIENT_ID not in caplog.text
+    assert spec.study_uid in caplog.text  # UIDs are what the logs carry
+
+
+@needs_dcmtk
+def test_two_studies_interleaved_on_two_associations_stay_apart(
+    receiver: Callable[..., Running], tmp_path: Path
+) -> None:
+    rx = receiver()
+    specs = [new_series(80, 32, 32), new_series(60, 32, 32)]
+    files = [write_series(tmp_path / f"s{i}", s) for i, s in enumerate(specs)]
+    senders = [
+        subprocess.Popen(
+            ["storescu", "-aec", "PIPELINE", "127.0.0.1", str(rx.port), *map(str, f)],
+            env={**os.environ, "TCP_NODELAY": "1"},
+        )
+        for f in files
+    ]
+    assert [s.wait(120) for s in senders] == [0, 0]
+    tasks = rx.wait_tasks(2)
+    by_study = {t["study"]["study_uid"]: t for t in tasks}
+    for spec, sent in zip(specs, files, strict=True):
+        task = by_study[spec.study_uid]
+        assert task["study"]["instances"] == len(sent)
+        sops = {p.stem for p in rx.job_files(task)}
+        assert sops == {str(dcmread(f).SOPInstanceUID) for f in sent}
+
+
+def test_mpps_completed_completes_the_study_while_the_association_is_open(
+    receiver: Callable[..., Running],
+) -> None:
+    rx = receiver()
+    slices = _datasets(5)
+    study_uid = str(slices[0].StudyInstanceUID)
+    ae = AE(ae_title="CT01")
+    ae.add_requested_context(MPPS)
+    ae.add_requested_context(CT_STORAGE)
+    assoc = ae.associate("127.0.0.1", rx.port, ae_title="PIPELINE")
+    assert assoc.is_established
+    try:
+        mpps_uid = new_uid()
+        create = Dataset()
+        create.PerformedProcedureStepStatus = "IN PROGRESS"
+        step = Dataset()
+        step.StudyInstanceUID = study_uid
+        create.ScheduledStepAttributesSequence = [step]
+        status, _ = assoc.send_n_create(create, MPPS, mpps_uid)
+        assert status.Status == 0x0000
+        for ds in slices:
+            assert assoc.send_c_store(ds).Status == 0x0000
+        assert rx.tasks() == []  # association open, quiet period far away
+        done = Dataset()
+        done.PerformedProcedureStepStatus = "COMPLETED"
+        series = Dataset()
+        series.SeriesInstanceUID = slices[0].SeriesInstanceUID
+        refs = []
+        for ds in slices:
+            ref = Dataset()
+            ref.ReferencedSOPClassUID = ds.SOPClassUID
+            ref.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+            refs.append(ref)
+        series.ReferencedImageSequence = refs
+        done.PerformedSeriesSequence = [series]
+        status, _ = assoc.send_n_set(done, MPPS, mpps_uid)
+        assert status.Status == 0x0000
+        [task] = rx.wait_tasks(1, timeout=5)
+        assert task["study"]["completed_by"] == "mpps-completed"
+        assert task["study"]["instances"] == 5
+        # A closed step cannot be changed again; an unknown one does not exist.
+        status, _ = assoc.send_n_set(done, MPPS, mpps_uid)
+        assert status.Status == 0xA710
+        status, _ = assoc.send_n_set(done, MPPS, new_uid())
+        assert status.Status == 0x0112
+    finally:
+        assoc.release()
+
+
+@needs_dcmtk
+def test_calling_ae_title_not_allowed_is_rejected_with_the_reason(
+    receiver: Callable[..., Running], tmp_path: Path
+) -> None:
+    rx = receiver(allowed_calling_aets=["CT01"])
+    files = write_series(tmp_path / "s", new_series(3, 16, 16))
+    out = storescu(rx.port, files, aet="INTRUDER")
+    assert out.returncode != 0
+    assert "Calling AE Title Not Recognized" in out.stderr + out.stdout
+    assert not any(rx.settings.spool_dir.glob("*/*/*.dcm"))
+    assert storescu(rx.port, files, aet="CT01").returncode == 0
+    echo_out = subprocess.run(
+        ["echoscu", "-aet", "CT01", "-aec", "PIPELINE", "127.0.0.1", str(rx.port)],
+        capture_output=True,
+        timeout=30,
+    )
+    assert echo_out.returncode == 0
+
+
+def test_peer_address_not_allowed_is_rejected(receiver: Callable[..., Running]) -> None:
+    rx = receiver(allowed_networks=["10.99.0.0/16"])
+    with pytest.raises(ConnectionError, match="rejected"):
+        echo(rx.peer())
+    rx2 = receiver(allowed_networks=["127.0.0.0/8"])
+    assert echo(rx2.peer()) == 0
+
+
+def test_path_traversal_and_missing_uids_get_a_failure_status_and_nothing_is_written(
+    receiver: Callable[..., Running], tmp_path: Path
+) -> None:
+    rx = receiver()
+    evil, missing, good = _datasets(3)
+    evil.StudyInstanceUID = "../../../escaped"
+    del missing.SeriesInstanceUID
+    ae = AE()
+    ae.add_requested_context(CT_STORAGE)
+    assoc = ae.associate("127.0.0.1", rx.port, ae_title="PIPELINE")
+    try:
+        assert assoc.send_c_store(evil).Status == 0xC220
+        assert assoc.send_c_store(missing).Status == 0xC220
+        assert assoc.send_c_store(good).Status == 0x0000
+    finally:
+        assoc.release()
+    assert not list(tmp_path.rglob("escaped"))
+    [task] = rx.wait_tasks(1)
+    assert task["study"]["instances"] == 1
+
+
+def test_below_the_disk_watermark_store_answers_out_of_resources(
+    receiver: Callable[..., Running], tmp_path: Path
+) -> None:
+    rx = receiver(min_free_disk_mb=10**9)  # a petabyte: never free here
+    files = write_series(tmp_path / "s", new_series(2, 16, 16))
+    report = send(files, rx.peer(), retries=0)
+    assert not report.sent
+    assert all("0xA700" in why for why in report.failed.values())
+    assert not any(rx.settings.spool_dir.glob("*/*/*.dcm"))
+    assert not list((rx.settings.spool_dir / ".incoming").glob("*"))
+
+
+def test_compressed_syntaxes_are_accepted_and_stored_as_received(
+    receiver: Callable[..., Running], tmp_path: Path
+) -> None:
+    rx = receiver()
+    test_files = Path(pydicom.__file__).parent / "data" / "test_files"
+    names = [
+        "SC_rgb_jpeg_dcmtk.dcm",  # JPEG baseline
+        "JPGExtended.dcm",
+        "MR_small_jpeg_ls_lossless.dcm",
+        "MR_small_jp2klossless.dcm",
+        "JPEG2000.dcm",
+        "MR_small_RLE.dcm",
+        "image_dfl.dcm",  # deflated
+        "MR_small_bigendian.dcm",
+        "MR_small_implicit.dcm",
+    ]
+    study_uid = str(new_uid())
+    sent: dict[str, tuple[str, bytes]] = {}
+    files = []
+    for name in names:
+        ds = dcmread(test_files / name)
+        # One study; fresh SOP UIDs (several test files share theirs). The pixel data stays
+        # in its compressed form: pydicom writes it back untouched.
+        ds.StudyInstanceUID = study_uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = new_uid()
+        path = tmp_path / name
+        ds.save_as(path)
+        files.append(path)
+        sent[str(ds.SOPInstanceUID)] = (str(ds.file_meta.TransferSyntaxUID), ds.PixelData)
+    report = send(files, rx.peer())
+    assert report.ok, report.failed
+    [task] = rx.wait_tasks(1)
+    stored = {p.stem: dcmread(p) for p in rx.job_files(task)}
+    assert set(stored) == set(sent)
+    for sop, (ts, pixels) in sent.items():
+        assert stored[sop].file_meta.TransferSyntaxUID == ts
+        assert stored[sop].PixelData == pixels  # no decompression, no re-encoding
+
+
+def test_late_instance_starts_a_new_round_and_duplicates_count_once(
+    receiver: Callable[..., Running],
+) -> None:
+    rx = receiver()
+    first, second, late = _datasets(3)
+    ae = AE()
+    ae.add_requested_context(CT_STORAGE)
+    assoc = ae.associate("127.0.0.1", rx.port, ae_title="PIPELINE")
+    for ds in (first, second, first):  # `first` re-sent
+        assert assoc.send_c_store(ds).Status == 0x0000
+    assoc.release()
+    [task] = rx.wait_tasks(1)
+    assert task["study"]["instances"] == 2
+    assoc = ae.associate("127.0.0.1", rx.port, ae_title="PIPELINE")
+    assert assoc.send_c_store(late).Status == 0x0000
+    assoc.release()
+    tasks = rx.wait_tasks(2)
+    assert tasks[1]["study"]["study_uid"] == tasks[0]["study"]["study_uid"]
+    assert tasks[1]["study"]["instances"] == 1 and tasks[1]["id"] != tasks[0]["id"]
+
+
+def test_study_waits_while_redis_is_down_and_is_queued_once_when_back(
+    receiver: Callable[..., Running], tmp_path: Path
+) -> None:
+    rx = receiver(with_redis=False)
+    files = write_series(tmp_path / "s", new_series(4, 16, 16))
+    assert send(files, rx.peer()).ok  # receiving does not need Redis
+
+    def pending_job() -> list[Path]:
+        return [
+            p
+            for p in rx.settings.spool_dir.glob("*/job.json")
+            if not (p.parent / ENQUEUED_MARKER).exists()
+        ]
+
+    wait_for(pending_job, 20, "the closed study to wait in the spool")
+    proc = embedded_redis.start(rx.settings)
+    try:
+        [task] = rx.wait_tasks(1, timeout=20)
+        assert task["study"]["instances"] == 4
+        time.sleep(6)  # another requeue round: still one task
+        assert len(rx.tasks()) == 1
+    finally:
+        proc.stop()
+
+
+@needs_dcmtk
+def test_receiver_killed_half_way_restarted_and_the_rest_sent_gives_one_complete_study(
+    tmp_path: Path,
+) -> None:
+    data = tmp_path / "data"
+    settings = make_settings(data)
+    settings.ensure_dirs()
+    redis_proc = embedded_redis.start(settings)
+    port = free_port()
+    env = {
+        **os.environ,
+        "PIPELINE_CONFIG": str(tmp_path / "none.yaml"),
+        "PIPELINE_DATA_DIR": str(data),
+        "PIPELINE_BROKER_URL": embedded_redis.broker_url(settings),
+        "PIPELINE_RECEIVER__HOST": "127.0.0.1",
+        "PIPELINE_RECEIVER__PORT": str(port),
+        "PIPELINE_RECEIVER__MIN_FREE_DISK_MB": "0",
+        "PIPELINE_RECEIVER__RELEASE_GRACE_S": "0.5",
+        "PIPELINE_RECEIVER__PROCESSES": "2",
+    }
+    (tmp_path / "none.yaml").write_text("{}\n")
+    spec = new_series(400, 128, 128)
+    files = write_series(tmp_path / "series", spec)
+
+    def start_receiver() -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "scp"],
+            env=env,
+            stdout=(tmp_path / "scp.log").open("ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        wait_for(
+            lambda: _echo_ok(Peer("127.0.0.1", port, "PIPELINE")), 60, "the receiver to answer"
+        )
+        return proc
+
+    rx = Running(settings, port)
+    try:
+        first = start_receiver()
+        sender = subprocess.Popen(
+            ["storescu", "-aec", "PIPELINE", "127.0.0.1", str(port), *map(str, files)],
+            env={**os.environ, "TCP_NODELAY": "1"},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        study_dir = data / "spool" / spec.study_uid
+        wait_for(lambda: len(list(study_dir.glob("*/*.dcm"))) >= 60, 60, "60 instances")
+        os.killpg(first.pid, signal.SIGKILL)  # the receiver and its receiving processes
+        first.wait()
+        assert sender.wait(60) != 0  # the sender saw the failure
+        acknowledged = list(study_dir.glob("*/*.dcm"))
+        assert 60 <= len(acknowledged) < len(files)
+        for path in acknowledged:  # every stored instance is whole
+            assert len(dcmread(path).PixelData) == 128 * 128 * 2
+
+        second = start_receiver()
+        out = storescu(port, files)  # the sender retries the whole series
+        assert out.returncode == 0, out.stderr
+        [task] = rx.wait_tasks(1, timeout=30)
+        assert task["study"]["instances"] == len(files)
+        assert len(rx.job_files(task)) == len(files)
+        time.sleep(1.5)
+        assert len(rx.tasks()) == 1
+        assert not any((data / "spool" / ".incoming").glob("*.part"))
+        log_text = (tmp_path / "scp.log").read_text()
+        assert TEST_PATIENT_ID not in log_text and TEST_PATIENT_NAME not in log_text
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(30) == 0
+    finally:
+        for proc_name in ("first", "second"):
+            proc = locals().get(proc_name)
+            if isinstance(proc, subprocess.Popen) and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        redis_proc.stop()
+
+
+def _echo_ok(peer: Peer) -> bool:
+    try:
+        return echo(peer) == 0
+    except ConnectionError:
+        return False
+
+
+def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_send_retries_what_failed_until_the_receiver_is_up(
+    receiver: Callable[..., Running], tmp_path: Path
+) -> None:
+    files = write_series(tmp_path / "study", new_series(6, 16, 16))
+    port = free_port()
+    sender = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "send",
+            str(tmp_path / "study"),
+            "--port",
+            str(port),
+            "--retries",
+            "4",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(2.0)  # the first attempt finds nobody listening
+    rx = receiver(port=port)
+    out, err = sender.communicate(timeout=120)
+    assert sender.returncode == 0, err
+    assert f"{len(files)} sent, 0 failed" in out
+    [task] = rx.wait_tasks(1)
+    assert task["study"]["instances"] == len(files)
+
+
+def test_send_reports_each_failure_and_exits_non_zero(tmp_path: Path) -> None:
+    write_series(tmp_path / "study", new_series(2, 16, 16))
+    (tmp_path / "study" / "notes.txt").write_text("not DICOM")
+    out = _cli("send", str(tmp_path / "study"), "--port", str(free_port()), "--retries", "0")
+    assert out.returncode == 1
+    assert "0 sent, 3 failed" in out.stdout
+    assert "notes.txt: not a DICOM file" in out.stderr
+    assert out.stderr.count("failed: ") == 3
+
+
+def test_tls_with_mutual_certificates(receiver: Callable[..., Running], tmp_path: Path) -> None:
+    import trustme
+
+    ca, rogue_ca = trustme.CA(), trustme.CA()
+    server = ca.issue_cert("localhost", "127.0.0.1")
+    client, rogue = ca.issue_cert("modality.example"), rogue_ca.issue_cert("modality.example")
+    paths = {}
+    for name, blob in [
+        ("ca", ca.cert_pem),
+        ("server.pem", server.cert_chain_pems[0]),
+        ("server.key", server.private_key_pem),
+        ("client.pem", client.cert_chain_pems[0]),
+        ("client.key", client.private_key_pem),
+        ("rogue.pem", rogue.cert_chain_pems[0]),
+        ("rogue.key", rogue.private_key_pem),
+    ]:
+        paths[name] = tmp_path / name
+        blob.write_to_path(str(paths[name]))
+    rx = receiver(
+        tls_certificate=paths["server.pem"],
+        tls_private_key=paths["server.key"],
+        tls_ca=paths["ca"],
+    )
+    base = ["--port", str(rx.port), "--tls-ca", str(paths["ca"])]
+    ok = _cli(
+        "echo", *base, "--tls-cert", str(paths["client.pem"]), "--tls-key", str(paths["client.key"])
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert _cli("echo", *base).returncode != 0  # no client certificate
+    wrong = _cli(
+        "echo", *base, "--tls-cert", str(paths["rogue.pem"]), "--tls-key", str(paths["rogue.key"])
+    )
+    assert wrong.returncode != 0  # a certificate from another CA
+    plain = _cli("echo", "--port", str(rx.port))
+    assert plain.returncode != 0  # TLS only
+    files = write_series(tmp_path / "s", new_series(3, 16, 16))
+    sent = _cli(
+        "send",
+        str(tmp_path / "s"),
+        *base,
+        "--tls-cert",
+        str(paths["client.pem"]),
+        "--tls-key",
+        str(paths["client.key"]),
+    )
+    assert sent.returncode == 0 and f"{len(files)} sent, 0 failed" in sent.stdout
