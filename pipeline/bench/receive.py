@@ -28,6 +28,7 @@ from typing import Any
 
 from pipeline.demo.dicom_series import new_series, write_series
 from pipeline.dicomnet.scu import Peer, echo
+from pipeline.jobs import ENQUEUED_MARKER
 from pipeline.services import embedded_redis
 from pipeline.services.process import descendants, free_port
 from pipeline.settings import Settings
@@ -119,7 +120,14 @@ class Ours:
     def clear(self) -> None:
         """Wait for the study to be handed over as a job, then drop the job folders."""
         spool = self.data / "spool"
-        _wait(lambda: not any(p.name[0].isdigit() and "." in p.name for p in spool.iterdir()), 30)
+
+        def handed_over() -> bool:
+            folders = [p for p in spool.iterdir() if not p.name.startswith(".")]
+            studies = [p for p in folders if "." in p.name]  # UIDs; job ids have no dot
+            jobs = [p for p in folders if p not in studies]
+            return bool(jobs) and not studies and all((p / ENQUEUED_MARKER).exists() for p in jobs)
+
+        _wait(handed_over, 30)
         for p in spool.iterdir():
             if p.is_dir() and not p.name.startswith("."):
                 shutil.rmtree(p)
