@@ -365,6 +365,7 @@ def up() -> None:
             )
             receiver_proc.start()
             procs.append(receiver_proc)
+            _wait_for_receiver(settings, receiver_proc)
         watcher = threading.Thread(
             target=_run_watcher, args=(settings, stop.event), name="inbox-watcher", daemon=True
         )
@@ -392,6 +393,30 @@ def up() -> None:
             proc.stop()
         embedded_triton.endpoints_file(settings).unlink(missing_ok=True)
         typer.echo("stopped.")
+
+
+def _wait_for_receiver(settings: Settings, proc: Any, timeout_s: float = 60.0) -> None:
+    """`ready` is printed only once the receiver answers C-ECHO (it imports pynetdicom and
+    starts its receiving processes first)."""
+    from pipeline.dicomnet.scu import AssociationRejectedError, Peer, echo
+
+    rs = settings.receiver
+    if rs.port == 0 or rs.tls_certificate is not None:
+        return  # nothing to probe without TLS client credentials or a known port
+    host = "127.0.0.1" if rs.host in {"0.0.0.0", "", "::"} else rs.host
+    peer = Peer(host, rs.port, rs.ae_title, timeout_s=5)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise RuntimeError(f"the DICOM receiver exited; see {proc.log_path}")
+        try:
+            echo(peer)
+            return
+        except AssociationRejectedError:
+            return  # listening; an allow-list refused our probe, as it should
+        except ConnectionError:
+            time.sleep(0.2)
+    raise RuntimeError(f"the DICOM receiver did not answer on port {rs.port}; see {proc.log_path}")
 
 
 def _supervise(procs: list[Any], stop: threading.Event) -> None:

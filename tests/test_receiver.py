@@ -282,6 +282,26 @@ def test_peer_address_not_allowed_is_rejected(receiver: Callable[..., Running]) 
     assert echo(rx2.peer()) == 0
 
 
+def test_associations_above_the_cap_are_rejected_as_transient(
+    receiver: Callable[..., Running],
+) -> None:
+    rx = receiver(max_associations=1)
+    ae = AE()
+    ae.add_requested_context(CT_STORAGE)
+    first = ae.associate("127.0.0.1", rx.port, ae_title="PIPELINE")
+    try:
+        assert first.is_established
+        second = ae.associate("127.0.0.1", rx.port, ae_title="PIPELINE")
+        assert second.is_rejected
+        rsp = second.acceptor.primitive
+        assert rsp is not None and rsp.result == 0x02  # transient: the sender retries later
+    finally:
+        first.release()
+    again = ae.associate("127.0.0.1", rx.port, ae_title="PIPELINE")
+    assert again.is_established
+    again.release()
+
+
 def test_path_traversal_and_missing_uids_get_a_failure_status_and_nothing_is_written(
     receiver: Callable[..., Running], tmp_path: Path
 ) -> None:

@@ -54,6 +54,10 @@ class _File:
     transfer_syntax: str
 
 
+class AssociationRejectedError(ConnectionError):
+    """The peer is there and answered, but refused the association."""
+
+
 class _RetryableError(Exception):
     pass
 
@@ -206,9 +210,10 @@ def echo(peer: Peer) -> int:
     ae.add_requested_context("1.2.840.10008.1.1")  # Verification
     tls_args = (peer.tls, peer.host) if peer.tls is not None else None
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.called_aet, tls_args=tls_args)
+    if assoc.is_rejected:
+        raise AssociationRejectedError(f"{peer.host}:{peer.port} rejected the association")
     if not assoc.is_established:
-        state = "rejected the association" if assoc.is_rejected else "did not associate"
-        raise ConnectionError(f"{peer.host}:{peer.port} {state}")
+        raise ConnectionError(f"{peer.host}:{peer.port} did not associate")
     try:
         status = assoc.send_c_echo()
     finally:
