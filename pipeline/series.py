@@ -1,0 +1,267 @@
+"""A DICOM series becomes a volume with its geometry: what the models and MONAI need.
+
+Each file is read once. Slices are ordered by their position along the slice normal (never by
+InstanceNumber or file name); RescaleSlope/Intercept are applied per slice (they may differ);
+multi-frame (enhanced) objects give one plane per frame. Localizers and objects that are not
+images (SR, PR, KO, SEG, ...) are skipped and reported. Spacing between planes must be uniform:
+gaps (missing slices) are an error that says so. Gantry tilt needs no resampling here: the
+affine's third column is the measured step between planes, so a tilted series gets a sheared
+affine that MONAI's Spacing/Orientation transforms resample correctly.
+
+The volume is float32, indexed (column, row, plane), with a RAS affine (nibabel and MONAI
+conventions: DICOM's LPS with x and y negated). Uncompressed pixel data is read with
+``np.frombuffer`` straight into the volume; compressed data goes through pydicom's decoders.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from pipeline.errors import InputError
+
+# Relative tolerance on the spacing between planes, and on their direction.
+SPACING_TOLERANCE = 0.01
+# SOP classes that carry pixel data but are not images of the patient to infer on.
+_NOT_IMAGES = {
+    "1.2.840.10008.5.1.4.1.1.66.4": "segmentation",
+    "1.2.840.10008.5.1.4.1.1.481.2": "RT dose",
+}
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+@dataclass(frozen=True)
+class Skipped:
+    name: str
+    reason: str
+
+
+@dataclass
+class Volume:
+    """``array`` is (columns, rows, planes) float32; ``affine`` maps voxel indices to RAS mm."""
+
+    array: np.ndarray
+    affine: np.ndarray
+    series_uid: str
+    modality: str
+    spacing: tuple[float, float, float]
+    tilt_deg: float
+    skipped: list[Skipped] = field(default_factory=list)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.array.shape)
+
+
+@dataclass
+class _Plane:
+    ds: Dataset
+    frame: int | None  # None: a single-frame object
+    position: np.ndarray
+    orientation: np.ndarray
+    pixel_spacing: tuple[float, float]
+    slope: float
+    intercept: float
+
+
+def _floats(value: Any, n: int, what: str) -> np.ndarray:
+    try:
+        out = np.array([float(v) for v in value], dtype=np.float64)
+    except (TypeError, ValueError):
+        out = np.zeros(0)
+    if out.shape != (n,) or not np.all(np.isfinite(out)):
+        raise InputError(f"{what} is missing or malformed")
+    return out
+
+
+def _skip_reason(ds: Dataset) -> str | None:
+    if "PixelData" not in ds:
+        return "no pixel data (not an image)"
+    if reason := _NOT_IMAGES.get(str(ds.get("SOPClassUID", ""))):
+        return reason
+    image_type = [str(v).upper() for v in ds.get("ImageType", [])]
+    if "LOCALIZER" in image_type:
+        return "localizer"
+    return None
+
+
+def _planes(ds: Dataset) -> list[_Plane]:
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if "PerFrameFunctionalGroupsSequence" not in ds:
+        if frames != 1:
+            raise InputError("a multi-frame object without per-frame positions")
+        return [
+            _Plane(
+                ds,
+                None,
+                _floats(ds.get("ImagePositionPatient"), 3, "ImagePositionPatient"),
+                _floats(ds.get("ImageOrientationPatient"), 6, "ImageOrientationPatient"),
+                tuple(_floats(ds.get("PixelSpacing"), 2, "PixelSpacing")),
+                float(ds.get("RescaleSlope", 1) or 1),
+                float(ds.get("RescaleIntercept", 0) or 0),
+            )
+        ]
+    shared = ds.get("SharedFunctionalGroupsSequence", [Dataset()])[0]
+    planes = []
+    for i, per_frame in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        # Each functional group is per frame or shared by all frames.
+        position = per_frame.get("PlanePositionSequence") or shared.get("PlanePositionSequence")
+        orient = per_frame.get("PlaneOrientationSequence") or shared.get("PlaneOrientationSequence")
+        measures = per_frame.get("PixelMeasuresSequence") or shared.get("PixelMeasuresSequence")
+        values = per_frame.get("PixelValueTransformationSequence") or shared.get(
+            "PixelValueTransformationSequence"
+        )
+        if not position or not orient or not measures:
+            raise InputError(f"frame {i + 1} has no plane position, orientation or spacing")
+        vt = values[0] if values else Dataset()
+        planes.append(
+            _Plane(
+                ds,
+                i,
+                _floats(position[0].get("ImagePositionPatient"), 3, "ImagePositionPatient"),
+                _floats(orient[0].get("ImageOrientationPatient"), 6, "ImageOrientationPatient"),
+                tuple(_floats(measures[0].get("PixelSpacing"), 2, "PixelSpacing")),
+                float(vt.get("RescaleSlope", 1) or 1),
+                float(vt.get("RescaleIntercept", 0) or 0),
+            )
+        )
+    if len(planes) != frames:
+        raise InputError(f"{len(planes)} per-frame groups for {frames} frames")
+    return planes
+
+
+def _raw_dtype(ds: Dataset) -> np.dtype[Any] | None:
+    """The dtype to read uncompressed pixel data without decoding, or None to decode."""
+    meta = getattr(ds, "file_meta", None)
+    ts = meta.get("TransferSyntaxUID") if meta is not None else None
+    if ts is None or ts.is_compressed or int(ds.get("SamplesPerPixel", 1)) != 1:
+        return None
+    bits, stored = int(ds.BitsAllocated), int(ds.get("BitsStored", ds.BitsAllocated))
+    signed = int(ds.get("PixelRepresentation", 0)) == 1
+    if bits not in (8, 16, 32) or (signed and stored != bits):
+        return None  # sign extension of packed values: leave it to pydicom
+    kind = "i" if signed else "u"
+    order = "<" if ts.is_little_endian else ">"
+    return np.dtype(f"{order}{kind}{bits // 8}")
+
+
+def _pixels(plane: _Plane, cache: dict[int, np.ndarray]) -> np.ndarray:
+    ds = plane.ds
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    dtype = _raw_dtype(ds)
+    if dtype is not None:
+        frame = plane.frame or 0
+        n = rows * cols
+        return np.frombuffer(
+            ds.PixelData, dtype, count=n, offset=frame * n * dtype.itemsize
+        ).reshape(rows, cols)
+    key = id(ds)
+    if key not in cache:
+        try:
+            cache[key] = ds.pixel_array
+        except Exception as exc:  # noqa: BLE001 - decoders raise many types; all mean "cannot"
+            raise InputError(f"pixel data cannot be decoded: {exc}") from None
+    arr = cache[key]
+    return arr[plane.frame] if plane.frame is not None else arr
+
+
+def load_series(paths: Iterable[Path]) -> Volume:
+    """Read the files of one series (in any order) into a Volume; InputError says why not."""
+    planes: list[_Plane] = []
+    skipped: list[Skipped] = []
+    series_uid = modality = ""
+    for path in paths:
+        try:
+            ds = dcmread(path)
+        except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+            skipped.append(Skipped(path.name, f"not readable DICOM: {exc}"))
+            continue
+        if reason := _skip_reason(ds):
+            skipped.append(Skipped(path.name, reason))
+            continue
+        uid = str(ds.get("SeriesInstanceUID", ""))
+        if series_uid and uid != series_uid:
+            raise InputError("files of more than one series given as one")
+        series_uid, modality = uid, str(ds.get("Modality", ""))
+        planes.extend(_planes(ds))
+    if not planes:
+        raise InputError("no image in the series")
+    return _assemble(planes, series_uid, modality, skipped)
+
+
+def _assemble(
+    planes: Sequence[_Plane], series_uid: str, modality: str, skipped: list[Skipped]
+) -> Volume:
+    first = planes[0]
+    orient = first.orientation
+    rows, cols = int(first.ds.Rows), int(first.ds.Columns)
+    for p in planes:
+        if not np.allclose(p.orientation, orient, atol=1e-4):
+            raise InputError("planes with different orientations in one series")
+        if (int(p.ds.Rows), int(p.ds.Columns)) != (rows, cols):
+            raise InputError("planes of different sizes in one series")
+        if not np.allclose(p.pixel_spacing, first.pixel_spacing, rtol=1e-4):
+            raise InputError("planes with different pixel spacing in one series")
+    row_dir, col_dir = orient[:3], orient[3:]
+    normal = np.cross(row_dir, col_dir)
+    order = sorted(range(len(planes)), key=lambda i: float(planes[i].position @ normal))
+    ordered = [planes[i] for i in order]
+    step, tilt = _step(ordered, normal)
+
+    # (plane, row, column) in memory: each slice is one contiguous write.
+    zyx = np.empty((len(ordered), rows, cols), dtype=np.float32)
+    cache: dict[int, np.ndarray] = {}
+    for k, plane in enumerate(ordered):
+        dst = zyx[k]
+        dst[...] = _pixels(plane, cache)
+        if plane.slope != 1.0:
+            dst *= np.float32(plane.slope)
+        if plane.intercept != 0.0:
+            dst += np.float32(plane.intercept)
+    cache.clear()
+
+    dr, dc = first.pixel_spacing  # PS3.3: row spacing (between rows), column spacing
+    lps = np.eye(4)
+    lps[:3, 0] = row_dir * dc  # along a row: the column index grows
+    lps[:3, 1] = col_dir * dr  # down a column: the row index grows
+    lps[:3, 2] = step
+    lps[:3, 3] = ordered[0].position
+    return Volume(
+        array=zyx.transpose(2, 1, 0),  # (column, row, plane), a view: no copy
+        affine=_LPS_TO_RAS @ lps,
+        series_uid=series_uid,
+        modality=modality,
+        spacing=(float(dc), float(dr), float(np.linalg.norm(step))),
+        tilt_deg=tilt,
+        skipped=skipped,
+    )
+
+
+def _step(ordered: Sequence[_Plane], normal: np.ndarray) -> tuple[np.ndarray, float]:
+    """The vector from one plane to the next, checked uniform; and the gantry tilt."""
+    if len(ordered) == 1:
+        thickness = float(ordered[0].ds.get("SliceThickness", 1.0) or 1.0)
+        return normal * thickness, 0.0
+    positions = np.array([p.position for p in ordered])
+    diffs = np.diff(positions, axis=0)
+    step = (positions[-1] - positions[0]) / (len(ordered) - 1)
+    size = float(np.linalg.norm(step))
+    if size == 0.0:
+        raise InputError("all planes at the same position (duplicate slices?)")
+    deviation = np.linalg.norm(diffs - step, axis=1).max() / size
+    if deviation > SPACING_TOLERANCE:
+        gaps = np.linalg.norm(diffs, axis=1)
+        raise InputError(
+            f"irregular slice spacing ({gaps.min():.3g} to {gaps.max():.3g} mm): missing "
+            "slices or a series of several stacks; not resampled"
+        )
+    cos = abs(float(step @ normal)) / size
+    tilt = float(np.degrees(np.arccos(min(1.0, cos))))
+    return step, tilt
