@@ -15,13 +15,17 @@ conventions: DICOM's LPS with x and y negated). Uncompressed pixel data is read 
 
 from __future__ import annotations
 
+import itertools
+import os
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from pydicom import dcmread
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
@@ -34,6 +38,7 @@ _NOT_IMAGES = {
     "1.2.840.10008.5.1.4.1.1.66.4": "segmentation",
     "1.2.840.10008.5.1.4.1.1.481.2": "RT dose",
 }
+FILL_THREADS = min(4, os.cpu_count() or 1)
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
@@ -81,19 +86,54 @@ def _floats(value: Any, n: int, what: str) -> np.ndarray:
     return out
 
 
-def _skip_reason(ds: Dataset) -> str | None:
+class _Values:
+    """Element values of one series' files, each distinct raw value converted once.
+
+    Most elements (orientation, spacing, sizes, rescale, classes) are the same in every slice,
+    and pydicom's conversion of a value costs more than reading it; this keeps the read close
+    to a raw read. Positions are parsed straight from their bytes."""
+
+    def __init__(self) -> None:
+        self._memo: dict[tuple[Any, ...], Any] = {}
+
+    def get(self, ds: Dataset, keyword: str, default: Any = None) -> Any:
+        tag = tag_for_keyword(keyword)
+        elem = ds.get_item(tag) if tag is not None else None
+        if tag is None or elem is None:
+            return default
+        raw = elem.value
+        if not isinstance(raw, bytes):  # converted already
+            return raw
+        key = (tag, raw, ds.original_encoding)
+        if key not in self._memo:
+            self._memo[key] = ds[tag].value
+        return self._memo[key]
+
+    def floats(self, ds: Dataset, keyword: str, n: int) -> np.ndarray:
+        tag = tag_for_keyword(keyword)
+        elem = ds.get_item(tag) if tag is not None else None
+        raw = elem.value if elem is not None else None
+        if isinstance(raw, bytes):  # a decimal string: "x\\y\\z", ASCII in any syntax
+            try:
+                return _floats(raw.split(b"\\"), n, keyword)
+            except InputError:
+                pass  # odd bytes: let pydicom say what they are
+        return _floats(ds.get(keyword), n, keyword)
+
+
+def _skip_reason(ds: Dataset, values: _Values) -> str | None:
     if "PixelData" not in ds:
         return "no pixel data (not an image)"
-    if reason := _NOT_IMAGES.get(str(ds.get("SOPClassUID", ""))):
+    if reason := _NOT_IMAGES.get(str(values.get(ds, "SOPClassUID", ""))):
         return reason
-    image_type = [str(v).upper() for v in ds.get("ImageType", [])]
+    image_type = [str(v).upper() for v in values.get(ds, "ImageType", None) or []]
     if "LOCALIZER" in image_type:
         return "localizer"
     return None
 
 
-def _planes(ds: Dataset) -> list[_Plane]:
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+def _planes(ds: Dataset, values: _Values) -> list[_Plane]:
+    frames = int(values.get(ds, "NumberOfFrames", 1) or 1)
     if "PerFrameFunctionalGroupsSequence" not in ds:
         if frames != 1:
             raise InputError("a multi-frame object without per-frame positions")
@@ -101,11 +141,11 @@ def _planes(ds: Dataset) -> list[_Plane]:
             _Plane(
                 ds,
                 None,
-                _floats(ds.get("ImagePositionPatient"), 3, "ImagePositionPatient"),
-                _floats(ds.get("ImageOrientationPatient"), 6, "ImageOrientationPatient"),
-                tuple(_floats(ds.get("PixelSpacing"), 2, "PixelSpacing")),
-                float(ds.get("RescaleSlope", 1) or 1),
-                float(ds.get("RescaleIntercept", 0) or 0),
+                values.floats(ds, "ImagePositionPatient", 3),
+                values.floats(ds, "ImageOrientationPatient", 6),
+                tuple(values.floats(ds, "PixelSpacing", 2)),
+                float(values.get(ds, "RescaleSlope", 1) or 1),
+                float(values.get(ds, "RescaleIntercept", 0) or 0),
             )
         ]
     shared = ds.get("SharedFunctionalGroupsSequence", [Dataset()])[0]
@@ -115,12 +155,12 @@ def _planes(ds: Dataset) -> list[_Plane]:
         position = per_frame.get("PlanePositionSequence") or shared.get("PlanePositionSequence")
         orient = per_frame.get("PlaneOrientationSequence") or shared.get("PlaneOrientationSequence")
         measures = per_frame.get("PixelMeasuresSequence") or shared.get("PixelMeasuresSequence")
-        values = per_frame.get("PixelValueTransformationSequence") or shared.get(
+        transform = per_frame.get("PixelValueTransformationSequence") or shared.get(
             "PixelValueTransformationSequence"
         )
         if not position or not orient or not measures:
             raise InputError(f"frame {i + 1} has no plane position, orientation or spacing")
-        vt = values[0] if values else Dataset()
+        vt = transform[0] if transform else Dataset()
         planes.append(
             _Plane(
                 ds,
@@ -137,14 +177,15 @@ def _planes(ds: Dataset) -> list[_Plane]:
     return planes
 
 
-def _raw_dtype(ds: Dataset) -> np.dtype[Any] | None:
+def _raw_dtype(ds: Dataset, values: _Values) -> np.dtype[Any] | None:
     """The dtype to read uncompressed pixel data without decoding, or None to decode."""
     meta = getattr(ds, "file_meta", None)
     ts = meta.get("TransferSyntaxUID") if meta is not None else None
-    if ts is None or ts.is_compressed or int(ds.get("SamplesPerPixel", 1)) != 1:
+    if ts is None or ts.is_compressed or int(values.get(ds, "SamplesPerPixel", 1)) != 1:
         return None
-    bits, stored = int(ds.BitsAllocated), int(ds.get("BitsStored", ds.BitsAllocated))
-    signed = int(ds.get("PixelRepresentation", 0)) == 1
+    bits = int(values.get(ds, "BitsAllocated", 0))
+    stored = int(values.get(ds, "BitsStored", bits))
+    signed = int(values.get(ds, "PixelRepresentation", 0)) == 1
     if bits not in (8, 16, 32) or (signed and stored != bits):
         return None  # sign extension of packed values: leave it to pydicom
     kind = "i" if signed else "u"
@@ -152,10 +193,10 @@ def _raw_dtype(ds: Dataset) -> np.dtype[Any] | None:
     return np.dtype(f"{order}{kind}{bits // 8}")
 
 
-def _pixels(plane: _Plane, cache: dict[int, np.ndarray]) -> np.ndarray:
+def _pixels(plane: _Plane, cache: dict[int, np.ndarray], values: _Values) -> np.ndarray:
     ds = plane.ds
-    rows, cols = int(ds.Rows), int(ds.Columns)
-    dtype = _raw_dtype(ds)
+    rows, cols = int(values.get(ds, "Rows")), int(values.get(ds, "Columns"))
+    dtype = _raw_dtype(ds, values)
     if dtype is not None:
         frame = plane.frame or 0
         n = rows * cols
@@ -163,7 +204,7 @@ def _pixels(plane: _Plane, cache: dict[int, np.ndarray]) -> np.ndarray:
             ds.PixelData, dtype, count=n, offset=frame * n * dtype.itemsize
         ).reshape(rows, cols)
     key = id(ds)
-    if key not in cache:
+    if key not in cache:  # filled before the threads start; they only read it
         try:
             cache[key] = ds.pixel_array
         except Exception as exc:  # noqa: BLE001 - decoders raise many types; all mean "cannot"
@@ -176,6 +217,7 @@ def load_series(paths: Iterable[Path]) -> Volume:
     """Read the files of one series (in any order) into a Volume; InputError says why not."""
     planes: list[_Plane] = []
     skipped: list[Skipped] = []
+    values = _Values()
     series_uid = modality = ""
     for path in paths:
         try:
@@ -183,48 +225,65 @@ def load_series(paths: Iterable[Path]) -> Volume:
         except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
             skipped.append(Skipped(path.name, f"not readable DICOM: {exc}"))
             continue
-        if reason := _skip_reason(ds):
+        if reason := _skip_reason(ds, values):
             skipped.append(Skipped(path.name, reason))
             continue
-        uid = str(ds.get("SeriesInstanceUID", ""))
+        uid = str(values.get(ds, "SeriesInstanceUID", ""))
         if series_uid and uid != series_uid:
             raise InputError("files of more than one series given as one")
-        series_uid, modality = uid, str(ds.get("Modality", ""))
-        planes.extend(_planes(ds))
+        series_uid, modality = uid, str(values.get(ds, "Modality", ""))
+        planes.extend(_planes(ds, values))
     if not planes:
         raise InputError("no image in the series")
-    return _assemble(planes, series_uid, modality, skipped)
+    return _assemble(planes, series_uid, modality, skipped, values)
 
 
 def _assemble(
-    planes: Sequence[_Plane], series_uid: str, modality: str, skipped: list[Skipped]
+    planes: Sequence[_Plane],
+    series_uid: str,
+    modality: str,
+    skipped: list[Skipped],
+    values: _Values,
 ) -> Volume:
     first = planes[0]
     orient = first.orientation
-    rows, cols = int(first.ds.Rows), int(first.ds.Columns)
-    for p in planes:
-        if not np.allclose(p.orientation, orient, atol=1e-4):
-            raise InputError("planes with different orientations in one series")
-        if (int(p.ds.Rows), int(p.ds.Columns)) != (rows, cols):
-            raise InputError("planes of different sizes in one series")
-        if not np.allclose(p.pixel_spacing, first.pixel_spacing, rtol=1e-4):
-            raise InputError("planes with different pixel spacing in one series")
+    rows, cols = int(values.get(first.ds, "Rows")), int(values.get(first.ds, "Columns"))
+    # One vectorised check per property (np.allclose per plane costs more than reading it).
+    if not np.allclose([p.orientation for p in planes], orient, atol=1e-4):
+        raise InputError("planes with different orientations in one series")
+    if not np.allclose([p.pixel_spacing for p in planes], first.pixel_spacing, rtol=1e-4):
+        raise InputError("planes with different pixel spacing in one series")
+    sizes = {(values.get(p.ds, "Rows"), values.get(p.ds, "Columns")) for p in planes}
+    if sizes != {(rows, cols)}:
+        raise InputError("planes of different sizes in one series")
     row_dir, col_dir = orient[:3], orient[3:]
     normal = np.cross(row_dir, col_dir)
     order = sorted(range(len(planes)), key=lambda i: float(planes[i].position @ normal))
     ordered = [planes[i] for i in order]
     step, tilt = _step(ordered, normal)
 
-    # (plane, row, column) in memory: each slice is one contiguous write.
+    # (plane, row, column) in memory: each slice is one contiguous write. numpy releases the
+    # GIL while converting, so slices are filled by a few threads.
     zyx = np.empty((len(ordered), rows, cols), dtype=np.float32)
     cache: dict[int, np.ndarray] = {}
-    for k, plane in enumerate(ordered):
-        dst = zyx[k]
-        dst[...] = _pixels(plane, cache)
-        if plane.slope != 1.0:
-            dst *= np.float32(plane.slope)
-        if plane.intercept != 0.0:
-            dst += np.float32(plane.intercept)
+    for plane in ordered:  # compressed objects are decoded once, up front
+        if _raw_dtype(plane.ds, values) is None:
+            _pixels(plane, cache, values)
+
+    def fill(ks: range) -> None:
+        for k in ks:
+            plane, dst = ordered[k], zyx[k]
+            dst[...] = _pixels(plane, cache, values)
+            if plane.slope != 1.0:
+                dst *= np.float32(plane.slope)
+            if plane.intercept != 0.0:
+                dst += np.float32(plane.intercept)
+
+    n = len(ordered)
+    workers = max(1, min(FILL_THREADS, n // 16))
+    bounds = [n * w // workers for w in range(workers + 1)]
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(fill, [range(a, b) for a, b in itertools.pairwise(bounds)]))
     cache.clear()
 
     dr, dc = first.pixel_spacing  # PS3.3: row spacing (between rows), column spacing
