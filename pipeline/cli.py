@@ -467,6 +467,23 @@ def _check_weights(settings: Settings) -> None:
 
 
 @app.command()
+def route(
+    paths: Annotated[list[Path], typer.Argument(help="DICOM folders/files, NIfTI or images.")],
+    explain: Annotated[
+        bool, typer.Option("--explain", help="Show every rule's verdict, not just the winner.")
+    ] = False,
+    calling_aet: Annotated[str, typer.Option(help="As if sent by this AE title.")] = "",
+    called_aet: Annotated[str, typer.Option(help="As if sent to this AE title.")] = "",
+) -> None:
+    """Dry run of the routing rules: which rule and models each series or file would get."""
+    from pipeline.explain import explain_paths
+
+    settings = _settings()
+    for line in explain_paths(settings.routes, paths, calling_aet, called_aet, verbose=explain):
+        typer.echo(line)
+
+
+@app.command()
 def infer(
     files: Annotated[list[Path], typer.Argument(help="PNG/JPEG, NIfTI or DICOM files.")],
 ) -> None:
@@ -475,7 +492,7 @@ def infer(
     Uses triton.url, or a running embedded Triton, or starts one for the duration."""
     from pipeline import convert
     from pipeline.contract import discover_contracts
-    from pipeline.processing import Models, decide
+    from pipeline.processing import Models, decide, inbox_facts
     from pipeline.services import embedded_triton
     from pipeline.triton_client import TritonClient
 
@@ -497,13 +514,15 @@ def infer(
         for path in files:
             try:
                 image = convert.load(path)
-                for c in models.choose(image):
+                route, chosen = models.choose(settings.routes, inbox_facts(path, image), image)
+                for c in chosen:
                     out = client.infer(c, models.batch(image, c))
                     pred = decide(c, out.probabilities[0])
                     typer.echo(
                         json.dumps(
                             {
                                 "file": str(path),
+                                "route": route.name,
                                 "model": c.name,
                                 "label": pred.label,
                                 "probabilities": pred.probabilities,

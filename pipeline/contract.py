@@ -20,7 +20,7 @@ CONTRACT_FILE = "contract.yaml"
 class InputKind(StrEnum):
     IMAGE = "image"  # PNG / JPEG
     NIFTI = "nifti"
-    DICOM = "dicom"  # a single DICOM file (whole series come later)
+    DICOM = "dicom"  # a DICOM file or a whole series (a volume)
 
 
 class Activation(StrEnum):

@@ -17,14 +17,22 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
+import pydicom
 from monai.transforms import Compose
 
-from pipeline import convert
-from pipeline.contract import Activation, ModelContract
-from pipeline.errors import NoModelError, NotSupportedError, PipelineError, TransientError
+from pipeline import convert, routing
+from pipeline.contract import Activation, InputKind, ModelContract
+from pipeline.errors import (
+    InputError,
+    ModelNotFoundError,
+    NoModelError,
+    PipelineError,
+    TransientError,
+)
 from pipeline.fsutil import atomic_write_bytes, move_into
 from pipeline.jobs import ENQUEUED_MARKER, Job, job_dir, now
 from pipeline.results import InputInfo, ModelInfo, Prediction, Result, Timings, WorkerInfo
+from pipeline.routing import Route, SeriesFacts
 from pipeline.settings import Settings
 from pipeline.triton_client import TritonClient
 
@@ -50,23 +58,56 @@ class Models:
             self._composes[contract.name] = convert.preprocessor(contract)
         return self._composes[contract.name]
 
-    def choose(self, image: convert.LoadedImage) -> list[ModelContract]:
-        """The models that take this input; NoModelError when none does."""
-        chosen = [
-            c
-            for c in self.contracts.values()
-            if image.kind in c.accepts and c.spatial_dims == image.spatial_dims
-        ]
-        if not chosen:
-            raise NoModelError(
-                f"no served model takes a {image.spatial_dims}D {image.kind} "
-                f"input (models: {', '.join(self.contracts) or 'none'})"
-            )
+    def choose(
+        self, routes: tuple[Route, ...], facts: SeriesFacts, image: convert.LoadedImage
+    ) -> tuple[Route, list[ModelContract]]:
+        """The first matching rule and its models; NoModelError says why no rule matched."""
+        decision = routing.decide(routes, facts)
+        if decision.route is None:
+            raise NoModelError(f"no routing rule matches this input ({_why_not(decision)})")
+        return decision.route, self.for_route(decision.route, image)
+
+    def for_route(self, route: Route, image: convert.LoadedImage) -> list[ModelContract]:
+        chosen = []
+        for name in route.models:
+            contract = self.contracts.get(name)
+            if contract is None:
+                raise ModelNotFoundError(
+                    f"route {route.name!r} names model {name!r}, which is not in the model "
+                    f"repository (models: {', '.join(self.contracts) or 'none'})"
+                )
+            if image.kind not in contract.accepts or contract.spatial_dims != image.spatial_dims:
+                raise InputError(
+                    f"route {route.name!r} sends a {image.spatial_dims}D {image.kind} input to "
+                    f"{name}, which takes {contract.spatial_dims}D "
+                    f"{'/'.join(k.value for k in contract.accepts)}"
+                )
+            chosen.append(contract)
         return chosen
 
     def batch(self, image: convert.LoadedImage, contract: ModelContract) -> np.ndarray:
         """The contract's preprocessing applied, with a batch dimension of 1 added."""
         return convert.to_model_input(image, contract, self.compose(contract))[np.newaxis]
+
+
+def _why_not(decision: routing.Decision) -> str:
+    return "; ".join(f"{name}: {', '.join(why)}" for name, why in decision.why_not.items())
+
+
+def inbox_facts(path: Path, image: convert.LoadedImage) -> SeriesFacts:
+    """Routing facts of an inbox file: its kind and size, and for DICOM its header."""
+    slices = 1 if image.spatial_dims == 2 else int(image.array.shape[-1])
+    if image.kind is not InputKind.DICOM:
+        return SeriesFacts(kind=image.kind.value, slices=slices)  # type: ignore[arg-type]
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    return SeriesFacts(
+        kind="dicom",
+        slices=slices,
+        modality=str(ds.get("Modality", "")),
+        body_part=str(ds.get("BodyPartExamined", "")),
+        series_description=str(ds.get("SeriesDescription", "")),
+        sop_class_uid=str(ds.get("SOPClassUID", "")),
+    )
 
 
 def decide(contract: ModelContract, probabilities: np.ndarray) -> Prediction:
@@ -90,21 +131,16 @@ def run_job(job: Job, settings: Settings, models: Models, client: TritonClient) 
     started = now()
     stage = "load"
     try:
-        if job.source == "dicom":
-            raise NotSupportedError(
-                "DICOM studies received over the network are not processed yet in this "
-                "version (series-to-volume conversion comes next); the study's instances are "
-                "kept in this folder"
-            )
         path = folder / job.input_file
         image = convert.load(path)
-        chosen = models.choose(image)
+        route, chosen = models.choose(settings.routes, inbox_facts(path, image), image)
         info = InputInfo(
             source=job.source,
             name=job.original_name,
             kind=image.kind.value,
             sha256=_sha256(path),
             shape=[int(s) for s in image.array.shape],
+            route=route.name,
         )
         docs: list[tuple[str, Result]] = []
         for contract in chosen:
@@ -117,7 +153,7 @@ def run_job(job: Job, settings: Settings, models: Models, client: TritonClient) 
             docs.append(
                 (
                     contract.name,
-                    _result(
+                    make_result(
                         job,
                         info,
                         contract,
@@ -131,11 +167,12 @@ def run_job(job: Job, settings: Settings, models: Models, client: TritonClient) 
             )
         stage = "write"
         written = [
-            _write(settings.results_dir / job.id / name / "result.json", doc) for name, doc in docs
+            write_result(settings.results_dir / job.id / name / "result.json", doc)
+            for name, doc in docs
         ]
     except PipelineError as exc:
         raise StageError(stage, exc) from exc
-    _finish(folder, settings)
+    finish_job(folder, settings)
     log.info(
         "job %s: %d result(s), %s",
         job.id,
@@ -145,7 +182,7 @@ def run_job(job: Job, settings: Settings, models: Models, client: TritonClient) 
     return written
 
 
-def _result(
+def make_result(
     job: Job,
     info: InputInfo,
     contract: ModelContract,
@@ -172,7 +209,7 @@ def _result(
     )
 
 
-def _write(path: Path, doc: Result) -> Path:
+def write_result(path: Path, doc: Result) -> Path:
     try:
         atomic_write_bytes(path, (doc.model_dump_json(indent=2) + "\n").encode())
     except OSError as exc:  # disk full or unwritable: nothing partial was left; retry later
@@ -180,7 +217,7 @@ def _write(path: Path, doc: Result) -> Path:
     return path
 
 
-def _finish(folder: Path, settings: Settings) -> None:
+def finish_job(folder: Path, settings: Settings) -> None:
     """The input leaves the spool only after every result is on disk."""
     (folder / ENQUEUED_MARKER).unlink(missing_ok=True)
     if settings.worker.archive_inputs:

@@ -1,4 +1,8 @@
-"""The result document: ``data/results/<id>/<model>/result.json``.
+"""The result documents.
+
+``result.json`` per model and input: ``data/results/<job id>/<model>/`` for an inbox file,
+``data/results/<StudyInstanceUID>/<model>/<SeriesInstanceUID>/`` for a DICOM series; and
+``study.json`` per DICOM study: every series, the rule that routed it or why none did.
 
 Defined as pydantic models so the JSON schema is generated, not hand-written
 (``dicom-pipeline config schema`` covers settings; ``pipeline.results.Result`` this file).
@@ -17,11 +21,14 @@ class _Doc(BaseModel):
 
 
 class InputInfo(_Doc):
-    source: Literal["inbox"]
-    name: str  # relative path as dropped into the inbox
+    source: Literal["inbox", "dicom"]
+    name: str  # inbox: relative path as dropped; DICOM: <StudyInstanceUID>/<SeriesInstanceUID>
     kind: str  # image | nifti | dicom
-    sha256: str
+    sha256: str | None  # of the inbox file; None for a DICOM series (many files)
     shape: list[int]  # channel first, as loaded
+    study_uid: str | None = None
+    series_uid: str | None = None
+    route: str | None = None  # the routing rule that chose this model
 
 
 class ModelInfo(_Doc):
@@ -49,10 +56,32 @@ class WorkerInfo(_Doc):
 
 
 class Result(_Doc):
-    schema_version: Literal["1.0"] = "1.0"
+    schema_version: Literal["1.1"] = "1.1"
     job_id: str
     input: InputInfo
     model: ModelInfo
     prediction: Prediction
     timings: Timings
     worker: WorkerInfo
+
+
+class SeriesOutcome(_Doc):
+    series_uid: str
+    modality: str
+    description: str
+    slices: int
+    status: Literal["done", "skipped", "failed"]
+    route: str | None
+    models: list[str]
+    reason: str | None  # skipped: why no rule matched; failed: the error
+
+
+class StudyResult(_Doc):
+    schema_version: Literal["1.1"] = "1.1"
+    job_id: str
+    study_uid: str
+    calling_aet: str | None
+    called_aet: str | None
+    series: list[SeriesOutcome]
+    not_images: list[str]  # files skipped as localizers or non-images, with the reason
+    finished: datetime

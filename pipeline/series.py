@@ -324,3 +324,57 @@ def _step(ordered: Sequence[_Plane], normal: np.ndarray) -> tuple[np.ndarray, fl
     cos = abs(float(step @ normal)) / size
     tilt = float(np.degrees(np.arccos(min(1.0, cos))))
     return step, tilt
+
+
+@dataclass
+class SeriesGroup:
+    """One series' files and the header facts routing looks at (read without pixel data)."""
+
+    uid: str
+    paths: list[Path]
+    modality: str
+    body_part: str
+    description: str
+    sop_class: str
+    planes: int
+    rows: int = 0
+    cols: int = 0
+
+
+def group_series(paths: Iterable[Path]) -> tuple[list[SeriesGroup], list[Skipped]]:
+    """Files grouped by SeriesInstanceUID, images only; the rest reported with a reason."""
+    groups: dict[str, SeriesGroup] = {}
+    skipped: list[Skipped] = []
+    values = _Values()
+    seen: set[str] = set()
+    for path in sorted(paths):
+        try:
+            # Large values (the pixel data) are deferred: seen as present, never read here.
+            ds = dcmread(path, defer_size=4096)
+        except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
+            skipped.append(Skipped(path.name, f"not readable DICOM: {exc}"))
+            continue
+        sop = str(ds.get("SOPInstanceUID", ""))
+        reason = "a second copy of an instance" if sop and sop in seen else None
+        seen.add(sop)
+        reason = reason or _skip_reason(ds, values)
+        uid = str(ds.get("SeriesInstanceUID", ""))
+        if reason is not None:
+            skipped.append(Skipped(path.name, reason))
+            continue
+        group = groups.get(uid)
+        if group is None:
+            group = groups[uid] = SeriesGroup(
+                uid=uid,
+                paths=[],
+                modality=str(ds.get("Modality", "")),
+                body_part=str(ds.get("BodyPartExamined", "")),
+                description=str(ds.get("SeriesDescription", "")),
+                sop_class=str(ds.get("SOPClassUID", "")),
+                planes=0,
+                rows=int(ds.get("Rows", 0) or 0),
+                cols=int(ds.get("Columns", 0) or 0),
+            )
+        group.paths.append(path)
+        group.planes += int(ds.get("NumberOfFrames", 1) or 1)
+    return list(groups.values()), skipped

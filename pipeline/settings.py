@@ -31,6 +31,7 @@ from pydantic_settings import (
 )
 
 from pipeline.errors import ConfigError
+from pipeline.routing import DEFAULT_ROUTES, Route
 
 DEFAULT_CONFIG_FILE = Path("config/pipeline.yaml")
 CONFIG_ENV_VAR = "PIPELINE_CONFIG"
@@ -223,6 +224,19 @@ class Settings(BaseSettings):
     inbox: InboxSettings = InboxSettings()
     worker: WorkerSettings = WorkerSettings()
     receiver: ReceiverSettings = ReceiverSettings()
+    routes: tuple[Route, ...] = Field(
+        default=DEFAULT_ROUTES,
+        description="Rules choosing the models for each series or inbox file, first match "
+        "wins; a series no rule matches is skipped (recorded, not an error).",
+    )
+
+    @field_validator("routes")
+    @classmethod
+    def _unique_route_names(cls, v: tuple[Route, ...]) -> tuple[Route, ...]:
+        names = [r.name for r in v]
+        if dup := {n for n in names if names.count(n) > 1}:
+            raise ValueError(f"route names must be unique: {sorted(dup)}")
+        return v
 
     @field_validator("broker_url")
     @classmethod

@@ -21,6 +21,7 @@ from pipeline.jobs import Job, error_record, job_dir, quarantine
 from pipeline.processing import Models, StageError, run_job
 from pipeline.queue import TASK_NAME
 from pipeline.settings import Settings
+from pipeline.study_job import run_study
 from pipeline.triton_client import TritonClient
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,8 @@ def handle(task: Task, ctx: WorkerContext, message: dict[str, Any]) -> None:
         log.error("rejected malformed task message: %s", exc)
         return
     try:
-        run_job(job, settings, ctx.models, ctx.client)
+        run = run_study if job.source == "dicom" else run_job
+        run(job, settings, ctx.models, ctx.client)
     except StageError as exc:
         retries = int(task.request.retries or 0)
         if isinstance(exc.error, TransientError) and retries < settings.worker.max_retries:

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
-from pipeline.demo.dicom_series import new_series, write_series
-from pipeline.demo.synthetic import MEDNIST_LABELS, write_ct_nifti, write_mednist_png
+from pipeline.demo.dicom_series import write_volume_series
+from pipeline.demo.synthetic import MEDNIST_LABELS, ct_volume, write_ct_nifti, write_mednist_png
 from pipeline.demo.train import TEST_SEED_BASE
 from pipeline.services.process import descendants, free_port
 
@@ -115,7 +115,7 @@ def test_inbox_to_results_through_real_services(model_repository: Path, tmp_path
         for name, (model, label) in expected.items():
             doc = got[name]
             assert doc["model"]["name"] == model and doc["prediction"]["label"] == label, doc
-            assert doc["schema_version"] == "1.0" and doc["timings"]["inference_ms"] > 0
+            assert doc["schema_version"] == "1.1" and doc["timings"]["inference_ms"] > 0
         bad = failed()
         assert {"truncated.nii.gz", "notes.png"} <= set(bad)
         assert "not a readable NIfTI" in str(bad["truncated.nii.gz"]["message"])
@@ -127,10 +127,10 @@ def test_inbox_to_results_through_real_services(model_repository: Path, tmp_path
             assert (data / "failed" / str(doc["job"]["id"]) / Path(name).name).is_file()
         assert (inbox / "incoming.png.part").exists()  # never taken while being written
 
-        # A study sent by DICOM C-STORE is received, completed on release and queued; series
-        # processing is not in this version yet: it ends in failed/ with that said, kept whole.
-        spec = new_series(12, 32, 32)
-        write_series(tmp_path / "study", spec)
+        # A CT study sent by DICOM C-STORE: received, completed on association release,
+        # routed by the default rules, its series made a volume, and classified.
+        vol, affine = ct_volume(True, TEST_SEED_BASE + 302)
+        spec = write_volume_series(tmp_path / "study", vol.astype("float32"), affine)
         sent = subprocess.run(
             [
                 sys.executable,
@@ -146,12 +146,16 @@ def test_inbox_to_results_through_real_services(model_repository: Path, tmp_path
             timeout=120,
         )
         assert sent.returncode == 0, sent.stderr
-        _wait_for(lambda: spec.study_uid in failed(), 60, "the DICOM study's outcome")
-        doc = failed()[spec.study_uid]
-        assert "not processed yet" in str(doc["message"])
-        assert doc["job"]["study"]["instances"] == 12
-        kept = data / "failed" / str(doc["job"]["id"]) / "study" / spec.series_uid
-        assert len(list(kept.glob("*.dcm"))) == 12
+        study_dir = data / "results" / spec.study_uid
+        result_file = study_dir / "ct_covid_classifier" / spec.series_uid / "result.json"
+        _wait_for(result_file.exists, 120, "the DICOM study's result")
+        doc = json.loads(result_file.read_text())
+        assert doc["prediction"]["label"] == "COVID Positive"
+        assert doc["input"]["source"] == "dicom" and doc["input"]["route"] == "ct-volume"
+        _wait_for((study_dir / "study.json").exists, 30, "study.json")
+        study = json.loads((study_dir / "study.json").read_text())
+        assert [s["status"] for s in study["series"]] == ["done"]
+        assert study["calling_aet"] == "PIPELINE_SCU"
         spooled = [p for p in (data / "spool").iterdir() if not p.name.startswith(".")]
         assert not any((data / "results").rglob("*.tmp")) and not spooled
 

@@ -135,3 +135,35 @@ def write_series(folder: Path, spec: SeriesSpec, seed: int = 0) -> list[Path]:
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def write_volume_series(
+    folder: Path,
+    hu: np.ndarray,
+    affine_ras: np.ndarray,
+    study_uid: str | None = None,
+    description: str = "SYNTHETIC CT",
+) -> SeriesSpec:
+    """Write a volume (X, Y, Z in HU, nibabel's voxel order) with its RAS affine as a CT
+    series whose geometry reproduces that affine (PS3.3 C.7.6.2.1.1)."""
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine_ras
+    dc, dr = float(np.linalg.norm(lps[:3, 0])), float(np.linalg.norm(lps[:3, 1]))
+    spec = SeriesSpec(
+        study_uid=study_uid or str(new_uid()),
+        series_uid=str(new_uid()),
+        slices=hu.shape[2],
+        rows=hu.shape[1],
+        cols=hu.shape[0],
+        spacing_mm=dc,
+        thickness_mm=float(np.linalg.norm(lps[:3, 2])),
+        description=description,
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    for k in range(hu.shape[2]):
+        stored = np.clip(np.round(hu[:, :, k].T) + 1024, 0, 4095).astype(np.uint16)
+        ds = _slice(spec, k, stored)
+        ds.ImagePositionPatient = [float(v) for v in (lps @ [0.0, 0.0, k, 1.0])[:3]]
+        ds.ImageOrientationPatient = [float(v) for v in (*lps[:3, 0] / dc, *lps[:3, 1] / dr)]
+        ds.PixelSpacing = [dr, dc]
+        ds.save_as(folder / f"{k + 1:04d}.dcm", enforce_file_format=True)
+    return spec

@@ -1,0 +1,82 @@
+"""``dicom-pipeline route --explain``: the routing rules' verdicts, in words, without running
+anything. DICOM files are grouped into series by their headers; other files are loaded to learn
+their kind and size."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from pipeline import convert, routing, series
+from pipeline.contract import InputKind
+from pipeline.errors import PipelineError
+from pipeline.processing import inbox_facts
+
+
+def _files(paths: Sequence[Path]) -> list[Path]:
+    out: list[Path] = []
+    for p in paths:
+        out.extend(sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p])
+    return out
+
+
+def _verdicts(
+    routes: tuple[routing.Route, ...], facts: routing.SeriesFacts, verbose: bool
+) -> Iterator[str]:
+    winner = routing.decide(routes, facts).route
+    for rule in routes:
+        failed = routing.mismatches(rule.match, facts)
+        if rule is winner:
+            yield f"  -> {rule.name}: {', '.join(rule.models)}"
+        elif verbose and failed:
+            yield f"     {rule.name}: no ({'; '.join(failed)})"
+        elif verbose:
+            yield f"     {rule.name}: matches too, but {winner.name if winner else '?'} comes first"
+    if winner is None:
+        yield "  -> skipped: no rule matches" + ("" if verbose else " (--explain says why)")
+
+
+def explain_paths(
+    routes: tuple[routing.Route, ...],
+    paths: Sequence[Path],
+    calling_aet: str = "",
+    called_aet: str = "",
+    verbose: bool = True,
+) -> Iterator[str]:
+    files = _files(paths)
+    dicom: list[Path] = []
+    other: list[Path] = []
+    for f in files:
+        kind = None
+        with contextlib.suppress(PipelineError):
+            kind = convert.detect_kind(f)
+        (other if kind in (InputKind.IMAGE, InputKind.NIFTI) else dicom).append(f)
+    groups, skipped = series.group_series(dicom)
+    for g in groups:
+        facts = routing.SeriesFacts(
+            kind="dicom",
+            slices=g.planes,
+            modality=g.modality,
+            body_part=g.body_part,
+            series_description=g.description,
+            sop_class_uid=g.sop_class,
+            calling_aet=calling_aet,
+            called_aet=called_aet,
+        )
+        yield (
+            f"series {g.uid} ({g.modality or '?'}, {g.description or 'no description'!r}, "
+            f"{g.planes} slice(s), {len(g.paths)} file(s))"
+        )
+        yield from _verdicts(routes, facts, verbose)
+    for f in other:
+        try:
+            image = convert.load(f)
+            facts = inbox_facts(f, image)
+        except (PipelineError, OSError) as exc:
+            yield f"file {f.name}: not loadable ({exc})"
+            continue
+        yield f"file {f.name} ({facts.kind}, {image.spatial_dims}D, {facts.slices} slice(s))"
+        yield from _verdicts(routes, facts, verbose)
+    for s in skipped:
+        yield f"not an image to route: {s.name}: {s.reason}"

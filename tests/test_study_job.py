@@ -1,0 +1,176 @@
+"""Routing rules, `route --explain`, and a received DICOM study processed by the worker code
+against the real tritonserver."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from pipeline.contract import discover_contracts
+from pipeline.demo.dicom_series import new_series, write_series, write_volume_series
+from pipeline.demo.synthetic import ct_volume
+from pipeline.demo.train import TEST_SEED_BASE
+from pipeline.dicom_store import InstanceUIDs, store_instance
+from pipeline.jobs import JOB_FILE, now
+from pipeline.processing import Models, StageError
+from pipeline.routing import DEFAULT_ROUTES, Match, Route, SeriesFacts, decide, mismatches
+from pipeline.services.embedded_triton import TritonEndpoints
+from pipeline.settings import Settings
+from pipeline.studies import Completed, Reason, close_study
+from pipeline.study_job import run_study
+from pipeline.triton_client import TritonClient
+
+from .conftest import MODEL_REPOSITORY, make_settings
+
+CT = SeriesFacts(kind="dicom", slices=120, modality="CT", series_description="Thorax 1.0 B30f")
+
+
+def test_first_matching_rule_wins_and_every_miss_is_explained() -> None:
+    routes = (
+        Route(name="mr", match=Match(modality=("MR",)), models=("a",)),
+        Route(
+            name="thin-chest",
+            match=Match(modality=("ct",), series_description=r"thorax.*b30", min_slices=100),
+            models=("b",),
+        ),
+        Route(name="any-ct", match=Match(modality=("CT",)), models=("c",)),
+    )
+    decision = decide(routes, CT)
+    assert decision.route is not None and decision.route.name == "thin-chest"
+    assert decision.why_not == {"mr": ["modality CT not in ['MR']"]}
+    few = SeriesFacts(kind="dicom", slices=40, modality="CT", series_description="Thorax")
+    assert [m for m in mismatches(routes[1].match, few)] == [
+        "series description 'Thorax' does not match /thorax.*b30/",
+        "40 slice(s) < 100",
+    ]
+    assert decide(routes, few).route == routes[2]
+
+
+def test_ae_titles_route_too() -> None:
+    rule = Route(name="from-ct01", match=Match(calling_aet=("CT01",)), models=("x",))
+    assert decide((rule,), SeriesFacts(kind="dicom", slices=1, calling_aet="CT01")).route
+    other = decide((rule,), SeriesFacts(kind="dicom", slices=1, calling_aet="MR02"))
+    assert other.route is None
+    assert other.why_not["from-ct01"] == ["calling AE title MR02 not in ['CT01']"]
+
+
+def test_bad_routes_are_configuration_errors(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="unique"):
+        Settings(routes=(DEFAULT_ROUTES[0], DEFAULT_ROUTES[0]))
+    with pytest.raises(ValidationError, match="not a valid regular expression"):
+        Route.model_validate({"name": "r", "match": {"series_description": "("}, "models": ["a"]})
+    with pytest.raises(ValidationError):
+        Route.model_validate({"name": "r", "models": []})
+
+
+def _spool_study(settings: Settings, folders: list[Path], calling: str = "CT01") -> str:
+    from pydicom import dcmread
+
+    settings.ensure_dirs()
+    study_uid = ""
+    for folder in folders:
+        for path in sorted(folder.iterdir()):
+            ds = dcmread(path, stop_before_pixels=True)
+            study_uid = str(ds.StudyInstanceUID)
+            uids = InstanceUIDs(study_uid, str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+            store_instance(settings.spool_dir, uids, path.read_bytes(), 0)
+    job = close_study(
+        settings.spool_dir, Completed(study_uid, Reason.RELEASED, now(), calling, "PIPELINE")
+    )
+    assert job is not None
+    return job.id
+
+
+def _study_with_ct_and_an_unrouted_series(tmp_path: Path) -> tuple[list[Path], str, str, str]:
+    vol, affine = ct_volume(True, TEST_SEED_BASE + 500)
+    ct = write_volume_series(tmp_path / "ct", vol.astype(np.float32), affine)
+    other = new_series(3, 16, 16, study_uid=ct.study_uid)
+    write_series(tmp_path / "other", other)
+    from pydicom import dcmread
+
+    for path in (tmp_path / "other").iterdir():  # a 3-slice MR series: no rule for it
+        ds = dcmread(path)
+        ds.Modality = "MR"
+        ds.save_as(path)
+    return [tmp_path / "ct", tmp_path / "other"], ct.study_uid, ct.series_uid, other.series_uid
+
+
+def test_route_explain_names_the_rule_for_each_series(tmp_path: Path) -> None:
+    folders, _, ct_series, mr_series = _study_with_ct_and_an_unrouted_series(tmp_path)
+    (tmp_path / "none.yaml").write_text("{}\n")  # the default rules, whatever config/ says
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline", "route", "--explain", *map(str, folders)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PIPELINE_CONFIG": str(tmp_path / "none.yaml")},
+    )
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    ct_block = text.split(f"series {ct_series}")[1].split("series ")[0]
+    assert "-> ct-volume: ct_covid_classifier" in ct_block
+    slices = len(list(folders[0].iterdir()))
+    assert f"2d-image: no ({slices} slice(s) > 1)" in ct_block
+    mr_block = text.split(f"series {mr_series}")[1]
+    assert "-> skipped: no rule matches" in mr_block
+    assert "modality MR not in ['CT']" in mr_block
+
+
+def test_received_study_routed_processed_and_recorded(
+    triton: TritonEndpoints, tmp_path: Path
+) -> None:
+    folders, study_uid, ct_series, mr_series = _study_with_ct_and_an_unrouted_series(tmp_path)
+    settings = make_settings(tmp_path / "data", triton={"model_repository": MODEL_REPOSITORY})
+    job_id = _spool_study(settings, folders)
+    from pipeline.jobs import read_job
+
+    job = read_job(settings.spool_dir / job_id)
+    models = Models(discover_contracts(MODEL_REPOSITORY))
+    client = TritonClient(triton.grpc, settings.triton)
+    written = run_study(job, settings, models, client)
+    out = settings.results_dir / study_uid
+    result = json.loads((out / "ct_covid_classifier" / ct_series / "result.json").read_text())
+    assert result["prediction"]["label"] == "COVID Positive"
+    assert result["input"]["series_uid"] == ct_series and result["input"]["route"] == "ct-volume"
+    assert result["input"]["shape"] == [1, *ct_volume(True, TEST_SEED_BASE + 500)[0].shape]
+    study = json.loads((out / "study.json").read_text())
+    by_uid = {s["series_uid"]: s for s in study["series"]}
+    assert by_uid[ct_series]["status"] == "done"
+    assert by_uid[mr_series]["status"] == "skipped"
+    assert "modality MR not in ['CT']" in by_uid[mr_series]["reason"]
+    assert study["calling_aet"] == "CT01"
+    assert len(written) == 2
+    # The input left the spool for the archive; running it again is a no-op.
+    assert not (settings.spool_dir / job_id).exists()
+    assert (settings.archive_dir / job_id / JOB_FILE).exists()
+    assert run_study(job, settings, models, client) == []
+
+
+def test_a_broken_series_fails_the_job_but_not_the_other_series(
+    triton: TritonEndpoints, tmp_path: Path
+) -> None:
+    folders, study_uid, ct_series, _ = _study_with_ct_and_an_unrouted_series(tmp_path)
+    broken = new_series(20, 16, 16, study_uid=study_uid)
+    paths = write_series(tmp_path / "gap", broken)
+    paths[10].unlink()  # a missing slice
+    settings = make_settings(tmp_path / "data", triton={"model_repository": MODEL_REPOSITORY})
+    from pipeline.jobs import read_job
+
+    job = read_job(settings.spool_dir / _spool_study(settings, [*folders, tmp_path / "gap"]))
+    client = TritonClient(triton.grpc, settings.triton)
+    with pytest.raises(StageError, match="irregular slice spacing") as err:
+        run_study(job, settings, Models(discover_contracts(MODEL_REPOSITORY)), client)
+    assert err.value.stage == "series"
+    out = settings.results_dir / study_uid
+    assert (out / "ct_covid_classifier" / ct_series / "result.json").exists()
+    study = json.loads((out / "study.json").read_text())
+    failed = [s for s in study["series"] if s["status"] == "failed"]
+    assert [s["series_uid"] for s in failed] == [broken.series_uid]
+    assert (settings.spool_dir / job.id / "study").is_dir()  # kept for the failed/ move
