@@ -54,16 +54,7 @@ def explain_paths(
         (other if kind in (InputKind.IMAGE, InputKind.NIFTI) else dicom).append(f)
     groups, skipped = series.group_series(dicom)
     for g in groups:
-        facts = routing.SeriesFacts(
-            kind="dicom",
-            slices=g.planes,
-            modality=g.modality,
-            body_part=g.body_part,
-            series_description=g.description,
-            sop_class_uid=g.sop_class,
-            calling_aet=calling_aet,
-            called_aet=called_aet,
-        )
+        facts = g.facts(calling_aet, called_aet)
         yield (
             f"series {g.uid} ({g.modality or '?'}, {g.description or 'no description'!r}, "
             f"{g.planes} slice(s), {len(g.paths)} file(s))"

@@ -142,29 +142,8 @@ def run_job(job: Job, settings: Settings, models: Models, client: TritonClient) 
             shape=[int(s) for s in image.array.shape],
             route=route.name,
         )
-        docs: list[tuple[str, Result]] = []
-        for contract in chosen:
-            stage = "preprocess"
-            t0 = time.perf_counter()
-            x = models.batch(image, contract)
-            pre_ms = (time.perf_counter() - t0) * 1000.0
-            stage = "infer"
-            out = client.infer(contract, x)
-            docs.append(
-                (
-                    contract.name,
-                    make_result(
-                        job,
-                        info,
-                        contract,
-                        out.probabilities[0],
-                        out.model_version,
-                        started,
-                        pre_ms,
-                        out.milliseconds,
-                    ),
-                )
-            )
+        stage = "infer"
+        docs = [(c.name, classify(job, info, image, c, models, client, started)) for c in chosen]
         stage = "write"
         written = [
             write_result(settings.results_dir / job.id / name / "result.json", doc)
@@ -180,6 +159,32 @@ def run_job(job: Job, settings: Settings, models: Models, client: TritonClient) 
         ", ".join(f"{n}={d.prediction.label}" for n, d in docs),
     )
     return written
+
+
+def classify(
+    job: Job,
+    info: InputInfo,
+    image: convert.LoadedImage,
+    contract: ModelContract,
+    models: Models,
+    client: TritonClient,
+    started: datetime,
+) -> Result:
+    """One model's result for one input: preprocess, call Triton, decide."""
+    t0 = time.perf_counter()
+    x = models.batch(image, contract)
+    pre_ms = (time.perf_counter() - t0) * 1000.0
+    out = client.infer(contract, x)
+    return make_result(
+        job,
+        info,
+        contract,
+        out.probabilities[0],
+        out.model_version,
+        started,
+        pre_ms,
+        out.milliseconds,
+    )
 
 
 def make_result(

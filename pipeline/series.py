@@ -30,6 +30,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from pipeline.errors import InputError
+from pipeline.routing import SeriesFacts
 
 # Relative tolerance on the spacing between planes, and on their direction.
 SPACING_TOLERANCE = 0.01
@@ -339,6 +340,19 @@ class SeriesGroup:
     planes: int
     rows: int = 0
     cols: int = 0
+
+    def facts(self, calling_aet: str = "", called_aet: str = "") -> SeriesFacts:
+        """What routing rules look at, with the AE titles the study came with."""
+        return SeriesFacts(
+            kind="dicom",
+            slices=self.planes,
+            modality=self.modality,
+            body_part=self.body_part,
+            series_description=self.description,
+            sop_class_uid=self.sop_class,
+            calling_aet=calling_aet,
+            called_aet=called_aet,
+        )
 
 
 def group_series(paths: Iterable[Path]) -> tuple[list[SeriesGroup], list[Skipped]]:

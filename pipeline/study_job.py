@@ -13,7 +13,6 @@ written. A transient error (Triton down) retries the whole study.
 from __future__ import annotations
 
 import logging
-import time
 from datetime import datetime
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from pipeline.convert import MAX_VOXELS, LoadedImage
 from pipeline.errors import InputError, PermanentError, PipelineError, TransientError
 from pipeline.fsutil import atomic_write_bytes
 from pipeline.jobs import Job, job_dir, now
-from pipeline.processing import Models, StageError, finish_job, make_result, write_result
+from pipeline.processing import Models, StageError, classify, finish_job, write_result
 from pipeline.results import InputInfo, SeriesOutcome, StudyResult
 from pipeline.settings import Settings
 from pipeline.triton_client import TritonClient
@@ -51,16 +50,7 @@ def run_study(job: Job, settings: Settings, models: Models, client: TritonClient
     written: list[Path] = []
     failures: list[str] = []
     for group in groups:
-        facts = routing.SeriesFacts(
-            kind="dicom",
-            slices=group.planes,
-            modality=group.modality,
-            body_part=group.body_part,
-            series_description=group.description,
-            sop_class_uid=group.sop_class,
-            calling_aet=study.calling_aet or "",
-            called_aet=study.called_aet or "",
-        )
+        facts = group.facts(study.calling_aet or "", study.called_aet or "")
         decision = routing.decide(settings.routes, facts)
         outcome = SeriesOutcome(
             series_uid=group.uid,
@@ -151,24 +141,13 @@ def _series_results(
         series_uid=group.uid,
         route=route.name,
     )
-    files = []
-    for contract in contracts:
-        t0 = time.perf_counter()
-        x = models.batch(image, contract)
-        pre_ms = (time.perf_counter() - t0) * 1000.0
-        out = client.infer(contract, x)
-        doc = make_result(
-            job,
-            info,
-            contract,
-            out.probabilities[0],
-            out.model_version,
-            started,
-            pre_ms,
-            out.milliseconds,
+    return [
+        write_result(
+            out_dir / c.name / group.uid / "result.json",
+            classify(job, info, image, c, models, client, started),
         )
-        files.append(write_result(out_dir / contract.name / group.uid / "result.json", doc))
-    return files
+        for c in contracts
+    ]
 
 
 def _write_study(path: Path, doc: StudyResult) -> Path:
