@@ -28,6 +28,21 @@ class Activation(StrEnum):
     SIGMOID = "sigmoid"  # one logit: probability of labels[1]
 
 
+class Task(StrEnum):
+    CLASSIFICATION = "classification"  # labels for the whole input
+    SEGMENTATION = "segmentation"  # a label per voxel, predicted patch by patch
+
+
+class SlidingWindow(BaseModel):
+    """How a segmentation model covers a volume larger than its input: patches of the input
+    shape, overlapping, blended, sent to Triton ``batch_size`` at a time."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    overlap: float = Field(default=0.25, ge=0.0, lt=1.0)
+    batch_size: int = Field(default=4, ge=1, le=64)
+    mode: Literal["gaussian", "constant"] = "gaussian"
+
+
 class TransformSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str
@@ -46,6 +61,7 @@ class ModelContract(BaseModel):
 
     name: str
     description: str = ""
+    task: Task = Task.CLASSIFICATION
     spatial_dims: Literal[2, 3]
     accepts: tuple[InputKind, ...]
     input: TensorSpec
@@ -55,6 +71,7 @@ class ModelContract(BaseModel):
     threshold: float = Field(default=0.5, gt=0.0, lt=1.0, description="sigmoid models only")
     preprocessing: tuple[TransformSpec, ...] = ()
     weights: str = Field(default="model.pt", description="TorchScript file in the version dir")
+    sliding_window: SlidingWindow = SlidingWindow()
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelContract:
@@ -62,7 +79,13 @@ class ModelContract(BaseModel):
             raise ValueError(
                 f"input.shape {self.input.shape} must be channel + {self.spatial_dims}D"
             )
-        if self.output.shape != (len(self.labels),):
+        if self.task is Task.SEGMENTATION:
+            expected = (len(self.labels), *self.input.shape[1:])
+            if self.output.shape != expected or self.activation is not Activation.SOFTMAX:
+                raise ValueError(
+                    f"a segmentation model has softmax output.shape {expected} (labels x patch)"
+                )
+        elif self.output.shape != (len(self.labels),):
             raise ValueError(f"output.shape {self.output.shape} must be ({len(self.labels)},)")
         if self.activation is Activation.SIGMOID and len(self.labels) != 2:
             raise ValueError("a sigmoid model has exactly two labels: negative, positive")

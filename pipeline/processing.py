@@ -6,6 +6,7 @@ the stage, carrying the original error whose class says whether a retry can help
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import logging
 import os
@@ -16,12 +17,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pydicom
 from monai.transforms import Compose
 
 from pipeline import convert, routing
-from pipeline.contract import Activation, InputKind, ModelContract
+from pipeline.contract import Activation, InputKind, ModelContract, Task
 from pipeline.errors import (
     InputError,
     ModelNotFoundError,
@@ -31,12 +33,23 @@ from pipeline.errors import (
 )
 from pipeline.fsutil import atomic_write_bytes, move_into
 from pipeline.jobs import ENQUEUED_MARKER, Job, job_dir, now
-from pipeline.results import InputInfo, ModelInfo, Prediction, Result, Timings, WorkerInfo
+from pipeline.results import (
+    InputInfo,
+    ModelInfo,
+    Prediction,
+    Result,
+    SegmentationInfo,
+    Timings,
+    WorkerInfo,
+)
 from pipeline.routing import Route, SeriesFacts
+from pipeline.segment import segment
 from pipeline.settings import Settings
 from pipeline.triton_client import TritonClient
 
 log = logging.getLogger(__name__)
+
+MASK_FILE = "mask.nii.gz"
 
 
 class StageError(Exception):
@@ -143,22 +156,72 @@ def run_job(job: Job, settings: Settings, models: Models, client: TritonClient) 
             route=route.name,
         )
         stage = "infer"
-        docs = [(c.name, classify(job, info, image, c, models, client, started)) for c in chosen]
-        stage = "write"
+        out_dir = settings.results_dir / job.id
         written = [
-            write_result(settings.results_dir / job.id / name / "result.json", doc)
-            for name, doc in docs
+            path
+            for c in chosen
+            for path in run_model(job, info, image, c, models, client, started, out_dir / c.name)
         ]
     except PipelineError as exc:
         raise StageError(stage, exc) from exc
     finish_job(folder, settings)
-    log.info(
-        "job %s: %d result(s), %s",
-        job.id,
-        len(written),
-        ", ".join(f"{n}={d.prediction.label}" for n, d in docs),
-    )
+    log.info("job %s: %d result file(s) by %s", job.id, len(written), route.name)
     return written
+
+
+def run_model(
+    job: Job,
+    info: InputInfo,
+    image: convert.LoadedImage,
+    contract: ModelContract,
+    models: Models,
+    client: TritonClient,
+    started: datetime,
+    out_dir: Path,
+) -> list[Path]:
+    """One model on one input; writes ``out_dir/result.json`` (and ``mask.nii.gz`` for a
+    segmentation model) and returns the files written."""
+    if contract.task is not Task.SEGMENTATION:
+        doc = classify(job, info, image, contract, models, client, started)
+        return [write_result(out_dir / "result.json", doc)]
+    seg = segment(image, contract, client)
+    mask_path = write_bytes(out_dir / MASK_FILE, _nifti_gz(seg.mask, seg.affine))
+    lesion = float(seg.max_probability)
+    doc = make_result(
+        job,
+        info,
+        contract,
+        np.array([1.0 - lesion, lesion]),
+        seg.model_version,
+        started,
+        seg.preprocess_ms,
+        seg.inference_ms,
+    )
+    doc = doc.model_copy(
+        update={
+            "prediction": Prediction(
+                label=contract.labels[1] if seg.lesions else contract.labels[0],
+                probabilities={
+                    contract.labels[0]: round(1.0 - lesion, 6),
+                    contract.labels[1]: round(lesion, 6),
+                },
+            ),
+            "segmentation": SegmentationInfo(
+                mask=MASK_FILE,
+                labels={name: i for i, name in enumerate(contract.labels)},
+                lesions=seg.lesions,
+                total_volume_ml=round(sum(x.volume_ml for x in seg.lesions), 4),
+                patches=seg.patches,
+            ),
+        }
+    )
+    return [mask_path, write_result(out_dir / "result.json", doc)]
+
+
+def _nifti_gz(mask: np.ndarray, affine: np.ndarray) -> bytes:
+    image = nib.Nifti1Image(mask.astype(np.uint8), affine)
+    image.header.set_xyzt_units("mm")
+    return gzip.compress(image.to_bytes(), compresslevel=6)
 
 
 def classify(
@@ -215,8 +278,12 @@ def make_result(
 
 
 def write_result(path: Path, doc: Result) -> Path:
+    return write_bytes(path, (doc.model_dump_json(indent=2) + "\n").encode())
+
+
+def write_bytes(path: Path, data: bytes) -> Path:
     try:
-        atomic_write_bytes(path, (doc.model_dump_json(indent=2) + "\n").encode())
+        atomic_write_bytes(path, data)
     except OSError as exc:  # disk full or unwritable: nothing partial was left; retry later
         raise TransientError(f"cannot write {path}: {exc}") from exc
     return path

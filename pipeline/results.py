@@ -55,6 +55,20 @@ class WorkerInfo(_Doc):
     pid: int
 
 
+class Lesion(_Doc):
+    voxels: int
+    volume_ml: float
+    centre_ras_mm: list[float]  # centre of mass, RAS patient coordinates
+
+
+class SegmentationInfo(_Doc):
+    mask: str  # file beside result.json: NIfTI, uint8 labels on the input's voxels and affine
+    labels: dict[str, int]  # label name -> value in the mask
+    lesions: list[Lesion]  # connected components of the foreground, largest first
+    total_volume_ml: float
+    patches: int  # sliding-window patches sent to Triton
+
+
 class Result(_Doc):
     schema_version: Literal["1.1"] = "1.1"
     job_id: str
@@ -63,6 +77,7 @@ class Result(_Doc):
     prediction: Prediction
     timings: Timings
     worker: WorkerInfo
+    segmentation: SegmentationInfo | None = None  # segmentation models only
 
 
 class SeriesOutcome(_Doc):

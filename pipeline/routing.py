@@ -59,9 +59,13 @@ DEFAULT_ROUTES: tuple[Route, ...] = (
     Route(
         name="ct-volume",
         match=Match(kind=("dicom",), modality=("CT",), min_slices=16),
-        models=("ct_covid_classifier",),
+        models=("ct_covid_classifier", "ct_lesion_segmentation"),
     ),
-    Route(name="nifti-volume", match=Match(kind=("nifti",)), models=("ct_covid_classifier",)),
+    Route(
+        name="nifti-volume",
+        match=Match(kind=("nifti",)),
+        models=("ct_covid_classifier", "ct_lesion_segmentation"),
+    ),
     Route(
         name="2d-image",
         match=Match(kind=("image", "dicom"), max_slices=1),

@@ -25,7 +25,7 @@ from pipeline.convert import MAX_VOXELS, LoadedImage
 from pipeline.errors import InputError, PermanentError, PipelineError, TransientError
 from pipeline.fsutil import atomic_write_bytes
 from pipeline.jobs import Job, job_dir, now
-from pipeline.processing import Models, StageError, classify, finish_job, write_result
+from pipeline.processing import Models, StageError, finish_job, run_model
 from pipeline.results import InputInfo, SeriesOutcome, StudyResult
 from pipeline.settings import Settings
 from pipeline.triton_client import TritonClient
@@ -142,11 +142,11 @@ def _series_results(
         route=route.name,
     )
     return [
-        write_result(
-            out_dir / c.name / group.uid / "result.json",
-            classify(job, info, image, c, models, client, started),
-        )
+        path
         for c in contracts
+        for path in run_model(
+            job, info, image, c, models, client, started, out_dir / c.name / group.uid
+        )
     ]
 
 

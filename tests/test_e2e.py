@@ -15,10 +15,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
+import numpy as np
 import pytest
 
 from pipeline.demo.dicom_series import write_volume_series
-from pipeline.demo.synthetic import MEDNIST_LABELS, ct_volume, write_ct_nifti, write_mednist_png
+from pipeline.demo.synthetic import (
+    MEDNIST_LABELS,
+    lesion_phantom,
+    write_ct_nifti,
+    write_mednist_png,
+)
 from pipeline.demo.train import TEST_SEED_BASE
 from pipeline.services.process import descendants, free_port
 
@@ -95,7 +102,10 @@ def test_inbox_to_results_through_real_services(model_repository: Path, tmp_path
         (inbox / "incoming.png.part").write_bytes(b"still downloading")
 
         def results() -> dict[str, dict[str, Any]]:
-            return _by_input_name(data / "results", "*/*/result.json", "input")
+            """Classification results by input name (segmentations are checked apart)."""
+            return _by_input_name(data / "results", "*/[!c]*/result.json", "input") | (
+                _by_input_name(data / "results", "*/ct_covid_classifier/result.json", "input")
+            )
 
         def failed() -> dict[str, dict[str, Any]]:
             return _by_input_name(data / "failed", "*/error.json", "job")
@@ -127,10 +137,17 @@ def test_inbox_to_results_through_real_services(model_repository: Path, tmp_path
             assert (data / "failed" / str(doc["job"]["id"]) / Path(name).name).is_file()
         assert (inbox / "incoming.png.part").exists()  # never taken while being written
 
+        # NIfTI CTs are also segmented (the default route names both models).
+        for name in ("ward3/pos.nii.gz", "neg.nii.gz"):
+            job_id = got[name]["job_id"]
+            seg = data / "results" / job_id / "ct_lesion_segmentation" / "result.json"
+            assert json.loads(seg.read_text())["segmentation"]["mask"] == "mask.nii.gz"
+
         # A CT study sent by DICOM C-STORE: received, completed on association release,
-        # routed by the default rules, its series made a volume, and classified.
-        vol, affine = ct_volume(True, TEST_SEED_BASE + 302)
-        spec = write_volume_series(tmp_path / "study", vol.astype("float32"), affine)
+        # routed by the default rules, its series made a volume, classified and segmented;
+        # the lesion mask, read back from its file, matches the phantom's ground truth.
+        hu, truth, affine = lesion_phantom(TEST_SEED_BASE + 700, lesions=2)
+        spec = write_volume_series(tmp_path / "study", hu.astype("float32"), affine)
         sent = subprocess.run(
             [
                 sys.executable,
@@ -147,12 +164,14 @@ def test_inbox_to_results_through_real_services(model_repository: Path, tmp_path
         )
         assert sent.returncode == 0, sent.stderr
         study_dir = data / "results" / spec.study_uid
-        result_file = study_dir / "ct_covid_classifier" / spec.series_uid / "result.json"
-        _wait_for(result_file.exists, 120, "the DICOM study's result")
-        doc = json.loads(result_file.read_text())
-        assert doc["prediction"]["label"] == "COVID Positive"
+        _wait_for((study_dir / "study.json").exists, 180, "the DICOM study's results")
+        covid = study_dir / "ct_covid_classifier" / spec.series_uid / "result.json"
+        doc = json.loads(covid.read_text())
         assert doc["input"]["source"] == "dicom" and doc["input"]["route"] == "ct-volume"
-        _wait_for((study_dir / "study.json").exists, 30, "study.json")
+        seg_dir = study_dir / "ct_lesion_segmentation" / spec.series_uid
+        mask = np.asarray(nib.load(seg_dir / "mask.nii.gz").dataobj) > 0
+        dice = 2 * (mask & (truth > 0)).sum() / (mask.sum() + (truth > 0).sum())
+        assert dice >= 0.8, dice
         study = json.loads((study_dir / "study.json").read_text())
         assert [s["status"] for s in study["series"]] == ["done"]
         assert study["calling_aet"] == "PIPELINE_SCU"

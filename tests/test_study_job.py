@@ -146,7 +146,7 @@ def test_received_study_routed_processed_and_recorded(
     assert by_uid[mr_series]["status"] == "skipped"
     assert "modality MR not in ['CT']" in by_uid[mr_series]["reason"]
     assert study["calling_aet"] == "CT01"
-    assert len(written) == 2
+    assert len(written) == 4  # covid result, lesion mask + result, study.json
     # The input left the spool for the archive; running it again is a no-op.
     assert not (settings.spool_dir / job_id).exists()
     assert (settings.archive_dir / job_id / JOB_FILE).exists()
@@ -174,3 +174,32 @@ def test_a_broken_series_fails_the_job_but_not_the_other_series(
     failed = [s for s in study["series"] if s["status"] == "failed"]
     assert [s["series_uid"] for s in failed] == [broken.series_uid]
     assert (settings.spool_dir / job.id / "study").is_dir()  # kept for the failed/ move
+
+
+def test_lesion_phantom_segmented_through_triton_matches_its_ground_truth(
+    triton: TritonEndpoints, tmp_path: Path
+) -> None:
+    import nibabel as nib
+
+    from pipeline.demo.synthetic import lesion_phantom
+    from pipeline.jobs import read_job
+
+    hu, truth, affine = lesion_phantom(TEST_SEED_BASE + 600, lesions=3)
+    spec = write_volume_series(tmp_path / "ct", hu.astype(np.float32), affine)
+    settings = make_settings(tmp_path / "data", triton={"model_repository": MODEL_REPOSITORY})
+    job = read_job(settings.spool_dir / _spool_study(settings, [tmp_path / "ct"]))
+    client = TritonClient(triton.grpc, settings.triton)
+    run_study(job, settings, Models(discover_contracts(MODEL_REPOSITORY)), client)
+    out = settings.results_dir / spec.study_uid / "ct_lesion_segmentation" / spec.series_uid
+    doc = json.loads((out / "result.json").read_text())
+    mask_img = nib.load(out / doc["segmentation"]["mask"])
+    # The mask is read back from its file, on the source's voxels and affine.
+    np.testing.assert_allclose(mask_img.affine, affine, atol=1e-4)
+    mask = np.asarray(mask_img.dataobj) > 0
+    assert mask.shape == truth.shape
+    dice = 2 * (mask & (truth > 0)).sum() / (mask.sum() + (truth > 0).sum())
+    assert dice >= 0.8, dice
+    true_ml = float(truth.sum()) * float(np.prod(np.diag(affine)[:3])) / 1000.0
+    assert abs(doc["segmentation"]["total_volume_ml"] - true_ml) <= 0.1 * true_ml
+    assert doc["prediction"]["label"] == "lesion" and doc["segmentation"]["patches"] > 1
+    assert 1 <= len(doc["segmentation"]["lesions"]) <= 4

@@ -113,3 +113,41 @@ def write_ct_nifti(path: Path, positive: bool, seed: int) -> Path:
     vol, affine = ct_volume(positive, seed)
     nib.save(nib.Nifti1Image(vol, affine), path)
     return path
+
+
+LESION_SPACING = (1.0, 1.0, 1.5)
+
+
+def lesion_phantom(
+    seed: int, lesions: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A chest-CT-like volume in HU (X, Y, Z) with solid spherical nodules in the lungs, its
+    ground-truth mask (the visible part of each nodule) and its RAS affine."""
+    rng = np.random.default_rng(seed)
+    nx, ny, nz = int(rng.integers(88, 112)), int(rng.integers(80, 104)), int(rng.integers(36, 52))
+    sx, sy, sz = LESION_SPACING
+    x, y, z = np.mgrid[0:nx, 0:ny, 0:nz].astype(np.float32)
+    cx, cy = nx / 2 + rng.uniform(-3, 3), ny / 2 + rng.uniform(-3, 3)
+    vol = np.full((nx, ny, nz), -1000.0, np.float32)
+    vol[((x - cx) / (0.44 * nx)) ** 2 + ((y - cy) / (0.38 * ny)) ** 2 <= 1.0] = 40.0
+    lungs = np.zeros((nx, ny, nz), bool)
+    for side in (-1, 1):
+        lx = cx + side * 0.2 * nx
+        lungs |= (
+            ((x - lx) / (0.15 * nx)) ** 2
+            + ((y - cy) / (0.26 * ny)) ** 2
+            + ((z - nz / 2) / (0.46 * nz)) ** 2
+        ) <= 1.0
+    vol[lungs] = -850.0
+    mask = np.zeros((nx, ny, nz), np.uint8)
+    inside = np.argwhere(lungs)
+    for _ in range(int(rng.integers(1, 5)) if lesions is None else lesions):
+        px, py, pz = inside[rng.integers(len(inside))]
+        r_mm = rng.uniform(4.0, 9.0)
+        ball = ((x - px) * sx) ** 2 + ((y - py) * sy) ** 2 + ((z - pz) * sz) ** 2 <= r_mm**2
+        visible = ball & lungs
+        vol[visible] = rng.uniform(10.0, 60.0)
+        mask[visible] = 1
+    vol += rng.normal(0.0, 15.0, vol.shape)
+    affine = np.diag([sx, sy, sz, 1.0])
+    return np.round(vol).astype(np.int16), mask, affine

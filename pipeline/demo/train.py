@@ -16,12 +16,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.networks.nets import DenseNet121
+from monai.data import MetaTensor
+from monai.inferers import sliding_window_inference
+from monai.losses import DiceCELoss
+from monai.networks.nets import DenseNet121, UNet
 from torch import nn
 
 from pipeline.contract import ModelContract, load_contract
 from pipeline.convert import load, preprocessor, to_model_input
-from pipeline.demo.synthetic import MEDNIST_LABELS, write_ct_nifti, write_mednist_png
+from pipeline.demo.synthetic import (
+    MEDNIST_LABELS,
+    lesion_phantom,
+    write_ct_nifti,
+    write_mednist_png,
+)
 from pipeline.fsutil import atomic_write_bytes, atomic_write_json
 
 Progress = Callable[[str], None]
@@ -115,7 +123,7 @@ def _save(
             "model": contract.name,
             "kind": "demo weights trained on synthetic data (pipeline.demo); not for clinical use",
             "sha256": hashlib.sha256(data).hexdigest(),
-            "held_out_accuracy": accuracy,
+            "held_out_accuracy" if contract.task == "classification" else "held_out_dice": accuracy,
             "training_seconds": round(seconds, 1),
             "torch": torch.__version__,
         },
@@ -186,9 +194,101 @@ def build_covid(model_dir: Path, work: Path, progress: Progress, per_class: int 
     return _save(net, contract, model_dir, x[:1], acc, time.monotonic() - started)
 
 
+def _lesion_sample(contract: ModelContract, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A phantom preprocessed as the worker will (padded to at least one patch), its mask."""
+    hu, mask, affine = lesion_phantom(seed)
+    x = preprocessor(contract)(MetaTensor(hu[np.newaxis].astype(np.float32), affine=affine))
+    patch = contract.input.shape[1:]
+    pad = [(0, 0)] + [(0, max(0, p - n)) for p, n in zip(patch, hu.shape, strict=True)]
+    return np.pad(np.asarray(x), pad), np.pad(mask[np.newaxis], pad), affine
+
+
+def _patches(
+    xs: list[np.ndarray],
+    ys: list[np.ndarray],
+    patch: tuple[int, ...],
+    n: int,
+    rng: np.random.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random patches, a third of them centred on a lesion voxel: the rest teach what is not
+    a lesion (tissue outside the lungs looks the same, also at the volume's edges)."""
+    bx, by = [], []
+    for k in range(n):
+        i = int(rng.integers(len(xs)))
+        x, y = xs[i], ys[i]
+        shape = x.shape[1:]
+        lesion = np.argwhere(y[0])
+        if k % 3 == 0 and len(lesion):
+            centre = lesion[rng.integers(len(lesion))] + rng.integers(-8, 9, 3)
+        else:
+            centre = np.array([rng.integers(0, s) for s in shape])
+        lo = [
+            int(np.clip(c - p // 2, 0, s - p)) for c, p, s in zip(centre, patch, shape, strict=True)
+        ]
+        sl = (slice(None), *[slice(a, a + p) for a, p in zip(lo, patch, strict=True)])
+        bx.append(x[sl])
+        by.append(y[sl])
+    return torch.from_numpy(np.stack(bx)), torch.from_numpy(np.stack(by).astype(np.int64))
+
+
+def _dice(net: nn.Module, x: np.ndarray, y: np.ndarray, patch: tuple[int, ...]) -> float:
+    with torch.inference_mode():
+        prob = sliding_window_inference(
+            torch.from_numpy(x[np.newaxis]), patch, 4, net, overlap=0.25, mode="gaussian"
+        )
+    pred = np.asarray(torch.as_tensor(prob).argmax(1)[0]) > 0
+    truth = y[0] > 0
+    return float(2 * (pred & truth).sum() / max(1, pred.sum() + truth.sum()))
+
+
+def build_lesion_segmentation(
+    model_dir: Path, work: Path, progress: Progress, volumes: int = 24
+) -> Path:
+    contract = load_contract(model_dir)
+    started = time.monotonic()
+    patch = contract.input.shape[1:]
+    train = [_lesion_sample(contract, TRAIN_SEED_BASE + i) for i in range(volumes)]
+    held_out = [_lesion_sample(contract, TEST_SEED_BASE - 50_000 + i) for i in range(4)]
+    xs, ys = [t[0] for t in train], [t[1] for t in train]
+    torch.manual_seed(0)
+    net = UNet(
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=len(contract.labels),
+        channels=(8, 16, 32, 64),
+        strides=(2, 2, 2),
+        num_res_units=1,
+    )
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    rng = np.random.default_rng(0)
+    steps = 1200
+    net.train()
+    for step in range(steps):
+        bx, by = _patches(xs, ys, patch, 6, rng)
+        opt.zero_grad()
+        loss = loss_fn(net(bx), by)
+        loss.backward()
+        opt.step()
+        if step % 25 == 0 or step == steps - 1:
+            progress(f"{contract.name}: step {step + 1}/{steps} loss {loss.item():.4f}")
+    net.eval()
+    dice = float(np.mean([_dice(net, x, y, patch) for x, y, _ in held_out]))
+    progress(f"{contract.name}: held-out Dice {dice:.3f}")
+    return _save(
+        net,
+        contract,
+        model_dir,
+        torch.zeros(1, *contract.input.shape),
+        dice,
+        time.monotonic() - started,
+    )
+
+
 BUILDERS: dict[str, Callable[[Path, Path, Progress], Path]] = {
     "mednist_classifier": build_mednist,
     "ct_covid_classifier": build_covid,
+    "ct_lesion_segmentation": build_lesion_segmentation,
 }
 
 

@@ -1,0 +1,124 @@
+"""Segmentation through Triton: a sliding window whose predictor is the Triton model.
+
+The contract's preprocessing runs once on the whole volume; MONAI's
+``sliding_window_inference`` cuts it into overlapping patches of the model's input shape and
+hands them to the predictor ``batch_size`` at a time, which sends them to Triton (where patches
+of concurrent studies batch together) and blends the answers. The label map is then brought
+back to the source geometry by inverting the preprocessing's spatial steps, so the mask lies on
+the input's own voxels and affine. Lesions are the mask's connected components.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.inferers import sliding_window_inference
+from monai.transforms import Compose
+from scipy import ndimage
+
+from pipeline import convert
+from pipeline.contract import ModelContract
+from pipeline.errors import InputError
+from pipeline.results import Lesion
+from pipeline.triton_client import TritonClient
+
+
+@dataclass
+class Segmentation:
+    mask: np.ndarray  # uint8 label map on the input's voxels
+    affine: np.ndarray  # the input's voxel -> RAS affine
+    max_probability: float  # highest foreground probability anywhere
+    lesions: list[Lesion]
+    preprocess_ms: float
+    inference_ms: float  # Triton calls only
+    model_version: str
+    patches: int
+
+
+def spatial_compose(contract: ModelContract) -> Compose:
+    """The contract's transforms, keeping MetaTensor metadata so they can be inverted."""
+    return Compose(list(convert.preprocessor(contract).transforms[:-1]))
+
+
+def segment(
+    image: convert.LoadedImage, contract: ModelContract, client: TritonClient
+) -> Segmentation:
+    t0 = time.perf_counter()
+    compose = spatial_compose(contract)
+    try:
+        pre = compose(image.array)
+    except RuntimeError as exc:
+        raise InputError(f"preprocessing for {contract.name} failed: {exc}") from exc
+    pre_ms = (time.perf_counter() - t0) * 1000.0
+    infer_ms, version, patches = 0.0, "", 0
+
+    def predictor(batch: torch.Tensor) -> torch.Tensor:
+        nonlocal infer_ms, version, patches
+        out = client.infer(contract, np.ascontiguousarray(batch.numpy(), dtype=np.float32))
+        infer_ms += out.milliseconds
+        version, patches = out.model_version, patches + len(batch)
+        return torch.from_numpy(out.probabilities.copy())  # the client's buffer is read-only
+
+    window = contract.sliding_window
+    roi = contract.input.shape[1:]
+    volume = torch.as_tensor(np.asarray(pre), dtype=torch.float32)[None]
+    spatial = volume.shape[2:]
+    # A volume thinner than a patch is padded at its far end with background, as in training
+    # (MONAI would pad both sides, which the demo weights never saw), and cropped back after.
+    pad: list[int] = []
+    for size, dim in zip(reversed(roi), reversed(spatial), strict=True):
+        pad += [0, max(0, size - dim)]
+    volume = torch.nn.functional.pad(volume, pad, value=0.0)
+    with torch.inference_mode():
+        probs = sliding_window_inference(
+            volume,
+            roi_size=roi,
+            sw_batch_size=window.batch_size,
+            predictor=predictor,
+            overlap=window.overlap,
+            mode=window.mode,
+            padding_mode="constant",
+            cval=0.0,
+        )
+    probs = torch.as_tensor(probs)[..., : spatial[0], : spatial[1], : spatial[2]]
+    labels = probs.argmax(dim=1).to(torch.float32)  # (1, *spatial) in preprocessed space
+    mapped = MetaTensor(labels, meta=pre.meta, applied_operations=pre.applied_operations)
+    source = np.asarray(compose.inverse(mapped))[0]
+    mask = np.rint(source).astype(np.uint8)
+    affine = np.asarray(image.array.affine, dtype=np.float64)
+    return Segmentation(
+        mask=mask,
+        affine=affine,
+        max_probability=float(probs[:, 1:].max()) if probs.shape[1] > 1 else 0.0,
+        lesions=lesions(mask, affine),
+        preprocess_ms=pre_ms,
+        inference_ms=infer_ms,
+        model_version=version,
+        patches=patches,
+    )
+
+
+def lesions(mask: np.ndarray, affine: np.ndarray) -> list[Lesion]:
+    """Connected components (faces and edges touching), largest first, in ml and RAS mm."""
+    components, count = ndimage.label(mask > 0, structure=np.ones((3, 3, 3), bool))
+    if not count:
+        return []
+    voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
+    sizes = ndimage.sum_labels(np.ones_like(components), components, range(1, count + 1))
+    centres = ndimage.center_of_mass(mask > 0, components, range(1, count + 1))
+    found = []
+    for size, centre in zip(sizes, centres, strict=True):
+        ras = affine @ np.array([*centre, 1.0])
+        found.append(
+            Lesion(
+                voxels=int(size),
+                volume_ml=round(float(size) * voxel_ml, 4),
+                centre_ras_mm=[round(float(v), 2) for v in ras[:3]],
+            )
+        )
+    found.sort(key=lambda lesion: -lesion.voxels)
+    return found
