@@ -93,7 +93,8 @@ class SeriesOutcome(_Doc):
 
 class StudyResult(_Doc):
     schema_version: Literal["1.1"] = "1.1"
-    job_id: str
+    job_id: str  # the latest round
+    rounds: list[str]  # every round's job id, oldest first (inputs in data/archive/<id>/)
     study_uid: str
     calling_aet: str | None
     called_aet: str | None

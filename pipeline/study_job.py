@@ -24,13 +24,15 @@ from pipeline.contract import InputKind
 from pipeline.convert import MAX_VOXELS, LoadedImage
 from pipeline.errors import InputError, PermanentError, PipelineError, TransientError
 from pipeline.fsutil import atomic_write_bytes
-from pipeline.jobs import Job, job_dir, now
+from pipeline.jobs import STUDY_FOLDER, Job, job_dir, now
 from pipeline.processing import Models, StageError, finish_job, run_model
 from pipeline.results import InputInfo, SeriesOutcome, StudyResult
 from pipeline.settings import Settings
 from pipeline.triton_client import TritonClient
 
 log = logging.getLogger(__name__)
+
+STUDY_FILE = "study.json"
 
 
 def run_study(job: Job, settings: Settings, models: Models, client: TritonClient) -> list[Path]:
@@ -41,11 +43,15 @@ def run_study(job: Job, settings: Settings, models: Models, client: TritonClient
         return []
     study = job.study
     started = now()
+    out_dir = settings.results_dir / study.study_uid
+    earlier = _earlier_round(out_dir / STUDY_FILE)
     try:
-        groups, not_images = series.group_series(study_dir.rglob("*.dcm"))
+        current = {p.stem: p for p in study_dir.rglob("*.dcm")}
+        touched = {p.parent.name for p in current.values()}  # series with new instances
+        merged = _earlier_instances(settings, earlier, touched) | current  # newest wins
+        groups, not_images = series.group_series(merged.values())
     except OSError as exc:
         raise StageError("load", TransientError(f"cannot read the study: {exc}")) from exc
-    out_dir = settings.results_dir / study.study_uid
     outcomes: list[SeriesOutcome] = []
     written: list[Path] = []
     failures: list[str] = []
@@ -90,8 +96,12 @@ def run_study(job: Job, settings: Settings, models: Models, client: TritonClient
                 update={"status": "done", "route": route.name, "models": list(route.models)}
             )
         )
+    if earlier is not None:  # series this round did not touch keep their earlier outcome
+        done = {o.series_uid for o in outcomes}
+        outcomes = [o for o in earlier.series if o.series_uid not in done] + outcomes
     doc = StudyResult(
         job_id=job.id,
+        rounds=[*(earlier.rounds if earlier else []), job.id],
         study_uid=study.study_uid,
         calling_aet=study.calling_aet,
         called_aet=study.called_aet,
@@ -100,7 +110,7 @@ def run_study(job: Job, settings: Settings, models: Models, client: TritonClient
         finished=now(),
     )
     try:
-        written.append(_write_study(out_dir / "study.json", doc))
+        written.append(_write_study(out_dir / STUDY_FILE, doc))
     except PipelineError as exc:
         raise StageError("write", exc) from exc
     if failures:
@@ -114,6 +124,36 @@ def run_study(job: Job, settings: Settings, models: Models, client: TritonClient
         sum(o.status == "skipped" for o in outcomes),
     )
     return written
+
+
+def _earlier_round(path: Path) -> StudyResult | None:
+    try:
+        return StudyResult.model_validate_json(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.warning("%s unreadable (%s): this round is processed on its own", path, exc)
+        return None
+
+
+def _earlier_instances(
+    settings: Settings, earlier: StudyResult | None, series_uids: set[str]
+) -> dict[str, Path]:
+    """Instances of the touched series from the study's earlier rounds (kept in the archive),
+    by SOP Instance UID (the receiver names files by it); oldest first, so later rounds win.
+
+    A late instance thus joins its series instead of being processed alone."""
+    found: dict[str, Path] = {}
+    for job_id in earlier.rounds if earlier else []:
+        # A round that failed keeps its instances in failed/ instead of the archive.
+        folder = settings.archive_dir / job_id / STUDY_FOLDER
+        if not folder.is_dir():
+            folder = settings.failed_dir / job_id / STUDY_FOLDER
+        for uid in series_uids:
+            found.update({p.stem: p for p in (folder / uid).glob("*.dcm")})
+    if earlier and not found and series_uids and not settings.worker.archive_inputs:
+        log.warning("earlier rounds' instances are not archived: this round stands alone")
+    return found
 
 
 def _series_results(

@@ -203,3 +203,38 @@ def test_lesion_phantom_segmented_through_triton_matches_its_ground_truth(
     assert abs(doc["segmentation"]["total_volume_ml"] - true_ml) <= 0.1 * true_ml
     assert doc["prediction"]["label"] == "lesion" and doc["segmentation"]["patches"] > 1
     assert 1 <= len(doc["segmentation"]["lesions"]) <= 4
+
+
+def test_a_late_instance_joins_its_series_from_the_earlier_round(
+    triton: TritonEndpoints, tmp_path: Path
+) -> None:
+    """A new round (instances that came after the study was handed over) is processed with
+    the series' earlier instances, not alone; series it does not touch keep their results."""
+    from pipeline.jobs import read_job
+
+    folders, study_uid, ct_series, mr_series = _study_with_ct_and_an_unrouted_series(tmp_path)
+    ct_files = sorted(folders[0].iterdir())
+    first = tmp_path / "first"
+    first.mkdir()
+    for path in ct_files[:-1]:  # round 1: all but the last slice
+        (first / path.name).write_bytes(path.read_bytes())
+    settings = make_settings(tmp_path / "data", triton={"model_repository": MODEL_REPOSITORY})
+    models = Models(discover_contracts(MODEL_REPOSITORY))
+    client = TritonClient(triton.grpc, settings.triton)
+    round1 = read_job(settings.spool_dir / _spool_study(settings, [first, folders[1]]))
+    run_study(round1, settings, models, client)
+    late = tmp_path / "late"
+    late.mkdir()
+    (late / ct_files[-1].name).write_bytes(ct_files[-1].read_bytes())
+    round2 = read_job(settings.spool_dir / _spool_study(settings, [late]))
+    assert round2.study is not None and round2.study.instances == 1
+    run_study(round2, settings, models, client)
+    out = settings.results_dir / study_uid
+    result = json.loads((out / "ct_covid_classifier" / ct_series / "result.json").read_text())
+    assert result["job_id"] == round2.id
+    assert result["input"]["shape"][-1] == len(ct_files)  # the whole series, late slice too
+    study = json.loads((out / "study.json").read_text())
+    assert study["rounds"] == [round1.id, round2.id]
+    by_uid = {s["series_uid"]: s for s in study["series"]}
+    assert by_uid[ct_series]["status"] == "done" and by_uid[ct_series]["slices"] == len(ct_files)
+    assert by_uid[mr_series]["status"] == "skipped"  # kept from round 1
