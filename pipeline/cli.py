@@ -107,6 +107,28 @@ def models_build_demo(
     build_demo(settings.triton.model_repository, typer.echo, only=model, force=force)
 
 
+@models_app.command("import-bundle")
+def models_import_bundle(
+    bundle: Annotated[Path, typer.Argument(help="A MONAI bundle folder (configs/, models/).")],
+    name: Annotated[str | None, typer.Option(help="Model name (default: the bundle's).")] = None,
+) -> None:
+    """Turn a MONAI bundle into a Triton model folder with its preprocessing derived."""
+    from pipeline.bundle import import_bundle
+
+    settings = _settings()
+    try:
+        contract = import_bundle(bundle, settings.triton.model_repository, name)
+    except PipelineError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(
+        f"{contract.name}: {contract.task.value}, input {list(contract.input.shape)}, labels "
+        f"{', '.join(contract.labels)}, preprocessing "
+        f"{', '.join(t.name for t in contract.preprocessing) or 'none'}\n"
+        f"written to {settings.triton.model_repository / contract.name}; add it to a route "
+        "(README: Routing) and restart Triton to serve it"
+    )
+
+
 @app.command()
 def redis() -> None:
     """Run the embedded Redis in the foreground (for a broker on this machine only)."""
