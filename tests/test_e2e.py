@@ -141,6 +141,7 @@ def test_inbox_to_results_through_real_services(model_repository: Path, tmp_path
         for name in ("ward3/pos.nii.gz", "neg.nii.gz"):
             job_id = got[name]["job_id"]
             seg = data / "results" / job_id / "ct_lesion_segmentation" / "result.json"
+            _wait_for(seg.exists, 60, f"the segmentation of {name}")  # written after the class
             assert json.loads(seg.read_text())["segmentation"]["mask"] == "mask.nii.gz"
 
         # A CT study sent by DICOM C-STORE: received, completed on association release,
@@ -172,11 +173,19 @@ def test_inbox_to_results_through_real_services(model_repository: Path, tmp_path
         mask = np.asarray(nib.load(seg_dir / "mask.nii.gz").dataobj) > 0
         dice = 2 * (mask & (truth > 0)).sum() / (mask.sum() + (truth > 0).sum())
         assert dice >= 0.8, dice
+        seg_doc = json.loads((seg_dir / "result.json").read_text())
+        true_ml = float(truth.sum()) * float(np.prod(np.diag(affine)[:3])) / 1000.0
+        assert abs(seg_doc["segmentation"]["total_volume_ml"] - true_ml) <= 0.1 * true_ml
         study = json.loads((study_dir / "study.json").read_text())
         assert [s["status"] for s in study["series"]] == ["done"]
         assert study["calling_aet"] == "PIPELINE_SCU"
-        spooled = [p for p in (data / "spool").iterdir() if not p.name.startswith(".")]
-        assert not any((data / "results").rglob("*.tmp")) and not spooled
+
+        def spooled() -> list[Path]:
+            return [p for p in (data / "spool").iterdir() if not p.name.startswith(".")]
+
+        # study.json is written just before the study's input moves to the archive.
+        _wait_for(lambda: not spooled(), 30, "the spool to empty")
+        assert not any((data / "results").rglob("*.tmp"))
 
         children = descendants(up.pid)
         assert len(children) >= 3  # redis, triton (+ stubs), worker (+ pool)
