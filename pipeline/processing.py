@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -22,7 +23,7 @@ import numpy as np
 import pydicom
 from monai.transforms import Compose
 
-from pipeline import convert, routing
+from pipeline import convert, preview, routing
 from pipeline.contract import Activation, InputKind, ModelContract, Task
 from pipeline.errors import (
     InputError,
@@ -50,6 +51,7 @@ from pipeline.triton_client import TritonClient
 log = logging.getLogger(__name__)
 
 MASK_FILE = "mask.nii.gz"
+PREVIEW_FILE = "preview.png"
 
 
 class StageError(Exception):
@@ -179,11 +181,17 @@ def run_model(
     started: datetime,
     out_dir: Path,
 ) -> list[Path]:
-    """One model on one input; writes ``out_dir/result.json`` (and ``mask.nii.gz`` for a
-    segmentation model) and returns the files written."""
+    """One model on one input; writes ``out_dir/result.json``, ``preview.png`` (and
+    ``mask.nii.gz`` for a segmentation model) and returns the files written."""
     if contract.task is not Task.SEGMENTATION:
         doc = classify(job, info, image, contract, models, client, started)
-        return [write_result(out_dir / "result.json", doc)]
+        label = doc.prediction.label
+        png = _preview(
+            lambda: preview.classification_preview(
+                image.array, label, doc.prediction.probabilities[label]
+            )
+        )
+        return _finish_model(out_dir, doc, png)
     seg = segment(image, contract, client)
     mask_path = write_bytes(out_dir / MASK_FILE, _nifti_gz(seg.mask, seg.affine))
     lesion = float(seg.max_probability)
@@ -215,7 +223,27 @@ def run_model(
             ),
         }
     )
-    return [mask_path, write_result(out_dir / "result.json", doc)]
+    total = sum(x.volume_ml for x in seg.lesions)
+    caption = f"{len(seg.lesions)} lesion(s), {total:.2f} ml"
+    png = _preview(lambda: preview.segmentation_preview(image.array, seg.mask, caption))
+    return [mask_path, *_finish_model(out_dir, doc, png)]
+
+
+def _preview(render: Callable[[], bytes]) -> bytes | None:
+    """A preview that cannot be drawn is logged, never a reason to lose the result."""
+    try:
+        return render()
+    except (ValueError, OSError, IndexError) as exc:
+        log.warning("preview not drawn: %s", exc)
+        return None
+
+
+def _finish_model(out_dir: Path, doc: Result, png: bytes | None) -> list[Path]:
+    written = []
+    if png is not None:
+        written.append(write_bytes(out_dir / PREVIEW_FILE, png))
+        doc = doc.model_copy(update={"preview": PREVIEW_FILE})
+    return [*written, write_result(out_dir / "result.json", doc)]
 
 
 def _nifti_gz(mask: np.ndarray, affine: np.ndarray) -> bytes:

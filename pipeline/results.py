@@ -78,6 +78,7 @@ class Result(_Doc):
     timings: Timings
     worker: WorkerInfo
     segmentation: SegmentationInfo | None = None  # segmentation models only
+    preview: str | None = None  # PNG beside result.json: the image (slice) with the answer
 
 
 class SeriesOutcome(_Doc):

@@ -146,7 +146,7 @@ def test_received_study_routed_processed_and_recorded(
     assert by_uid[mr_series]["status"] == "skipped"
     assert "modality MR not in ['CT']" in by_uid[mr_series]["reason"]
     assert study["calling_aet"] == "CT01"
-    assert len(written) == 4  # covid result, lesion mask + result, study.json
+    assert len(written) == 6  # covid result + preview, lesion mask + preview + result, study
     # The input left the spool for the archive; running it again is a no-op.
     assert not (settings.spool_dir / job_id).exists()
     assert (settings.archive_dir / job_id / JOB_FILE).exists()
@@ -203,6 +203,10 @@ def test_lesion_phantom_segmented_through_triton_matches_its_ground_truth(
     assert abs(doc["segmentation"]["total_volume_ml"] - true_ml) <= 0.1 * true_ml
     assert doc["prediction"]["label"] == "lesion" and doc["segmentation"]["patches"] > 1
     assert 1 <= len(doc["segmentation"]["lesions"]) <= 4
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(out / doc["preview"]).convert("RGB")).astype(int)
+    assert ((rgb[..., 0] - rgb[..., 1]) > 80).sum() > 20  # the lesion, overlaid in red
 
 
 def test_a_late_instance_joins_its_series_from_the_earlier_round(
