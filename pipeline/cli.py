@@ -79,6 +79,22 @@ def config_schema() -> None:
     typer.echo(json.dumps(Settings.model_json_schema(), indent=2))
 
 
+@app.command()
+def schema() -> None:
+    """Print the JSON schema of the result documents (result.json and study.json)."""
+    from pipeline.results import Result, StudyResult
+
+    typer.echo(
+        json.dumps(
+            {
+                "result.json": Result.model_json_schema(),
+                "study.json": StudyResult.model_json_schema(),
+            },
+            indent=2,
+        )
+    )
+
+
 @models_app.command("list")
 def models_list() -> None:
     """The models in the repository, their inputs and labels, and whether weights are present."""

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -65,3 +66,16 @@ def test_broker_url_must_be_redis(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     _config(tmp_path, monkeypatch, "broker_url: amqp://guest@localhost//\n")
     with pytest.raises(ConfigError, match="broker_url"):
         load_settings()
+
+
+def test_schema_command_prints_both_result_documents() -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline", "schema"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    schemas = json.loads(out.stdout)
+    assert {"prediction", "segmentation", "preview"} <= set(schemas["result.json"]["properties"])
+    assert "series" in schemas["study.json"]["required"]
