@@ -11,12 +11,10 @@ threads and processes alike.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import secrets
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +22,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import RE_VALID_UID
 
 from pipeline.errors import InputError, PipelineError
-from pipeline.fsutil import fsync_dir
+from pipeline.fsutil import flocked, fsync_dir
 
 INCOMING = ".incoming"
 LOCK_FILE = ".studies.lock"
@@ -65,16 +63,10 @@ def identify(ds: Dataset) -> InstanceUIDs:
     )
 
 
-@contextmanager
-def spool_lock(spool: Path, *, exclusive: bool) -> Iterator[None]:
+def spool_lock(spool: Path, *, exclusive: bool) -> AbstractContextManager[None]:
     """Writers hold it shared while they rename into a study folder; closing a study holds it
-    exclusively. Each call opens its own descriptor, so threads exclude each other too."""
-    fd = os.open(spool / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o640)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
+    exclusively."""
+    return flocked(spool / LOCK_FILE, exclusive=exclusive)
 
 
 def free_bytes(path: Path) -> int:

@@ -60,7 +60,7 @@ class StudyRef(BaseModel):
     calling_aet: str | None = Field(description="Who sent it (last association).")
     called_aet: str | None = Field(description="The AE title the sender addressed.")
     completed_by: str = Field(
-        description="association-released, mpps-completed, quiet-period, max-wait or recovered."
+        description="association-released, mpps-completed, quiet-period or max-wait."
     )
 
 

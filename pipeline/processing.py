@@ -79,7 +79,7 @@ class Models:
         """The first matching rule and its models; NoModelError says why no rule matched."""
         decision = routing.decide(routes, facts)
         if decision.route is None:
-            raise NoModelError(f"no routing rule matches this input ({_why_not(decision)})")
+            raise NoModelError(f"no routing rule matches this input ({why_not(decision)})")
         return decision.route, self.for_route(decision.route, image)
 
     def for_route(self, route: Route, image: convert.LoadedImage) -> list[ModelContract]:
@@ -105,7 +105,8 @@ class Models:
         return convert.to_model_input(image, contract, self.compose(contract))[np.newaxis]
 
 
-def _why_not(decision: routing.Decision) -> str:
+def why_not(decision: routing.Decision) -> str:
+    """Why no rule matched, rule by rule, in one line."""
     return "; ".join(f"{name}: {', '.join(why)}" for name, why in decision.why_not.items())
 
 
@@ -195,35 +196,30 @@ def run_model(
     seg = segment(image, contract, client)
     mask_path = write_bytes(out_dir / MASK_FILE, _nifti_gz(seg.mask, seg.affine))
     lesion = float(seg.max_probability)
+    total = round(sum(x.volume_ml for x in seg.lesions), 4)
     doc = make_result(
         job,
         info,
         contract,
-        np.array([1.0 - lesion, lesion]),
+        Prediction(
+            label=contract.labels[1] if seg.lesions else contract.labels[0],
+            probabilities={
+                contract.labels[0]: round(1.0 - lesion, 6),
+                contract.labels[1]: round(lesion, 6),
+            },
+        ),
         seg.model_version,
         started,
         seg.preprocess_ms,
         seg.inference_ms,
+        SegmentationInfo(
+            mask=MASK_FILE,
+            labels={name: i for i, name in enumerate(contract.labels)},
+            lesions=seg.lesions,
+            total_volume_ml=total,
+            patches=seg.patches,
+        ),
     )
-    doc = doc.model_copy(
-        update={
-            "prediction": Prediction(
-                label=contract.labels[1] if seg.lesions else contract.labels[0],
-                probabilities={
-                    contract.labels[0]: round(1.0 - lesion, 6),
-                    contract.labels[1]: round(lesion, 6),
-                },
-            ),
-            "segmentation": SegmentationInfo(
-                mask=MASK_FILE,
-                labels={name: i for i, name in enumerate(contract.labels)},
-                lesions=seg.lesions,
-                total_volume_ml=round(sum(x.volume_ml for x in seg.lesions), 4),
-                patches=seg.patches,
-            ),
-        }
-    )
-    total = sum(x.volume_ml for x in seg.lesions)
     caption = f"{len(seg.lesions)} lesion(s), {total:.2f} ml"
     png = _preview(lambda: preview.segmentation_preview(image.array, seg.mask, caption))
     return [mask_path, *_finish_model(out_dir, doc, png)]
@@ -270,7 +266,7 @@ def classify(
         job,
         info,
         contract,
-        out.probabilities[0],
+        decide(contract, out.probabilities[0]),
         out.model_version,
         started,
         pre_ms,
@@ -282,17 +278,19 @@ def make_result(
     job: Job,
     info: InputInfo,
     contract: ModelContract,
-    probabilities: np.ndarray,
+    prediction: Prediction,
     version: str,
     started: datetime,
     pre_ms: float,
     infer_ms: float,
+    segmentation: SegmentationInfo | None = None,
 ) -> Result:
     return Result(
         job_id=job.id,
         input=info,
         model=ModelInfo(name=contract.name, version=version),
-        prediction=decide(contract, probabilities),
+        prediction=prediction,
+        segmentation=segmentation,
         timings=Timings(
             received=job.received_at,
             queued=job.queued_at,

@@ -8,16 +8,12 @@ never import the task code.
 
 from __future__ import annotations
 
-import fcntl
 import logging
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 
 from celery import Celery
 from kombu.exceptions import OperationalError
 
+from pipeline.fsutil import flocked
 from pipeline.jobs import ENQUEUED_MARKER, Job, job_dir, mark_enqueued, now
 from pipeline.settings import Settings
 
@@ -52,21 +48,11 @@ def make_celery(settings: Settings, broker_url: str) -> Celery:
     return app
 
 
-@contextmanager
-def _enqueue_lock(spool: Path) -> Iterator[None]:
-    """The watcher and the receiver may both offer the same pending job: one at a time, and
-    each checks the marker under the lock, so a job is sent once."""
-    fd = os.open(spool / ENQUEUE_LOCK, os.O_RDWR | os.O_CREAT, 0o640)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
 def enqueue(app: Celery, settings: Settings, job: Job) -> bool:
     """Send the job's task; False (job stays spooled, retried later) when Redis is down."""
-    with _enqueue_lock(settings.spool_dir):
+    # The watcher and the receiver may both offer the same pending job: one at a time, each
+    # checking the marker under the lock, so a job is sent once.
+    with flocked(settings.spool_dir / ENQUEUE_LOCK):
         folder = job_dir(settings.spool_dir, job.id)
         if (folder / ENQUEUED_MARKER).exists() or not folder.exists():
             return True  # sent by another component, or already processed

@@ -23,9 +23,8 @@ from pipeline import routing, series
 from pipeline.contract import InputKind
 from pipeline.convert import MAX_VOXELS, LoadedImage
 from pipeline.errors import InputError, PermanentError, PipelineError, TransientError
-from pipeline.fsutil import atomic_write_bytes
 from pipeline.jobs import STUDY_FOLDER, Job, job_dir, now
-from pipeline.processing import Models, StageError, finish_job, run_model
+from pipeline.processing import Models, StageError, finish_job, run_model, why_not, write_bytes
 from pipeline.results import InputInfo, SeriesOutcome, StudyResult
 from pipeline.settings import Settings
 from pipeline.triton_client import TritonClient
@@ -69,7 +68,7 @@ def run_study(job: Job, settings: Settings, models: Models, client: TritonClient
             reason=None,
         )
         if decision.route is None:
-            why = "; ".join(f"{n}: {', '.join(w)}" for n, w in decision.why_not.items())
+            why = why_not(decision)
             outcomes.append(outcome.model_copy(update={"reason": f"no rule matched: {why}"}))
             continue
         route = decision.route
@@ -110,7 +109,9 @@ def run_study(job: Job, settings: Settings, models: Models, client: TritonClient
         finished=now(),
     )
     try:
-        written.append(_write_study(out_dir / STUDY_FILE, doc))
+        written.append(
+            write_bytes(out_dir / STUDY_FILE, (doc.model_dump_json(indent=2) + "\n").encode())
+        )
     except PipelineError as exc:
         raise StageError("write", exc) from exc
     if failures:
@@ -188,11 +189,3 @@ def _series_results(
             job, info, image, c, models, client, started, out_dir / c.name / group.uid
         )
     ]
-
-
-def _write_study(path: Path, doc: StudyResult) -> Path:
-    try:
-        atomic_write_bytes(path, (doc.model_dump_json(indent=2) + "\n").encode())
-    except OSError as exc:
-        raise TransientError(f"cannot write {path}: {exc}") from exc
-    return path
