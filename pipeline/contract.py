@@ -56,6 +56,47 @@ class TensorSpec(BaseModel):
     shape: tuple[int, ...] = Field(description="Without the batch dimension.")
 
 
+class CodeSpec(BaseModel):
+    """A coded concept (PS3.3 8.8): scheme designator, code value, code meaning."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    scheme: str = Field(min_length=1, max_length=16)
+    value: str = Field(min_length=1, max_length=64)
+    meaning: str = Field(min_length=1, max_length=64)
+
+
+# Our private coding scheme (PS3.3 8.2: designators starting with "99" are private): a label
+# that has no standard code is written as (99DCMPIPE, <label>, <label>).
+PRIVATE_SCHEME = "99DCMPIPE"
+
+
+class ReportCodes(BaseModel):
+    """How the model's answers are coded in DICOM SR and SEG. Labels without a code here are
+    written in the private scheme ``99DCMPIPE``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    finding: CodeSpec = Field(
+        default=CodeSpec(scheme="DCM", value="121071", meaning="Finding"),
+        description="Concept name of the qualitative evaluation whose value is the label.",
+    )
+    labels: dict[str, CodeSpec] = Field(default_factory=dict)
+    segment_category: CodeSpec = Field(
+        default=CodeSpec(
+            scheme="SCT", value="49755003", meaning="Morphologically abnormal structure"
+        ),
+        description="Segmented property category of each SEG segment.",
+    )
+    segment_type: CodeSpec = Field(
+        default=CodeSpec(scheme="SCT", value="52988006", meaning="Lesion"),
+        description="Segmented property type of each SEG segment (one segment per lesion).",
+    )
+
+    def label(self, name: str) -> CodeSpec:
+        return self.labels.get(name) or CodeSpec(
+            scheme=PRIVATE_SCHEME, value=name[:64], meaning=name[:64]
+        )
+
+
 class ModelContract(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -72,6 +113,7 @@ class ModelContract(BaseModel):
     preprocessing: tuple[TransformSpec, ...] = ()
     weights: str = Field(default="model.pt", description="TorchScript file in the version dir")
     sliding_window: SlidingWindow = SlidingWindow()
+    codes: ReportCodes = ReportCodes()
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelContract:
@@ -87,6 +129,8 @@ class ModelContract(BaseModel):
                 )
         elif self.output.shape != (len(self.labels),):
             raise ValueError(f"output.shape {self.output.shape} must be ({len(self.labels)},)")
+        if unknown := set(self.codes.labels) - set(self.labels):
+            raise ValueError(f"codes.labels names labels the model does not have: {unknown}")
         if self.activation is Activation.SIGMOID and len(self.labels) != 2:
             raise ValueError("a sigmoid model has exactly two labels: negative, positive")
         return self

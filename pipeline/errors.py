@@ -37,3 +37,12 @@ class ModelNotFoundError(PermanentError):
 
 class TransientError(PipelineError):
     """A service is unavailable for now (Triton, Redis); the task is retried with backoff."""
+
+
+class OutputError(PermanentError):
+    """A result could not be made into a valid output (a DICOM object failing validation);
+    nothing of it is written to results, the item goes to ``data/failed/``."""
+
+
+class DeliveryError(PermanentError):
+    """A destination refused the results for good (rejected association, failure status)."""

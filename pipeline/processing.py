@@ -25,6 +25,7 @@ from monai.transforms import Compose
 
 from pipeline import convert, preview, routing
 from pipeline.contract import Activation, InputKind, ModelContract, Task
+from pipeline.dicom_results import DicomOutputs, Sources, make_dicom
 from pipeline.errors import (
     InputError,
     ModelNotFoundError,
@@ -137,7 +138,18 @@ def decide(contract: ModelContract, probabilities: np.ndarray) -> Prediction:
     return Prediction(label=label, probabilities=probs)
 
 
-def run_job(job: Job, settings: Settings, models: Models, client: TritonClient) -> list[Path]:
+# Hands a route's DICOM results to its destinations (the worker queues a send task for each).
+Dispatch = Callable[[Route, list[Path]], None]
+REJECTED_OUTPUTS = "invalid-output"
+
+
+def run_job(
+    job: Job,
+    settings: Settings,
+    models: Models,
+    client: TritonClient,
+    dispatch: Dispatch | None = None,
+) -> list[Path]:
     """Process a spooled job; returns the result files written. Idempotent: a job whose spool
     folder is gone was finished by an earlier delivery and is skipped."""
     folder = job_dir(settings.spool_dir, job.id)
@@ -158,18 +170,49 @@ def run_job(job: Job, settings: Settings, models: Models, client: TritonClient) 
             shape=[int(s) for s in image.array.shape],
             route=route.name,
         )
+        dicom = dicom_outputs(settings, job, route, _inbox_sources(path, image), "")
         stage = "infer"
         out_dir = settings.results_dir / job.id
         written = [
             path
             for c in chosen
-            for path in run_model(job, info, image, c, models, client, started, out_dir / c.name)
+            for path in run_model(
+                job, info, image, c, models, client, started, out_dir / c.name, dicom
+            )
         ]
+        stage = "dispatch"
+        if dispatch is not None:
+            dispatch(route, [p for p in written if p.suffix == ".dcm"])
     except PipelineError as exc:
         raise StageError(stage, exc) from exc
     finish_job(folder, settings)
     log.info("job %s: %d result file(s) by %s", job.id, len(written), route.name)
     return written
+
+
+def dicom_outputs(
+    settings: Settings, job: Job, route: Route, sources: Sources | None, series_uid: str
+) -> DicomOutputs:
+    return DicomOutputs(
+        kinds=route.outputs,
+        sources=sources,
+        key=f"{job.id}/{series_uid}",
+        manufacturer=settings.output.manufacturer,
+        institution=settings.output.institution_name,
+        iod_check=settings.output.iod_check,
+        reject_dir=job_dir(settings.spool_dir, job.id) / REJECTED_OUTPUTS,
+    )
+
+
+def _inbox_sources(path: Path, image: convert.LoadedImage) -> Sources | None:
+    """A DICOM file dropped into the inbox is the source its SR references."""
+    if image.kind is not InputKind.DICOM:
+        return None
+    header = pydicom.dcmread(path, stop_before_pixels=True)
+    uid = str(header.get("SOPInstanceUID", ""))
+    if not uid or "StudyInstanceUID" not in header or "SeriesInstanceUID" not in header:
+        return None  # nothing to reference: the SR stands alone, as for a PNG
+    return Sources({uid: header}, [(uid, None)])
 
 
 def run_model(
@@ -181,9 +224,12 @@ def run_model(
     client: TritonClient,
     started: datetime,
     out_dir: Path,
+    dicom: DicomOutputs,
 ) -> list[Path]:
-    """One model on one input; writes ``out_dir/result.json``, ``preview.png`` (and
-    ``mask.nii.gz`` for a segmentation model) and returns the files written."""
+    """One model on one input; writes ``out_dir/result.json``, ``preview.png``, the DICOM SR
+    (and for a segmentation model ``mask.nii.gz`` and the DICOM SEG); returns the files
+    written. The DICOM objects are made and validated first: if one is invalid, nothing of
+    this result is written (OutputError)."""
     if contract.task is not Task.SEGMENTATION:
         doc = classify(job, info, image, contract, models, client, started)
         label = doc.prediction.label
@@ -192,9 +238,8 @@ def run_model(
                 image.array, label, doc.prediction.probabilities[label]
             )
         )
-        return _finish_model(out_dir, doc, png)
+        return _finish_model(out_dir, doc, png, make_dicom(doc, contract, None, dicom))
     seg = segment(image, contract, client)
-    mask_path = write_bytes(out_dir / MASK_FILE, _nifti_gz(seg.mask, seg.affine))
     lesion = float(seg.max_probability)
     total = round(sum(x.volume_ml for x in seg.lesions), 4)
     doc = make_result(
@@ -220,9 +265,11 @@ def run_model(
             patches=seg.patches,
         ),
     )
+    objects = make_dicom(doc, contract, seg.lesion_map, dicom)
     caption = f"{len(seg.lesions)} lesion(s), {total:.2f} ml"
     png = _preview(lambda: preview.segmentation_preview(image.array, seg.mask, caption))
-    return [mask_path, *_finish_model(out_dir, doc, png)]
+    mask_path = write_bytes(out_dir / MASK_FILE, _nifti_gz(seg.mask, seg.affine))
+    return [mask_path, *_finish_model(out_dir, doc, png, objects)]
 
 
 def _preview(render: Callable[[], bytes]) -> bytes | None:
@@ -234,8 +281,12 @@ def _preview(render: Callable[[], bytes]) -> bytes | None:
         return None
 
 
-def _finish_model(out_dir: Path, doc: Result, png: bytes | None) -> list[Path]:
-    written = []
+def _finish_model(
+    out_dir: Path, doc: Result, png: bytes | None, objects: dict[str, bytes]
+) -> list[Path]:
+    """result.json last: its presence says the rest is there."""
+    written = [write_bytes(out_dir / name, data) for name, data in objects.items()]
+    doc = doc.model_copy(update={"dicom": list(objects)})
     if png is not None:
         written.append(write_bytes(out_dir / PREVIEW_FILE, png))
         doc = doc.model_copy(update={"preview": PREVIEW_FILE})

@@ -70,7 +70,7 @@ class SegmentationInfo(_Doc):
 
 
 class Result(_Doc):
-    schema_version: Literal["1.1"] = "1.1"
+    schema_version: Literal["1.2"] = "1.2"
     job_id: str
     input: InputInfo
     model: ModelInfo
@@ -79,6 +79,7 @@ class Result(_Doc):
     worker: WorkerInfo
     segmentation: SegmentationInfo | None = None  # segmentation models only
     preview: str | None = None  # PNG beside result.json: the image (slice) with the answer
+    dicom: list[str] = []  # DICOM objects beside result.json: sr.dcm (TID 1500), seg.dcm
 
 
 class SeriesOutcome(_Doc):

@@ -50,9 +50,23 @@ class Route(BaseModel):
     name: str = Field(min_length=1)
     match: Match = Match()
     models: tuple[str, ...] = Field(min_length=1)
-    outputs: tuple[Literal["json"], ...] = Field(
-        default=("json",), description="What to write: json (DICOM SR and SEG come later)."
+    outputs: tuple[Literal["json", "sr", "seg"], ...] = Field(
+        default=("json", "sr", "seg"),
+        description="What to write beside each result: json (always), sr (a DICOM "
+        "Comprehensive 3D SR, TID 1500), seg (a DICOM SEG, segmentation models on DICOM input).",
     )
+    send_to: tuple[str, ...] = Field(
+        default=(),
+        description="Names of `destinations` the DICOM results (SR, SEG) are sent to by "
+        "C-STORE, retried with backoff while a destination is down.",
+    )
+
+    @field_validator("outputs")
+    @classmethod
+    def _json_always(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if "json" not in v:
+            raise ValueError("json is always written (status, retries and the SR read it)")
+        return v
 
 
 DEFAULT_ROUTES: tuple[Route, ...] = (

@@ -33,6 +33,7 @@ class Segmentation:
     affine: np.ndarray  # the input's voxel -> RAS affine
     max_probability: float  # highest foreground probability anywhere
     lesions: list[Lesion]
+    lesion_map: np.ndarray  # uint16 on the input's voxels: lesion i (1-based, largest first)
     preprocess_ms: float
     inference_ms: float  # Triton calls only
     model_version: str
@@ -90,11 +91,13 @@ def segment(
     source = np.asarray(compose.inverse(mapped))[0]
     mask = np.rint(source).astype(np.uint8)
     affine = np.asarray(image.array.affine, dtype=np.float64)
+    lesion_map, found = label_lesions(mask, affine)
     return Segmentation(
         mask=mask,
         affine=affine,
         max_probability=float(probs[:, 1:].max()) if probs.shape[1] > 1 else 0.0,
-        lesions=lesions(mask, affine),
+        lesions=found,
+        lesion_map=lesion_map,
         preprocess_ms=pre_ms,
         inference_ms=infer_ms,
         model_version=version,
@@ -102,23 +105,26 @@ def segment(
     )
 
 
-def lesions(mask: np.ndarray, affine: np.ndarray) -> list[Lesion]:
-    """Connected components (faces and edges touching), largest first, in ml and RAS mm."""
+def label_lesions(mask: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, list[Lesion]]:
+    """Connected components (faces and edges touching), largest first, in ml and RAS mm; and
+    the map numbering them in that order (0 = none)."""
     components, count = ndimage.label(mask > 0, structure=np.ones((3, 3, 3), bool))
     if not count:
-        return []
+        return np.zeros(mask.shape, np.uint16), []
     voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
     sizes = ndimage.sum_labels(np.ones_like(components), components, range(1, count + 1))
     centres = ndimage.center_of_mass(mask > 0, components, range(1, count + 1))
+    order = np.argsort(-np.asarray(sizes), kind="stable")  # component index, largest first
+    renumber = np.zeros(count + 1, np.uint16)
+    renumber[order + 1] = np.arange(1, count + 1, dtype=np.uint16)
     found = []
-    for size, centre in zip(sizes, centres, strict=True):
-        ras = affine @ np.array([*centre, 1.0])
+    for i in order:
+        ras = affine @ np.array([*centres[i], 1.0])
         found.append(
             Lesion(
-                voxels=int(size),
-                volume_ml=round(float(size) * voxel_ml, 4),
+                voxels=int(sizes[i]),
+                volume_ml=round(float(sizes[i]) * voxel_ml, 4),
                 centre_ras_mm=[round(float(v), 2) for v in ras[:3]],
             )
         )
-    found.sort(key=lambda lesion: -lesion.voxels)
-    return found
+    return renumber[components], found

@@ -60,6 +60,11 @@ class Volume:
     spacing: tuple[float, float, float]
     tilt_deg: float
     skipped: list[Skipped] = field(default_factory=list)
+    # Where each plane came from, in plane order: (SOP Instance UID, 0-based frame or None for
+    # a single-frame object); and the source headers by SOP Instance UID, pixel data dropped.
+    # DICOM SEG and SR reference the source instances through these.
+    slices: list[tuple[str, int | None]] = field(default_factory=list)
+    headers: dict[str, Dataset] = field(default_factory=dict)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -286,6 +291,11 @@ def _assemble(
     with ThreadPoolExecutor(workers) as pool:
         list(pool.map(fill, [range(a, b) for a, b in itertools.pairwise(bounds)]))
     cache.clear()
+    headers = {}
+    for plane in ordered:  # the volume holds the pixels now; keep only the headers
+        if "PixelData" in plane.ds:
+            del plane.ds.PixelData
+        headers[str(values.get(plane.ds, "SOPInstanceUID", ""))] = plane.ds
 
     dr, dc = first.pixel_spacing  # PS3.3: row spacing (between rows), column spacing
     lps = np.eye(4)
@@ -301,6 +311,8 @@ def _assemble(
         spacing=(float(dc), float(dr), float(np.linalg.norm(step))),
         tilt_deg=tilt,
         skipped=skipped,
+        slices=[(str(values.get(p.ds, "SOPInstanceUID", "")), p.frame) for p in ordered],
+        headers=headers,
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -205,6 +206,47 @@ class ReceiverSettings(_Section):
         return self
 
 
+class OutputSettings(_Section):
+    manufacturer: str = Field(
+        default="dicom-pipeline",
+        max_length=64,
+        description="Manufacturer written in DICOM SR and SEG (the observer device's too).",
+    )
+    institution_name: str | None = Field(default=None, max_length=64)
+    iod_check: Literal["auto", "dciodvfy", "strict-read"] = Field(
+        default="auto",
+        description="Every DICOM output is read back under strict pydicom validation before "
+        "it is written; dciodvfy (dicom3tools) also checks it against its IOD. auto: dciodvfy "
+        "when installed; dciodvfy: required; strict-read: the read-back only.",
+    )
+
+
+class Destination(_Section):
+    """A DICOM peer (PACS) that results are sent to by C-STORE."""
+
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    ae_title: str = Field(description="The destination's (called) AE title.")
+    calling_ae_title: str = Field(default="PIPELINE", description="Ours, as it knows us.")
+    tls: bool = False
+    tls_ca: Path | None = Field(default=None, description="CA bundle to verify the peer.")
+    tls_certificate: Path | None = Field(default=None, description="Client cert (mutual TLS).")
+    tls_private_key: Path | None = None
+    timeout_s: float = Field(default=30.0, gt=0.0)
+    max_retries: int = Field(
+        default=100,
+        ge=0,
+        description="Attempts while the destination is down or busy, with exponential backoff "
+        "up to retry_backoff_max_s (the default rides out about 8 hours).",
+    )
+    retry_backoff_max_s: int = Field(default=300, gt=0)
+
+    @field_validator("ae_title", "calling_ae_title")
+    @classmethod
+    def _valid_aet(cls, v: str) -> str:
+        return _check_ae_title(v)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="PIPELINE_",
@@ -229,6 +271,11 @@ class Settings(BaseSettings):
         description="Rules choosing the models for each series or inbox file, first match "
         "wins; a series no rule matches is skipped (recorded, not an error).",
     )
+    output: OutputSettings = OutputSettings()
+    destinations: dict[str, Destination] = Field(
+        default_factory=dict,
+        description="DICOM peers by name; a route's send_to names those its results go to.",
+    )
 
     @field_validator("routes")
     @classmethod
@@ -237,6 +284,24 @@ class Settings(BaseSettings):
         if dup := {n for n in names if names.count(n) > 1}:
             raise ValueError(f"route names must be unique: {sorted(dup)}")
         return v
+
+    @field_validator("destinations")
+    @classmethod
+    def _destination_names(cls, v: dict[str, Destination]) -> dict[str, Destination]:
+        for name in v:  # names become folder names under data/failed/
+            if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
+                raise ValueError(f"{name!r}: destination names are letters, digits, _ and -")
+        return v
+
+    @model_validator(mode="after")
+    def _known_destinations(self) -> Settings:
+        for route in self.routes:
+            if unknown := [d for d in route.send_to if d not in self.destinations]:
+                raise ValueError(
+                    f"route {route.name!r} sends to {unknown}, not among destinations "
+                    f"({', '.join(self.destinations) or 'none configured'})"
+                )
+        return self
 
     @field_validator("broker_url")
     @classmethod

@@ -22,9 +22,19 @@ from monai.data import MetaTensor
 from pipeline import routing, series
 from pipeline.contract import InputKind
 from pipeline.convert import MAX_VOXELS, LoadedImage
+from pipeline.dicom_results import Sources
 from pipeline.errors import InputError, PermanentError, PipelineError, TransientError
 from pipeline.jobs import STUDY_FOLDER, Job, job_dir, now
-from pipeline.processing import Models, StageError, finish_job, run_model, why_not, write_bytes
+from pipeline.processing import (
+    Dispatch,
+    Models,
+    StageError,
+    dicom_outputs,
+    finish_job,
+    run_model,
+    why_not,
+    write_bytes,
+)
 from pipeline.results import InputInfo, SeriesOutcome, StudyResult
 from pipeline.settings import Settings
 from pipeline.triton_client import TritonClient
@@ -34,7 +44,13 @@ log = logging.getLogger(__name__)
 STUDY_FILE = "study.json"
 
 
-def run_study(job: Job, settings: Settings, models: Models, client: TritonClient) -> list[Path]:
+def run_study(
+    job: Job,
+    settings: Settings,
+    models: Models,
+    client: TritonClient,
+    dispatch: Dispatch | None = None,
+) -> list[Path]:
     folder = job_dir(settings.spool_dir, job.id)
     study_dir = folder / job.input_file
     if job.study is None or not study_dir.is_dir():
@@ -54,6 +70,7 @@ def run_study(job: Job, settings: Settings, models: Models, client: TritonClient
     outcomes: list[SeriesOutcome] = []
     written: list[Path] = []
     failures: list[str] = []
+    to_send: list[tuple[routing.Route, list[Path]]] = []
     for group in groups:
         facts = group.facts(study.calling_aet or "", study.called_aet or "")
         decision = routing.decide(settings.routes, facts)
@@ -73,7 +90,7 @@ def run_study(job: Job, settings: Settings, models: Models, client: TritonClient
             continue
         route = decision.route
         try:
-            files = _series_results(job, group, route, models, client, started, out_dir)
+            files = _series_results(job, group, route, settings, models, client, started)
         except TransientError as exc:
             raise StageError("infer", exc) from exc
         except PermanentError as exc:
@@ -90,6 +107,7 @@ def run_study(job: Job, settings: Settings, models: Models, client: TritonClient
             )
             continue
         written.extend(files)
+        to_send.append((route, [p for p in files if p.suffix == ".dcm"]))
         outcomes.append(
             outcome.model_copy(
                 update={"status": "done", "route": route.name, "models": list(route.models)}
@@ -114,6 +132,12 @@ def run_study(job: Job, settings: Settings, models: Models, client: TritonClient
         )
     except PipelineError as exc:
         raise StageError("write", exc) from exc
+    try:  # what was made is sent, even when another series failed
+        if dispatch is not None:
+            for route, files in to_send:
+                dispatch(route, files)
+    except PipelineError as exc:
+        raise StageError("dispatch", exc) from exc
     if failures:
         raise StageError("series", InputError("; ".join(failures)))
     finish_job(folder, settings)
@@ -161,10 +185,10 @@ def _series_results(
     job: Job,
     group: series.SeriesGroup,
     route: routing.Route,
+    settings: Settings,
     models: Models,
     client: TritonClient,
     started: datetime,
-    out_dir: Path,
 ) -> list[Path]:
     if group.planes * group.rows * group.cols > MAX_VOXELS:
         raise InputError(f"{group.planes}x{group.rows}x{group.cols} is larger than {MAX_VOXELS}")
@@ -182,10 +206,12 @@ def _series_results(
         series_uid=group.uid,
         route=route.name,
     )
+    dicom = dicom_outputs(settings, job, route, Sources(volume.headers, volume.slices), group.uid)
+    out_dir = settings.results_dir / job.study.study_uid
     return [
         path
         for c in contracts
         for path in run_model(
-            job, info, image, c, models, client, started, out_dir / c.name / group.uid
+            job, info, image, c, models, client, started, out_dir / c.name / group.uid, dicom
         )
     ]

@@ -8,6 +8,7 @@ folder moves to ``data/failed/<id>/`` with ``error.json``. The input is never de
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,11 +16,14 @@ from celery import Celery, Task
 from celery.signals import worker_process_init
 from celery.utils.time import get_exponential_backoff_interval
 
+from pipeline import dispatch
 from pipeline.contract import discover_contracts
+from pipeline.dispatch import DISPATCH_TASK
 from pipeline.errors import TransientError
 from pipeline.jobs import Job, error_record, job_dir, quarantine
 from pipeline.processing import Models, StageError, run_job
 from pipeline.queue import TASK_NAME
+from pipeline.routing import Route
 from pipeline.settings import Settings
 from pipeline.study_job import run_study
 from pipeline.triton_client import TritonClient
@@ -66,6 +70,10 @@ def register_tasks(app: Celery, settings: Settings, triton_url: str) -> None:
     def process_job(self: Task, message: dict[str, Any]) -> None:
         handle(self, ctx, message)
 
+    @app.task(name=DISPATCH_TASK, bind=True, max_retries=None)  # type: ignore[untyped-decorator]
+    def send_results(self: Task, message: dict[str, Any]) -> None:
+        handle_delivery(self, ctx.settings, message)
+
 
 def handle(task: Task, ctx: WorkerContext, message: dict[str, Any]) -> None:
     settings = ctx.settings
@@ -75,24 +83,74 @@ def handle(task: Task, ctx: WorkerContext, message: dict[str, Any]) -> None:
         # A malformed message names no spool folder we could trust; log it, keep nothing.
         log.error("rejected malformed task message: %s", exc)
         return
+
+    def send(route: Route, files: list[Path]) -> None:
+        dispatch.offer(task.app, settings, job.id, route, files)
+
     try:
         run = run_study if job.source == "dicom" else run_job
-        run(job, settings, ctx.models, ctx.client)
+        run(job, settings, ctx.models, ctx.client, send)
     except StageError as exc:
         retries = int(task.request.retries or 0)
         if isinstance(exc.error, TransientError) and retries < settings.worker.max_retries:
-            countdown = get_exponential_backoff_interval(
-                factor=2,
-                retries=retries,
-                maximum=settings.worker.retry_backoff_max_s,
-                full_jitter=True,
-            )
+            countdown = _backoff(retries, settings.worker.retry_backoff_max_s)
             log.warning("job %s: %s; retry %d in %d s", job.id, exc, retries + 1, countdown)
             raise task.retry(countdown=countdown, exc=exc) from exc
         _fail(job, settings, exc.error, exc.stage)
     except Exception as exc:
         log.exception("job %s: unexpected error", job.id)
         _fail(job, settings, exc, "unexpected")
+
+
+def handle_delivery(task: Task, settings: Settings, message: dict[str, Any]) -> None:
+    """Send a route's DICOM results to one destination; retry what may pass later."""
+    try:
+        delivery = dispatch.Delivery.model_validate(message)
+    except ValueError as exc:
+        log.error("rejected malformed send message: %s", exc)
+        return
+    outcome = dispatch.deliver(settings, delivery)
+    name = delivery.destination
+    if outcome.sent:
+        log.info("job %s: %d file(s) sent to %s", delivery.job_id, len(outcome.sent), name)
+    if outcome.refused:
+        where = dispatch.record_failure(settings, delivery, outcome.refused)
+        log.error(
+            "job %s: %s refused %d file(s); see %s",
+            delivery.job_id,
+            name,
+            len(outcome.refused),
+            where,
+        )
+    if not outcome.pending:
+        return
+    retries = int(task.request.retries or 0)
+    destination = settings.destinations.get(name)
+    if destination is not None and retries < destination.max_retries:
+        countdown = _backoff(retries, destination.retry_backoff_max_s)
+        log.warning(
+            "job %s: %s unavailable, %d file(s) to send; retry %d in %d s",
+            delivery.job_id,
+            name,
+            len(outcome.pending),
+            retries + 1,
+            countdown,
+        )
+        rest = delivery.model_copy(update={"files": outcome.pending})
+        raise task.retry(args=[rest.model_dump()], countdown=countdown)
+    reasons = dict.fromkeys(
+        outcome.pending, f"{name} still unavailable after {retries + 1} attempts"
+    )
+    where = dispatch.record_failure(settings, delivery, reasons)
+    log.error("job %s: gave up sending to %s; see %s", delivery.job_id, name, where)
+
+
+def _backoff(retries: int, maximum: int) -> int:
+    return int(
+        get_exponential_backoff_interval(
+            factor=2, retries=retries, maximum=maximum, full_jitter=True
+        )
+    )
 
 
 def _fail(job: Job, settings: Settings, exc: BaseException, stage: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import pytest
+from pydicom import dcmread
 
 from pipeline.demo.dicom_series import write_volume_series
 from pipeline.demo.synthetic import (
@@ -68,7 +70,26 @@ def test_inbox_to_results_through_real_services(model_repository: Path, tmp_path
         PIPELINE_RECEIVER__HOST="127.0.0.1",
         PIPELINE_RECEIVER__PORT=str(dicom_port),
     )
-    (tmp_path / "none.yaml").write_text("{}\n")
+    pacs_port = free_port()
+    # The default rules, but a CT study's DICOM results also go to a PACS (a dcmtk storescp,
+    # started only once the results exist: down first, up later).
+    (tmp_path / "none.yaml").write_text(
+        f"""
+destinations:
+  pacs: {{host: 127.0.0.1, port: {pacs_port}, ae_title: PACS, retry_backoff_max_s: 2}}
+routes:
+  - name: ct-volume
+    match: {{kind: [dicom], modality: [CT], min_slices: 16}}
+    models: [ct_covid_classifier, ct_lesion_segmentation]
+    send_to: [pacs]
+  - name: nifti-volume
+    match: {{kind: [nifti]}}
+    models: [ct_covid_classifier, ct_lesion_segmentation]
+  - name: 2d-image
+    match: {{kind: [image, dicom], max_slices: 1}}
+    models: [mednist_classifier]
+"""
+    )
     log = (tmp_path / "up.log").open("w+")
     up = subprocess.Popen(
         [sys.executable, "-m", "pipeline", "up"],
@@ -125,7 +146,7 @@ def test_inbox_to_results_through_real_services(model_repository: Path, tmp_path
         for name, (model, label) in expected.items():
             doc = got[name]
             assert doc["model"]["name"] == model and doc["prediction"]["label"] == label, doc
-            assert doc["schema_version"] == "1.1" and doc["timings"]["inference_ms"] > 0
+            assert doc["schema_version"] == "1.2" and doc["timings"]["inference_ms"] > 0
         bad = failed()
         assert {"truncated.nii.gz", "notes.png"} <= set(bad)
         assert "not a readable NIfTI" in str(bad["truncated.nii.gz"]["message"])
@@ -143,6 +164,8 @@ def test_inbox_to_results_through_real_services(model_repository: Path, tmp_path
             seg = data / "results" / job_id / "ct_lesion_segmentation" / "result.json"
             _wait_for(seg.exists, 60, f"the segmentation of {name}")  # written after the class
             assert json.loads(seg.read_text())["segmentation"]["mask"] == "mask.nii.gz"
+            # No DICOM source: an SR of its own, the patient unknown.
+            assert dcmread(seg.parent / "sr.dcm").PatientID == ""
 
         # A CT study sent by DICOM C-STORE: received, completed on association release,
         # routed by the default rules, its series made a volume, classified and segmented;
@@ -179,6 +202,26 @@ def test_inbox_to_results_through_real_services(model_repository: Path, tmp_path
         study = json.loads((study_dir / "study.json").read_text())
         assert [s["status"] for s in study["series"]] == ["done"]
         assert study["calling_aet"] == "PIPELINE_SCU"
+
+        # Its SR and SEG were due at the PACS, which was down; now it comes up and gets them.
+        made = {dcmread(p).SOPInstanceUID for p in study_dir.rglob("*.dcm")}
+        assert len(made) == 3  # an SR per model and the lesions' SEG
+        if shutil.which("storescp"):  # dcmtk: .ci/run installs it
+            pacs_dir = tmp_path / "pacs"
+            pacs_dir.mkdir()
+            pacs = subprocess.Popen(
+                ["storescp", "-aet", "PACS", "-od", str(pacs_dir), str(pacs_port)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            try:
+                _wait_for(lambda: len(list(pacs_dir.iterdir())) >= 3, 60, "the PACS to get them")
+                time.sleep(0.5)  # storescp renames each file once complete
+                got = {dcmread(p).SOPInstanceUID for p in pacs_dir.iterdir()}
+                assert got == made
+            finally:
+                pacs.terminate()
+                pacs.wait(10)
 
         def spooled() -> list[Path]:
             return [p for p in (data / "spool").iterdir() if not p.name.startswith(".")]

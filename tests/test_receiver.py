@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -40,12 +39,8 @@ from pipeline.services import embedded_redis
 from pipeline.services.process import ManagedProcess, free_port
 from pipeline.settings import Settings
 
-from .conftest import make_settings
+from .conftest import make_settings, needs_dcmtk
 
-needs_dcmtk = pytest.mark.skipif(
-    shutil.which("storescu") is None,
-    reason="dcmtk is not installed (apt-get install dcmtk; .ci/run installs it)",
-)
 MPPS = "1.2.840.10008.3.1.2.3.3"
 CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 

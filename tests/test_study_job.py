@@ -17,17 +17,15 @@ from pipeline.contract import discover_contracts
 from pipeline.demo.dicom_series import new_series, write_series, write_volume_series
 from pipeline.demo.synthetic import ct_volume
 from pipeline.demo.train import TEST_SEED_BASE
-from pipeline.dicom_store import InstanceUIDs, store_instance
-from pipeline.jobs import JOB_FILE, now
+from pipeline.jobs import JOB_FILE
 from pipeline.processing import Models, StageError
 from pipeline.routing import DEFAULT_ROUTES, Match, Route, SeriesFacts, decide, mismatches
 from pipeline.services.embedded_triton import TritonEndpoints
 from pipeline.settings import Settings
-from pipeline.studies import Completed, Reason, close_study
 from pipeline.study_job import run_study
 from pipeline.triton_client import TritonClient
 
-from .conftest import MODEL_REPOSITORY, make_settings
+from .conftest import MODEL_REPOSITORY, make_settings, spool_study
 
 CT = SeriesFacts(kind="dicom", slices=120, modality="CT", series_description="Thorax 1.0 B30f")
 
@@ -70,24 +68,6 @@ def test_bad_routes_are_configuration_errors(tmp_path: Path) -> None:
         Route.model_validate({"name": "r", "models": []})
 
 
-def _spool_study(settings: Settings, folders: list[Path], calling: str = "CT01") -> str:
-    from pydicom import dcmread
-
-    settings.ensure_dirs()
-    study_uid = ""
-    for folder in folders:
-        for path in sorted(folder.iterdir()):
-            ds = dcmread(path, stop_before_pixels=True)
-            study_uid = str(ds.StudyInstanceUID)
-            uids = InstanceUIDs(study_uid, str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
-            store_instance(settings.spool_dir, uids, path.read_bytes(), 0)
-    job = close_study(
-        settings.spool_dir, Completed(study_uid, Reason.RELEASED, now(), calling, "PIPELINE")
-    )
-    assert job is not None
-    return job.id
-
-
 def _study_with_ct_and_an_unrouted_series(tmp_path: Path) -> tuple[list[Path], str, str, str]:
     vol, affine = ct_volume(True, TEST_SEED_BASE + 500)
     ct = write_volume_series(tmp_path / "ct", vol.astype(np.float32), affine)
@@ -128,7 +108,7 @@ def test_received_study_routed_processed_and_recorded(
 ) -> None:
     folders, study_uid, ct_series, mr_series = _study_with_ct_and_an_unrouted_series(tmp_path)
     settings = make_settings(tmp_path / "data", triton={"model_repository": MODEL_REPOSITORY})
-    job_id = _spool_study(settings, folders)
+    job_id = spool_study(settings, folders)
     from pipeline.jobs import read_job
 
     job = read_job(settings.spool_dir / job_id)
@@ -146,7 +126,8 @@ def test_received_study_routed_processed_and_recorded(
     assert by_uid[mr_series]["status"] == "skipped"
     assert "modality MR not in ['CT']" in by_uid[mr_series]["reason"]
     assert study["calling_aet"] == "CT01"
-    assert len(written) == 6  # covid result + preview, lesion mask + preview + result, study
+    # covid result + preview + SR, lesion mask + preview + SEG + SR + result, study
+    assert len(written) == 9
     # The input left the spool for the archive; running it again is a no-op.
     assert not (settings.spool_dir / job_id).exists()
     assert (settings.archive_dir / job_id / JOB_FILE).exists()
@@ -163,7 +144,7 @@ def test_a_broken_series_fails_the_job_but_not_the_other_series(
     settings = make_settings(tmp_path / "data", triton={"model_repository": MODEL_REPOSITORY})
     from pipeline.jobs import read_job
 
-    job = read_job(settings.spool_dir / _spool_study(settings, [*folders, tmp_path / "gap"]))
+    job = read_job(settings.spool_dir / spool_study(settings, [*folders, tmp_path / "gap"]))
     client = TritonClient(triton.grpc, settings.triton)
     with pytest.raises(StageError, match="irregular slice spacing") as err:
         run_study(job, settings, Models(discover_contracts(MODEL_REPOSITORY)), client)
@@ -187,7 +168,7 @@ def test_lesion_phantom_segmented_through_triton_matches_its_ground_truth(
     hu, truth, affine = lesion_phantom(TEST_SEED_BASE + 600, lesions=3)
     spec = write_volume_series(tmp_path / "ct", hu.astype(np.float32), affine)
     settings = make_settings(tmp_path / "data", triton={"model_repository": MODEL_REPOSITORY})
-    job = read_job(settings.spool_dir / _spool_study(settings, [tmp_path / "ct"]))
+    job = read_job(settings.spool_dir / spool_study(settings, [tmp_path / "ct"]))
     client = TritonClient(triton.grpc, settings.triton)
     run_study(job, settings, Models(discover_contracts(MODEL_REPOSITORY)), client)
     out = settings.results_dir / spec.study_uid / "ct_lesion_segmentation" / spec.series_uid
@@ -225,12 +206,12 @@ def test_a_late_instance_joins_its_series_from_the_earlier_round(
     settings = make_settings(tmp_path / "data", triton={"model_repository": MODEL_REPOSITORY})
     models = Models(discover_contracts(MODEL_REPOSITORY))
     client = TritonClient(triton.grpc, settings.triton)
-    round1 = read_job(settings.spool_dir / _spool_study(settings, [first, folders[1]]))
+    round1 = read_job(settings.spool_dir / spool_study(settings, [first, folders[1]]))
     run_study(round1, settings, models, client)
     late = tmp_path / "late"
     late.mkdir()
     (late / ct_files[-1].name).write_bytes(ct_files[-1].read_bytes())
-    round2 = read_job(settings.spool_dir / _spool_study(settings, [late]))
+    round2 = read_job(settings.spool_dir / spool_study(settings, [late]))
     assert round2.study is not None and round2.study.instances == 1
     run_study(round2, settings, models, client)
     out = settings.results_dir / study_uid

@@ -41,6 +41,7 @@ class Peer:
 class SendReport:
     sent: list[Path] = field(default_factory=list)
     failed: dict[Path, str] = field(default_factory=dict)
+    transient: set[Path] = field(default_factory=set)  # failed for a reason that may pass
 
     @property
     def ok(self) -> bool:
@@ -200,6 +201,7 @@ def send(
             break
     for f in pending:
         on_done(f.path, False)
+    report.transient = {f.path for f in pending}
     return report
 
 

@@ -1,0 +1,107 @@
+"""Validation of every DICOM object before it is written to results.
+
+Two checks, both on the encoded bytes (what a PACS would receive):
+
+1. read back under pydicom's strict validation: every value must conform to its VR (lengths,
+   characters, formats), and the SOP class must be the one intended;
+2. ``dciodvfy`` (David Clunie's dicom3tools, ``apt-get install dicom3tools``) checks the object
+   against its IOD: modules, types, conditions, code sequences. Its ``Error`` lines fail the
+   object; its warnings are logged.
+
+An object that fails is not written to results: :class:`OutputError` carries the reasons,
+with the offending values withheld (they may be a patient's name).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+from pydicom import config, dcmread
+from pydicom.dataset import Dataset
+
+from pipeline.errors import OutputError
+
+log = logging.getLogger(__name__)
+
+IodCheck = Literal["auto", "dciodvfy", "strict-read"]
+DCIODVFY = "dciodvfy"
+DCIODVFY_TIMEOUT_S = 120.0
+_MAX_REASONS = 10
+# Values quoted in validators' messages: dciodvfy's "= <value>", pydicom's 'value' or "value".
+_DCIODVFY_VALUE = re.compile(r"= <[^>]*>")
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+
+
+def _withhold(text: str) -> str:
+    return _QUOTED.sub("'...'", _DCIODVFY_VALUE.sub("= <...>", text))
+
+
+def dciodvfy_path(mode: IodCheck) -> str | None:
+    """The dciodvfy to run, or None; OutputError when the configuration requires it."""
+    if mode == "strict-read":
+        return None
+    found = shutil.which(DCIODVFY)
+    if found is None and mode == "dciodvfy":
+        raise OutputError("output.iod_check is dciodvfy but dciodvfy is not installed")
+    return found
+
+
+def encode_checked(ds: Dataset, sop_class_uid: str, mode: IodCheck) -> bytes:
+    """The object as a DICOM file (preamble, meta), validated; OutputError says why not."""
+    buffer = io.BytesIO()
+    try:
+        ds.save_as(buffer, enforce_file_format=True)
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise OutputError(f"cannot be encoded: {exc}") from exc
+    data = buffer.getvalue()
+    _strict_read(data, sop_class_uid)
+    tool = dciodvfy_path(mode)
+    if tool is not None:
+        _dciodvfy(tool, data)
+    return data
+
+
+def _strict_read(data: bytes, sop_class_uid: str) -> None:
+    try:
+        with config.strict_reading():
+            back = dcmread(io.BytesIO(data))
+            for elem in back.iterall():  # values are converted (and validated) on access
+                _ = elem.value
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types; each means "invalid"
+        why = _withhold(str(exc))
+        raise OutputError(f"does not read back under strict validation: {why}") from None
+    if back.get("SOPClassUID") != sop_class_uid:
+        raise OutputError(f"SOP class {back.get('SOPClassUID')} instead of {sop_class_uid}")
+
+
+def _dciodvfy(tool: str, data: bytes) -> None:
+    with tempfile.TemporaryDirectory(prefix="iodcheck-") as tmp:
+        path = Path(tmp) / "object.dcm"
+        path.write_bytes(data)
+        try:
+            run = subprocess.run(
+                [tool, "-new", str(path)],
+                capture_output=True,
+                text=True,
+                errors="replace",
+                timeout=DCIODVFY_TIMEOUT_S,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise OutputError(f"dciodvfy could not check it: {exc}") from exc
+    lines = (run.stdout + run.stderr).splitlines()
+    errors = [_withhold(line.strip()) for line in lines if line.startswith("Error")]
+    warnings = [_withhold(line) for line in lines if line.startswith("Warning")]
+    if warnings:
+        log.info("dciodvfy: %d warning(s), first: %s", len(warnings), warnings[0])
+    if errors or run.returncode not in (0, 1):
+        shown = "; ".join(errors[:_MAX_REASONS]) or f"exit status {run.returncode}"
+        more = f" (+{len(errors) - _MAX_REASONS} more)" if len(errors) > _MAX_REASONS else ""
+        raise OutputError(f"fails its IOD check (dciodvfy): {shown}{more}")

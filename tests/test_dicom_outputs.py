@@ -1,0 +1,291 @@
+"""Results as DICOM: the SR (TID 1500) and SEG of a received study, read back from their files
+and checked against the source and the phantom's ground truth; invalid objects kept out of
+results; results sent to a DICOM peer that is down first and up later."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from pipeline.contract import PRIVATE_SCHEME, discover_contracts
+from pipeline.demo.dicom_series import TEST_PATIENT_ID, write_volume_series
+from pipeline.demo.synthetic import lesion_phantom
+from pipeline.demo.train import TEST_SEED_BASE
+from pipeline.dispatch import Delivery, deliver, record_failure
+from pipeline.jobs import read_job
+from pipeline.processing import REJECTED_OUTPUTS, Models, StageError
+from pipeline.services.embedded_triton import TritonEndpoints
+from pipeline.services.process import free_port
+from pipeline.settings import Settings
+from pipeline.study_job import run_study
+from pipeline.triton_client import TritonClient
+
+from .conftest import MODEL_REPOSITORY, make_settings, needs_dcmtk, spool_study
+
+SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+IOD_CHECK = "dciodvfy" if shutil.which("dciodvfy") else "strict-read"
+
+
+def _settings(tmp_path: Path, **overrides: object) -> Settings:
+    return make_settings(
+        tmp_path / "data",
+        triton={"model_repository": MODEL_REPOSITORY},
+        output={"iod_check": IOD_CHECK},
+        **overrides,
+    )
+
+
+def _content(ds: Dataset) -> Iterator[Dataset]:
+    """Every content item of an SR, depth first."""
+    for item in ds.get("ContentSequence", []):
+        yield item
+        yield from _content(item)
+
+
+def _code(item: Dataset, keyword: str) -> tuple[str, str]:
+    seq = item[keyword][0]
+    return str(seq.CodingSchemeDesignator), str(seq.CodeValue)
+
+
+def _named(ds: Dataset, scheme: str, value: str) -> list[Dataset]:
+    return [i for i in _content(ds) if _code(i, "ConceptNameCodeSequence") == (scheme, value)]
+
+
+@pytest.fixture
+def phantom_study(
+    triton: TritonEndpoints, tmp_path: Path
+) -> tuple[Settings, Path, dict, np.ndarray]:
+    """A lesion phantom received as a CT series and processed: (settings, the series' source
+    folder, SOP Instance UID -> slice index, ground-truth mask)."""
+    hu, truth, affine = lesion_phantom(TEST_SEED_BASE + 610, lesions=3)
+    write_volume_series(tmp_path / "ct", hu.astype(np.float32), affine)
+    slice_of = {
+        str(dcmread(p, stop_before_pixels=True).SOPInstanceUID): k
+        for k, p in enumerate(sorted((tmp_path / "ct").iterdir()))  # 0001.dcm is slice 0
+    }
+    settings = _settings(tmp_path)
+    job = read_job(settings.spool_dir / spool_study(settings, [tmp_path / "ct"]))
+    client = TritonClient(triton.grpc, settings.triton)
+    run_study(job, settings, Models(discover_contracts(MODEL_REPOSITORY)), client)
+    return settings, tmp_path / "ct", slice_of, truth
+
+
+def test_seg_frames_land_on_the_right_source_slices(phantom_study: tuple) -> None:
+    settings, ct, slice_of, truth = phantom_study
+    source = dcmread(next(ct.iterdir()), stop_before_pixels=True)
+    out = settings.results_dir / source.StudyInstanceUID / "ct_lesion_segmentation"
+    seg = dcmread(out / source.SeriesInstanceUID / "seg.dcm")
+    assert seg.SOPClassUID == SEG_CLASS and seg.SegmentationType == "BINARY"
+    assert seg.StudyInstanceUID == source.StudyInstanceUID  # filed in the source study
+    assert (
+        seg.PatientID == TEST_PATIENT_ID and seg.FrameOfReferenceUID == source.FrameOfReferenceUID
+    )
+    assert seg.SeriesInstanceUID != source.SeriesInstanceUID  # a new series for the results
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == source.SeriesInstanceUID
+    for segment in seg.SegmentSequence:
+        assert _code(segment, "SegmentedPropertyTypeCodeSequence") == ("SCT", "52988006")
+        assert segment.SegmentAlgorithmType == "AUTOMATIC"
+    # The mask rebuilt from the SEG file alone: each frame put on the slice of the source
+    # instance it names, then compared with the phantom's truth.
+    mask = np.zeros(truth.shape, bool)
+    frames = seg.pixel_array.reshape(-1, seg.Rows, seg.Columns)
+    for frame, groups in zip(frames, seg.PerFrameFunctionalGroupsSequence, strict=True):
+        ref = groups.DerivationImageSequence[0].SourceImageSequence[0]
+        k = slice_of[str(ref.ReferencedSOPInstanceUID)]
+        position = [float(v) for v in groups.PlanePositionSequence[0].ImagePositionPatient]
+        assert position[2] == pytest.approx(float(k) * 1.5)  # the slice's own position
+        mask[:, :, k] |= frame.T > 0  # frames are (row, column); the phantom (x, y, z)
+    dice = 2 * (mask & (truth > 0)).sum() / (mask.sum() + (truth > 0).sum())
+    assert dice >= 0.8, dice
+
+
+def test_sr_follows_tid_1500_and_references_the_source(phantom_study: tuple) -> None:
+    import json
+
+    settings, ct, slice_of, _ = phantom_study
+    source = dcmread(next(ct.iterdir()), stop_before_pixels=True)
+    study = settings.results_dir / source.StudyInstanceUID
+    seg_dir = study / "ct_lesion_segmentation" / source.SeriesInstanceUID
+    result = json.loads((seg_dir / "result.json").read_text())
+    assert result["dicom"] == ["seg.dcm", "sr.dcm"]
+    sr = dcmread(seg_dir / "sr.dcm")
+    seg = dcmread(seg_dir / "seg.dcm", stop_before_pixels=True)
+    assert sr.SOPClassUID == SR_CLASS and sr.Modality == "SR"
+    assert sr.StudyInstanceUID == source.StudyInstanceUID and sr.PatientID == TEST_PATIENT_ID
+    assert sr.SeriesInstanceUID not in (source.SeriesInstanceUID, seg.SeriesInstanceUID)
+    assert _code(sr, "ConceptNameCodeSequence") == ("DCM", "126000")  # Imaging Measurement Report
+    assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+    # The observer is the device: the model.
+    (observer,) = _named(sr, "DCM", "121005")  # Observer Type
+    assert _code(observer, "ConceptCodeSequence") == ("DCM", "121007")  # Device
+    assert [i.TextValue for i in _named(sr, "DCM", "121012")] == ["ct_lesion_segmentation"]
+    assert {i.TextValue for i in _named(sr, "DCM", "111001")} == {"ct_lesion_segmentation"}
+    # The finding (Lesion: Present) and its probability, unit UCUM "1".
+    (finding,) = _named(sr, "SCT", "52988006")
+    assert _code(finding, "ConceptCodeSequence") == ("SCT", "52101004")
+    (probability,) = _named(sr, "DCM", "122157")
+    measured = probability.MeasuredValueSequence[0]
+    assert _code(measured, "MeasurementUnitsCodeSequence") == ("UCUM", "1")
+    assert float(measured.NumericValue) == pytest.approx(
+        result["prediction"]["probabilities"]["lesion"]
+    )
+    # One volume per lesion, in ml, each referencing its SEG segment.
+    volumes = _named(sr, "SCT", "118565006")
+    assert [round(float(v.MeasuredValueSequence[0].NumericValue), 4) for v in volumes] == [
+        lesion["volume_ml"] for lesion in result["segmentation"]["lesions"]
+    ]
+    assert all(
+        _code(v.MeasuredValueSequence[0], "MeasurementUnitsCodeSequence") == ("UCUM", "ml")
+        for v in volumes
+    )
+    segments = [
+        i
+        for i in _content(sr)
+        if i.ValueType == "IMAGE" and "ReferencedSegmentNumber" in i.ReferencedSOPSequence[0]
+    ]
+    assert [s.ReferencedSOPSequence[0].ReferencedSegmentNumber for s in segments] == list(
+        range(1, len(volumes) + 1)
+    )
+    assert {s.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for s in segments} == {
+        seg.SOPInstanceUID
+    }
+    # Evidence: every source instance and the SEG, in the current study.
+    evidence = {
+        ref.ReferencedSOPInstanceUID
+        for study_item in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study_item.ReferencedSeriesSequence
+        for ref in series.ReferencedSOPSequence
+    }
+    assert set(slice_of) | {seg.SOPInstanceUID} <= evidence
+    # The classifier's SR: its label coded in SNOMED CT, every source image referenced.
+    covid_dir = study / "ct_covid_classifier" / source.SeriesInstanceUID
+    label = json.loads((covid_dir / "result.json").read_text())["prediction"]["label"]
+    covid = dcmread(covid_dir / "sr.dcm")
+    (evaluation,) = _named(covid, "DCM", "121071")  # Finding
+    expected = {"COVID Positive": "840539006", "COVID Negative": "17621005"}[label]
+    assert _code(evaluation, "ConceptCodeSequence") == ("SCT", expected)
+    referenced = {
+        i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        for i in _content(covid)
+        if i.ValueType == "IMAGE"
+    }
+    assert referenced == set(slice_of)
+
+
+def test_an_invalid_output_is_kept_out_of_results(triton: TritonEndpoints, tmp_path: Path) -> None:
+    """A modality that writes a value its VR forbids (a 20-character Study ID, SH allows 16):
+    the SR would carry it, fails validation, and the series fails with the reason; nothing of
+    that result reaches results, the object is kept with the failed item."""
+    hu, _, affine = lesion_phantom(TEST_SEED_BASE + 611, lesions=1)
+    write_volume_series(tmp_path / "ct", hu.astype(np.float32), affine)
+    for path in (tmp_path / "ct").iterdir():
+        ds = dcmread(path)
+        ds.StudyID = "S" * 20
+        ds.save_as(path)
+    settings = _settings(tmp_path)
+    job = read_job(settings.spool_dir / spool_study(settings, [tmp_path / "ct"]))
+    client = TritonClient(triton.grpc, settings.triton)
+    with pytest.raises(StageError, match=r"sr\.dcm .*(Study ID|StudyID|SH|16)") as err:
+        run_study(job, settings, Models(discover_contracts(MODEL_REPOSITORY)), client)
+    assert err.value.stage == "series"
+    assert "S" * 20 not in str(err.value)  # values withheld from the message
+    study = settings.results_dir / job.study.study_uid  # type: ignore[union-attr]
+    assert not list(study.rglob("*.dcm")) and not list(study.rglob("result.json"))
+    kept = settings.spool_dir / job.id / REJECTED_OUTPUTS / "sr.dcm"
+    assert dcmread(kept).SOPClassUID == SR_CLASS  # moves to data/failed/ with the job
+
+
+@needs_dcmtk
+def test_results_wait_for_a_destination_that_is_down_then_go(
+    phantom_study: tuple, tmp_path: Path
+) -> None:
+    port = free_port()
+    settings = make_settings(
+        phantom_study[0].data_dir,
+        destinations={"pacs": {"host": "127.0.0.1", "port": port, "ae_title": "STORESCP"}},
+    )
+    files = sorted(
+        str(p.relative_to(settings.results_dir)) for p in settings.results_dir.rglob("*.dcm")
+    )
+    assert len(files) == 3  # two SRs and a SEG
+    delivery = Delivery(job_id="job1", destination="pacs", files=files)
+    down = deliver(settings, delivery)
+    assert sorted(down.pending) == files and not down.sent and not down.refused
+    received = tmp_path / "pacs"
+    received.mkdir()
+    storescp = subprocess.Popen(
+        [
+            "storescp",
+            "-aet",
+            "STORESCP",
+            "-od",
+            str(received),
+            "--sort-on-study-uid",
+            "st",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(1.0)
+        up = deliver(settings, delivery)
+        assert sorted(up.sent) == files and not up.pending and not up.refused
+    finally:
+        storescp.terminate()
+        storescp.wait(10)
+    got = {dcmread(p).SOPInstanceUID for p in received.rglob("*") if p.is_file()}
+    assert got == {dcmread(settings.results_dir / f).SOPInstanceUID for f in files}
+
+
+def test_a_delivery_naming_files_outside_results_is_refused_and_recorded(tmp_path: Path) -> None:
+    settings = make_settings(
+        tmp_path / "data",
+        destinations={"pacs": {"host": "127.0.0.1", "port": free_port(), "ae_title": "PACS"}},
+    )
+    settings.ensure_dirs()
+    (tmp_path / "secret.dcm").write_bytes(b"x")
+    outcome = deliver(
+        settings,
+        Delivery(job_id="j", destination="pacs", files=["../../secret.dcm", "gone/sr.dcm"]),
+    )
+    assert outcome.refused == {
+        "../../secret.dcm": "not a file in the results folder",
+        "gone/sr.dcm": "no longer in the results folder",
+    }
+    folder = record_failure(
+        settings, Delivery(job_id="j", destination="pacs", files=[]), outcome.refused
+    )
+    assert folder == settings.failed_dir / "j.send-pacs"
+    assert "no longer in the results folder" in (folder / "error.json").read_text()
+
+
+def test_an_input_without_dicom_identity_gets_an_sr_of_its_own(
+    triton: TritonEndpoints, tmp_path: Path
+) -> None:
+    """A PNG has no patient or study: the SR stands in a study of its own, patient unknown,
+    its label in the private coding scheme."""
+    from pipeline.demo.synthetic import write_mednist_png
+    from pipeline.jobs import spool_file
+    from pipeline.processing import run_job
+
+    settings = _settings(tmp_path)
+    settings.ensure_dirs()
+    write_mednist_png(settings.inbox_dir / "hand.png", "Hand", TEST_SEED_BASE + 612)
+    job = spool_file(settings.inbox_dir / "hand.png", settings.inbox_dir, settings.spool_dir)
+    client = TritonClient(triton.grpc, settings.triton)
+    run_job(job, settings, Models(discover_contracts(MODEL_REPOSITORY)), client)
+    sr = dcmread(settings.results_dir / job.id / "mednist_classifier" / "sr.dcm")
+    assert sr.PatientID == "" and sr.PatientName == ""
+    assert "CurrentRequestedProcedureEvidenceSequence" not in sr
+    (evaluation,) = _named(sr, "DCM", "121071")
+    assert _code(evaluation, "ConceptCodeSequence") == (PRIVATE_SCHEME, "Hand")
