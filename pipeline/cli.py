@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -41,6 +42,11 @@ def _settings() -> Settings:
         level=settings.log_level,
         format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
     )
+    # pydicom's warnings about invalid values quote the value (a malformed birth date, a name
+    # too long): patient data, kept out of the logs. The pipeline reports what it rejects
+    # itself, values withheld (pipeline/dicom_check.py).
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
     return settings
 
 
@@ -181,6 +187,8 @@ def worker(
     concurrency: Annotated[int | None, typer.Option(help="Pool processes.")] = None,
 ) -> None:
     """Run a Celery worker that processes queued jobs."""
+    from pipeline.dicom_check import dciodvfy_path
+    from pipeline.errors import OutputError
     from pipeline.queue import QUEUE, make_celery
     from pipeline.services import embedded_redis
     from pipeline.tasks import register_tasks
@@ -193,6 +201,12 @@ def worker(
             "no Triton: set triton.url (PIPELINE_TRITON__URL) or run "
             "`dicom-pipeline triton` on this data dir"
         )
+    try:
+        tool = dciodvfy_path(settings.output.iod_check)
+    except OutputError as exc:
+        raise _fail(f"{exc} (apt-get install dicom3tools)") from None
+    if tool is None and settings.output.iod_check == "auto":
+        typer.echo("note: dciodvfy not installed: DICOM outputs get the strict read-back only")
     celery = make_celery(settings, embedded_redis.broker_url(settings))
     register_tasks(celery, settings, url)
     n = concurrency or settings.worker.concurrency

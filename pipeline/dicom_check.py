@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 from pydicom import config, dcmread
+from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
 
 from pipeline.errors import OutputError
@@ -72,13 +73,27 @@ def _strict_read(data: bytes, sop_class_uid: str) -> None:
     try:
         with config.strict_reading():
             back = dcmread(io.BytesIO(data))
-            for elem in back.iterall():  # values are converted (and validated) on access
-                _ = elem.value
+            _check_values(back)
+    except OutputError:
+        raise
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types; each means "invalid"
         why = _withhold(str(exc))
         raise OutputError(f"does not read back under strict validation: {why}") from None
     if back.get("SOPClassUID") != sop_class_uid:
         raise OutputError(f"SOP class {back.get('SOPClassUID')} instead of {sop_class_uid}")
+
+
+def _check_values(ds: Dataset) -> None:
+    """Convert (and so validate) every value, naming the attribute that fails."""
+    for tag in list(ds.keys()):
+        try:
+            elem = ds[tag]  # a raw element is converted here, under the strict mode
+        except Exception as exc:  # noqa: BLE001 - as above
+            why = f"{keyword_for_tag(tag) or tag}: {_withhold(str(exc))}"
+            raise OutputError(f"does not read back under strict validation: {why}") from None
+        if elem.VR == "SQ":
+            for item in elem.value:
+                _check_values(item)
 
 
 def _dciodvfy(tool: str, data: bytes) -> None:

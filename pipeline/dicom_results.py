@@ -13,6 +13,7 @@ redelivered task writes (and sends) the same objects again, never a second copy.
 
 from __future__ import annotations
 
+import copy
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,6 +54,31 @@ class Sources:
         return str(next(iter(self.headers.values())).get("Modality", ""))
 
 
+# Patient and study attributes of Type 2 (present, possibly empty) that highdicom reads from the
+# first source; a modality may leave them out altogether.
+_PATIENT_STUDY_TYPE2 = (
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+)
+
+
+def _with_type2(ds: Dataset) -> Dataset:
+    """``ds``, or a copy of it with the missing Type 2 patient and study attributes empty."""
+    missing = [kw for kw in _PATIENT_STUDY_TYPE2 if kw not in ds]
+    if not missing:
+        return ds
+    patched = copy.deepcopy(ds)  # a header: no pixel data to copy
+    for keyword in missing:
+        setattr(patched, keyword, "")
+    return patched
+
+
 def result_uid(*parts: str) -> UID:
     """A 2.25 UID from a name-based UUID (PS3.5 B.2): the same parts, the same UID."""
     return UID(f"2.25.{uuid.uuid5(_UID_NAMESPACE, '/'.join(parts)).int}")
@@ -88,6 +114,7 @@ def build_seg(
         frames = by_frame
     else:
         raise OutputError("a SEG over several multi-frame instances is not supported")
+    images[0] = _with_type2(images[0])
     algorithm = hd.AlgorithmIdentificationSequence(
         name=contract.name,
         family=codes.DCM.ArtificialIntelligence,
@@ -214,11 +241,11 @@ def build_sr(
         procedure_reported=_PROCEDURES.get(modality, codes.SCT.ImagingProcedure),
         imaging_measurements=groups,
     )
-    evidence = (
-        [*sources.headers.values(), *([seg] if seg is not None else [])]
-        if sources is not None
-        else [_identity(result, key)]
-    )
+    if sources is not None:
+        first, *rest = sources.headers.values()
+        evidence = [_with_type2(first), *rest, *([seg] if seg is not None else [])]
+    else:
+        evidence = [_identity(result, key)]
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report,

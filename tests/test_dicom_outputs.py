@@ -64,10 +64,15 @@ def _named(ds: Dataset, scheme: str, value: str) -> list[Dataset]:
 def phantom_study(
     triton: TritonEndpoints, tmp_path: Path
 ) -> tuple[Settings, Path, dict, np.ndarray]:
-    """A lesion phantom received as a CT series and processed: (settings, the series' source
-    folder, SOP Instance UID -> slice index, ground-truth mask)."""
+    """A lesion phantom received as a CT series (without its accession number and the
+    patient's birth date) and processed: (settings, the series' source folder, SOP Instance
+    UID -> slice index, ground-truth mask)."""
     hu, truth, affine = lesion_phantom(TEST_SEED_BASE + 610, lesions=3)
     write_volume_series(tmp_path / "ct", hu.astype(np.float32), affine)
+    for path in (tmp_path / "ct").iterdir():  # Type 2 attributes a modality may leave out
+        ds = dcmread(path)
+        del ds.AccessionNumber, ds.PatientBirthDate
+        ds.save_as(path)
     slice_of = {
         str(dcmread(p, stop_before_pixels=True).SOPInstanceUID): k
         for k, p in enumerate(sorted((tmp_path / "ct").iterdir()))  # 0001.dcm is slice 0
@@ -127,7 +132,7 @@ def test_sr_follows_tid_1500_and_references_the_source(phantom_study: tuple) -> 
     # The observer is the device: the model.
     (observer,) = _named(sr, "DCM", "121005")  # Observer Type
     assert _code(observer, "ConceptCodeSequence") == ("DCM", "121007")  # Device
-    assert [i.TextValue for i in _named(sr, "DCM", "121012")] == ["ct_lesion_segmentation"]
+    assert [i.TextValue for i in _named(sr, "DCM", "121013")] == ["ct_lesion_segmentation"]
     assert {i.TextValue for i in _named(sr, "DCM", "111001")} == {"ct_lesion_segmentation"}
     # The finding (Lesion: Present) and its probability, unit UCUM "1".
     (finding,) = _named(sr, "SCT", "52988006")
@@ -194,7 +199,7 @@ def test_an_invalid_output_is_kept_out_of_results(triton: TritonEndpoints, tmp_p
     settings = _settings(tmp_path)
     job = read_job(settings.spool_dir / spool_study(settings, [tmp_path / "ct"]))
     client = TritonClient(triton.grpc, settings.triton)
-    with pytest.raises(StageError, match=r"sr\.dcm .*(Study ID|StudyID|SH|16)") as err:
+    with pytest.raises(StageError, match=r"sr\.dcm .*StudyID: .*16 allowed for VR SH") as err:
         run_study(job, settings, Models(discover_contracts(MODEL_REPOSITORY)), client)
     assert err.value.stage == "series"
     assert "S" * 20 not in str(err.value)  # values withheld from the message

@@ -217,8 +217,8 @@ routes:
             try:
                 _wait_for(lambda: len(list(pacs_dir.iterdir())) >= 3, 60, "the PACS to get them")
                 time.sleep(0.5)  # storescp renames each file once complete
-                got = {dcmread(p).SOPInstanceUID for p in pacs_dir.iterdir()}
-                assert got == made
+                at_pacs = {dcmread(p).SOPInstanceUID for p in pacs_dir.iterdir()}
+                assert at_pacs == made
             finally:
                 pacs.terminate()
                 pacs.wait(10)
