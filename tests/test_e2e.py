@@ -219,6 +219,8 @@ routes:
                 time.sleep(0.5)  # storescp renames each file once complete
                 at_pacs = {dcmread(p).SOPInstanceUID for p in pacs_dir.iterdir()}
                 assert at_pacs == made
+                worker_log = (data / "run" / "logs" / "worker.log").read_text()
+                assert "pacs unavailable, 3 file(s) to send; retry 1" in worker_log
             finally:
                 pacs.terminate()
                 pacs.wait(10)
