@@ -28,6 +28,8 @@ config_app = typer.Typer(no_args_is_help=True, help="Show or describe the config
 models_app = typer.Typer(no_args_is_help=True, help="The Triton model repository.")
 app.add_typer(config_app, name="config")
 app.add_typer(models_app, name="models")
+failed_app = typer.Typer(no_args_is_help=True, help="Failed items: list, show, retry.")
+app.add_typer(failed_app, name="failed")
 
 log = logging.getLogger("pipeline")
 
@@ -590,6 +592,81 @@ def infer(
         if proc is not None:
             proc.stop()
     raise typer.Exit(1 if failures else 0)
+
+
+@failed_app.command("list")
+def failed_list() -> None:
+    """Every item in data/failed/, oldest first: id, time, stage, error, item."""
+    from pipeline import failed
+
+    found = failed.items(_settings())
+    if not found:
+        typer.echo("no failed items")
+        return
+    for item in found:
+        error = item.error
+        message = str(error.get("message", "")).replace("\n", " ")
+        typer.echo(
+            f"{item.id}  {item.when}  {item.kind}/{error.get('stage', '?')}  "
+            f"{error.get('type', '?')}: {message[:100]}  [{item.what}]"
+        )
+    typer.echo(f"{len(found)} failed item(s); `dicom-pipeline failed show ID` for one")
+
+
+@failed_app.command("show")
+def failed_show(item_id: Annotated[str, typer.Argument(help="An id from `failed list`.")]) -> None:
+    """One failed item: its error and the files kept with it."""
+    from pipeline import failed
+
+    settings = _settings()
+    try:
+        item = failed.find(settings, item_id)
+    except PipelineError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(json.dumps(item.error, indent=2))
+    typer.echo("files:")
+    for path in sorted(item.folder.rglob("*")):
+        if path.is_file() or path.is_symlink():
+            typer.echo(f"  {path.relative_to(item.folder)}")
+
+
+@failed_app.command("retry")
+def failed_retry(
+    item_ids: Annotated[list[str] | None, typer.Argument(help="Ids from `failed list`.")] = None,
+    all_items: Annotated[bool, typer.Option("--all", help="Every retryable item.")] = False,
+) -> None:
+    """Retry failed items after a fix: jobs go back to the spool and are queued, unsent
+    results are queued for sending again."""
+    from pipeline import dispatch, failed
+    from pipeline.jobs import Job
+    from pipeline.queue import enqueue, make_celery
+    from pipeline.services import embedded_redis
+
+    if not item_ids and not all_items:
+        raise _fail("name the items to retry, or --all")
+    settings = _settings()
+    celery = make_celery(settings, embedded_redis.broker_url(settings))
+
+    def send_again(delivery: dispatch.Delivery) -> None:
+        dispatch.queue_delivery(celery, delivery)
+
+    def queue(job: Job) -> bool:
+        return enqueue(celery, settings, job)
+
+    outcomes: list[tuple[str, bool]] = []
+    if all_items:
+        outcomes = [(what, ok) for _, what, ok in failed.retry_all(settings, queue, send_again)]
+    for item_id in item_ids or []:
+        try:
+            item = failed.find(settings, item_id)
+            outcomes.append((failed.retry(settings, item, queue, send_again), True))
+        except PipelineError as exc:
+            outcomes.append((str(exc), False))
+    for what, ok in outcomes:
+        typer.echo(what, err=not ok)
+    if not outcomes:
+        typer.echo("nothing to retry")
+    raise typer.Exit(0 if all(ok for _, ok in outcomes) else 1)
 
 
 def main() -> None:

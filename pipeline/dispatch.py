@@ -54,17 +54,20 @@ def offer(app: Celery, settings: Settings, job_id: str, route: Route, files: lis
         return
     names = [str(p.relative_to(settings.results_dir)) for p in files]
     for destination in route.send_to:
-        message = Delivery(job_id=job_id, destination=destination, files=names)
-        try:
-            app.send_task(
-                DISPATCH_TASK,
-                args=[message.model_dump()],
-                queue=QUEUE,
-                retry=True,
-                retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_max": 1.0},
-            )
-        except (OperationalError, OSError) as exc:
-            raise TransientError(f"cannot queue the sending to {destination}: {exc}") from exc
+        queue_delivery(app, Delivery(job_id=job_id, destination=destination, files=names))
+
+
+def queue_delivery(app: Celery, delivery: Delivery) -> None:
+    try:
+        app.send_task(
+            DISPATCH_TASK,
+            args=[delivery.model_dump()],
+            queue=QUEUE,
+            retry=True,
+            retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_max": 1.0},
+        )
+    except (OperationalError, OSError) as exc:
+        raise TransientError(f"cannot queue the sending to {delivery.destination}: {exc}") from exc
 
 
 def peer(destination: Destination) -> scu.Peer:

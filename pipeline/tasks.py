@@ -96,10 +96,10 @@ def handle(task: Task, ctx: WorkerContext, message: dict[str, Any]) -> None:
             countdown = _backoff(retries, settings.worker.retry_backoff_max_s)
             log.warning("job %s: %s; retry %d in %d s", job.id, exc, retries + 1, countdown)
             raise task.retry(countdown=countdown, exc=exc) from exc
-        _fail(job, settings, exc.error, exc.stage)
+        fail_job(job, settings, exc.error, exc.stage)
     except Exception as exc:
         log.exception("job %s: unexpected error", job.id)
-        _fail(job, settings, exc, "unexpected")
+        fail_job(job, settings, exc, "unexpected")
 
 
 def handle_delivery(task: Task, settings: Settings, message: dict[str, Any]) -> None:
@@ -153,7 +153,8 @@ def _backoff(retries: int, maximum: int) -> int:
     )
 
 
-def _fail(job: Job, settings: Settings, exc: BaseException, stage: str) -> None:
+def fail_job(job: Job, settings: Settings, exc: BaseException, stage: str) -> None:
+    """The job's folder, input kept, to data/failed/<id>/ with error.json."""
     folder = job_dir(settings.spool_dir, job.id)
     if not folder.exists():
         log.error("job %s failed at %s but its spool folder is gone: %s", job.id, stage, exc)

@@ -1,0 +1,134 @@
+"""`dicom-pipeline failed list | show | retry`: a failed item is found, understood, and re-run
+after the fix, through the real Redis and Triton."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import redis
+
+from pipeline.contract import discover_contracts
+from pipeline.demo.synthetic import write_mednist_png
+from pipeline.demo.train import TEST_SEED_BASE
+from pipeline.dispatch import DISPATCH_TASK, Delivery, record_failure
+from pipeline.failed import PREVIOUS_ERROR
+from pipeline.inbox import InboxWatcher
+from pipeline.jobs import ENQUEUED_MARKER, JOB_FILE, spool_file
+from pipeline.processing import Models, StageError, run_job
+from pipeline.queue import QUEUE, TASK_NAME
+from pipeline.routing import Match, Route
+from pipeline.services import embedded_redis
+from pipeline.services.embedded_triton import TritonEndpoints
+from pipeline.settings import Settings
+from pipeline.tasks import fail_job
+from pipeline.triton_client import TritonClient
+
+from .conftest import MODEL_REPOSITORY, make_settings
+
+
+def _cli(settings: Settings, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    (tmp_path / "none.yaml").write_text("{}\n")
+    env = {
+        **os.environ,
+        "PIPELINE_DATA_DIR": str(settings.data_dir),
+        "PIPELINE_CONFIG": str(tmp_path / "none.yaml"),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", "failed", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+
+
+def _queued(settings: Settings) -> list[dict[str, object]]:
+    client = redis.Redis(unix_socket_path=str(embedded_redis.socket_path(settings)))
+    return [json.loads(m) for m in client.lrange(QUEUE, 0, -1)]
+
+
+def test_a_failed_job_is_listed_shown_and_retried_after_the_fix(
+    redis_settings: Settings, triton: TritonEndpoints, tmp_path: Path
+) -> None:
+    settings = make_settings(redis_settings.data_dir, triton={"model_repository": MODEL_REPOSITORY})
+    # A configuration mistake: the rule names a model Triton does not serve.
+    broken = make_settings(
+        settings.data_dir,
+        triton={"model_repository": MODEL_REPOSITORY},
+        routes=[Route(name="xr", match=Match(kind=("image",)), models=("chest_xray_v2",))],
+    )
+    write_mednist_png(settings.inbox_dir / "hand.png", "Hand", TEST_SEED_BASE + 620)
+    job = spool_file(settings.inbox_dir / "hand.png", settings.inbox_dir, settings.spool_dir)
+    models = Models(discover_contracts(MODEL_REPOSITORY))
+    client = TritonClient(triton.grpc, settings.triton)
+    try:
+        run_job(job, broken, models, client)
+        raise AssertionError("the job should fail")
+    except StageError as exc:
+        fail_job(job, broken, exc.error, exc.stage)  # what the task does
+    assert (settings.failed_dir / job.id / "hand.png").is_file()
+
+    listed = _cli(settings, tmp_path, "list")
+    assert listed.returncode == 0, listed.stderr
+    (line,) = [li for li in listed.stdout.splitlines() if li.startswith(job.id)]
+    assert "job/load" in line and "chest_xray_v2" in line and "[hand.png]" in line
+
+    shown = _cli(settings, tmp_path, "show", job.id)
+    assert shown.returncode == 0, shown.stderr
+    assert "ModelNotFoundError" in shown.stdout and "  hand.png" in shown.stdout
+
+    # After the fix (the default rules), the operator retries it.
+    retried = _cli(settings, tmp_path, "retry", job.id)
+    assert retried.returncode == 0, retried.stderr
+    assert f"job {job.id} queued again" in retried.stdout
+    folder = settings.spool_dir / job.id
+    assert (folder / JOB_FILE).is_file() and (folder / ENQUEUED_MARKER).exists()
+    assert "chest_xray_v2" in (folder / PREVIOUS_ERROR).read_text()
+    assert not (settings.failed_dir / job.id).exists()
+    (message,) = _queued(settings)
+    assert message["headers"]["id"] == job.id and message["headers"]["task"] == TASK_NAME  # type: ignore[index]
+    run_job(job, settings, models, client)  # what the worker does with it
+    result = json.loads(
+        (settings.results_dir / job.id / "mednist_classifier" / "result.json").read_text()
+    )
+    assert result["prediction"]["label"] == "Hand"
+
+    again = _cli(settings, tmp_path, "retry", "--all")
+    assert again.returncode == 0 and "nothing to retry" in again.stdout
+    missing = _cli(settings, tmp_path, "show", "20990101T000000Z-00000000")
+    assert missing.returncode == 2 and "no failed item" in missing.stderr
+
+
+def test_unsent_results_are_queued_again_and_intake_refusals_are_not_retried(
+    redis_settings: Settings, tmp_path: Path
+) -> None:
+    settings = redis_settings
+    (settings.results_dir / "study").mkdir(parents=True)
+    (settings.results_dir / "study" / "sr.dcm").write_bytes(b"kept in results")
+    unsent = Delivery(
+        job_id="20261124T000000Z-0000abcd", destination="pacs", files=["study/sr.dcm"]
+    )
+    record_failure(settings, unsent, {"study/sr.dcm": "pacs still unavailable after 101 attempts"})
+    (tmp_path / "outside.png").write_bytes(b"x")
+    (settings.inbox_dir / "link.png").symlink_to(tmp_path / "outside.png")
+    InboxWatcher(settings, lambda _job: True)._take(settings.inbox_dir / "link.png")
+    (refused,) = [p.name for p in settings.failed_dir.iterdir() if ".send-" not in p.name]
+
+    listed = _cli(settings, tmp_path, "list")
+    assert "send/dispatch" in listed.stdout and "[1 file(s) to pacs]" in listed.stdout
+    assert f"{refused}  " in listed.stdout and "intake/intake" in listed.stdout
+
+    retried = _cli(settings, tmp_path, "retry", "--all")
+    assert retried.returncode == 0, retried.stderr
+    assert "sending of 1 file(s) queued" in retried.stdout
+    (message,) = _queued(settings)
+    assert message["headers"]["task"] == DISPATCH_TASK  # type: ignore[index]
+    assert not (settings.failed_dir / f"{unsent.job_id}.send-pacs").exists()
+
+    not_retryable = _cli(settings, tmp_path, "retry", refused)
+    assert not_retryable.returncode == 1 and "nothing to retry" in not_retryable.stderr
+    assert (settings.failed_dir / refused / "link.png").is_symlink()  # still kept
