@@ -34,7 +34,9 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 # pytest exits 5 when it collected no test: make treats that as the failure it is.
-test: lint
+# The demo weights are trained first (once; minutes on a small CPU machine), so their training
+# does not count against the tests' per-test timeout.
+test: lint demo-weights
 	$(BIN)/python -m pytest
 
 clean-data:

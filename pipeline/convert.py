@@ -9,7 +9,6 @@ may carry patient names, and these messages are logged.
 from __future__ import annotations
 
 import warnings
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +19,7 @@ import numpy as np
 import pydicom
 from monai import transforms as mt
 from monai.data import MetaTensor
-from nibabel.filebasedimages import ImageFileError
-from PIL import Image, UnidentifiedImageError
-from pydicom.errors import InvalidDicomError
+from PIL import Image
 from pydicom.pixels.processing import apply_rescale
 
 from pipeline.contract import InputKind, ModelContract
@@ -82,7 +79,7 @@ def detect_kind(path: Path) -> InputKind:
 def load(path: Path) -> LoadedImage:
     kind = detect_kind(path)
     if path.stat().st_size == 0:
-        raise InputError("empty file")
+        raise InputError("empty file (0 bytes)")
     loader = {
         InputKind.IMAGE: _load_image,
         InputKind.NIFTI: _load_nifti,
@@ -91,7 +88,16 @@ def load(path: Path) -> LoadedImage:
     array = loader[kind](path)
     if array.numel() > MAX_VOXELS:
         raise InputError(f"{array.shape} is larger than {MAX_VOXELS} voxels")
+    if array.numel() == 0:
+        raise InputError(f"an empty image (shape {tuple(array.shape[1:])})")
     return LoadedImage(kind, array)
+
+
+# _PARSER_ERRORS: the loaders catch every Exception that Pillow, nibabel and pydicom raise
+# while parsing, because on malformed files they raise far more than their documented types
+# (the fuzz tests found TypeError, OverflowError, KeyError, HeaderDataError, numpy's
+# DTypePromotionError and pydicom's BytesLengthException). Each means the same to a user: this
+# file cannot be read. The message keeps the library's words and the exception's type.
 
 
 def _reason(exc: BaseException, path: Path) -> str:
@@ -105,7 +111,7 @@ def _load_image(path: Path) -> MetaTensor:
         with Image.open(path) as img:
             img.load()  # decode now: a truncated file fails here, not later
             pixels = np.array(img.convert("F"), dtype=np.float32)  # grayscale, 8 or 16 bit
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+    except Exception as exc:  # see _PARSER_ERRORS
         raise InputError(f"not a readable PNG/JPEG image ({_reason(exc, path)})") from exc
     return MetaTensor(pixels[np.newaxis])
 
@@ -119,8 +125,10 @@ def _load_nifti(path: Path) -> MetaTensor:
         data = np.asarray(img.get_fdata(dtype=np.float32))
     except InputError:
         raise
-    except (OSError, EOFError, ValueError, zlib.error, ImageFileError) as exc:
+    except Exception as exc:  # see _PARSER_ERRORS
         raise InputError(f"not a readable NIfTI file ({_reason(exc, path)})") from exc
+    if not np.isfinite(img.affine).all():
+        raise InputError("the NIfTI header's geometry (pixdim, affine) is not finite")
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
@@ -137,31 +145,70 @@ def _load_dicom(path: Path) -> MetaTensor:
             raise InputError(
                 f"DICOM object without pixel data (SOP class {ds.get('SOPClassUID', 'unknown')})"
             )
-        rows, cols = int(ds.Rows), int(ds.Columns)
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        if rows * cols * frames > MAX_VOXELS:
-            raise InputError(f"{frames}x{rows}x{cols} is too large")
+        check_pixel_description(ds)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             pixels = apply_rescale(ds.pixel_array, ds).astype(np.float32)
+        if not np.isfinite(pixels).all():
+            raise InputError("pixel values are not finite (check RescaleSlope/Intercept)")
     except InputError:
         raise
-    except (
-        InvalidDicomError,
-        OSError,
-        EOFError,
-        ValueError,
-        AttributeError,
-        KeyError,
-        NotImplementedError,
-        RuntimeError,
-    ) as exc:
+    except Exception as exc:  # see _PARSER_ERRORS
         raise InputError(f"not a readable DICOM image ({_reason(exc, path)})") from exc
     if pixels.ndim == 3 and pixels.shape[-1] in (3, 4) and ds.get("SamplesPerPixel", 1) > 1:
         pixels = pixels[..., :3].mean(axis=-1)
     if pixels.ndim == 3:  # multi-frame: (frames, rows, cols) -> (cols, rows, frames) like NIfTI
         pixels = np.transpose(pixels, (2, 1, 0))
     return MetaTensor(pixels[np.newaxis])
+
+
+_PHOTOMETRIC = {
+    "MONOCHROME1",
+    "MONOCHROME2",
+    "RGB",
+    "YBR_FULL",
+    "YBR_FULL_422",
+    "YBR_RCT",
+    "YBR_ICT",
+    "PALETTE COLOR",
+}
+
+
+def check_pixel_description(ds: pydicom.Dataset) -> None:
+    """The Image Pixel module must describe the pixel data it comes with (PS3.3 C.7.6.3):
+    pydicom would otherwise decode a mismatch into a wrong image, or crash."""
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    frames = int(ds.get("NumberOfFrames", 1) if "NumberOfFrames" in ds else 1)
+    samples = int(ds.get("SamplesPerPixel", 1))
+    allocated = int(ds.get("BitsAllocated", 0) or 0)
+    stored = int(ds.get("BitsStored", allocated) or 0)
+    high = int(ds.get("HighBit", stored - 1))
+    photometric = str(ds.get("PhotometricInterpretation", ""))
+    if min(rows, cols, frames) < 1:
+        raise InputError(f"no pixels: {frames} frame(s) of {rows}x{cols}")
+    if rows * cols * frames > MAX_VOXELS:
+        raise InputError(f"{frames}x{rows}x{cols} is too large")
+    if samples not in (1, 3) or allocated not in (1, 8, 16, 32) or not 0 < stored <= allocated:
+        raise InputError(
+            f"unsupported pixel description: {samples} sample(s), {allocated} bits allocated, "
+            f"{stored} stored"
+        )
+    if high != stored - 1 or int(ds.get("PixelRepresentation", 0)) not in (0, 1):
+        raise InputError("inconsistent pixel description (HighBit, PixelRepresentation)")
+    if photometric not in _PHOTOMETRIC or (samples == 3) == photometric.startswith("MONO"):
+        raise InputError(f"photometric interpretation {photometric!r} with {samples} sample(s)")
+    if photometric == "PALETTE COLOR" and "RedPaletteColorLookupTableData" not in ds:
+        raise InputError("PALETTE COLOR without its lookup tables")
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax is not None and not syntax.is_compressed:
+        expected = (rows * cols * frames * samples * allocated + 7) // 8
+        actual = len(ds.PixelData)
+        if actual not in (expected, expected + 1):  # one byte of padding to an even length
+            raise InputError(
+                f"pixel data is {actual} bytes, the header declares {expected} "
+                f"({frames}x{rows}x{cols}, {samples} sample(s), {allocated} bits)"
+            )
 
 
 def preprocessor(contract: ModelContract) -> mt.Compose:

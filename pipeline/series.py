@@ -27,8 +27,8 @@ import numpy as np
 from pydicom import dcmread
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 
+from pipeline.convert import check_pixel_description
 from pipeline.errors import InputError
 from pipeline.routing import SeriesFacts
 
@@ -228,17 +228,23 @@ def load_series(paths: Iterable[Path]) -> Volume:
     for path in paths:
         try:
             ds = dcmread(path)
-        except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
-            skipped.append(Skipped(path.name, f"not readable DICOM: {exc}"))
+        except Exception as exc:  # noqa: BLE001 - pydicom raises many types on malformed files
+            skipped.append(Skipped(path.name, f"not readable DICOM: {type(exc).__name__}: {exc}"))
             continue
-        if reason := _skip_reason(ds, values):
-            skipped.append(Skipped(path.name, reason))
-            continue
-        uid = str(values.get(ds, "SeriesInstanceUID", ""))
-        if series_uid and uid != series_uid:
-            raise InputError("files of more than one series given as one")
-        series_uid, modality = uid, str(values.get(ds, "Modality", ""))
-        planes.extend(_planes(ds, values))
+        try:
+            if reason := _skip_reason(ds, values):
+                skipped.append(Skipped(path.name, reason))
+                continue
+            uid = str(values.get(ds, "SeriesInstanceUID", ""))
+            if series_uid and uid != series_uid:
+                raise InputError("files of more than one series given as one")
+            series_uid, modality = uid, str(values.get(ds, "Modality", ""))
+            check_pixel_description(ds)
+            planes.extend(_planes(ds, values))
+        except InputError as exc:
+            raise InputError(f"instance {path.stem}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - a value its VR allows but we cannot use
+            raise InputError(f"instance {path.stem}: {type(exc).__name__}: {exc}") from None
     if not planes:
         raise InputError("no image in the series")
     return _assemble(planes, series_uid, modality, skipped, values)
@@ -377,20 +383,17 @@ def group_series(paths: Iterable[Path]) -> tuple[list[SeriesGroup], list[Skipped
         try:
             # Large values (the pixel data) are deferred: seen as present, never read here.
             ds = dcmread(path, defer_size=4096)
-        except (InvalidDicomError, OSError, ValueError, EOFError) as exc:
-            skipped.append(Skipped(path.name, f"not readable DICOM: {exc}"))
+            sop = str(ds.get("SOPInstanceUID", ""))
+            uid = str(ds.get("SeriesInstanceUID", ""))
+        except Exception as exc:  # noqa: BLE001 - pydicom raises many types on malformed files
+            skipped.append(Skipped(path.name, f"not readable DICOM: {type(exc).__name__}: {exc}"))
             continue
-        sop = str(ds.get("SOPInstanceUID", ""))
         reason = "a second copy of an instance" if sop and sop in seen else None
         seen.add(sop)
-        reason = reason or _skip_reason(ds, values)
-        uid = str(ds.get("SeriesInstanceUID", ""))
-        if reason is not None:
-            skipped.append(Skipped(path.name, reason))
-            continue
-        group = groups.get(uid)
-        if group is None:
-            group = groups[uid] = SeriesGroup(
+        try:
+            reason = reason or _skip_reason(ds, values)
+            frames = int(ds.get("NumberOfFrames", 1) or 1)
+            group = groups.get(uid) or SeriesGroup(
                 uid=uid,
                 paths=[],
                 modality=str(ds.get("Modality", "")),
@@ -401,6 +404,12 @@ def group_series(paths: Iterable[Path]) -> tuple[list[SeriesGroup], list[Skipped
                 rows=int(ds.get("Rows", 0) or 0),
                 cols=int(ds.get("Columns", 0) or 0),
             )
+        except Exception as exc:  # noqa: BLE001 - values their VR allows but we cannot use
+            reason = f"unusable header: {type(exc).__name__}: {exc}"
+        if reason is not None:
+            skipped.append(Skipped(path.name, reason))
+            continue
+        groups[uid] = group
         group.paths.append(path)
-        group.planes += int(ds.get("NumberOfFrames", 1) or 1)
+        group.planes += frames
     return list(groups.values()), skipped

@@ -6,8 +6,14 @@ a temporary folder, Triton on loopback ports chosen free at start.
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -78,3 +84,61 @@ def spool_study(settings: Settings, folders: list[Path], calling: str = "CT01") 
     )
     assert job is not None
     return job.id
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def wait_for(predicate: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def up_env(tmp_path: Path, model_repository: Path, dicom_port: int) -> dict[str, str]:
+    """The environment of a `dicom-pipeline up` a test owns: its own data folder, its own
+    configuration file (``tmp_path/config.yaml``, the default rules unless the test writes
+    one), the model repository, the receiver on loopback at ``dicom_port``."""
+    config = tmp_path / "config.yaml"
+    if not config.exists():
+        config.write_text("{}\n")
+    return dict(
+        os.environ,
+        PIPELINE_DATA_DIR=str(tmp_path / "data"),
+        PIPELINE_TRITON__MODEL_REPOSITORY=str(model_repository),
+        PIPELINE_INBOX__SETTLE_SECONDS="0.5",
+        PIPELINE_CONFIG=str(config),
+        PIPELINE_RECEIVER__HOST="127.0.0.1",
+        PIPELINE_RECEIVER__PORT=str(dicom_port),
+    )
+
+
+@contextmanager
+def running_up(tmp_path: Path, env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+    """`dicom-pipeline up`, ready; stopped with SIGTERM on the way out (log: tmp_path/up.log)."""
+    with (tmp_path / "up.log").open("w+") as log:
+        up = subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "up"],
+            env=env,
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_for(lambda: "ready." in (tmp_path / "up.log").read_text(), 300, "`up` to be ready")
+            yield up
+        finally:
+            up.send_signal(signal.SIGTERM)
+            try:
+                up.wait(90)
+            except subprocess.TimeoutExpired:
+                up.kill()
+                raise

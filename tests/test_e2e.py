@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -31,15 +30,9 @@ from pipeline.demo.synthetic import (
 from pipeline.demo.train import TEST_SEED_BASE
 from pipeline.services.process import descendants, free_port
 
+from .conftest import alive, running_up, up_env, wait_for
+
 pytestmark = pytest.mark.e2e
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def _by_input_name(root: Path, pattern: str, section: str) -> dict[str, dict[str, Any]]:
@@ -49,31 +42,13 @@ def _by_input_name(root: Path, pattern: str, section: str) -> dict[str, dict[str
     return {doc[section][key]: doc for doc in docs}
 
 
-def _wait_for(predicate: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
 def test_inbox_to_results_through_real_services(model_repository: Path, tmp_path: Path) -> None:
     data = tmp_path / "data"
     dicom_port = free_port()
-    env = dict(
-        os.environ,
-        PIPELINE_DATA_DIR=str(data),
-        PIPELINE_TRITON__MODEL_REPOSITORY=str(model_repository),
-        PIPELINE_INBOX__SETTLE_SECONDS="0.5",
-        PIPELINE_CONFIG=str(tmp_path / "none.yaml"),
-        PIPELINE_RECEIVER__HOST="127.0.0.1",
-        PIPELINE_RECEIVER__PORT=str(dicom_port),
-    )
     pacs_port = free_port()
     # The default rules, but a CT study's DICOM results also go to a PACS (a dcmtk storescp,
     # started only once the results exist: down first, up later).
-    (tmp_path / "none.yaml").write_text(
+    (tmp_path / "config.yaml").write_text(
         f"""
 destinations:
   pacs: {{host: 127.0.0.1, port: {pacs_port}, ae_title: PACS, retry_backoff_max_s: 2}}
@@ -90,20 +65,7 @@ routes:
     models: [mednist_classifier]
 """
     )
-    log = (tmp_path / "up.log").open("w+")
-    up = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "up"],
-        env=env,
-        cwd=tmp_path,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        _wait_for(
-            lambda: "ready. Send studies" in (tmp_path / "up.log").read_text(),
-            300,
-            "`up` to say where the inbox is",
-        )
+    with running_up(tmp_path, up_env(tmp_path, model_repository, dicom_port)) as up:
         assert str((data / "inbox").resolve()) in (tmp_path / "up.log").read_text()
         inbox = data / "inbox"
         expected: dict[str, tuple[str, str]] = {}
@@ -131,7 +93,7 @@ routes:
         def failed() -> dict[str, dict[str, Any]]:
             return _by_input_name(data / "failed", "*/error.json", "job")
 
-        _wait_for(
+        wait_for(
             lambda: len(results()) >= len(expected) and len(failed()) >= 2,
             180,
             "results and failures",
@@ -139,7 +101,7 @@ routes:
         # A good file dropped after the bad ones still gets its result.
         write_mednist_png(inbox / "late.png", "Hand", TEST_SEED_BASE + 400)
         expected["late.png"] = ("mednist_classifier", "Hand")
-        _wait_for(lambda: "late.png" in results(), 60, "the late file's result")
+        wait_for(lambda: "late.png" in results(), 60, "the late file's result")
 
         got = results()
         assert set(got) == set(expected)
@@ -162,7 +124,7 @@ routes:
         for name in ("ward3/pos.nii.gz", "neg.nii.gz"):
             job_id = got[name]["job_id"]
             seg = data / "results" / job_id / "ct_lesion_segmentation" / "result.json"
-            _wait_for(seg.exists, 60, f"the segmentation of {name}")  # written after the class
+            wait_for(seg.exists, 60, f"the segmentation of {name}")  # written after the class
             assert json.loads(seg.read_text())["segmentation"]["mask"] == "mask.nii.gz"
             # No DICOM source: an SR of its own, the patient unknown.
             assert dcmread(seg.parent / "sr.dcm").PatientID == ""
@@ -188,7 +150,7 @@ routes:
         )
         assert sent.returncode == 0, sent.stderr
         study_dir = data / "results" / spec.study_uid
-        _wait_for((study_dir / "study.json").exists, 180, "the DICOM study's results")
+        wait_for((study_dir / "study.json").exists, 180, "the DICOM study's results")
         covid = study_dir / "ct_covid_classifier" / spec.series_uid / "result.json"
         doc = json.loads(covid.read_text())
         assert doc["input"]["source"] == "dicom" and doc["input"]["route"] == "ct-volume"
@@ -215,7 +177,7 @@ routes:
                 stderr=subprocess.DEVNULL,
             )
             try:
-                _wait_for(lambda: len(list(pacs_dir.iterdir())) >= 3, 60, "the PACS to get them")
+                wait_for(lambda: len(list(pacs_dir.iterdir())) >= 3, 60, "the PACS to get them")
                 time.sleep(0.5)  # storescp renames each file once complete
                 at_pacs = {dcmread(p).SOPInstanceUID for p in pacs_dir.iterdir()}
                 assert at_pacs == made
@@ -229,17 +191,10 @@ routes:
             return [p for p in (data / "spool").iterdir() if not p.name.startswith(".")]
 
         # study.json is written just before the study's input moves to the archive.
-        _wait_for(lambda: not spooled(), 30, "the spool to empty")
+        wait_for(lambda: not spooled(), 30, "the spool to empty")
         assert not any((data / "results").rglob("*.tmp"))
 
         children = descendants(up.pid)
         assert len(children) >= 3  # redis, triton (+ stubs), worker (+ pool)
-    finally:
-        up.send_signal(signal.SIGTERM)
-        try:
-            up.wait(90)
-        except subprocess.TimeoutExpired:
-            up.kill()
-            raise
     assert up.returncode == 0, (tmp_path / "up.log").read_text()[-3000:]
-    _wait_for(lambda: not any(_alive(p) for p in children), 10, "children to exit")
+    wait_for(lambda: not any(alive(p) for p in children), 10, "children to exit")

@@ -1,0 +1,119 @@
+"""Bad input never crashes a service and never vanishes: 213 generated bad inputs dropped into
+the inbox of a running `dicom-pipeline up`, good ones interleaved. Every bad one ends in
+data/failed/ with a clear error and the input kept; every good one gets its result; the
+services keep running; no log line carries the test patient's name or ID."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline.demo.dicom_series import TEST_PATIENT_ID, TEST_PATIENT_NAME
+from pipeline.demo.synthetic import MEDNIST_LABELS, write_mednist_png
+from pipeline.demo.train import TEST_SEED_BASE
+from pipeline.services.process import descendants, free_port
+
+from .bad_inputs import all_cases
+from .conftest import alive, running_up, up_env, wait_for
+
+pytestmark = pytest.mark.e2e
+
+# Odd names are not errors: with good content they get results like any other file.
+ODD_GOOD_NAMES = [
+    "space in name.png",
+    "-leading-dash.png",
+    "unicodé-名前.png",
+    "emoji-\U0001f9e0.png",
+]
+
+
+def _docs(root: Path, pattern: str) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in root.glob(pattern)]
+
+
+def test_bad_inputs_fail_clearly_and_good_ones_interleaved_get_results(
+    model_repository: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    env = up_env(tmp_path, model_repository, free_port())
+    with running_up(tmp_path, env) as up:
+        children = descendants(up.pid)
+        inbox, staging = data / "inbox", tmp_path / "staging"
+        staging.mkdir()
+        bad: list[str] = []
+        good: dict[str, str] = {}
+        for i, (name, content) in enumerate(all_cases()):
+            (staging / name).write_bytes(content)
+            os.replace(staging / name, inbox / name)  # appears whole, as a copy tool would
+            bad.append(name)
+            if i % 20 == 0:  # a good file every 20 bad ones
+                label = MEDNIST_LABELS[(i // 20) % len(MEDNIST_LABELS)]
+                good_name = f"good-{i:03d}.png"
+                write_mednist_png(staging / good_name, label, TEST_SEED_BASE + 800 + i)
+                os.replace(staging / good_name, inbox / good_name)
+                good[good_name] = label
+        for k, name in enumerate(ODD_GOOD_NAMES):
+            write_mednist_png(staging / name, "Hand", TEST_SEED_BASE + 900 + k)
+            os.replace(staging / name, inbox / name)
+            good[name] = "Hand"
+        # Symbolic links pointing outside the inbox: to a file, to a folder, to nothing.
+        (tmp_path / "secret.dcm").write_bytes(b"outside the inbox")
+        for name, target in {
+            "link-to-file.dcm": tmp_path / "secret.dcm",
+            "link-to-folder.png": tmp_path,
+            "link-dangling.nii": tmp_path / "nowhere.nii",
+        }.items():
+            (inbox / name).symlink_to(target)
+            bad.append(name)
+        assert len(bad) >= 200
+
+        def failed() -> dict[str, dict[str, Any]]:
+            out = {}
+            for doc in _docs(data / "failed", "*/error.json"):
+                job = doc.get("job") or {}
+                out[str(job.get("original_name") or doc.get("original_name"))] = doc
+            return out
+
+        def results() -> dict[str, dict[str, Any]]:
+            return {d["input"]["name"]: d for d in _docs(data / "results", "*/*/result.json")}
+
+        wait_for(
+            lambda: len(failed()) >= len(bad) and len(results()) >= len(good),
+            600,
+            f"{len(bad)} failures and {len(good)} results",
+        )
+        errors = failed()
+        assert set(errors) == set(bad), set(bad) ^ set(errors)
+        unclear = {n: e for n, e in errors.items() if e["stage"] not in ("load", "intake")}
+        assert not unclear, unclear  # every one refused where it was read, with its reason
+        for name, error in errors.items():
+            assert error["type"] in ("InputError", "NoModelError"), (name, error)
+            assert len(error["message"]) > 10, (name, error)
+            folder = data / "failed" / str((error.get("job") or {}).get("id") or "")
+            if error["stage"] == "intake":
+                kept = [
+                    p for p in (data / "failed").iterdir() if (p / Path(name).name).is_symlink()
+                ]
+                assert kept, name  # the link itself is kept, its target untouched
+            else:
+                assert (folder / Path(name).name).is_file(), name  # the input is kept
+        assert (tmp_path / "secret.dcm").read_bytes() == b"outside the inbox"
+        got = results()
+        assert {n: d["prediction"]["label"] for n, d in got.items()} == good
+
+        # Every service is still up, and a file dropped now is processed.
+        assert up.poll() is None and all(alive(pid) for pid in children)
+        write_mednist_png(staging / "after.png", "CXR", TEST_SEED_BASE + 950)
+        os.replace(staging / "after.png", inbox / "after.png")
+        wait_for(lambda: "after.png" in results(), 60, "the file dropped after the corpus")
+
+        # The corpus' DICOM files carry the test patient; no log line may.
+        logs = [tmp_path / "up.log", *(data / "run" / "logs").glob("*.log")]
+        for path in logs:
+            text = path.read_text(errors="replace")
+            for needle in (TEST_PATIENT_NAME, TEST_PATIENT_ID, "DOE^JANE"):
+                assert needle not in text, f"{needle} in {path.name}"
