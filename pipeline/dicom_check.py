@@ -27,7 +27,7 @@ from pydicom import config, dcmread
 from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
 
-from pipeline.errors import OutputError
+from pipeline.errors import OutputError, TransientError
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,10 @@ def _check_values(ds: Dataset) -> None:
 def _dciodvfy(tool: str, data: bytes) -> None:
     with tempfile.TemporaryDirectory(prefix="iodcheck-") as tmp:
         path = Path(tmp) / "object.dcm"
-        path.write_bytes(data)
+        try:
+            path.write_bytes(data)
+        except OSError as exc:  # no room for the copy dciodvfy reads: try again later
+            raise TransientError(f"cannot check a DICOM output: {exc}") from exc
         try:
             run = subprocess.run(
                 [tool, "-new", str(path)],

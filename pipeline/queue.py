@@ -9,6 +9,7 @@ never import the task code.
 from __future__ import annotations
 
 import logging
+import time
 
 from celery import Celery
 from kombu.exceptions import OperationalError
@@ -25,6 +26,16 @@ QUEUE = "pipeline"
 # plus the longest retry countdown, or a slow task would run twice.
 VISIBILITY_TIMEOUT_S = 3600
 ENQUEUE_LOCK = ".enqueue.lock"
+# A Redis that hangs (stopped, overloaded, a network partition) must not hang the watcher or
+# the receiver: calls give up after these; and after a send that failed slowly, producers
+# stop trying for BROKER_COOLDOWN_S (the job waits in the spool; the periodic re-offer sends
+# it later), so intake is not held up a timeout per job. A refused connection fails at once
+# and sets no cooldown.
+BROKER_SOCKET_TIMEOUT_S = 5.0
+BROKER_CONNECT_TIMEOUT_S = 3.0
+BROKER_COOLDOWN_S = 15.0
+_SLOW_FAILURE_S = 5.0  # a refused connection fails within the retry policy's ~2 s
+_broker_down_until = 0.0
 
 
 def make_celery(settings: Settings, broker_url: str) -> Celery:
@@ -41,7 +52,11 @@ def make_celery(settings: Settings, broker_url: str) -> Celery:
         task_soft_time_limit=settings.worker.task_soft_time_limit_s,
         task_time_limit=settings.worker.task_time_limit_s,
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S},
+        broker_transport_options={
+            "visibility_timeout": VISIBILITY_TIMEOUT_S,
+            "socket_timeout": BROKER_SOCKET_TIMEOUT_S,
+            "socket_connect_timeout": BROKER_CONNECT_TIMEOUT_S,
+        },
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
     )
@@ -50,6 +65,8 @@ def make_celery(settings: Settings, broker_url: str) -> Celery:
 
 def enqueue(app: Celery, settings: Settings, job: Job) -> bool:
     """Send the job's task; False (job stays spooled, retried later) when Redis is down."""
+    if time.monotonic() < _broker_down_until:
+        return False  # failed a moment ago: the job waits in the spool for the next re-offer
     # The watcher and the receiver may both offer the same pending job: one at a time, each
     # checking the marker under the lock, so a job is sent once.
     with flocked(settings.spool_dir / ENQUEUE_LOCK):
@@ -60,7 +77,9 @@ def enqueue(app: Celery, settings: Settings, job: Job) -> bool:
 
 
 def _send(app: Celery, settings: Settings, job: Job) -> bool:
+    global _broker_down_until
     message = job.model_copy(update={"queued_at": now()}).model_dump(mode="json")
+    started = time.monotonic()
     try:
         app.send_task(
             TASK_NAME,
@@ -75,7 +94,9 @@ def _send(app: Celery, settings: Settings, job: Job) -> bool:
                 "interval_max": 1.0,
             },
         )
-    except (OperationalError, OSError) as exc:
+    except (OperationalError, OSError, TimeoutError) as exc:
+        if time.monotonic() - started > _SLOW_FAILURE_S:
+            _broker_down_until = time.monotonic() + BROKER_COOLDOWN_S
         log.warning("job %s stays spooled, broker unavailable: %s", job.id, exc)
         return False
     mark_enqueued(settings.spool_dir, job.id)
