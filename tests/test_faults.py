@@ -143,8 +143,9 @@ def test_redis_stopped_triton_killed_worker_killed_nothing_lost(
             60,
             "the worker to take study B",
         )
-        worker = _one(descendants(up.pid), "pipeline worker")
-        pool = [p for p in descendants(up.pid) if _ppid(p) == worker]
+        workers = [p for p in descendants(up.pid) if "pipeline worker" in _cmdline(p)]
+        (worker,) = [p for p in workers if _ppid(p) == up.pid]  # the pool's parent
+        pool = [p for p in workers if _ppid(p) == worker]
         assert pool
         for pid in pool:
             os.kill(pid, signal.SIGKILL)

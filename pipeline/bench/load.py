@@ -1,0 +1,168 @@
+"""Load benchmark: many studies at once through `dicom-pipeline up`, as users would send them.
+
+    python -m pipeline.bench.load [--associations 20] [--instances 100] [--files 200]
+
+Starts ``up`` in a fresh data folder, then at the same moment opens ``--associations``
+concurrent associations (one ``dicom-pipeline send`` each, a CT study of ``--instances``
+64x64 slices) and drops ``--files`` PNGs into the inbox. Waits until every study and file has
+its results, and checks that nothing failed or was done twice. Prints items per minute and the
+p50/p95 latency from the moment an item was in (the sender's last instance acknowledged, or
+the file dropped) to its last ``result.json`` on disk. Writes the figures as JSON with
+``--json``. Needs the demo weights (``dicom-pipeline models build-demo``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.demo.dicom_series import new_series, write_series
+from pipeline.demo.synthetic import MEDNIST_LABELS, write_mednist_png
+from pipeline.services.process import free_port
+
+
+def _start_up(work: Path, port: int, associations: int) -> subprocess.Popen[bytes]:
+    config = work / "config.yaml"
+    # Room for every association at once (the default, 16, would make some senders retry).
+    config.write_text(f"receiver: {{max_associations: {associations + 4}}}\n")
+    env = {
+        **os.environ,
+        "PIPELINE_DATA_DIR": str(work / "data"),
+        "PIPELINE_CONFIG": str(config),
+        "PIPELINE_RECEIVER__HOST": "127.0.0.1",
+        "PIPELINE_RECEIVER__PORT": str(port),
+        "PIPELINE_INBOX__SETTLE_SECONDS": "0.5",
+        "PIPELINE_LOG_LEVEL": "WARNING",
+    }
+    log = (work / "up.log").open("w")
+    up = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "up"], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    deadline = time.monotonic() + 300
+    while "ready." not in (work / "up.log").read_text():
+        if up.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"`up` did not start; see {work / 'up.log'}")
+        time.sleep(0.5)
+    return up
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="bench-load-"))
+    port = free_port()
+    studies = []
+    for i in range(args.associations):
+        spec = new_series(slices=args.instances, rows=64, cols=64)
+        write_series(work / "studies" / f"{i:02d}", spec, seed=i)
+        studies.append(spec.study_uid)
+    staging = work / "staging"
+    staging.mkdir()
+    for i in range(args.files):
+        write_mednist_png(staging / f"{i:03d}.png", MEDNIST_LABELS[i % 6], 10_000 + i)
+    up = _start_up(work, port, args.associations)
+    data = work / "data"
+    try:
+        acked: dict[str, float] = {}  # study UID or file name -> when it was in
+
+        def send(i: int) -> None:
+            folder = work / "studies" / f"{i:02d}"
+            done = subprocess.run(
+                [sys.executable, "-m", "pipeline", "send", str(folder), "--port", str(port)],
+                capture_output=True,
+            )
+            if done.returncode != 0:
+                raise RuntimeError(done.stderr.decode()[-500:])
+            acked[studies[i]] = time.time()
+
+        started = time.time()
+        senders = [threading.Thread(target=send, args=(i,)) for i in range(args.associations)]
+        for t in senders:
+            t.start()
+        for path in sorted(staging.iterdir()):
+            os.replace(path, data / "inbox" / path.name)
+            acked[path.name] = time.time()
+        for t in senders:
+            t.join()
+        finished: dict[str, float] = {}
+        deadline = time.monotonic() + args.timeout
+        expected = len(studies) + args.files
+        while len(finished) < expected and time.monotonic() < deadline:
+            finished = _finished(data, studies)
+            time.sleep(1.0)
+        failed = list((data / "failed").iterdir())
+        results = list((data / "results").rglob("result.json"))
+    finally:
+        up.send_signal(signal.SIGTERM)
+        up.wait(120)
+    latencies = [finished[k] - acked[k] for k in finished if k in acked]
+    wall = max(finished.values()) - started if finished else float("nan")
+    figures = {
+        "associations": args.associations,
+        "instances_per_study": args.instances,
+        "inbox_files": args.files,
+        "completed": len(finished),
+        "expected": expected,
+        "failed": len(failed),
+        "result_files": len(results),
+        "items_per_minute": round(len(finished) / wall * 60, 1),
+        "studies_per_minute": round(sum(k in finished for k in studies) / wall * 60, 1),
+        "latency_p50_s": round(_percentile(latencies, 0.5), 2),
+        "latency_p95_s": round(_percentile(latencies, 0.95), 2),
+        "study_latency_p50_s": round(
+            statistics.median([finished[s] - acked[s] for s in studies if s in finished]), 2
+        ),
+        "wall_s": round(wall, 1),
+    }
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return figures
+
+
+def _finished(data: Path, studies: list[str]) -> dict[str, float]:
+    """When each item's last result.json appeared (a study: both models and study.json)."""
+    done: dict[str, float] = {}
+    for study in studies:
+        marker = data / "results" / study / "study.json"
+        if marker.exists():
+            done[study] = max(p.stat().st_mtime for p in marker.parent.rglob("*.json"))
+    for path in (data / "results").glob("*/mednist_classifier/result.json"):
+        name = json.loads(path.read_text())["input"]["name"]
+        done[name] = path.stat().st_mtime
+    return done
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--associations", type=int, default=20)
+    parser.add_argument("--instances", type=int, default=100)
+    parser.add_argument("--files", type=int, default=200)
+    parser.add_argument("--timeout", type=float, default=1800.0)
+    parser.add_argument("--keep", action="store_true", help="Keep the work folder.")
+    parser.add_argument("--json", type=Path, help="Also write the figures here.")
+    args = parser.parse_args()
+    figures = run(args)
+    for key, value in figures.items():
+        print(f"{key:>22}: {value}")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    ok = figures["completed"] == figures["expected"] and figures["failed"] == 0
+    raise SystemExit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
