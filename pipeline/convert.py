@@ -174,16 +174,20 @@ _PHOTOMETRIC = {
 }
 
 
-def check_pixel_description(ds: pydicom.Dataset) -> None:
+def check_pixel_description(
+    ds: pydicom.Dataset, get: Callable[[str, Any], Any] | None = None
+) -> None:
     """The Image Pixel module must describe the pixel data it comes with (PS3.3 C.7.6.3):
-    pydicom would otherwise decode a mismatch into a wrong image, or crash."""
-    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-    frames = int(ds.get("NumberOfFrames", 1) if "NumberOfFrames" in ds else 1)
-    samples = int(ds.get("SamplesPerPixel", 1))
-    allocated = int(ds.get("BitsAllocated", 0) or 0)
-    stored = int(ds.get("BitsStored", allocated) or 0)
-    high = int(ds.get("HighBit", stored - 1))
-    photometric = str(ds.get("PhotometricInterpretation", ""))
+    pydicom would otherwise decode a mismatch into a wrong image, or crash. ``get(keyword,
+    default)`` reads a value (a series passes its memo of converted values)."""
+    get = get or ds.get
+    rows, cols = int(get("Rows", 0) or 0), int(get("Columns", 0) or 0)
+    frames = int(get("NumberOfFrames", 1) if "NumberOfFrames" in ds else 1)
+    samples = int(get("SamplesPerPixel", 1))
+    allocated = int(get("BitsAllocated", 0) or 0)
+    stored = int(get("BitsStored", allocated) or 0)
+    high = int(get("HighBit", stored - 1))
+    photometric = str(get("PhotometricInterpretation", ""))
     if min(rows, cols, frames) < 1:
         raise InputError(f"no pixels: {frames} frame(s) of {rows}x{cols}")
     if rows * cols * frames > MAX_VOXELS:
@@ -193,7 +197,7 @@ def check_pixel_description(ds: pydicom.Dataset) -> None:
             f"unsupported pixel description: {samples} sample(s), {allocated} bits allocated, "
             f"{stored} stored"
         )
-    if high != stored - 1 or int(ds.get("PixelRepresentation", 0)) not in (0, 1):
+    if high != stored - 1 or int(get("PixelRepresentation", 0)) not in (0, 1):
         raise InputError("inconsistent pixel description (HighBit, PixelRepresentation)")
     if photometric not in _PHOTOMETRIC or (samples == 3) == photometric.startswith("MONO"):
         raise InputError(f"photometric interpretation {photometric!r} with {samples} sample(s)")
@@ -203,7 +207,7 @@ def check_pixel_description(ds: pydicom.Dataset) -> None:
     syntax = meta.get("TransferSyntaxUID") if meta is not None else None
     if syntax is not None and not syntax.is_compressed:
         expected = (rows * cols * frames * samples * allocated + 7) // 8
-        actual = len(ds.PixelData)
+        actual = len(ds.get_item("PixelData").value)  # the raw bytes: no conversion
         if actual not in (expected, expected + 1):  # one byte of padding to an even length
             raise InputError(
                 f"pixel data is {actual} bytes, the header declares {expected} "

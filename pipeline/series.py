@@ -20,6 +20,7 @@ import os
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -239,7 +240,7 @@ def load_series(paths: Iterable[Path]) -> Volume:
             if series_uid and uid != series_uid:
                 raise InputError("files of more than one series given as one")
             series_uid, modality = uid, str(values.get(ds, "Modality", ""))
-            check_pixel_description(ds)
+            check_pixel_description(ds, partial(values.get, ds))  # memoised values
             planes.extend(_planes(ds, values))
         except InputError as exc:
             raise InputError(f"instance {path.stem}: {exc}") from None
