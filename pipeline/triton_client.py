@@ -104,7 +104,9 @@ class TritonClient:
                 result = self._client.infer(
                     contract.name, [inp], outputs=out, client_timeout=self.timeout
                 )
-                version = str(result.get_response(as_json=True).get("model_version", ""))
+                # The protobuf's field: as_json would base64 the whole output tensor first
+                # (14 MB for 16 segmentation patches; it halved the gRPC throughput).
+                version = str(result.get_response().model_version)
             else:
                 result = self._client.infer(contract.name, [inp], outputs=out)
                 version = str(result.get_response().get("model_version", ""))

@@ -1,0 +1,156 @@
+"""Inference benchmark: the same TorchScript weights called in-process, and through Triton.
+
+    python -m pipeline.bench.infer [--seconds 5] [--json out.json]
+
+For the 2D model (mednist_classifier, 1x64x64) and a 3D one (ct_lesion_segmentation, the
+1x48^3 patches of the sliding window): direct TorchScript (``model.pt`` with the same softmax
+the backend applies) at batch 1 and 16, against the pipeline's client (``TritonClient``, as
+the worker calls it) over gRPC and HTTP at batch 1 and 16, and 4 concurrent batch-1 clients
+(which Triton's dynamic batcher may batch together). Images/s and the ratio to direct at the
+same batch size (4 clients: to direct batch 1). Everything runs on this machine's CPU unless
+Triton finds a GPU; measurements are interleaved per model so drift hits all alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.contract import ModelContract, discover_contracts
+from pipeline.services import embedded_triton
+from pipeline.settings import Settings
+from pipeline.triton_client import TritonClient
+
+MODELS = ("mednist_classifier", "ct_lesion_segmentation")
+
+
+def _rate(call: Callable[[], int], seconds: float) -> float:
+    """Images per second: ``call`` returns how many images it did; warmed up first."""
+    call()
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        done += call()
+    return done / (time.perf_counter() - started)
+
+
+def _inputs(contract: ModelContract, batch: int) -> np.ndarray:
+    return np.random.default_rng(0).random((batch, *contract.input.shape), np.float32)
+
+
+def _direct(repository: Path, contract: ModelContract, batch: int) -> Callable[[], int]:
+    net = torch.jit.load(str(repository / contract.name / "1" / contract.weights))  # type: ignore[no-untyped-call]
+    net.eval()
+    x = torch.from_numpy(
+        np.random.default_rng(0).random((batch, *contract.input.shape), np.float32)
+    )
+
+    def call() -> int:
+        with torch.inference_mode():
+            torch.softmax(net(x).float(), dim=1).numpy()
+        return batch
+
+    return call
+
+
+def _triton(url: str, settings: Settings, contract: ModelContract, batch: int) -> Callable[[], int]:
+    client = TritonClient(url, settings.triton)
+    x = _inputs(contract, batch)
+
+    def call() -> int:
+        client.infer(contract, x)
+        return batch
+
+    return call
+
+
+def _concurrent(
+    url: str, settings: Settings, contract: ModelContract, clients: int
+) -> Callable[[], int]:
+    calls = [_triton(url, settings, contract, 1) for _ in range(clients)]
+    rounds = 8  # each client sends this many requests per measured call
+
+    def call() -> int:
+        threads = [threading.Thread(target=lambda c=c: [c() for _ in range(rounds)]) for c in calls]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return clients * rounds
+
+    return call
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    repository = Path(args.model_repository).resolve()
+    contracts = discover_contracts(repository)
+    work = Path(tempfile.mkdtemp(prefix="bench-infer-"))
+    settings = Settings(data_dir=work, triton={"model_repository": repository})  # type: ignore[arg-type]
+    settings.ensure_dirs()
+    proc, endpoints = embedded_triton.start(settings)
+    figures: dict[str, Any] = {}
+    try:
+        for name in MODELS:
+            contract = contracts[name]
+            runs = {
+                "direct b1": _direct(repository, contract, 1),
+                "direct b16": _direct(repository, contract, 16),
+                "grpc b1": _triton(endpoints.grpc, settings, contract, 1),
+                "grpc b16": _triton(endpoints.grpc, settings, contract, 16),
+                "http b1": _triton(endpoints.http, settings, contract, 1),
+                "http b16": _triton(endpoints.http, settings, contract, 16),
+                "grpc 4 clients b1": _concurrent(endpoints.grpc, settings, contract, 4),
+            }
+            rates: dict[str, list[float]] = {k: [] for k in runs}
+            for _ in range(args.repeats):
+                for key, call in runs.items():
+                    rates[key].append(_rate(call, args.seconds))
+            med = {k: statistics.median(v) for k, v in rates.items()}
+            figures[name] = {
+                k: {
+                    "images_per_s": round(v, 1),
+                    "x_direct": round(v / med["direct b16" if "b16" in k else "direct b1"], 2),
+                }
+                for k, v in med.items()
+            }
+    finally:
+        proc.stop()
+    return figures
+
+
+def main() -> None:
+    # glibc's malloc churn costs ~25% at batch 16 (FIELD_NOTES); the embedded Triton runs with
+    # these, so the direct runs get them too: they must be set before the process starts.
+    tuned = {"MALLOC_MMAP_THRESHOLD_": str(64 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
+    if any(os.environ.get(k) != v for k, v in tuned.items()):
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, **tuned})
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-repository", default="triton_models")
+    parser.add_argument("--seconds", type=float, default=4.0, help="Per measurement.")
+    parser.add_argument("--repeats", type=int, default=3, help="Median of this many.")
+    parser.add_argument("--json", type=Path, help="Also write the figures here.")
+    args = parser.parse_args()
+    figures = run(args)
+    for model, rows in figures.items():
+        print(model)
+        for key, row in rows.items():
+            print(
+                f"  {key:>18}: {row['images_per_s']:8.1f} images/s  {row['x_direct']:.2f}x direct"
+            )
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
