@@ -32,7 +32,11 @@ from pipeline.demo.synthetic import MEDNIST_LABELS, write_mednist_png
 from pipeline.services.process import free_port
 
 
-def _start_up(work: Path, port: int, associations: int) -> subprocess.Popen[bytes]:
+def start_up(
+    work: Path, port: int, associations: int, extra_env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """`dicom-pipeline up` in ``work``, receiver on loopback ``port``, once ready."""
+    work.mkdir(parents=True, exist_ok=True)
     config = work / "config.yaml"
     # Room for every association at once (the default, 16, would make some senders retry).
     config.write_text(f"receiver: {{max_associations: {associations + 4}}}\n")
@@ -44,6 +48,7 @@ def _start_up(work: Path, port: int, associations: int) -> subprocess.Popen[byte
         "PIPELINE_RECEIVER__PORT": str(port),
         "PIPELINE_INBOX__SETTLE_SECONDS": "0.5",
         "PIPELINE_LOG_LEVEL": "WARNING",
+        **(extra_env or {}),
     }
     log = (work / "up.log").open("w")
     up = subprocess.Popen(
@@ -74,7 +79,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     staging.mkdir()
     for i in range(args.files):
         write_mednist_png(staging / f"{i:03d}.png", MEDNIST_LABELS[i % 6], 10_000 + i)
-    up = _start_up(work, port, args.associations)
+    up = start_up(work, port, args.associations)
     data = work / "data"
     try:
         acked: dict[str, float] = {}  # study UID or file name -> when it was in

@@ -1,0 +1,135 @@
+"""End-to-end benchmark: a CT study sent by C-STORE to `dicom-pipeline up`, until its results.
+
+    python -m pipeline.bench.e2e [--studies 10] [--slices 200] [--size 256] [--burst 6]
+
+Latency: ``--studies`` CT studies (``--slices`` slices of ``--size``^2, the default routes:
+classified, segmented, SR and SEG written), sent one after another; for each, the time from
+the sender's last instance acknowledged to the study's last result on disk, split into the
+completion wait (until the receiver hands the study over: association release + grace) and
+the rest (queue, load, preprocess, Triton, outputs). p50 and p95. Throughput: ``--burst``
+studies sent at once, studies per minute, with 1 and with 2 worker processes (a fresh `up`
+each). Writes the figures as JSON with ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from pipeline.bench.load import start_up
+from pipeline.demo.dicom_series import new_series, write_series
+from pipeline.dicomnet import scu
+from pipeline.services.process import free_port
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def _send(folder: Path, port: int) -> float:
+    """Sends the folder on one association; returns when it was released, every instance
+    acknowledged (epoch seconds)."""
+    report = scu.send(scu.collect([folder]), scu.Peer("127.0.0.1", port, "PIPELINE"))
+    if not report.ok:
+        raise RuntimeError(f"{len(report.failed)} instance(s) not sent")
+    return time.time()
+
+
+def _finished(results: Path, study_uid: str, timeout: float = 900.0) -> tuple[float, float]:
+    """(when the receiver handed the study over and queued it, when its last result was on
+    disk). ``timings.received`` is the study's first instance; ``queued`` the hand-over."""
+    study = results / study_uid / "study.json"
+    deadline = time.monotonic() + timeout
+    while not study.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no results for {study_uid} after {timeout:.0f} s")
+        time.sleep(0.05)
+    docs = [json.loads(p.read_text()) for p in study.parent.rglob("result.json")]
+    handed_over = min(datetime.fromisoformat(d["timings"]["queued"]).timestamp() for d in docs)
+    last = max(p.stat().st_mtime for p in study.parent.rglob("*.json"))
+    return handed_over, last
+
+
+def _studies(work: Path, count: int, slices: int, size: int) -> list[tuple[Path, str]]:
+    out = []
+    for i in range(count):
+        spec = new_series(slices=slices, rows=size, cols=size)
+        write_series(work / f"{i:02d}", spec, seed=i)
+        out.append((work / f"{i:02d}", spec.study_uid))
+    return out
+
+
+def latency(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    studies = _studies(work / "latency", args.studies, args.slices, args.size)
+    port = free_port()
+    up = start_up(work / "up-latency", port, 4)
+    waits, rest, total = [], [], []
+    try:
+        for folder, uid in studies:
+            acked = _send(folder, port)
+            handed_over, last = _finished(work / "up-latency" / "data" / "results", uid)
+            waits.append(handed_over - acked)
+            rest.append(last - handed_over)
+            total.append(last - acked)
+    finally:
+        up.send_signal(signal.SIGTERM)
+        up.wait(120)
+    return {
+        "studies": len(total),
+        "total_p50_s": round(_percentile(total, 0.5), 2),
+        "total_p95_s": round(_percentile(total, 0.95), 2),
+        "completion_wait_p50_s": round(_percentile(waits, 0.5), 2),
+        "after_completion_p50_s": round(_percentile(rest, 0.5), 2),
+        "after_completion_p95_s": round(_percentile(rest, 0.95), 2),
+    }
+
+
+def throughput(args: argparse.Namespace, work: Path, workers: int) -> float:
+    studies = _studies(work / f"burst-{workers}", args.burst, args.slices, args.size)
+    port = free_port()
+    folder = work / f"up-{workers}-workers"
+    up = start_up(folder, port, args.burst, {"PIPELINE_WORKER__CONCURRENCY": str(workers)})
+    try:
+        started = time.time()
+        threads = [threading.Thread(target=_send, args=(f, port)) for f, _ in studies]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        last = max(_finished(folder / "data" / "results", uid)[1] for _, uid in studies)
+    finally:
+        up.send_signal(signal.SIGTERM)
+        up.wait(120)
+    return round(len(studies) / (last - started) * 60, 2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--studies", type=int, default=10)
+    parser.add_argument("--slices", type=int, default=200)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--burst", type=int, default=6)
+    parser.add_argument("--json", type=Path, help="Also write the figures here.")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
+    try:
+        figures: dict[str, Any] = {"latency": latency(args, work)}
+        figures["studies_per_minute"] = {f"{n}_workers": throughput(args, work, n) for n in (1, 2)}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(figures, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
