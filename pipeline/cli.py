@@ -594,6 +594,41 @@ def infer(
     raise typer.Exit(1 if failures else 0)
 
 
+@app.command()
+def bench(
+    quick: Annotated[
+        bool, typer.Option(help="Small sizes: a smoke run, not figures to quote.")
+    ] = False,
+    json_out: Annotated[Path, typer.Option("--json", help="Where to write every figure.")] = Path(
+        "bench.json"
+    ),
+) -> None:
+    """Run the benchmarks (receive, convert, infer, end to end) one after another; print the
+    ratios the goals are about and write every figure as JSON."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from pipeline.bench.all import FULL, run_all, summary
+
+    settings = _settings()
+    with Progress(
+        "{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
+    ) as progress:
+        bar = progress.add_task("bench", total=len(FULL))
+        done: list[str] = []
+
+        def step(name: str) -> None:
+            progress.update(bar, description=f"bench: {name}", completed=len(done))
+            done.append(name)
+
+        figures = run_all(quick, settings.triton.model_repository, step)
+        progress.update(bar, completed=len(FULL))
+    json_out.write_text(json.dumps(figures, indent=2) + "\n")
+    for what, figure, goal in summary(figures):
+        typer.echo(f"{what:<42}{figure:<44}{goal}")
+    typer.echo(f"every figure: {json_out}")
+    raise typer.Exit(1 if any("error" in part for part in figures.values()) else 0)
+
+
 @failed_app.command("list")
 def failed_list() -> None:
     """Every item in data/failed/, oldest first: id, time, stage, error, item."""

@@ -136,7 +136,10 @@ def main() -> None:
     if any(os.environ.get(k) != v for k, v in tuned.items()):
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, **tuned})
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model-repository", default="triton_models")
+    parser.add_argument(
+        "--model-repository",
+        default=os.environ.get("PIPELINE_TRITON__MODEL_REPOSITORY", "triton_models"),
+    )
     parser.add_argument("--seconds", type=float, default=4.0, help="Per measurement.")
     parser.add_argument("--repeats", type=int, default=3, help="Median of this many.")
     parser.add_argument("--json", type=Path, help="Also write the figures here.")
