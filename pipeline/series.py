@@ -248,7 +248,12 @@ def load_series(paths: Iterable[Path]) -> Volume:
             raise InputError(f"instance {path.stem}: {type(exc).__name__}: {exc}") from None
     if not planes:
         raise InputError("no image in the series")
-    return _assemble(planes, series_uid, modality, skipped, values)
+    try:
+        return _assemble(planes, series_uid, modality, skipped, values)
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a value its VR allows but we cannot use
+        raise InputError(f"the series' geometry or pixels: {type(exc).__name__}: {exc}") from None
 
 
 def _assemble(

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 from pydicom import dcmread
 
 from pipeline.demo.train import build_demo
@@ -26,6 +27,12 @@ from pipeline.services import embedded_redis, embedded_triton
 from pipeline.services.embedded_triton import TritonEndpoints
 from pipeline.settings import Settings
 from pipeline.studies import Completed, Reason, close_study
+
+# Fuzzing (hypothesis): the same examples on every run by default, so a CI run is repeatable;
+# HYPOTHESIS_PROFILE=explore draws new ones, many more, to look for new failures.
+hypothesis_settings.register_profile("repeatable", derandomize=True, database=None)
+hypothesis_settings.register_profile("explore", max_examples=5000)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 ROOT = Path(__file__).resolve().parent.parent
 needs_dcmtk = pytest.mark.skipif(
