@@ -26,8 +26,14 @@ from typing import Any, Literal
 from pipeline.dispatch import Delivery
 from pipeline.errors import InputError, PipelineError
 from pipeline.fsutil import fsync_dir
-from pipeline.jobs import ENQUEUED_MARKER, ERROR_FILE, JOB_FILE, Job, read_job
-from pipeline.processing import REJECTED_OUTPUTS
+from pipeline.jobs import (
+    ENQUEUED_MARKER,
+    ERROR_FILE,
+    JOB_FILE,
+    REJECTED_OUTPUTS,
+    Job,
+    read_job,
+)
 from pipeline.settings import Settings
 
 PREVIOUS_ERROR = "previous-error.json"

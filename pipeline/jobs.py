@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 JOB_FILE = "job.json"
 ENQUEUED_MARKER = ".enqueued"
 ERROR_FILE = "error.json"
+REJECTED_OUTPUTS = "invalid-output"  # DICOM outputs that failed validation, kept for failed/
 _JOB_ID = re.compile(r"^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}$")
 
 

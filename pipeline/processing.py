@@ -34,7 +34,7 @@ from pipeline.errors import (
     TransientError,
 )
 from pipeline.fsutil import atomic_write_bytes, move_into
-from pipeline.jobs import ENQUEUED_MARKER, Job, job_dir, now
+from pipeline.jobs import ENQUEUED_MARKER, REJECTED_OUTPUTS, Job, job_dir, now
 from pipeline.results import (
     InputInfo,
     ModelInfo,
@@ -111,12 +111,15 @@ def why_not(decision: routing.Decision) -> str:
     return "; ".join(f"{name}: {', '.join(why)}" for name, why in decision.why_not.items())
 
 
-def inbox_facts(path: Path, image: convert.LoadedImage) -> SeriesFacts:
-    """Routing facts of an inbox file: its kind and size, and for DICOM its header."""
+def inbox_facts(
+    path: Path, image: convert.LoadedImage, header: pydicom.Dataset | None = None
+) -> SeriesFacts:
+    """Routing facts of an inbox file: its kind and size, and for DICOM its header (read
+    here unless the caller has it)."""
     slices = 1 if image.spatial_dims == 2 else int(image.array.shape[-1])
     if image.kind is not InputKind.DICOM:
         return SeriesFacts(kind=image.kind.value, slices=slices)  # type: ignore[arg-type]
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    ds = header if header is not None else pydicom.dcmread(path, stop_before_pixels=True)
     return SeriesFacts(
         kind="dicom",
         slices=slices,
@@ -140,7 +143,6 @@ def decide(contract: ModelContract, probabilities: np.ndarray) -> Prediction:
 
 # Hands a route's DICOM results to its destinations (the worker queues a send task for each).
 Dispatch = Callable[[Route, list[Path]], None]
-REJECTED_OUTPUTS = "invalid-output"
 
 
 def run_job(
@@ -161,7 +163,10 @@ def run_job(
     try:
         path = folder / job.input_file
         image = convert.load(path)
-        route, chosen = models.choose(settings.routes, inbox_facts(path, image), image)
+        header = None
+        if image.kind is InputKind.DICOM:
+            header = pydicom.dcmread(path, stop_before_pixels=True)
+        route, chosen = models.choose(settings.routes, inbox_facts(path, image, header), image)
         info = InputInfo(
             source=job.source,
             name=job.original_name,
@@ -170,7 +175,7 @@ def run_job(
             shape=[int(s) for s in image.array.shape],
             route=route.name,
         )
-        dicom = dicom_outputs(settings, job, route, _inbox_sources(path, image), "")
+        dicom = dicom_outputs(settings, job, route, _inbox_sources(header), "")
         stage = "infer"
         out_dir = settings.results_dir / job.id
         written = [
@@ -204,11 +209,10 @@ def dicom_outputs(
     )
 
 
-def _inbox_sources(path: Path, image: convert.LoadedImage) -> Sources | None:
+def _inbox_sources(header: pydicom.Dataset | None) -> Sources | None:
     """A DICOM file dropped into the inbox is the source its SR references."""
-    if image.kind is not InputKind.DICOM:
+    if header is None:
         return None
-    header = pydicom.dcmread(path, stop_before_pixels=True)
     uid = str(header.get("SOPInstanceUID", ""))
     if not uid or "StudyInstanceUID" not in header or "SeriesInstanceUID" not in header:
         return None  # nothing to reference: the SR stands alone, as for a PNG

@@ -303,11 +303,14 @@ def _assemble(
     with ThreadPoolExecutor(workers) as pool:
         list(pool.map(fill, [range(a, b) for a, b in itertools.pairwise(bounds)]))
     cache.clear()
-    headers = {}
+    headers: dict[str, Dataset] = {}
+    slices: list[tuple[str, int | None]] = []
     for plane in ordered:  # the volume holds the pixels now; keep only the headers
         if "PixelData" in plane.ds:
             del plane.ds.PixelData
-        headers[str(values.get(plane.ds, "SOPInstanceUID", ""))] = plane.ds
+        uid = str(values.get(plane.ds, "SOPInstanceUID", ""))
+        headers[uid] = plane.ds
+        slices.append((uid, plane.frame))
 
     dr, dc = first.pixel_spacing  # PS3.3: row spacing (between rows), column spacing
     lps = np.eye(4)
@@ -323,7 +326,7 @@ def _assemble(
         spacing=(float(dc), float(dr), float(np.linalg.norm(step))),
         tilt_deg=tilt,
         skipped=skipped,
-        slices=[(str(values.get(p.ds, "SOPInstanceUID", "")), p.frame) for p in ordered],
+        slices=slices,
         headers=headers,
     )
 

@@ -20,8 +20,8 @@ from pipeline.demo.dicom_series import TEST_PATIENT_ID, write_volume_series
 from pipeline.demo.synthetic import lesion_phantom
 from pipeline.demo.train import TEST_SEED_BASE
 from pipeline.dispatch import Delivery, deliver, record_failure
-from pipeline.jobs import read_job
-from pipeline.processing import REJECTED_OUTPUTS, Models, StageError
+from pipeline.jobs import REJECTED_OUTPUTS, read_job
+from pipeline.processing import Models, StageError
 from pipeline.services.embedded_triton import TritonEndpoints
 from pipeline.services.process import free_port
 from pipeline.settings import Settings

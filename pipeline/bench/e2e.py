@@ -24,15 +24,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from pipeline.bench.load import start_up
+from pipeline.bench.load import percentile, start_up
 from pipeline.demo.dicom_series import new_series, write_series
 from pipeline.dicomnet import scu
 from pipeline.services.process import free_port
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def _send(folder: Path, port: int) -> float:
@@ -85,11 +80,11 @@ def latency(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         up.wait(120)
     return {
         "studies": len(total),
-        "total_p50_s": round(_percentile(total, 0.5), 2),
-        "total_p95_s": round(_percentile(total, 0.95), 2),
-        "completion_wait_p50_s": round(_percentile(waits, 0.5), 2),
-        "after_completion_p50_s": round(_percentile(rest, 0.5), 2),
-        "after_completion_p95_s": round(_percentile(rest, 0.95), 2),
+        "total_p50_s": round(percentile(total, 0.5), 2),
+        "total_p95_s": round(percentile(total, 0.95), 2),
+        "completion_wait_p50_s": round(percentile(waits, 0.5), 2),
+        "after_completion_p50_s": round(percentile(rest, 0.5), 2),
+        "after_completion_p95_s": round(percentile(rest, 0.95), 2),
     }
 
 

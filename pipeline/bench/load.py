@@ -62,7 +62,7 @@ def start_up(
     return up
 
 
-def _percentile(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
@@ -126,8 +126,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "result_files": len(results),
         "items_per_minute": round(len(finished) / wall * 60, 1),
         "studies_per_minute": round(sum(k in finished for k in studies) / wall * 60, 1),
-        "latency_p50_s": round(_percentile(latencies, 0.5), 2),
-        "latency_p95_s": round(_percentile(latencies, 0.95), 2),
+        "latency_p50_s": round(percentile(latencies, 0.5), 2),
+        "latency_p95_s": round(percentile(latencies, 0.95), 2),
         "study_latency_p50_s": round(
             statistics.median([finished[s] - acked[s] for s in studies if s in finished]), 2
         ),
