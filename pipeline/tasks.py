@@ -7,6 +7,7 @@ folder moves to ``data/failed/<id>/`` with ``error.json``. The input is never de
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -16,11 +17,11 @@ from celery import Celery, Task
 from celery.signals import worker_process_init
 from celery.utils.time import get_exponential_backoff_interval
 
-from pipeline import dispatch
+from pipeline import dispatch, observe
 from pipeline.contract import discover_contracts
 from pipeline.dispatch import DISPATCH_TASK
 from pipeline.errors import TransientError
-from pipeline.jobs import Job, error_record, job_dir, quarantine
+from pipeline.jobs import PROCESSING_MARKER, Job, error_record, job_dir, now, quarantine
 from pipeline.processing import Models, StageError, run_job
 from pipeline.queue import TASK_NAME
 from pipeline.routing import Route
@@ -87,9 +88,19 @@ def handle(task: Task, ctx: WorkerContext, message: dict[str, Any]) -> None:
     def send(route: Route, files: list[Path]) -> None:
         dispatch.offer(task.app, settings, job.id, route, files)
 
+    study = job.study.study_uid if job.study else ""
+    with contextlib.suppress(OSError):  # for status pages only; gone once the job is done
+        (job_dir(settings.spool_dir, job.id) / PROCESSING_MARKER).touch()
+    if job.queued_at is not None:
+        waited = (now() - job.queued_at).total_seconds()
+        observe.stage("started", job=job.id, study=study, seconds=waited, source=job.source)
     try:
         run = run_study if job.source == "dicom" else run_job
         run(job, settings, ctx.models, ctx.client, send)
+        # From the first byte received (or the file dropped) to every result written.
+        total = (now() - job.received_at).total_seconds()
+        observe.stage("done", job=job.id, study=study, seconds=total)
+        observe.count("completed")
     except StageError as exc:
         retries = int(task.request.retries or 0)
         if isinstance(exc.error, TransientError) and retries < settings.worker.max_retries:
@@ -113,6 +124,7 @@ def handle_delivery(task: Task, settings: Settings, message: dict[str, Any]) -> 
     name = delivery.destination
     if outcome.sent:
         log.info("job %s: %d file(s) sent to %s", delivery.job_id, len(outcome.sent), name)
+        observe.stage("sent", job=delivery.job_id, destination=name, files=len(outcome.sent))
     if outcome.refused:
         where = dispatch.record_failure(settings, delivery, outcome.refused)
         log.error(
@@ -160,6 +172,8 @@ def fail_job(job: Job, settings: Settings, exc: BaseException, stage: str) -> No
         log.error("job %s failed at %s but its spool folder is gone: %s", job.id, stage, exc)
         return
     dest = quarantine(folder, settings.failed_dir, error_record(exc, stage, job))
+    observe.stage("failed", job=job.id, study=job.study.study_uid if job.study else "", at=stage)
+    observe.count("failed", stage)
     log.error(
         "job %s failed at %s: %s (%s); input kept in %s",
         job.id,

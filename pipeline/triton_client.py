@@ -17,8 +17,9 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from pipeline import observe
 from pipeline.contract import ModelContract
-from pipeline.errors import InputError, ModelNotFoundError, TransientError
+from pipeline.errors import InputError, ModelNotFoundError, ModelOutputError, TransientError
 from pipeline.settings import TritonSettings
 
 
@@ -113,7 +114,17 @@ class TritonClient:
         except (InferenceServerException, OSError) as exc:
             raise self._classify(contract.name, exc) from exc
         ms = (time.perf_counter() - started) * 1000.0
-        probs = result.as_numpy(contract.output.name)
+        observe.triton_call(contract.name, ms / 1000.0)
+        try:
+            probs = result.as_numpy(contract.output.name)
+        except ValueError as exc:
+            # Seen with Triton 2.51's python backend when the model environment has numpy 2:
+            # the output arrives with its shape but no data. Retrying cannot help.
+            raise ModelOutputError(
+                f"{contract.name} returned a {contract.output.name} whose data does not fill "
+                f"its shape ({exc}); check the Triton model environment (numpy < 2 for Triton "
+                "2.51's python backend, see README)"
+            ) from exc
         if probs is None:
             raise InputError(f"{contract.name} returned no {contract.output.name}")
         return InferenceOutput(np.asarray(probs, dtype=np.float32), version, ms)

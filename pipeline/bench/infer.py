@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import tritonclient.http as httpclient
 
 from pipeline.contract import ModelContract, discover_contracts
 from pipeline.services import embedded_triton
@@ -49,16 +50,22 @@ def _inputs(contract: ModelContract, batch: int) -> np.ndarray:
     return np.random.default_rng(0).random((batch, *contract.input.shape), np.float32)
 
 
+def _device() -> torch.device:
+    """Where the direct runs compute: the GPU Triton's instance would take, when there is one."""
+    return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+
+
 def _direct(repository: Path, contract: ModelContract, batch: int) -> Callable[[], int]:
-    net = torch.jit.load(str(repository / contract.name / "1" / contract.weights))  # type: ignore[no-untyped-call]
+    device = _device()
+    weights = repository / contract.name / "1" / contract.weights
+    net = torch.jit.load(str(weights), map_location=device)  # type: ignore[no-untyped-call]
     net.eval()
-    x = torch.from_numpy(
-        np.random.default_rng(0).random((batch, *contract.input.shape), np.float32)
-    )
+    x = _inputs(contract, batch)
 
     def call() -> int:
+        # From host memory to host memory, as the backend does: copies count on a GPU too.
         with torch.inference_mode():
-            torch.softmax(net(x).float(), dim=1).numpy()
+            torch.softmax(net(torch.from_numpy(x).to(device)).float(), dim=1).cpu().numpy()
         return batch
 
     return call
@@ -92,6 +99,36 @@ def _concurrent(
     return call
 
 
+def _server_ns(http: str, model: str) -> dict[str, int]:
+    """Triton's cumulative per-phase times (ns) and request count for one model."""
+    client = httpclient.InferenceServerClient(http.split("//", 1)[1])
+    try:
+        stats = client.get_inference_statistics(model)["model_stats"][0]["inference_stats"]
+    finally:
+        client.close()
+    ns = {phase: int(v.get("ns", 0)) for phase, v in stats.items()}
+    return {**ns, "requests": int(stats["success"]["count"])}
+
+
+def split(http: str, call: Callable[[], int], model: str, calls: int = 20) -> dict[str, float]:
+    """Where a request's time goes, in ms per request: Triton's own phases (queue, copying
+    inputs into the backend, the forward pass, copying outputs back) and what is left outside
+    the server (client encoding, transport, decoding)."""
+    call()
+    before = _server_ns(http, model)
+    started = time.perf_counter()
+    for _ in range(calls):
+        call()
+    wall_ms = (time.perf_counter() - started) * 1000.0 / calls
+    after = _server_ns(http, model)
+    n = after["requests"] - before["requests"]
+    per = {k: (after[k] - before[k]) / max(n, 1) / 1e6 for k in after if k != "requests"}
+    phases = ("queue", "compute_input", "compute_infer", "compute_output")
+    out = {"client_ms": round(wall_ms, 2), **{f"{k}_ms": round(per.get(k, 0.0), 2) for k in phases}}
+    out["outside_server_ms"] = round(wall_ms - per.get("success", 0.0), 2)
+    return out
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     repository = Path(args.model_repository).resolve()
     contracts = discover_contracts(repository)
@@ -99,7 +136,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     settings = Settings(data_dir=work, triton={"model_repository": repository})  # type: ignore[arg-type]
     settings.ensure_dirs()
     proc, endpoints = embedded_triton.start(settings)
-    figures: dict[str, Any] = {}
+    device = _device()
+    figures: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    }
     try:
         for name in MODELS:
             contract = contracts[name]
@@ -124,6 +164,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 }
                 for k, v in med.items()
             }
+            figures[name]["grpc b16 split"] = split(endpoints.http, runs["grpc b16"], name)
     finally:
         proc.stop()
     return figures
@@ -145,9 +186,15 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="Also write the figures here.")
     args = parser.parse_args()
     figures = run(args)
+    print(f"device: {figures['device']}")
     for model, rows in figures.items():
+        if not isinstance(rows, dict):
+            continue
         print(model)
         for key, row in rows.items():
+            if "images_per_s" not in row:
+                print(f"  {key:>18}: " + ", ".join(f"{k} {v}" for k, v in row.items()))
+                continue
             print(
                 f"  {key:>18}: {row['images_per_s']:8.1f} images/s  {row['x_direct']:.2f}x direct"
             )

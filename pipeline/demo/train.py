@@ -19,11 +19,11 @@ import torch
 from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
-from monai.networks.nets import DenseNet121, UNet
 from torch import nn
 
 from pipeline.contract import ModelContract, load_contract
 from pipeline.convert import load, preprocessor, to_model_input
+from pipeline.demo.nets import SmallCT3DNet, lesion_net, mednist_net
 from pipeline.demo.synthetic import (
     MEDNIST_LABELS,
     lesion_phantom,
@@ -37,36 +37,6 @@ Progress = Callable[[str], None]
 # Seeds of training samples; tests draw held-out samples from TEST_SEED_BASE upwards.
 TRAIN_SEED_BASE = 0
 TEST_SEED_BASE = 1_000_000
-
-
-class SmallCT3DNet(nn.Module):
-    """A compact 3D CNN for the 1x192x192x64 contract.
-
-    Global max pooling next to mean pooling lets a few small lesions decide the answer.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-
-        def block(cin: int, cout: int) -> list[nn.Module]:
-            return [nn.Conv3d(cin, cout, 3, padding=1), nn.BatchNorm3d(cout), nn.ReLU()]
-
-        self.features = nn.Sequential(
-            nn.AvgPool3d(2),
-            *block(1, 16),
-            nn.MaxPool3d(2),
-            *block(16, 32),
-            nn.MaxPool3d(2),
-            *block(32, 32),
-        )
-        self.head = nn.Linear(64, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.features(x)
-        out: torch.Tensor = self.head(
-            torch.cat([f.mean(dim=(2, 3, 4)), f.amax(dim=(2, 3, 4))], dim=1)
-        )
-        return out
 
 
 def _dataset(
@@ -152,7 +122,7 @@ def build_mednist(model_dir: Path, work: Path, progress: Progress, per_class: in
     x, y = _dataset(contract, files(TRAIN_SEED_BASE, per_class))
     xt, yt = _dataset(contract, files(TEST_SEED_BASE - 50_000, 10))
     torch.manual_seed(0)
-    net = DenseNet121(spatial_dims=2, in_channels=1, out_channels=len(contract.labels))
+    net = mednist_net(contract)
     _fit(
         net,
         x,
@@ -251,14 +221,7 @@ def build_lesion_segmentation(
     held_out = [_lesion_sample(contract, TEST_SEED_BASE - 50_000 + i) for i in range(4)]
     xs, ys = [t[0] for t in train], [t[1] for t in train]
     torch.manual_seed(0)
-    net = UNet(
-        spatial_dims=3,
-        in_channels=1,
-        out_channels=len(contract.labels),
-        channels=(8, 16, 32, 64),
-        strides=(2, 2, 2),
-        num_res_units=1,
-    )
+    net = lesion_net(contract)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
     rng = np.random.default_rng(0)

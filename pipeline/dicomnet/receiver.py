@@ -18,9 +18,10 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from pipeline import observe
 from pipeline.dicom_store import clean_incoming
 from pipeline.dicomnet.scp import start_server
-from pipeline.jobs import Job, recover_staging, requeue_pending
+from pipeline.jobs import Job, now, recover_staging, requeue_pending
 from pipeline.settings import Settings
 from pipeline.studies import StudyTracker, close_study, spooled_studies
 
@@ -37,10 +38,7 @@ class _Events(Protocol):
 
 def _serve_child(settings: Settings, port: int, events: _Events, stop: Any) -> None:
     """A further receiving process: same port (SO_REUSEPORT), events to the parent."""
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
-    )
+    observe.configure_logging(settings)
     parent = os.getppid()
     server = start_server(settings, events, port=port)
     events.put(("ready", os.getpid()))
@@ -188,13 +186,14 @@ class Receiver:
                 continue
             if job is None or job.study is None:
                 continue
-            log.info(
-                "study %s complete (%s): %d instance(s) in %d series from %s; job %s",
-                done.study_uid,
-                done.reason.value,
-                job.study.instances,
-                len(job.study.series),
-                done.calling_aet or "?",
-                job.id,
+            observe.stage(
+                "received",
+                job=job.id,
+                study=done.study_uid,
+                seconds=(now() - job.received_at).total_seconds(),
+                completed_by=done.reason.value,
+                instances=job.study.instances,
+                series=len(job.study.series),
+                calling_aet=done.calling_aet or "?",
             )
             self.enqueue(job)

@@ -41,7 +41,7 @@ from pynetdicom.dimse_primitives import N_CREATE, N_SET
 from pynetdicom.events import Event
 from pynetdicom.transport import ThreadedAssociationServer
 
-from pipeline import mpps
+from pipeline import mpps, observe
 from pipeline.dicom_store import InvalidUIDError, OutOfSpaceError, identify, store_instance
 from pipeline.dicomnet import polling
 from pipeline.dicomnet.tls import server_context
@@ -133,13 +133,16 @@ class Handlers:
             # rejected-permanent, service-user, calling-AE-title-not-recognized
             assoc.acse.send_reject(0x01, 0x01, 0x03)
             assoc.kill()
+            observe.count("associations", "rejected")
         elif self.networks and not _in_networks(address, self.networks):
             log.warning("association from %s (%s) rejected: address not allowed", calling, address)
             # rejected-permanent, service-user, no-reason-given: there is no code for addresses
             assoc.acse.send_reject(0x01, 0x01, 0x01)
             assoc.kill()
+            observe.count("associations", "rejected")
         else:
             polling.mark_busy(assoc)  # the first instance follows at once
+            observe.count("associations", "accepted")
 
     def on_released(self, event: Event) -> None:
         self.sink.put(("released", _assoc_key(event)))
@@ -184,12 +187,14 @@ class Handlers:
         self.sink.put(("stored", uids.study, uids.sop, key, calling, called))
         with self._lock:
             self._counts.setdefault(key, [0, 0])[0] += 1
+        observe.count("instances")
         if replaced:
             log.info("instance %s of study %s received again: replaced", uids.sop, uids.study)
         return SUCCESS
 
     def _refused(self, key: str, status: int, message: str) -> int:
         log.warning("%s (status 0x%04X)", message, status)
+        observe.count("refused", f"0x{status:04X}")
         with self._lock:
             self._counts.setdefault(key, [0, 0])[1] += 1
         return status

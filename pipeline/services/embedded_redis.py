@@ -36,14 +36,17 @@ def broker_url(settings: Settings) -> str:
     return f"redis+socket://{socket_path(settings)}"
 
 
+def client(url: str, timeout: float = 1.0) -> redis.Redis:
+    """A plain Redis client for a broker URL, Celery's redis+socket:// included."""
+    if url.startswith("redis+socket://"):
+        path = url.removeprefix("redis+socket://")
+        return redis.Redis(unix_socket_path=path, socket_timeout=timeout)
+    return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+
+
 def ping(url: str) -> bool:
     try:
-        client = (
-            redis.Redis(unix_socket_path=url.removeprefix("redis+socket://"), socket_timeout=1)
-            if url.startswith("redis+socket://")
-            else redis.Redis.from_url(url, socket_timeout=1)
-        )
-        return bool(client.ping())
+        return bool(client(url).ping())
     except (redis.RedisError, OSError):
         return False
 

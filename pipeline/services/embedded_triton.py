@@ -8,6 +8,7 @@ embedded interpreter finds torch, monai and this package.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -17,13 +18,21 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytriton
-
 from pipeline.fsutil import atomic_write_json
 from pipeline.services.process import ManagedProcess, free_port
 from pipeline.settings import Settings
 
-_PYTRITON = Path(pytriton.__file__).parent
+
+def _pytriton_dir() -> Path:
+    """Where the wheel put ``pytriton``, found without importing it (its import pulls in
+    dozens of modules the server binary does not need)."""
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("nvidia-pytriton is not installed: it carries the tritonserver binary")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+_PYTRITON = _pytriton_dir()
 SERVER_DIR = _PYTRITON / "tritonserver"
 LIBS_DIR = _PYTRITON.parent / "nvidia_pytriton.libs"
 
