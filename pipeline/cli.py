@@ -123,10 +123,30 @@ def models_build_demo(
     model: Annotated[list[str] | None, typer.Option(help="Only this model (repeatable).")] = None,
 ) -> None:
     """Train demo weights on synthetic data (offline, CPU, a few minutes)."""
+    import re
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
     from pipeline.demo.train import build_demo
 
     settings = _settings()
-    build_demo(settings.triton.model_repository, typer.echo, only=model, force=force)
+    step = re.compile(r"^(\S+): step (\d+)/(\d+)")
+    with Progress(
+        "{task.description}", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()
+    ) as progress:
+        bars: dict[str, Any] = {}
+
+        def report(message: str) -> None:
+            """Training steps move the model's bar; everything else is printed above it."""
+            if m := step.match(message):
+                name, done, total = m[1], int(m[2]), int(m[3])
+                if name not in bars:
+                    bars[name] = progress.add_task(f"training {name}", total=total)
+                progress.update(bars[name], completed=done)
+            else:
+                progress.console.print(message)
+
+        build_demo(settings.triton.model_repository, report, only=model, force=force)
 
 
 @models_app.command("import-bundle")
@@ -399,6 +419,9 @@ def echo(
 def up() -> None:
     """Run everything on this machine in the foreground: Redis and Triton (unless configured
     remote), a worker, and the inbox watcher. Ctrl-C stops it all."""
+    # Imported here, in the main thread, before the watcher, retention and web threads start:
+    # Celery's lazily built modules are not safe to import from two threads at once.
+    from pipeline import queue, retention, web  # noqa: F401
     from pipeline.services import embedded_redis, embedded_triton
     from pipeline.services.process import ManagedProcess
 

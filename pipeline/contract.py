@@ -113,6 +113,12 @@ class ModelContract(BaseModel):
     preprocessing: tuple[TransformSpec, ...] = ()
     weights: str = Field(default="model.pt", description="TorchScript file in the version dir")
     sliding_window: SlidingWindow = SlidingWindow()
+    min_lesion_ml: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="segmentation models: connected components smaller than this are dropped "
+        "from the mask and not reported",
+    )
     codes: ReportCodes = ReportCodes()
 
     @model_validator(mode="after")

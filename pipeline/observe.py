@@ -58,6 +58,9 @@ def configure_logging(settings: Settings) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level)
+    # pynetdicom's INFO lines narrate every association (and at DEBUG, data sets): ours say
+    # what matters, without identifiers.
+    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, root.level))
 
 
 def stage(

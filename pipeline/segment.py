@@ -86,12 +86,16 @@ def segment(
             cval=0.0,
         )
     probs = torch.as_tensor(probs)[..., : spatial[0], : spatial[1], : spatial[2]]
-    labels = probs.argmax(dim=1).to(torch.float32)  # (1, *spatial) in preprocessed space
+    if probs.shape[1] == 2:  # one comparison instead of argmax: a tenth of the time
+        labels = (probs[:, 1] > probs[:, 0]).to(torch.float32)
+    else:
+        labels = probs.argmax(dim=1).to(torch.float32)  # (1, *spatial) in preprocessed space
     mapped = MetaTensor(labels, meta=pre.meta, applied_operations=pre.applied_operations)
     source = np.asarray(compose.inverse(mapped))[0]
     mask = np.rint(source).astype(np.uint8)
     affine = np.asarray(image.array.affine, dtype=np.float64)
-    lesion_map, found = label_lesions(mask, affine)
+    lesion_map, found = label_lesions(mask, affine, contract.min_lesion_ml)
+    mask[lesion_map == 0] = 0  # what is too small to report is not in the mask either
     return Segmentation(
         mask=mask,
         affine=affine,
@@ -105,21 +109,25 @@ def segment(
     )
 
 
-def label_lesions(mask: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, list[Lesion]]:
-    """Connected components (faces and edges touching), largest first, in ml and RAS mm; and
-    the map numbering them in that order (0 = none)."""
+def label_lesions(
+    mask: np.ndarray, affine: np.ndarray, min_ml: float = 0.0
+) -> tuple[np.ndarray, list[Lesion]]:
+    """Connected components (faces and edges touching) of at least ``min_ml``, largest first,
+    in ml and RAS mm; and the map numbering them in that order (0 = none, or too small)."""
     components, count = ndimage.label(mask > 0, structure=np.ones((3, 3, 3), bool))
     if not count:
         return np.zeros(mask.shape, np.uint16), []
     voxel_ml = abs(float(np.linalg.det(affine[:3, :3]))) / 1000.0
-    sizes = ndimage.sum_labels(np.ones_like(components), components, range(1, count + 1))
-    centres = ndimage.center_of_mass(mask > 0, components, range(1, count + 1))
-    order = np.argsort(-np.asarray(sizes), kind="stable")  # component index, largest first
+    sizes = np.bincount(components.ravel(), minlength=count + 1)[1:]  # voxels per component
+    order = np.argsort(-sizes, kind="stable")  # component index, largest first
+    order = order[sizes[order] * voxel_ml >= min_ml]
     renumber = np.zeros(count + 1, np.uint16)
-    renumber[order + 1] = np.arange(1, count + 1, dtype=np.uint16)
+    renumber[order + 1] = np.arange(1, len(order) + 1, dtype=np.uint16)
+    # Centres of the reported components only (noise can make hundreds of specks).
+    centres = ndimage.center_of_mass(mask > 0, components, order + 1) if len(order) else []
     found = []
-    for i in order:
-        ras = affine @ np.array([*centres[i], 1.0])
+    for i, centre in zip(order, centres, strict=True):
+        ras = affine @ np.array([*centre, 1.0])
         found.append(
             Lesion(
                 voxels=int(sizes[i]),

@@ -34,6 +34,12 @@ hypothesis_settings.register_profile("repeatable", derandomize=True, database=No
 hypothesis_settings.register_profile("explore", max_examples=5000)
 hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
+# Every component a test starts inherits this: no metrics endpoint or status page on the fixed
+# default ports (tests own only free ports); the operations test turns them on, on free ports.
+for _component in ("RECEIVER", "WATCHER", "WORKER"):
+    os.environ[f"PIPELINE_METRICS__{_component}_PORT"] = "0"
+os.environ["PIPELINE_WEB__ENABLED"] = "false"
+
 ROOT = Path(__file__).resolve().parent.parent
 needs_dcmtk = pytest.mark.skipif(
     shutil.which("storescu") is None,
