@@ -717,19 +717,20 @@ def status(
     console = Console()
     queues = ", ".join(f"{k} {v}" for k, v in snap.queues.items()) or "-"
     console.print(f"Redis: {snap.broker}; queues: {queues}")
-    flight = Table("study / input", "state", "for", "detail", title="In flight")
+
+    def table(title: str, *columns: str) -> Table:
+        """UIDs and errors wrap rather than being cut: a truncated UID names nothing."""
+        t = Table(title=title)
+        for column in columns:
+            t.add_column(column, overflow="fold")
+        return t
+
+    flight = table("In flight", "study / input", "state", "for", "detail")
     for f in snap.in_flight:
         flight.add_row(f.what, f.state, f"{f.age_s:.0f} s", f.detail)
     console.print(flight if snap.in_flight else "nothing in flight")
-    recent = Table(
-        "finished",
-        "study / input",
-        "model",
-        "label",
-        "p",
-        "received->result",
-        "inference",
-        title="Recent results",
+    recent = table(
+        "Recent results", "finished", "study / input", "model", "label", "p", "total", "Triton"
     )
     for r in snap.results:
         recent.add_row(
@@ -742,9 +743,9 @@ def status(
             f"{r.inference_ms:.0f} ms",
         )
     console.print(recent if snap.results else "no results yet")
-    failures = Table("when", "id", "stage", "error", title="Failed")
+    failures = table("Failed", "when", "id", "stage", "error")
     for item in snap.failed:
-        failures.add_row(item.when, item.id, item.stage, item.error[:80])
+        failures.add_row(item.when, item.id, item.stage, item.error[:200])
     console.print(failures if snap.failed else "no failed items")
 
 
