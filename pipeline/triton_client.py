@@ -14,7 +14,6 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import tritonclient.grpc as grpcclient
-import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from pipeline import observe
@@ -39,6 +38,8 @@ class TritonClient:
         target = f"{parts.hostname}:{parts.port}"
         self.timeout = settings.request_timeout_s
         self._client: Any
+        # The HTTP client pulls in gevent: imported only by those who use it.
+        self._lib: Any = grpcclient
         if self.protocol == "grpc":
             self._client = grpcclient.InferenceServerClient(
                 url=target,
@@ -55,6 +56,9 @@ class TritonClient:
                 ssl_options["keyfile"] = str(settings.private_key)
             if settings.certificate_chain:
                 ssl_options["certfile"] = str(settings.certificate_chain)
+            import tritonclient.http as httpclient
+
+            self._lib = httpclient
             self._client = httpclient.InferenceServerClient(
                 url=target,
                 ssl=tls,
@@ -91,7 +95,7 @@ class TritonClient:
         ]
 
     def infer(self, contract: ModelContract, batch: np.ndarray) -> InferenceOutput:
-        lib: Any = grpcclient if self.protocol == "grpc" else httpclient
+        lib = self._lib
         inp = lib.InferInput(contract.input.name, list(batch.shape), "FP32")
         if self.protocol == "grpc":
             inp.set_data_from_numpy(batch)
