@@ -123,10 +123,14 @@ def label_lesions(
     order = order[sizes[order] * voxel_ml >= min_ml]
     renumber = np.zeros(count + 1, np.uint16)
     renumber[order + 1] = np.arange(1, len(order) + 1, dtype=np.uint16)
-    # Centres of the reported components only (noise can make hundreds of specks).
-    centres = ndimage.center_of_mass(mask > 0, components, order + 1) if len(order) else []
+    # Centres of the reported components only, each within its bounding box: a whole-volume
+    # centre_of_mass costs half a second on a 256x256x200 study.
+    boxes = ndimage.find_objects(components)
     found = []
-    for i, centre in zip(order, centres, strict=True):
+    for i in order:
+        box = boxes[i]
+        local = np.argwhere(components[box] == i + 1).mean(axis=0)
+        centre = local + np.array([s.start for s in box], dtype=np.float64)
         ras = affine @ np.array([*centre, 1.0])
         found.append(
             Lesion(
