@@ -127,6 +127,8 @@ def handle_delivery(task: Task, settings: Settings, message: dict[str, Any]) -> 
         observe.stage("sent", job=delivery.job_id, destination=name, files=len(outcome.sent))
     if outcome.refused:
         where = dispatch.record_failure(settings, delivery, outcome.refused)
+        observe.stage("failed", job=delivery.job_id, at="send", destination=name)
+        observe.count("failed", "send")
         log.error(
             "job %s: %s refused %d file(s); see %s",
             delivery.job_id,
@@ -154,6 +156,8 @@ def handle_delivery(task: Task, settings: Settings, message: dict[str, Any]) -> 
         outcome.pending, f"{name} still unavailable after {retries + 1} attempts"
     )
     where = dispatch.record_failure(settings, delivery, reasons)
+    observe.stage("failed", job=delivery.job_id, at="send", destination=name)
+    observe.count("failed", "send")
     log.error("job %s: gave up sending to %s; see %s", delivery.job_id, name, where)
 
 
