@@ -83,10 +83,18 @@ def stage(
 
 def prepare(settings: Settings, component: str) -> Path:
     """Before anything imports prometheus_client in this process: a fresh multiprocess
-    directory for the component, inherited by the processes it forks."""
-    folder = settings.run_dir / "metrics" / component
+    directory for this run of the component, inherited by the processes it forks. Named
+    after the process, so a second worker on the same data folder keeps its own counts;
+    folders of processes that are gone are removed."""
+    root = settings.run_dir / "metrics"
+    root.mkdir(parents=True, exist_ok=True)
+    for old in root.glob(f"{component}-*"):
+        pid = old.name.rsplit("-", 1)[1]
+        if not (pid.isdigit() and Path(f"/proc/{pid}").exists()):
+            shutil.rmtree(old, ignore_errors=True)
+    folder = root / f"{component}-{os.getpid()}"
     shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir()
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
     return folder
 
