@@ -148,8 +148,11 @@ def _in_flight(settings: Settings) -> list[InFlight]:
                 state = "waiting for Redis"
             rows.append(InFlight(what, state, age, job.id))
         else:  # a study still being received: <StudyUID>/<SeriesUID>/<SOP>.dcm
-            files = [p for p in entry.rglob("*.dcm")]
-            newest = max((p.stat().st_mtime for p in files), default=entry.stat().st_mtime)
+            try:
+                files = list(entry.rglob("*.dcm"))
+                newest = max((p.stat().st_mtime for p in files), default=entry.stat().st_mtime)
+            except OSError:
+                continue  # handed over (renamed into a job) while we looked
             rows.append(InFlight(entry.name, "receiving", now - newest, f"{len(files)} instances"))
     return rows
 
@@ -158,14 +161,17 @@ def recent_results(settings: Settings, limit: int = RECENT) -> list[ResultRow]:
     results = settings.results_dir
     if not results.is_dir():
         return []
-    folders = sorted(
-        (e for e in os.scandir(results) if e.is_dir() and not e.name.startswith(".")),
-        key=lambda e: e.stat().st_mtime,
-        reverse=True,
-    )[:MAX_STUDY_DIRS]
+    dated = []
+    for e in os.scandir(results):
+        if e.is_dir() and not e.name.startswith("."):
+            try:
+                dated.append((e.stat().st_mtime, e.path))
+            except OSError:
+                continue  # pruned while we looked
+    folders = [path for _, path in sorted(dated, reverse=True)[:MAX_STUDY_DIRS]]
     rows = []
     for folder in folders:
-        for path in Path(folder.path).rglob("result.json"):
+        for path in Path(folder).rglob("result.json"):
             row = _row(path, results)
             if row is not None:
                 rows.append(row)

@@ -127,6 +127,13 @@ class _Handler(BaseHTTPRequestHandler):
     broker_url: str | None
 
     def do_GET(self) -> None:
+        try:
+            self._get()
+        except Exception:  # logged: a page that cannot be built is a 500, not a dead thread
+            log.exception("status page request failed")
+            self._send(HTTPStatus.INTERNAL_SERVER_ERROR, "text/plain", b"error, see the log\n")
+
+    def _get(self) -> None:
         path = unquote(urlsplit(self.path).path)
         if path in ("/", "/index.html"):
             snap = status.snapshot(self.settings, self.broker_url)
