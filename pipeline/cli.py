@@ -692,13 +692,6 @@ def bench(
     raise typer.Exit(1 if any("error" in part for part in figures.values()) else 0)
 
 
-def _broker_for_status(settings: Settings) -> str | None:
-    """The Redis to ask for queue depths: the configured one, or the embedded one's socket."""
-    from pipeline.services import embedded_redis
-
-    return embedded_redis.broker_url(settings)
-
-
 @app.command()
 def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print the snapshot as JSON.")] = False,
@@ -708,9 +701,10 @@ def status(
     from rich.table import Table
 
     from pipeline import status as status_mod
+    from pipeline.services import embedded_redis
 
     settings = _settings()
-    snap = status_mod.snapshot(settings, _broker_for_status(settings))
+    snap = status_mod.snapshot(settings, embedded_redis.broker_url(settings))
     if as_json:
         typer.echo(json.dumps(snap.as_json(), indent=2))
         return
@@ -752,11 +746,13 @@ def status(
 @app.command()
 def web() -> None:
     """Serve the read-only status page (also part of `up`) until Ctrl-C."""
+    from pipeline.services import embedded_redis
+
     settings = _settings()
     stop = _StopOnSignal()
     page = _start_web(
         settings.model_copy(update={"web": settings.web.model_copy(update={"enabled": True})}),
-        _broker_for_status(settings),
+        embedded_redis.broker_url(settings),
     )
     if page is None:
         raise _fail(f"cannot listen on {settings.web.host}:{settings.web.port}")

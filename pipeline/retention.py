@@ -47,7 +47,9 @@ def _newest_mtime(path: Path) -> float:
     return newest
 
 
-def _candidates(settings: Settings) -> Iterator[tuple[str, Path, float | None]]:
+def _candidates(settings: Settings) -> Iterator[tuple[str, Path, float]]:
+    """(area, item, days it is kept) of every item in an area with a retention; an earlier
+    run's unfinished deletion is kept 0 days."""
     r = settings.retention
     for area, folder, days in (
         ("archive", settings.archive_dir, r.archive_days),
@@ -73,7 +75,7 @@ def prune(settings: Settings, *, dry_run: bool = False, now: float | None = None
             age = (now - _newest_mtime(path)) / DAY_S
         except FileNotFoundError:
             continue
-        if days is not None and days > 0 and age < days:
+        if age < days:
             continue
         done.append(Pruned(area, path, age))
         if dry_run:

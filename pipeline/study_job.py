@@ -206,7 +206,6 @@ def _series_results(
     )
     image = LoadedImage(InputKind.DICOM, MetaTensor(volume.array[np.newaxis], affine=volume.affine))
     contracts = models.for_route(route, image)
-    assert job.study is not None
     info = InputInfo(
         source="dicom",
         name=f"{job.study.study_uid}/{group.uid}",

@@ -127,8 +127,7 @@ def handle_delivery(task: Task, settings: Settings, message: dict[str, Any]) -> 
         observe.stage("sent", job=delivery.job_id, destination=name, files=len(outcome.sent))
     if outcome.refused:
         where = dispatch.record_failure(settings, delivery, outcome.refused)
-        observe.stage("failed", job=delivery.job_id, at="send", destination=name)
-        observe.count("failed", "send")
+        _failed(delivery.job_id, "", "send", destination=name)
         log.error(
             "job %s: %s refused %d file(s); see %s",
             delivery.job_id,
@@ -156,9 +155,14 @@ def handle_delivery(task: Task, settings: Settings, message: dict[str, Any]) -> 
         outcome.pending, f"{name} still unavailable after {retries + 1} attempts"
     )
     where = dispatch.record_failure(settings, delivery, reasons)
-    observe.stage("failed", job=delivery.job_id, at="send", destination=name)
-    observe.count("failed", "send")
+    _failed(delivery.job_id, "", "send", destination=name)
     log.error("job %s: gave up sending to %s; see %s", delivery.job_id, name, where)
+
+
+def _failed(job_id: str, study: str, at: str, **fields: Any) -> None:
+    """The stage line and the failure count of a job (or a delivery) that went to failed/."""
+    observe.stage("failed", job=job_id, study=study, at=at, **fields)
+    observe.count("failed", at)
 
 
 def _backoff(retries: int, maximum: int) -> int:
@@ -176,8 +180,7 @@ def fail_job(job: Job, settings: Settings, exc: BaseException, stage: str) -> No
         log.error("job %s failed at %s but its spool folder is gone: %s", job.id, stage, exc)
         return
     dest = quarantine(folder, settings.failed_dir, error_record(exc, stage, job))
-    observe.stage("failed", job=job.id, study=job.study.study_uid if job.study else "", at=stage)
-    observe.count("failed", stage)
+    _failed(job.id, job.study.study_uid if job.study else "", stage)
     log.error(
         "job %s failed at %s: %s (%s); input kept in %s",
         job.id,
