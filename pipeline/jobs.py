@@ -64,6 +64,12 @@ class StudyRef(BaseModel):
     completed_by: str = Field(
         description="association-released, mpps-completed, quiet-period or max-wait."
     )
+    hold_until: datetime | None = Field(
+        default=None,
+        description="Handed over at the association's release, before the grace period ended: "
+        "processing starts at once, results are written only from this time on, and only if "
+        "no further instance of the study arrived by then (see pipeline.study_job).",
+    )
 
 
 class Job(BaseModel):

@@ -53,6 +53,10 @@ from pipeline.triton_client import TritonClient
 log = logging.getLogger(__name__)
 
 MASK_FILE = "mask.nii.gz"
+RESULT_FILE = "result.json"
+
+# A result file made in memory, to be written complete under its final name.
+Output = tuple[Path, bytes]
 
 
 class StageError(Exception):
@@ -178,13 +182,15 @@ def run_job(
         dicom = dicom_outputs(settings, job, route, _inbox_sources(header), "")
         stage = "infer"
         out_dir = settings.results_dir / job.id
-        written = [
-            path
+        outputs = [
+            o
             for c in chosen
-            for path in run_model(
+            for o in run_model(
                 job, info, image, c, models, client, started, out_dir / c.name, dicom
             )
         ]
+        stage = "write"
+        written = write_outputs(outputs)
         stage = "dispatch"
         if dispatch is not None:
             dispatch(route, [p for p in written if p.suffix == ".dcm"])
@@ -229,11 +235,11 @@ def run_model(
     started: datetime,
     out_dir: Path,
     dicom: DicomOutputs,
-) -> list[Path]:
-    """One model on one input; writes ``out_dir/result.json``, ``preview.png``, the DICOM SR
-    (and for a segmentation model ``mask.nii.gz`` and the DICOM SEG); returns the files
-    written. The DICOM objects are made and validated first: if one is invalid, nothing of
-    this result is written (OutputError)."""
+) -> list[Output]:
+    """One model on one input: ``out_dir/result.json``, ``preview.png``, the DICOM SR (and for
+    a segmentation model ``mask.nii.gz`` and the DICOM SEG), made but not yet written (see
+    :func:`write_outputs`). The DICOM objects are validated here: if one is invalid, nothing
+    of this result is made (OutputError)."""
     if contract.task is not Task.SEGMENTATION:
         doc = classify(job, info, image, contract, models, client, started)
         label = doc.prediction.label
@@ -272,8 +278,8 @@ def run_model(
     objects = make_dicom(doc, contract, seg.lesion_map, dicom)
     caption = f"{len(seg.lesions)} lesion(s), {total:.2f} ml"
     png = _preview(lambda: preview.segmentation_preview(image.array, seg.mask, caption))
-    mask_path = write_bytes(out_dir / MASK_FILE, _nifti_gz(seg.mask, seg.affine))
-    return [mask_path, *_finish_model(out_dir, doc, png, objects)]
+    mask = (out_dir / MASK_FILE, _nifti_gz(seg.mask, seg.affine))
+    return [mask, *_finish_model(out_dir, doc, png, objects)]
 
 
 def _preview(render: Callable[[], bytes]) -> bytes | None:
@@ -287,14 +293,20 @@ def _preview(render: Callable[[], bytes]) -> bytes | None:
 
 def _finish_model(
     out_dir: Path, doc: Result, png: bytes | None, objects: dict[str, bytes]
-) -> list[Path]:
+) -> list[Output]:
     """result.json last: its presence says the rest is there."""
-    written = [write_bytes(out_dir / name, data) for name, data in objects.items()]
+    made = [(out_dir / name, data) for name, data in objects.items()]
     doc = doc.model_copy(update={"dicom": list(objects)})
     if png is not None:
-        written.append(write_bytes(out_dir / PREVIEW_FILE, png))
+        made.append((out_dir / PREVIEW_FILE, png))
         doc = doc.model_copy(update={"preview": PREVIEW_FILE})
-    return [*written, write_result(out_dir / "result.json", doc)]
+    return [*made, (out_dir / RESULT_FILE, (doc.model_dump_json(indent=2) + "\n").encode())]
+
+
+def write_outputs(outputs: list[Output]) -> list[Path]:
+    """Each file complete (temporary name, fsync, rename), in order: a model's result.json
+    comes after its other files."""
+    return [write_bytes(path, data) for path, data in outputs]
 
 
 def _nifti_gz(mask: np.ndarray, affine: np.ndarray) -> bytes:
@@ -366,10 +378,6 @@ def make_result(
         ),
         worker=WorkerInfo(host=socket.gethostname(), pid=os.getpid()),
     )
-
-
-def write_result(path: Path, doc: Result) -> Path:
-    return write_bytes(path, (doc.model_dump_json(indent=2) + "\n").encode())
 
 
 def write_bytes(path: Path, data: bytes) -> Path:

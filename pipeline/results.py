@@ -89,14 +89,15 @@ class SeriesOutcome(_Doc):
     modality: str
     description: str
     slices: int
-    status: Literal["done", "skipped", "failed"]
+    # superseded: more of the study came within the grace period; the next round has it
+    status: Literal["done", "skipped", "failed", "superseded"]
     route: str | None
     models: list[str]
-    reason: str | None  # skipped: why no rule matched; failed: the error
+    reason: str | None  # skipped: why no rule matched; failed: the error; superseded: that
 
 
 class StudyResult(_Doc):
-    schema_version: Literal["1.1"] = "1.1"
+    schema_version: Literal["1.1", "1.2"] = "1.2"  # 1.2: series status "superseded"
     job_id: str  # the latest round
     rounds: list[str]  # every round's job id, oldest first (inputs in data/archive/<id>/)
     study_uid: str

@@ -158,6 +158,13 @@ class ReceiverSettings(_Section):
         description="A study is complete this long after the last association that sent to it "
         "was released, if nothing more arrived.",
     )
+    early_start: bool = Field(
+        default=True,
+        description="Hand a study over as soon as its last association is released, and hold "
+        "its results until release_grace_s has passed: if more instances of the study arrived "
+        "by then, they are processed together with it in the next round and this round writes "
+        "no results. Off: hand over only after release_grace_s (the wait adds to the latency).",
+    )
     quiet_period_s: float = Field(
         default=60.0, gt=0.0, description="A study is complete after this long without instances."
     )

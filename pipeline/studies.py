@@ -5,6 +5,11 @@ nothing more arrived for a short grace period; the modality reported MPPS COMPLE
 instance it lists is here; no instance for the quiet period; the maximum wait. Peers wait a
 fixed 5-60 s quiet period in every case.
 
+With early start (the default) a released study is handed over at once and the grace period
+runs while it is processed: the job carries ``hold_until`` and the worker writes its results
+only after it, and only if nothing more of the study arrived (:mod:`pipeline.study_job`). The
+wait then costs nothing unless processing is quicker than the grace period.
+
 :class:`StudyTracker` is pure bookkeeping over a clock (no threads, no I/O). :func:`close_study`
 turns the study's spool folder into a job folder in one rename, so instances that arrive
 afterwards start a new folder, a new round, and nothing is dropped or processed twice.
@@ -17,7 +22,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 
@@ -59,6 +64,7 @@ class Completed:
     received_at: datetime
     calling_aet: str | None
     called_aet: str | None
+    hold_s: float = 0.0  # early start: results wait this much longer (the rest of the grace)
 
 
 class StudyTracker:
@@ -70,8 +76,10 @@ class StudyTracker:
         quiet_s: float,
         max_wait_s: float,
         clock: Clock = time.monotonic,
+        early_start: bool = False,
     ) -> None:
         self.grace = grace_s
+        self.early = early_start
         self.quiet = quiet_s
         self.max_wait = max_wait_s
         self.clock = clock
@@ -172,7 +180,10 @@ class StudyTracker:
             del self._studies[uid]
             for assoc in st.open_assocs:
                 self._assoc_studies.get(assoc, set()).discard(uid)
-            done.append(Completed(uid, reason, st.received_at, st.calling_aet, st.called_aet))
+            hold = 0.0
+            if reason is Reason.RELEASED and st.released_at is not None:
+                hold = max(0.0, self.grace - (t - max(st.released_at, st.last)))
+            done.append(Completed(uid, reason, st.received_at, st.calling_aet, st.called_aet, hold))
         # Expectations whose study never came are dropped after the maximum wait.
         self._expected = {k: v for k, v in self._expected.items() if t - v[1] < self.max_wait}
         self._unbound = [u for u in self._unbound if t - u[1] < self.max_wait]
@@ -181,7 +192,9 @@ class StudyTracker:
     def _reason(self, st: _Study, t: float) -> Reason | None:
         if st.expected is not None and st.expected <= st.sops:
             return Reason.MPPS
-        if st.released_at is not None and t - max(st.released_at, st.last) >= self.grace:
+        if st.released_at is not None and (
+            self.early or t - max(st.released_at, st.last) >= self.grace
+        ):
             return Reason.RELEASED
         if t - st.last >= self.quiet:
             return Reason.QUIET
@@ -235,6 +248,7 @@ def close_study(spool: Path, done: Completed) -> Job | None:
                 calling_aet=done.calling_aet,
                 called_aet=done.called_aet,
                 completed_by=done.reason.value,
+                hold_until=now() + timedelta(seconds=done.hold_s) if done.hold_s else None,
             ),
         )
         staging = spool / f".{job.id}"

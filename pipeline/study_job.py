@@ -8,12 +8,21 @@ series no rule matches is recorded as skipped. Each routed series becomes a volu
 A series that fails (unreadable, gaps, wrong model) does not stop the others; the job then
 ends in ``data/failed/`` with the reasons, its instances kept, the other series' results
 written. A transient error (Triton down) retries the whole study.
+
+Rounds of one study (instances that came after it was handed over) are processed one at a
+time, under a lock, because each reads and extends the study's ``study.json``. A round handed
+over early (``hold_until``, see :mod:`pipeline.studies`) makes its results in memory, waits
+until that time and then looks for more of the study in the spool: if there is, it writes no
+result, marks its series ``superseded`` and leaves them to the next round, which processes
+them together with the new instances, as if they had all come within the grace period.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
+from contextlib import AbstractContextManager
 from datetime import datetime
 from pathlib import Path
 
@@ -24,17 +33,21 @@ from pipeline import observe, routing, series
 from pipeline.contract import InputKind
 from pipeline.convert import MAX_VOXELS, LoadedImage
 from pipeline.dicom_results import Sources
+from pipeline.dicom_store import SUFFIX
 from pipeline.errors import InputError, PermanentError, PipelineError, TransientError
-from pipeline.jobs import STUDY_FOLDER, Job, job_dir, now
+from pipeline.fsutil import flocked
+from pipeline.jobs import STUDY_FOLDER, Job, is_job_id, job_dir, now, read_job
 from pipeline.processing import (
     Dispatch,
     Models,
+    Output,
     StageError,
     dicom_outputs,
     finish_job,
     run_model,
     why_not,
     write_bytes,
+    write_outputs,
 )
 from pipeline.results import InputInfo, SeriesOutcome, StudyResult
 from pipeline.settings import Settings
@@ -43,6 +56,11 @@ from pipeline.triton_client import TritonClient
 log = logging.getLogger(__name__)
 
 STUDY_FILE = "study.json"
+ROUND_LOCKS = ".study-locks"  # in the spool: one lock file per bucket of study UIDs
+SUPERSEDED = (
+    "more instances of the study arrived within the release grace period: this series is "
+    "processed again with them in the next round"
+)
 
 
 def run_study(
@@ -57,6 +75,23 @@ def run_study(
     if job.study is None or not study_dir.is_dir():
         log.info("job %s: already processed, nothing to do", job.id)
         return []
+    with _round_lock(settings, job.study.study_uid):
+        if not study_dir.is_dir():  # the same job, delivered twice, done meanwhile
+            log.info("job %s: already processed, nothing to do", job.id)
+            return []
+        return _run_round(job, settings, models, client, dispatch)
+
+
+def _run_round(
+    job: Job,
+    settings: Settings,
+    models: Models,
+    client: TritonClient,
+    dispatch: Dispatch | None,
+) -> list[Path]:
+    assert job.study is not None
+    folder = job_dir(settings.spool_dir, job.id)
+    study_dir = folder / job.input_file
     study = job.study
     started = now()
     out_dir = settings.results_dir / study.study_uid
@@ -64,12 +99,14 @@ def run_study(
     try:
         current = {p.stem: p for p in study_dir.rglob("*.dcm")}
         touched = {p.parent.name for p in current.values()}  # series with new instances
+        if earlier is not None:  # and those an earlier round left to this one
+            touched |= {o.series_uid for o in earlier.series if o.status == "superseded"}
         merged = _earlier_instances(settings, earlier, touched) | current  # newest wins
         groups, not_images = series.group_series(merged.values())
     except OSError as exc:
         raise StageError("load", TransientError(f"cannot read the study: {exc}")) from exc
     outcomes: list[SeriesOutcome] = []
-    written: list[Path] = []
+    outputs: list[Output] = []
     failures: list[str] = []
     to_send: list[tuple[routing.Route, list[Path]]] = []
     for group in groups:
@@ -107,12 +144,30 @@ def run_study(
                 )
             )
             continue
-        written.extend(files)
-        to_send.append((route, [p for p in files if p.suffix == ".dcm"]))
+        outputs.extend(files)
+        to_send.append((route, [p for p, _ in files if p.suffix == ".dcm"]))
         outcomes.append(
             outcome.model_copy(
                 update={"status": "done", "route": route.name, "models": list(route.models)}
             )
+        )
+    if _superseded(job, settings):
+        outcomes = [
+            SeriesOutcome(
+                series_uid=g.uid,
+                modality=g.modality,
+                description=g.description,
+                slices=g.planes,
+                status="superseded",
+                route=None,
+                models=[],
+                reason=SUPERSEDED,
+            )
+            for g in groups
+        ]
+        outputs, to_send, failures = [], [], []
+        log.info(
+            "job %s: more of study %s arrived; left to the next round", job.id, study.study_uid
         )
     if earlier is not None:  # series this round did not touch keep their earlier outcome
         done = {o.series_uid for o in outcomes}
@@ -128,6 +183,7 @@ def run_study(
         finished=now(),
     )
     try:
+        written = write_outputs(outputs)
         written.append(
             write_bytes(out_dir / STUDY_FILE, (doc.model_dump_json(indent=2) + "\n").encode())
         )
@@ -135,8 +191,8 @@ def run_study(
         raise StageError("write", exc) from exc
     try:  # what was made is sent, even when another series failed
         if dispatch is not None:
-            for route, files in to_send:
-                dispatch(route, files)
+            for route, paths in to_send:
+                dispatch(route, paths)
     except PipelineError as exc:
         raise StageError("dispatch", exc) from exc
     if failures:
@@ -150,6 +206,39 @@ def run_study(
         sum(o.status == "skipped" for o in outcomes),
     )
     return written
+
+
+def _round_lock(settings: Settings, study_uid: str) -> AbstractContextManager[None]:
+    """Held while a round runs. 256 lock files whatever the number of studies: two studies
+    that share one only take turns."""
+    bucket = hashlib.sha256(study_uid.encode()).hexdigest()[:2]
+    locks = settings.spool_dir / ROUND_LOCKS
+    locks.mkdir(parents=True, exist_ok=True)
+    return flocked(locks / f"{bucket}.lock")
+
+
+def _superseded(job: Job, settings: Settings) -> bool:
+    """For a round handed over early: wait until its hold time, then tell whether more of its
+    study is in the spool (being received, or a later round waiting). Without an archive the
+    round's instances would be gone before the next round could use them: it then stands."""
+    assert job.study is not None
+    if job.study.hold_until is None or not settings.worker.archive_inputs:
+        return False
+    if (wait := (job.study.hold_until - now()).total_seconds()) > 0:
+        time.sleep(wait)
+    spool, uid = settings.spool_dir, job.study.study_uid
+    if any((spool / uid).glob(f"*/*{SUFFIX}")):
+        return True
+    for entry in spool.iterdir():
+        if entry.name == job.id or not is_job_id(entry.name):
+            continue
+        try:
+            other = read_job(entry)
+        except (OSError, ValueError):
+            continue  # finished and moved meanwhile, or half-made (then not yet ours to see)
+        if other.study is not None and other.study.study_uid == uid:
+            return True
+    return False
 
 
 def _earlier_round(path: Path) -> StudyResult | None:
@@ -190,7 +279,7 @@ def _series_results(
     models: Models,
     client: TritonClient,
     started: datetime,
-) -> list[Path]:
+) -> list[Output]:
     if group.planes * group.rows * group.cols > MAX_VOXELS:
         raise InputError(f"{group.planes}x{group.rows}x{group.cols} is larger than {MAX_VOXELS}")
     loading = time.perf_counter()
@@ -219,9 +308,9 @@ def _series_results(
     dicom = dicom_outputs(settings, job, route, Sources(volume.headers, volume.slices), group.uid)
     out_dir = settings.results_dir / job.study.study_uid
     return [
-        path
+        o
         for c in contracts
-        for path in run_model(
+        for o in run_model(
             job, info, image, c, models, client, started, out_dir / c.name / group.uid, dicom
         )
     ]

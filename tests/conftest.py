@@ -82,8 +82,8 @@ def redis_settings(tmp_path: Path) -> Iterator[Settings]:
     proc.stop()
 
 
-def spool_study(settings: Settings, folders: list[Path], calling: str = "CT01") -> str:
-    """Store the folders' files as the receiver would and hand the study over as a job."""
+def store_files(settings: Settings, folders: list[Path]) -> str:
+    """Store the folders' files in the spool as the receiver would; returns the study UID."""
     settings.ensure_dirs()
     study_uid = ""
     for folder in folders:
@@ -92,9 +92,17 @@ def spool_study(settings: Settings, folders: list[Path], calling: str = "CT01") 
             study_uid = str(ds.StudyInstanceUID)
             uids = InstanceUIDs(study_uid, str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
             store_instance(settings.spool_dir, uids, path.read_bytes(), 0)
-    job = close_study(
-        settings.spool_dir, Completed(study_uid, Reason.RELEASED, now(), calling, "PIPELINE")
-    )
+    return study_uid
+
+
+def spool_study(
+    settings: Settings, folders: list[Path], calling: str = "CT01", hold_s: float = 0.0
+) -> str:
+    """Store the folders' files as the receiver would and hand the study over as a job
+    (``hold_s``: handed over early, its results held that long)."""
+    study_uid = store_files(settings, folders)
+    done = Completed(study_uid, Reason.RELEASED, now(), calling, "PIPELINE", hold_s)
+    job = close_study(settings.spool_dir, done)
     assert job is not None
     return job.id
 

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +163,8 @@ def test_ct_series_arrives_whole_one_task_on_release_no_patient_data_in_logs(
     assert study["series"] == {spec.series_uid: 200} and study["instances"] == 200
     assert (study["calling_aet"], study["called_aet"]) == ("STORESCU", "PIPELINE")
     assert study["completed_by"] == "association-released"
+    # Early start: handed over at the release, its results held until the grace period ends.
+    assert datetime.fromisoformat(study["hold_until"]) > datetime.fromisoformat(task["queued_at"])
     stored = rx.job_files(task)
     assert len(stored) == 200
     originals = {str(dcmread(f).SOPInstanceUID): dcmread(f) for f in files}

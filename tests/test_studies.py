@@ -43,6 +43,32 @@ def test_release_completes_after_grace_not_before(tracker: StudyTracker, clock: 
     assert tracker.due() == [] and len(tracker) == 0
 
 
+def test_early_start_hands_over_at_release_and_holds_the_rest_of_the_grace(
+    clock: Clock, tmp_path: Path
+) -> None:
+    early = StudyTracker(grace_s=2.0, quiet_s=60.0, max_wait_s=600.0, clock=clock, early_start=True)
+    early.stored("1.2.3", "1.2.3.1", "a1")
+    early.stored("1.2.3", "1.2.3.2", "a2")
+    early.released("a1")
+    assert early.due() == []  # a2 may still send to it
+    early.released("a2")
+    clock.t += 0.5
+    [done] = early.due()
+    assert done.reason is Reason.RELEASED and done.hold_s == pytest.approx(1.5)
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    _store(spool, "1.2.3", "1.2.3.4", "1.2.3.4.1")
+    before = now()
+    job = close_study(spool, done)
+    assert job is not None and job.study is not None and job.study.hold_until is not None
+    assert 1.4 < (job.study.hold_until - before).total_seconds() < 2.0
+    # Other reasons carry no hold: the study is complete when they fire.
+    early.stored("1.2.4", "1.2.4.1", "a3")
+    clock.t += 60
+    [quiet] = early.due()
+    assert quiet.reason is Reason.QUIET and quiet.hold_s == 0.0
+
+
 def test_open_association_holds_a_study_released_by_another(
     tracker: StudyTracker, clock: Clock
 ) -> None:

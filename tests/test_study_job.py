@@ -17,7 +17,7 @@ from pipeline.contract import discover_contracts
 from pipeline.demo.dicom_series import new_series, write_series, write_volume_series
 from pipeline.demo.synthetic import ct_volume
 from pipeline.demo.train import TEST_SEED_BASE
-from pipeline.jobs import JOB_FILE
+from pipeline.jobs import JOB_FILE, Job
 from pipeline.processing import Models, StageError
 from pipeline.routing import DEFAULT_ROUTES, Match, Route, SeriesFacts, decide, mismatches
 from pipeline.services.embedded_triton import TritonEndpoints
@@ -25,7 +25,7 @@ from pipeline.settings import Settings
 from pipeline.study_job import run_study
 from pipeline.triton_client import TritonClient
 
-from .conftest import MODEL_REPOSITORY, make_settings, spool_study
+from .conftest import MODEL_REPOSITORY, make_settings, spool_study, store_files
 
 CT = SeriesFacts(kind="dicom", slices=120, modality="CT", series_description="Thorax 1.0 B30f")
 
@@ -223,3 +223,108 @@ def test_a_late_instance_joins_its_series_from_the_earlier_round(
     by_uid = {s["series_uid"]: s for s in study["series"]}
     assert by_uid[ct_series]["status"] == "done" and by_uid[ct_series]["slices"] == len(ct_files)
     assert by_uid[mr_series]["status"] == "skipped"  # kept from round 1
+
+
+def _copy(files: list[Path], folder: Path) -> Path:
+    folder.mkdir()
+    for path in files:
+        (folder / path.name).write_bytes(path.read_bytes())
+    return folder
+
+
+def test_an_early_round_alone_writes_its_results_only_after_its_hold_time(
+    triton: TritonEndpoints, tmp_path: Path
+) -> None:
+    """Early start: processing begins at the association's release, results wait for the
+    end of the grace period (here longer than the processing)."""
+    from pipeline.jobs import read_job
+
+    folders, study_uid, ct_series, _ = _study_with_ct_and_an_unrouted_series(tmp_path)
+    settings = make_settings(tmp_path / "data", triton={"model_repository": MODEL_REPOSITORY})
+    job = read_job(settings.spool_dir / spool_study(settings, folders, hold_s=6.0))
+    assert job.study is not None and job.study.hold_until is not None
+    models = Models(discover_contracts(MODEL_REPOSITORY))
+    written = run_study(job, settings, models, TritonClient(triton.grpc, settings.triton))
+    assert len(written) == 9  # as without a hold: nothing came meanwhile
+    assert min(p.stat().st_mtime for p in written) >= job.study.hold_until.timestamp()
+    result = settings.results_dir / study_uid / "ct_covid_classifier" / ct_series / "result.json"
+    assert json.loads(result.read_text())["prediction"]["label"] == "COVID Positive"
+
+
+def test_an_early_round_yields_to_instances_that_came_during_its_hold(
+    triton: TritonEndpoints, tmp_path: Path
+) -> None:
+    """More of the study arrives while an early round is being processed: that round writes
+    no result (none partial reaches results or the PACS), and the next round processes its
+    series together with the new instances, as if all had come within the grace period."""
+    from pipeline.jobs import read_job
+    from pipeline.studies import Completed, Reason, close_study
+
+    folders, study_uid, ct_series, mr_series = _study_with_ct_and_an_unrouted_series(tmp_path)
+    ct_files = sorted(folders[0].iterdir())
+    first = _copy(ct_files[:-1], tmp_path / "first")
+    settings = make_settings(tmp_path / "data", triton={"model_repository": MODEL_REPOSITORY})
+    models = Models(discover_contracts(MODEL_REPOSITORY))
+    client = TritonClient(triton.grpc, settings.triton)
+    round1 = read_job(settings.spool_dir / spool_study(settings, [first, folders[1]], hold_s=2.0))
+    store_files(settings, [_copy(ct_files[-1:], tmp_path / "late")])  # within the grace
+    assert run_study(round1, settings, models, client) == [
+        settings.results_dir / study_uid / "study.json"
+    ]
+    out = settings.results_dir / study_uid
+    assert not list(out.rglob("result.json")) and not list(out.rglob("*.dcm"))
+    study = json.loads((out / "study.json").read_text())
+    assert {s["series_uid"]: s["status"] for s in study["series"]} == {
+        ct_series: "superseded",
+        mr_series: "superseded",
+    }
+    assert (settings.archive_dir / round1.id).is_dir()  # its instances, for the next round
+    done = Completed(study_uid, Reason.RELEASED, round1.received_at, "CT01", "PIPELINE")
+    round2 = close_study(settings.spool_dir, done)
+    assert round2 is not None and round2.study is not None and round2.study.instances == 1
+    run_study(round2, settings, models, client)
+    result = json.loads((out / "ct_covid_classifier" / ct_series / "result.json").read_text())
+    assert result["job_id"] == round2.id
+    assert result["input"]["shape"][-1] == len(ct_files)  # round 1's slices and the late one
+    assert result["prediction"]["label"] == "COVID Positive"
+    study = json.loads((out / "study.json").read_text())
+    assert study["rounds"] == [round1.id, round2.id]
+    assert {s["series_uid"]: s["status"] for s in study["series"]} == {
+        ct_series: "done",
+        mr_series: "skipped",
+    }
+
+
+def test_two_rounds_of_one_study_processed_at_once_are_both_recorded(
+    triton: TritonEndpoints, tmp_path: Path
+) -> None:
+    """Two workers take two rounds of the same study at the same moment: they take turns, so
+    study.json lists both rounds and every series, whichever finishes last."""
+    import threading
+
+    from pipeline.jobs import read_job
+
+    folders, study_uid, ct_series, mr_series = _study_with_ct_and_an_unrouted_series(tmp_path)
+    settings = make_settings(tmp_path / "data", triton={"model_repository": MODEL_REPOSITORY})
+    rounds = [read_job(settings.spool_dir / spool_study(settings, [f])) for f in folders]
+    models = Models(discover_contracts(MODEL_REPOSITORY))
+    errors: list[Exception] = []
+
+    def work(job: Job) -> None:
+        try:
+            run_study(job, settings, models, TritonClient(triton.grpc, settings.triton))
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(job,)) for job in rounds]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors
+    study = json.loads((settings.results_dir / study_uid / "study.json").read_text())
+    assert sorted(study["rounds"]) == sorted(job.id for job in rounds)
+    assert {s["series_uid"]: s["status"] for s in study["series"]} == {
+        ct_series: "done",
+        mr_series: "skipped",
+    }

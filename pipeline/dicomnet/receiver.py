@@ -61,7 +61,9 @@ class Receiver:
         self._stop_children = self._mp.Event()
         self.events: _Events = self._mp.Queue() if rs.processes > 1 else queue.Queue()
         self.children: list[Any] = []
-        self.tracker = StudyTracker(rs.release_grace_s, rs.quiet_period_s, rs.max_wait_s)
+        self.tracker = StudyTracker(
+            rs.release_grace_s, rs.quiet_period_s, rs.max_wait_s, early_start=rs.early_start
+        )
         self.address: tuple[str, int] | None = None
 
     def recover(self) -> None:
