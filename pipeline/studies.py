@@ -181,8 +181,8 @@ class StudyTracker:
             for assoc in st.open_assocs:
                 self._assoc_studies.get(assoc, set()).discard(uid)
             hold = 0.0
-            if reason is Reason.RELEASED and st.released_at is not None:
-                hold = max(0.0, self.grace - (t - max(st.released_at, st.last)))
+            if reason is Reason.RELEASED and (quiet := _since_release(st, t)) is not None:
+                hold = max(0.0, self.grace - quiet)
             done.append(Completed(uid, reason, st.received_at, st.calling_aet, st.called_aet, hold))
         # Expectations whose study never came are dropped after the maximum wait.
         self._expected = {k: v for k, v in self._expected.items() if t - v[1] < self.max_wait}
@@ -192,15 +192,19 @@ class StudyTracker:
     def _reason(self, st: _Study, t: float) -> Reason | None:
         if st.expected is not None and st.expected <= st.sops:
             return Reason.MPPS
-        if st.released_at is not None and (
-            self.early or t - max(st.released_at, st.last) >= self.grace
-        ):
+        if (quiet := _since_release(st, t)) is not None and (self.early or quiet >= self.grace):
             return Reason.RELEASED
         if t - st.last >= self.quiet:
             return Reason.QUIET
         if t - st.first >= self.max_wait:
             return Reason.MAX_WAIT
         return None
+
+
+def _since_release(st: _Study, t: float) -> float | None:
+    """Seconds since the study's last association was released and nothing more came; None
+    while one is open or after an abort."""
+    return None if st.released_at is None else t - max(st.released_at, st.last)
 
 
 def spooled_studies(spool: Path) -> Iterator[tuple[str, set[str]]]:

@@ -70,13 +70,12 @@ def run_study(
     client: TritonClient,
     dispatch: Dispatch | None = None,
 ) -> list[Path]:
-    folder = job_dir(settings.spool_dir, job.id)
-    study_dir = folder / job.input_file
-    if job.study is None or not study_dir.is_dir():
-        log.info("job %s: already processed, nothing to do", job.id)
+    if job.study is None:  # never for a valid DICOM job (Job's validator)
+        log.info("job %s: no study, nothing to do", job.id)
         return []
     with _round_lock(settings, job.study.study_uid):
-        if not study_dir.is_dir():  # the same job, delivered twice, done meanwhile
+        # Checked under the lock: the same job, delivered twice, may have been done meanwhile.
+        if not (job_dir(settings.spool_dir, job.id) / job.input_file).is_dir():
             log.info("job %s: already processed, nothing to do", job.id)
             return []
         return _run_round(job, settings, models, client, dispatch)
@@ -152,19 +151,13 @@ def _run_round(
             )
         )
     if _superseded(job, settings):
-        outcomes = [
-            SeriesOutcome(
-                series_uid=g.uid,
-                modality=g.modality,
-                description=g.description,
-                slices=g.planes,
-                status="superseded",
-                route=None,
-                models=[],
-                reason=SUPERSEDED,
-            )
-            for g in groups
-        ]
+        left: dict[str, object] = {
+            "status": "superseded",
+            "route": None,
+            "models": [],
+            "reason": SUPERSEDED,
+        }
+        outcomes = [o.model_copy(update=left) for o in outcomes]
         outputs, to_send, failures = [], [], []
         log.info(
             "job %s: more of study %s arrived; left to the next round", job.id, study.study_uid
