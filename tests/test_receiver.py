@@ -295,7 +295,14 @@ def test_associations_above_the_cap_are_rejected_as_transient(
         assert rsp is not None and rsp.result == 0x02  # transient: the sender retries later
     finally:
         first.release()
-    again = ae.associate("127.0.0.1", rx.port, ae_title="PIPELINE")
+
+    def established() -> Any:
+        # As a sender would, retry: the receiver frees the slot when the first association's
+        # thread has ended, a moment after the release was acknowledged.
+        assoc = ae.associate("127.0.0.1", rx.port, ae_title="PIPELINE")
+        return assoc if assoc.is_established else None
+
+    again = wait_for(established, 10, "a new association once the first was released")
     assert again.is_established
     again.release()
 
