@@ -58,7 +58,7 @@ input [
   {{ name: "INPUT__0", data_type: TYPE_FP32, dims: [ {input_dims} ] }}
 ]
 output [
-  {{ name: "PROBABILITIES", data_type: TYPE_FP32, dims: [ {output_dims} ] }}
+  {{ name: "PROBABILITIES", data_type: {output_type}, dims: [ {output_dims} ] }}
 ]
 dynamic_batching {{
   max_queue_delay_microseconds: 2000
@@ -160,6 +160,7 @@ def import_bundle(bundle: Path, repository: Path, name: str | None = None) -> Mo
             name=name,
             input_dims=", ".join(map(str, contract.input.shape)),
             output_dims=", ".join(map(str, contract.output.shape)),
+            output_type="TYPE_FP16" if contract.output.dtype == "float16" else "TYPE_FP32",
         ).encode(),
     )
     atomic_write_bytes(folder / "1" / "model.py", _MODEL_PY.format(name=name).encode())

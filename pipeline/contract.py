@@ -52,7 +52,9 @@ class TransformSpec(BaseModel):
 class TensorSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str
-    dtype: Literal["float32"] = "float32"
+    # Inputs are float32; an output may be float16 (probabilities need no more, and a 3D
+    # segmentation's are most of what a request moves).
+    dtype: Literal["float32", "float16"] = "float32"
     shape: tuple[int, ...] = Field(description="Without the batch dimension.")
 
 
@@ -127,11 +129,15 @@ class ModelContract(BaseModel):
             raise ValueError(
                 f"input.shape {self.input.shape} must be channel + {self.spatial_dims}D"
             )
+        if self.input.dtype != "float32":
+            raise ValueError("input.dtype must be float32")
         if self.task is Task.SEGMENTATION:
-            expected = (len(self.labels), *self.input.shape[1:])
-            if self.output.shape != expected or self.activation is not Activation.SOFTMAX:
+            patch = self.input.shape[1:]
+            allowed = ((len(self.labels), *patch), (len(self.labels) - 1, *patch))
+            if self.output.shape not in allowed or self.activation is not Activation.SOFTMAX:
                 raise ValueError(
-                    f"a segmentation model has softmax output.shape {expected} (labels x patch)"
+                    f"a segmentation model has softmax output.shape {allowed[0]} (labels x "
+                    f"patch), or {allowed[1]} without the background's channel"
                 )
         elif self.output.shape != (len(self.labels),):
             raise ValueError(f"output.shape {self.output.shape} must be ({len(self.labels)},)")
@@ -140,6 +146,12 @@ class ModelContract(BaseModel):
         if self.activation is Activation.SIGMOID and len(self.labels) != 2:
             raise ValueError("a sigmoid model has exactly two labels: negative, positive")
         return self
+
+    @property
+    def omits_background(self) -> bool:
+        """A segmentation output without the first label's (background's) channel: its
+        probability is 1 minus the sum of the others'."""
+        return self.task is Task.SEGMENTATION and self.output.shape[0] == len(self.labels) - 1
 
 
 def load_contract(model_dir: Path) -> ModelContract:

@@ -20,6 +20,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pipeline.dicom_store import InvalidUIDError, check_uid
 from pipeline.errors import InputError
 from pipeline.fsutil import atomic_write_json, fsync_dir, move_into
 
@@ -70,6 +71,15 @@ class StudyRef(BaseModel):
         "processing starts at once, results are written only from this time on, and only if "
         "no further instance of the study arrived by then (see pipeline.study_job).",
     )
+
+    @field_validator("study_uid")
+    @classmethod
+    def _a_uid(cls, v: str) -> str:
+        """The worker makes paths of it (results, spool): a forged message must not escape."""
+        try:
+            return check_uid(v, "study_uid")
+        except InvalidUIDError as exc:
+            raise ValueError(str(exc)) from None
 
 
 class Job(BaseModel):

@@ -61,6 +61,12 @@ class TritonSettings(_Section):
     metrics_port: int = Field(default=0, ge=0, le=65535, description="Embedded; 0: free one.")
     startup_timeout_s: float = Field(default=240.0, gt=0)
     request_timeout_s: float = Field(default=120.0, gt=0)
+    shared_memory: Literal["auto", "off"] = Field(
+        default="auto",
+        description="auto: tensors go to a Triton on this machine (a loopback URL, as the "
+        "embedded one) through system shared memory, not inside the requests; off: always "
+        "inside the requests. Where the server cannot map the regions, the client falls back.",
+    )
     shm_default_byte_size: int = Field(
         default=16 * 1024 * 1024,
         ge=1024 * 1024,

@@ -162,6 +162,7 @@ def _run_round(
         log.info(
             "job %s: more of study %s arrived; left to the next round", job.id, study.study_uid
         )
+        observe.stage("superseded", job=job.id, study=study.study_uid, series=len(outcomes))
     if earlier is not None:  # series this round did not touch keep their earlier outcome
         done = {o.series_uid for o in outcomes}
         outcomes = [o for o in earlier.series if o.series_uid not in done] + outcomes

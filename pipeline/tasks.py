@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from celery import Celery, Task
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_process_shutdown
 from celery.utils.time import get_exponential_backoff_interval
 
 from pipeline import dispatch, observe
@@ -57,6 +57,12 @@ class WorkerContext:
         """After fork: connections made by the parent must not be shared."""
         self._client = None
 
+    def close(self) -> None:
+        """At the process's end: the client's shared memory regions are given back."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
 
 def register_tasks(app: Celery, settings: Settings, triton_url: str) -> None:
     ctx = WorkerContext(settings, triton_url)
@@ -66,6 +72,10 @@ def register_tasks(app: Celery, settings: Settings, triton_url: str) -> None:
         # One torch thread per pool process: processes, not threads, use the cores.
         torch.set_num_threads(1)
         ctx.reset()
+
+    @worker_process_shutdown.connect(weak=False)  # type: ignore[untyped-decorator]
+    def _end_process(**_: Any) -> None:
+        ctx.close()
 
     @app.task(name=TASK_NAME, bind=True, max_retries=None)  # type: ignore[untyped-decorator]
     def process_job(self: Task, message: dict[str, Any]) -> None:
@@ -96,7 +106,8 @@ def handle(task: Task, ctx: WorkerContext, message: dict[str, Any]) -> None:
         observe.stage("started", job=job.id, study=study, seconds=waited, source=job.source)
     try:
         run = run_study if job.source == "dicom" else run_job
-        run(job, settings, ctx.models, ctx.client, send)
+        if not run(job, settings, ctx.models, ctx.client, send):
+            return  # an earlier delivery finished it (acks are late): not done a second time
         # From the first byte received (or the file dropped) to every result written.
         total = (now() - job.received_at).total_seconds()
         observe.stage("done", job=job.id, study=study, seconds=total)

@@ -2,11 +2,13 @@
 
 A server that cannot be reached, or a model still loading, is a ``TransientError`` (the task
 retries); a model the server does not have is ``ModelNotFoundError``; a request the model
-rejects is an ``InputError``. Tensors travel as binary in both protocols.
+rejects is an ``InputError``. Tensors travel as binary in both protocols, or, with a Triton
+on this machine, through system shared memory (:mod:`pipeline.triton_shm`).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -14,22 +16,28 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import tritonclient.grpc as grpcclient
-from tritonclient.utils import InferenceServerException
+from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
-from pipeline import observe
+from pipeline import observe, triton_shm
 from pipeline.contract import ModelContract
 from pipeline.errors import InputError, ModelNotFoundError, ModelOutputError, TransientError
 from pipeline.settings import TritonSettings
 
+log = logging.getLogger(__name__)
+LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+
 
 @dataclass(frozen=True)
 class InferenceOutput:
-    probabilities: np.ndarray  # (batch, labels)
+    probabilities: np.ndarray  # float32, (batch, *output shape), writable
     model_version: str
     milliseconds: float
 
 
 class TritonClient:
+    """One connection to Triton, for one thread at a time: each call reuses the client's
+    shared memory regions (threads that infer at once each make their own client)."""
+
     def __init__(self, url: str, settings: TritonSettings) -> None:
         parts = urlsplit(url)
         self.url = url
@@ -67,7 +75,13 @@ class TritonClient:
                 network_timeout=self.timeout,
             )
 
+        self._shm: triton_shm.SharedMemory | None = None
+        if settings.shared_memory == "auto" and parts.hostname in LOOPBACK:
+            self._shm = triton_shm.SharedMemory(self._client, self.protocol)
+
     def close(self) -> None:
+        if self._shm is not None:
+            self._shm.close()
         self._client.close()
 
     def is_ready(self) -> bool:
@@ -95,43 +109,96 @@ class TritonClient:
         ]
 
     def infer(self, contract: ModelContract, batch: np.ndarray) -> InferenceOutput:
+        for attempt in (1, 2):
+            if self._shm is None:
+                break
+            try:
+                return self._infer(contract, batch, self._shm)
+            except triton_shm.UnavailableError as exc:
+                if not self.is_ready():  # down for now: try shared memory again next time
+                    raise TransientError(f"Triton at {self.url} unavailable: {exc}") from exc
+                log.warning("%s; tensors go inside the requests from now on", exc)
+                self._shm.close()
+                self._shm = None
+            except triton_shm.ForgottenError:
+                log.info("Triton no longer knows this client's shared memory: registering again")
+                self._shm.close()
+                if attempt == 2:
+                    self._shm = None
+        return self._infer(contract, batch, None)
+
+    def _infer(
+        self, contract: ModelContract, batch: np.ndarray, shm: triton_shm.SharedMemory | None
+    ) -> InferenceOutput:
         lib = self._lib
+        grpc = self.protocol == "grpc"
         inp = lib.InferInput(contract.input.name, list(batch.shape), "FP32")
-        if self.protocol == "grpc":
+        out = lib.InferRequestedOutput(
+            contract.output.name, **({} if grpc else {"binary_data": True})
+        )
+        region = None
+        if shm is not None:
+            source = shm.region(f"{contract.name}-input", batch.nbytes)
+            source.write(batch)
+            inp.set_shared_memory(source.name, batch.nbytes)
+            itemsize = np.dtype(contract.output.dtype).itemsize
+            size = len(batch) * int(np.prod(contract.output.shape)) * itemsize
+            region = shm.region(f"{contract.name}-output", size)
+            out.set_shared_memory(region.name, size)
+        elif grpc:
             inp.set_data_from_numpy(batch)
-            out = [lib.InferRequestedOutput(contract.output.name)]
         else:
             inp.set_data_from_numpy(batch, binary_data=True)
-            out = [lib.InferRequestedOutput(contract.output.name, binary_data=True)]
         started = time.perf_counter()
         try:
-            if self.protocol == "grpc":
-                result = self._client.infer(
-                    contract.name, [inp], outputs=out, client_timeout=self.timeout
-                )
-                # The protobuf's field: as_json would base64 the whole output tensor first
-                # (14 MB for 16 segmentation patches; it halved the gRPC throughput).
-                version = str(result.get_response().model_version)
-            else:
-                result = self._client.infer(contract.name, [inp], outputs=out)
-                version = str(result.get_response().get("model_version", ""))
+            result = self._client.infer(
+                contract.name,
+                [inp],
+                outputs=[out],
+                **({"client_timeout": self.timeout} if grpc else {}),
+            )
+            # The protobuf's field: as_json would base64 the whole output tensor first
+            # (14 MB for 16 segmentation patches; it halved the gRPC throughput).
+            response = result.get_response()
+            version = str(response.model_version if grpc else response.get("model_version", ""))
+            probs = self._output(result, contract, region)
         except (InferenceServerException, OSError) as exc:
+            if shm is not None and "shared memory" in _message(exc).lower():
+                raise triton_shm.ForgottenError(_message(exc)) from exc
             raise self._classify(contract.name, exc) from exc
         ms = (time.perf_counter() - started) * 1000.0
         observe.triton_call(contract.name, ms / 1000.0)
+        return InferenceOutput(probs, version, ms)
+
+    def _output(
+        self, result: Any, contract: ModelContract, region: triton_shm.Region | None
+    ) -> np.ndarray:
+        """The output as a float32 array of the caller's own: copied out of the shared memory
+        region (reused by the next call) or the response's read-only buffer."""
+        name = contract.output.name
         try:
-            probs = result.as_numpy(contract.output.name)
-        except ValueError as exc:
+            if region is None:
+                probs = result.as_numpy(name)
+            else:
+                tensor = result.get_output(name)
+                if tensor is None:
+                    probs = None
+                else:
+                    grpc = self.protocol == "grpc"
+                    shape = list(tensor.shape if grpc else tensor["shape"])
+                    dtype = triton_to_np_dtype(tensor.datatype if grpc else tensor["datatype"])
+                    probs = region.read(dtype, shape)
+        except (ValueError, TypeError) as exc:
             # Seen with Triton 2.51's python backend when the model environment has numpy 2:
             # the output arrives with its shape but no data. Retrying cannot help.
             raise ModelOutputError(
-                f"{contract.name} returned a {contract.output.name} whose data does not fill "
+                f"{contract.name} returned a {name} whose data does not fill "
                 f"its shape ({exc}); check the Triton model environment (numpy < 2 for Triton "
                 "2.51's python backend, see README)"
             ) from exc
         if probs is None:
-            raise InputError(f"{contract.name} returned no {contract.output.name}")
-        return InferenceOutput(np.asarray(probs, dtype=np.float32), version, ms)
+            raise InputError(f"{contract.name} returned no {name}")
+        return np.array(probs, dtype=np.float32)
 
     def _classify(self, model: str, exc: Exception) -> Exception:
         """Decide whether a failed call is worth retrying, by asking the server what it has."""

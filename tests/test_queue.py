@@ -14,6 +14,7 @@ from pipeline.inbox import InboxWatcher
 from pipeline.jobs import ENQUEUED_MARKER, pending_jobs, spool_file
 from pipeline.queue import QUEUE, TASK_NAME, enqueue, make_celery
 from pipeline.services import embedded_redis
+from pipeline.services.embedded_triton import TritonEndpoints
 from pipeline.services.process import free_port
 from pipeline.settings import Settings
 from pipeline.tasks import register_tasks
@@ -114,3 +115,31 @@ def test_a_redis_password_is_honoured_and_never_shown(tmp_path: Path) -> None:
         assert "s3cret-pw" not in json.dumps(right.masked())
     finally:
         server.stop()
+
+
+def test_a_redelivered_job_is_not_done_twice(
+    triton: TritonEndpoints, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Tasks are acknowledged late: a worker lost after writing the results gets its task
+    delivered again. The second delivery finds the job finished and neither logs it as done
+    nor counts it again."""
+    from pipeline.demo.synthetic import write_mednist_png
+
+    settings = make_settings(tmp_path / "data", triton={"model_repository": MODEL_REPOSITORY})
+    settings.ensure_dirs()
+    app = make_celery(settings, "memory://")
+    app.conf.task_always_eager = True
+    register_tasks(app, settings, triton.grpc)
+    write_mednist_png(settings.inbox_dir / "hand.png", "Hand", 1)
+    job = spool_file(settings.inbox_dir / "hand.png", settings.inbox_dir, settings.spool_dir)
+
+    with caplog.at_level(logging.INFO, logger="pipeline.stage"):
+        for _ in range(2):
+            app.tasks[TASK_NAME].apply(args=[job.model_dump(mode="json")])
+
+    done = [r for r in caplog.records if getattr(r, "stage", None) == "done"]
+    assert [r.job for r in done] == [job.id]  # type: ignore[attr-defined]
+    result = json.loads(
+        (settings.results_dir / job.id / "mednist_classifier" / "result.json").read_text()
+    )
+    assert result["prediction"]["label"] == "Hand"

@@ -4,6 +4,7 @@ against the real tritonserver."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -252,7 +253,7 @@ def test_an_early_round_alone_writes_its_results_only_after_its_hold_time(
 
 
 def test_an_early_round_yields_to_instances_that_came_during_its_hold(
-    triton: TritonEndpoints, tmp_path: Path
+    triton: TritonEndpoints, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """More of the study arrives while an early round is being processed: that round writes
     no result (none partial reaches results or the PACS), and the next round processes its
@@ -268,9 +269,12 @@ def test_an_early_round_yields_to_instances_that_came_during_its_hold(
     client = TritonClient(triton.grpc, settings.triton)
     round1 = read_job(settings.spool_dir / spool_study(settings, [first, folders[1]], hold_s=2.0))
     store_files(settings, [_copy(ct_files[-1:], tmp_path / "late")])  # within the grace
-    assert run_study(round1, settings, models, client) == [
-        settings.results_dir / study_uid / "study.json"
-    ]
+    with caplog.at_level(logging.INFO, logger="pipeline.stage"):
+        assert run_study(round1, settings, models, client) == [
+            settings.results_dir / study_uid / "study.json"
+        ]
+    stages = [(r.stage, getattr(r, "job", "")) for r in caplog.records if hasattr(r, "stage")]
+    assert ("superseded", round1.id) in stages  # the stage line says what became of it
     out = settings.results_dir / study_uid
     assert not list(out.rglob("result.json")) and not list(out.rglob("*.dcm"))
     study = json.loads((out / "study.json").read_text())
@@ -328,3 +332,18 @@ def test_two_rounds_of_one_study_processed_at_once_are_both_recorded(
         ct_series: "done",
         mr_series: "skipped",
     }
+
+
+def test_a_task_message_whose_study_uid_is_no_uid_is_refused(tmp_path: Path) -> None:
+    """The worker makes paths of the study UID: a forged or corrupted message naming
+    ``../..`` is refused before any path is made (the worker logs and drops it)."""
+    settings = make_settings(tmp_path / "data")
+    spec = new_series(slices=3, rows=16, cols=16)
+    write_series(tmp_path / "in", spec, seed=3)
+    job_id = spool_study(settings, [tmp_path / "in"])
+    message = json.loads((settings.spool_dir / job_id / JOB_FILE).read_text())
+    assert Job.model_validate(message).study is not None  # the receiver's own message
+    for forged in ("1.2.3/../../../../tmp/x", "../results", "1.2.3\n", ""):
+        message["study"]["study_uid"] = forged
+        with pytest.raises(ValidationError, match="not a valid DICOM UID"):
+            Job.model_validate(message)

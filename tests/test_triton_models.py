@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 import tritonclient.grpc as grpcclient
 
 from pipeline import convert
@@ -109,3 +110,24 @@ def test_wrong_shape_and_unknown_model_are_permanent_errors(triton: TritonEndpoi
     ghost = contract.model_copy(update={"name": "no_such_model"})
     with pytest.raises(ModelNotFoundError, match="no_such_model"):
         client.infer(ghost, np.zeros((1, 1, 64, 64), np.float32))
+
+
+def test_the_lesion_model_answers_its_foreground_probability_in_float16(
+    triton: TritonEndpoints,
+) -> None:
+    """The served answer is the model's own softmax for the lesion label, in float16 (the
+    background's channel left out): what the sliding window blends."""
+    contract = CONTRACTS["ct_lesion_segmentation"]
+    assert contract.omits_background and contract.output.shape == (1, 48, 48, 48)
+    patches = np.random.default_rng(7).random((3, *contract.input.shape), np.float32)
+    patches[1, 0, 10:30, 10:30, 10:30] = 0.8  # something nodule-like in one patch
+    client = grpcclient.InferenceServerClient(triton.grpc.removeprefix("grpc://"))
+    inp = grpcclient.InferInput("INPUT__0", list(patches.shape), "FP32")
+    inp.set_data_from_numpy(patches)
+    served = client.infer(contract.name, [inp]).as_numpy("PROBABILITIES")
+    assert served is not None and served.dtype == np.float16
+    assert served.shape == (3, 1, 48, 48, 48)
+    net = torch.jit.load(str(MODEL_REPOSITORY / contract.name / "1" / contract.weights))  # type: ignore[no-untyped-call]
+    with torch.inference_mode():
+        direct = torch.softmax(net(torch.from_numpy(patches)), dim=1)[:, 1:].numpy()
+    np.testing.assert_allclose(served.astype(np.float32), direct, atol=1e-3)

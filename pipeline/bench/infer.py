@@ -3,11 +3,13 @@
     python -m pipeline.bench.infer [--seconds 5] [--json out.json]
 
 For the 2D model (mednist_classifier, 1x64x64) and a 3D one (ct_lesion_segmentation, the
-1x48^3 patches of the sliding window): direct TorchScript (``model.pt`` with the same softmax
-the backend applies) at batch 1 and 16, against the pipeline's client (``TritonClient``, as
-the worker calls it) over gRPC and HTTP at batch 1 and 16, and 4 concurrent batch-1 clients
-(which Triton's dynamic batcher may batch together). Images/s and the ratio to direct at the
-same batch size (4 clients: to direct batch 1). Everything runs on this machine's CPU unless
+1x48^3 patches of the sliding window): direct TorchScript (``model.pt`` with the same
+activation and output the backend computes, :mod:`pipeline.serving.activation`) at batch 1
+and 16, against the pipeline's client (``TritonClient``, as the worker calls it, through
+shared memory with this local Triton) over gRPC and HTTP at batch 1 and 16, gRPC at batch
+16 with the tensors inside the requests instead, and 4 concurrent batch-1 clients (which
+Triton's dynamic batcher may batch together). Images/s and the ratio to direct at the same
+batch size (4 clients: to direct batch 1). Everything runs on this machine's CPU unless
 Triton finds a GPU; measurements are interleaved per model so drift hits all alike.
 """
 
@@ -31,6 +33,7 @@ import tritonclient.http as httpclient
 
 from pipeline.contract import ModelContract, discover_contracts
 from pipeline.services import embedded_triton
+from pipeline.serving.activation import probabilities
 from pipeline.settings import Settings
 from pipeline.triton_client import TritonClient
 
@@ -65,7 +68,7 @@ def _direct(repository: Path, contract: ModelContract, batch: int) -> Callable[[
     def call() -> int:
         # From host memory to host memory, as the backend does: copies count on a GPU too.
         with torch.inference_mode():
-            torch.softmax(net(torch.from_numpy(x).to(device)).float(), dim=1).cpu().numpy()
+            probabilities(contract, net(torch.from_numpy(x).to(device))).cpu().numpy()
         return batch
 
     return call
@@ -136,6 +139,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     settings = Settings(data_dir=work, triton={"model_repository": repository})  # type: ignore[arg-type]
     settings.ensure_dirs()
     proc, endpoints = embedded_triton.start(settings)
+    plain = settings.model_copy(
+        update={"triton": settings.triton.model_copy(update={"shared_memory": "off"})}
+    )
     device = _device()
     figures: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -150,6 +156,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "grpc b16": _triton(endpoints.grpc, settings, contract, 16),
                 "http b1": _triton(endpoints.http, settings, contract, 1),
                 "http b16": _triton(endpoints.http, settings, contract, 16),
+                # The same without shared memory (triton.shared_memory off): what it buys.
+                "grpc b16 no shm": _triton(endpoints.grpc, plain, contract, 16),
                 "grpc 4 clients b1": _concurrent(endpoints.grpc, settings, contract, 4),
             }
             rates: dict[str, list[float]] = {k: [] for k in runs}

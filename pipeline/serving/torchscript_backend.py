@@ -19,7 +19,8 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from pipeline.contract import Activation, load_contract
+from pipeline.contract import load_contract
+from pipeline.serving.activation import probabilities as served_probabilities
 
 
 class TorchScriptClassifier:
@@ -75,7 +76,8 @@ class TorchScriptClassifier:
             batch = torch.from_numpy(host).to(self.device)
             try:
                 with torch.inference_mode():
-                    probabilities = self._probabilities(self.net(batch)).cpu().numpy()
+                    logits = self.net(batch)
+                    probabilities = served_probabilities(self.contract, logits).cpu().numpy()
             except RuntimeError as exc:  # e.g. out of GPU memory: answer, don't crash the stub
                 for i, _ in accepted:
                     error = pb_utils.TritonError(f"{self.contract.name} forward pass failed: {exc}")
@@ -83,7 +85,7 @@ class TorchScriptClassifier:
                 return responses
             start = 0
             for i, array in accepted:
-                part = probabilities[start : start + len(array)]  # float32, contiguous: no copy
+                part = probabilities[start : start + len(array)]  # contiguous: no copy
                 start += len(array)
                 out = pb_utils.Tensor(self.contract.output.name, part)
                 responses[i] = pb_utils.InferenceResponse(output_tensors=[out])
@@ -102,13 +104,6 @@ class TorchScriptClassifier:
                 error = pb_utils.TritonError(f"{name} holds NaN or infinite values")
                 responses[i] = pb_utils.InferenceResponse(error=error)
         return kept
-
-    def _probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.contract.activation is Activation.SOFTMAX:
-            return torch.softmax(logits.float(), dim=1)
-        # One logit, probability of the positive label; return both labels' probabilities.
-        positive = torch.sigmoid(logits.float().reshape(len(logits), 1))
-        return torch.cat([1.0 - positive, positive], dim=1)
 
     def finalize(self) -> None:
         self.net = None
