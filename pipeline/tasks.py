@@ -77,11 +77,14 @@ def register_tasks(app: Celery, settings: Settings, triton_url: str) -> None:
     def _end_process(**_: Any) -> None:
         ctx.close()
 
-    @app.task(name=TASK_NAME, bind=True, max_retries=None)  # type: ignore[untyped-decorator]
+    # shared=False: a shared task would be added to every Celery app made later in this
+    # process, bound to this context; a second app (tests, `bench`) would then run the first
+    # app's settings under the same name.
+    @app.task(name=TASK_NAME, bind=True, max_retries=None, shared=False)  # type: ignore[untyped-decorator]
     def process_job(self: Task, message: dict[str, Any]) -> None:
         handle(self, ctx, message)
 
-    @app.task(name=DISPATCH_TASK, bind=True, max_retries=None)  # type: ignore[untyped-decorator]
+    @app.task(name=DISPATCH_TASK, bind=True, max_retries=None, shared=False)  # type: ignore[untyped-decorator]
     def send_results(self: Task, message: dict[str, Any]) -> None:
         handle_delivery(self, ctx.settings, message)
 
