@@ -240,15 +240,36 @@ def run_model(
     a segmentation model ``mask.nii.gz`` and the DICOM SEG), made but not yet written (see
     :func:`write_outputs`). The DICOM objects are validated here: if one is invalid, nothing
     of this result is made (OutputError)."""
+    return infer_model(job, info, image, contract, models, client, started, out_dir, dicom)()
+
+
+def infer_model(
+    job: Job,
+    info: InputInfo,
+    image: convert.LoadedImage,
+    contract: ModelContract,
+    models: Models,
+    client: TritonClient,
+    started: datetime,
+    out_dir: Path,
+    dicom: DicomOutputs,
+) -> Callable[[], list[Output]]:
+    """:func:`run_model` in two parts: the inference now, and what is made of its answer
+    (DICOM objects, preview, mask file) as a callable, so that a study's next model can
+    wait on Triton while this one's outputs are built."""
     if contract.task is not Task.SEGMENTATION:
         doc = classify(job, info, image, contract, models, client, started)
-        label = doc.prediction.label
-        png = _preview(
-            lambda: preview.classification_preview(
-                image.array, label, doc.prediction.probabilities[label]
+
+        def classified() -> list[Output]:
+            label = doc.prediction.label
+            png = _preview(
+                lambda: preview.classification_preview(
+                    image.array, label, doc.prediction.probabilities[label]
+                )
             )
-        )
-        return _finish_model(out_dir, doc, png, make_dicom(doc, contract, None, dicom))
+            return _finish_model(out_dir, doc, png, make_dicom(doc, contract, None, dicom))
+
+        return classified
     seg = segment(image, contract, client)
     lesion = float(seg.max_probability)
     total = round(sum(x.volume_ml for x in seg.lesions), 4)
@@ -275,11 +296,15 @@ def run_model(
             patches=seg.patches,
         ),
     )
-    objects = make_dicom(doc, contract, seg.lesion_map, dicom)
-    caption = f"{len(seg.lesions)} lesion(s), {total:.2f} ml"
-    png = _preview(lambda: preview.segmentation_preview(image.array, seg.mask, caption))
-    mask = (out_dir / MASK_FILE, _nifti_gz(seg.mask, seg.affine))
-    return [mask, *_finish_model(out_dir, doc, png, objects)]
+
+    def segmented() -> list[Output]:
+        objects = make_dicom(doc, contract, seg.lesion_map, dicom)
+        caption = f"{len(seg.lesions)} lesion(s), {total:.2f} ml"
+        png = _preview(lambda: preview.segmentation_preview(image.array, seg.mask, caption))
+        mask = (out_dir / MASK_FILE, _nifti_gz(seg.mask, seg.affine))
+        return [mask, *_finish_model(out_dir, doc, png, objects)]
+
+    return segmented
 
 
 def _preview(render: Callable[[], bytes]) -> bytes | None:

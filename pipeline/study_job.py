@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from datetime import datetime
 from pathlib import Path
@@ -30,7 +31,7 @@ import numpy as np
 from monai.data import MetaTensor
 
 from pipeline import observe, routing, series
-from pipeline.contract import InputKind
+from pipeline.contract import InputKind, Task
 from pipeline.convert import MAX_VOXELS, LoadedImage
 from pipeline.dicom_results import Sources
 from pipeline.dicom_store import SUFFIX
@@ -44,7 +45,7 @@ from pipeline.processing import (
     StageError,
     dicom_outputs,
     finish_job,
-    run_model,
+    infer_model,
     why_not,
     write_bytes,
     write_outputs,
@@ -301,10 +302,18 @@ def _series_results(
     )
     dicom = dicom_outputs(settings, job, route, Sources(volume.headers, volume.slices), group.uid)
     out_dir = settings.results_dir / job.study.study_uid
-    return [
-        o
-        for c in contracts
-        for o in run_model(
-            job, info, image, c, models, client, started, out_dir / c.name / group.uid, dicom
-        )
-    ]
+    # Each model's outputs (SR, SEG, preview, mask file: mostly Python) are built in a second
+    # thread while the next model waits on Triton, one at a time. The series then takes its
+    # models' inference plus the last model's outputs, so segmentation models (SEG, mask and
+    # an SR with a group per lesion) go first and a classifier's small outputs last. Within
+    # the series only: their validation switches pydicom's reading mode for the whole
+    # process, which must not reach the next series' loading.
+    order = sorted(range(len(contracts)), key=lambda i: contracts[i].task is not Task.SEGMENTATION)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="outputs") as builder:
+        built: dict[int, Future[list[Output]]] = {}
+        for i in order:
+            c = contracts[i]
+            where = out_dir / c.name / group.uid
+            finish = infer_model(job, info, image, c, models, client, started, where, dicom)
+            built[i] = builder.submit(finish)
+        return [o for i in range(len(contracts)) for o in built[i].result()]  # route's order
