@@ -185,9 +185,9 @@ def run_job(
         outputs = [
             o
             for c in chosen
-            for o in run_model(
+            for o in infer_model(
                 job, info, image, c, models, client, started, out_dir / c.name, dicom
-            )
+            )()
         ]
         stage = "write"
         written = write_outputs(outputs)
@@ -225,24 +225,6 @@ def _inbox_sources(header: pydicom.Dataset | None) -> Sources | None:
     return Sources({uid: header}, [(uid, None)])
 
 
-def run_model(
-    job: Job,
-    info: InputInfo,
-    image: convert.LoadedImage,
-    contract: ModelContract,
-    models: Models,
-    client: TritonClient,
-    started: datetime,
-    out_dir: Path,
-    dicom: DicomOutputs,
-) -> list[Output]:
-    """One model on one input: ``out_dir/result.json``, ``preview.png``, the DICOM SR (and for
-    a segmentation model ``mask.nii.gz`` and the DICOM SEG), made but not yet written (see
-    :func:`write_outputs`). The DICOM objects are validated here: if one is invalid, nothing
-    of this result is made (OutputError)."""
-    return infer_model(job, info, image, contract, models, client, started, out_dir, dicom)()
-
-
 def infer_model(
     job: Job,
     info: InputInfo,
@@ -254,9 +236,12 @@ def infer_model(
     out_dir: Path,
     dicom: DicomOutputs,
 ) -> Callable[[], list[Output]]:
-    """:func:`run_model` in two parts: the inference now, and what is made of its answer
-    (DICOM objects, preview, mask file) as a callable, so that a study's next model can
-    wait on Triton while this one's outputs are built."""
+    """One model on one input, in two parts: the inference now, and a callable that makes
+    ``out_dir/result.json``, ``preview.png``, the DICOM SR (and for a segmentation model
+    ``mask.nii.gz`` and the DICOM SEG) in memory, not yet written (see :func:`write_outputs`),
+    so that a study's next model can wait on Triton while this one's outputs are built. The
+    DICOM objects are validated there: if one is invalid, nothing of this result is made
+    (OutputError)."""
     if contract.task is not Task.SEGMENTATION:
         doc = classify(job, info, image, contract, models, client, started)
 
