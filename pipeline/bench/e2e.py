@@ -42,6 +42,21 @@ def _send(folder: Path, port: int) -> float:
     return time.time()
 
 
+def _job(data: Path, job_id: str, timeout: float = 60.0) -> dict[str, Any]:
+    """The job's job.json: in the spool until the worker archives it, a moment after
+    study.json is written."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for folder in ("archive", "spool"):
+            try:
+                return dict(json.loads((data / folder / job_id / "job.json").read_text()))
+            except FileNotFoundError:
+                pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"job {job_id}: no job.json in archive or spool")
+        time.sleep(0.05)
+
+
 def _finished(results: Path, study_uid: str, timeout: float = 900.0) -> dict[str, float]:
     """When the receiver handed the study over and queued it, when its last result was on
     disk (epoch seconds), and where the time in between went (seconds): waiting in the queue,
@@ -56,8 +71,7 @@ def _finished(results: Path, study_uid: str, timeout: float = 900.0) -> dict[str
     docs = [json.loads(p.read_text()) for p in study.parent.rglob("result.json")]
     timings = [d["timings"] for d in docs]
     handed_over = min(datetime.fromisoformat(t["queued"]).timestamp() for t in timings)
-    job = json.loads((results.parent / "archive" / docs[0]["job_id"] / "job.json").read_text())
-    hold = job["study"].get("hold_until")
+    hold = _job(results.parent, docs[0]["job_id"])["study"].get("hold_until")
     started = min(datetime.fromisoformat(t["started"]).timestamp() for t in timings)
     last = max(p.stat().st_mtime for p in study.parent.rglob("*.json"))
     inference = sum(t["inference_ms"] for t in timings) / 1000.0
