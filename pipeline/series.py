@@ -11,14 +11,15 @@ affine that MONAI's Spacing/Orientation transforms resample correctly.
 The volume is float32, indexed (column, row, plane), with a RAS affine (nibabel and MONAI
 conventions: DICOM's LPS with x and y negated). Uncompressed pixel data is read with
 ``np.frombuffer`` straight into the volume; compressed data goes through pydicom's decoders.
+Planes are converted into the volume by a second thread while later files are still being read
+(:class:`_Filler`); :func:`group_series` lists a series' files in position order, so the planes
+land where they belong and need no reordering.
 """
 
 from __future__ import annotations
 
-import itertools
-import os
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -29,7 +30,7 @@ from pydicom import dcmread
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 
-from pipeline.convert import check_pixel_description
+from pipeline.convert import MAX_VOXELS, check_pixel_description
 from pipeline.errors import InputError
 from pipeline.routing import SeriesFacts
 
@@ -40,7 +41,6 @@ _NOT_IMAGES = {
     "1.2.840.10008.5.1.4.1.1.66.4": "segmentation",
     "1.2.840.10008.5.1.4.1.1.481.2": "RT dose",
 }
-FILL_THREADS = min(4, os.cpu_count() or 1)
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
@@ -220,40 +220,114 @@ def _pixels(plane: _Plane, cache: dict[int, np.ndarray], values: _Values) -> np.
     return arr[plane.frame] if plane.frame is not None else arr
 
 
+def _fill(dst: np.ndarray, pixels: np.ndarray, slope: float, intercept: float) -> None:
+    """Stored values to float32 with the rescale: one pass over the plane when the slope is 1."""
+    if slope != 1.0:
+        np.multiply(pixels, np.float32(slope), out=dst, dtype=np.float32)
+        if intercept != 0.0:
+            dst += np.float32(intercept)
+    else:
+        np.add(pixels, np.float32(intercept), out=dst, dtype=np.float32)
+
+
+class _Filler:
+    """Converts each plane into the volume, in read order, in a second thread while the next
+    files are read: numpy releases the GIL while it converts, and reading holds it. Sized for
+    the files given (one plane each, or the first file's frames); a series that does not fit
+    (more planes, another size) stops it, and :func:`_assemble` fills the volume afterwards."""
+
+    def __init__(self, capacity: int, rows: int, cols: int, values: _Values) -> None:
+        self.usable = 0 < capacity * rows * cols <= MAX_VOXELS
+        self.zyx = np.empty((capacity if self.usable else 0, rows, cols), dtype=np.float32)
+        self.count = 0
+        self._values = values
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="series-fill")
+        self._pending: list[Future[None]] = []
+        self._decoded: dict[int, np.ndarray] = {}
+
+    def add(self, planes: Sequence[_Plane]) -> None:
+        for plane in planes:
+            size = (
+                int(self._values.get(plane.ds, "Rows")),
+                int(self._values.get(plane.ds, "Columns")),
+            )
+            if not self.usable or self.count == len(self.zyx) or size != self.zyx.shape[1:]:
+                self.usable = False
+                return
+            pixels = _pixels(plane, self._decoded, self._values)  # decodes in this thread
+            dst = self.zyx[self.count]
+            self._pending.append(
+                self._pool.submit(_fill, dst, pixels, plane.slope, plane.intercept)
+            )
+            self.count += 1
+        self._decoded.clear()  # a multi-frame object's decoded frames: all submitted
+
+    def volume(self, order: Sequence[int]) -> np.ndarray | None:
+        """The filled planes in ``order`` (indices in read order), or None when the series did
+        not fit and must be filled the usual way."""
+        for future in self._pending:
+            future.result()
+        if not self.usable or self.count != len(order):
+            self.zyx = self.zyx[:0]  # its memory goes before the volume is made again
+            return None
+        zyx = self.zyx[: self.count]
+        if list(order) != list(range(self.count)):
+            zyx = zyx[np.asarray(order)]  # files not in position order: one copy
+        return zyx
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 def load_series(paths: Iterable[Path]) -> Volume:
-    """Read the files of one series (in any order) into a Volume; InputError says why not."""
+    """Read the files of one series (in any order; fastest in position order, as
+    :func:`group_series` lists them) into a Volume; InputError says why not."""
+    paths = list(paths)
     planes: list[_Plane] = []
     skipped: list[Skipped] = []
     values = _Values()
     series_uid = modality = ""
-    for path in paths:
-        try:
-            ds = dcmread(path)
-        except Exception as exc:  # noqa: BLE001 - pydicom raises many types on malformed files
-            skipped.append(Skipped(path.name, f"not readable DICOM: {type(exc).__name__}: {exc}"))
-            continue
-        try:
-            if reason := _skip_reason(ds, values):
-                skipped.append(Skipped(path.name, reason))
-                continue
-            uid = str(values.get(ds, "SeriesInstanceUID", ""))
-            if series_uid and uid != series_uid:
-                raise InputError("files of more than one series given as one")
-            series_uid, modality = uid, str(values.get(ds, "Modality", ""))
-            check_pixel_description(ds, partial(values.get, ds))  # memoised values
-            planes.extend(_planes(ds, values))
-        except InputError as exc:
-            raise InputError(f"instance {path.stem}: {exc}") from None
-        except Exception as exc:  # noqa: BLE001 - a value its VR allows but we cannot use
-            raise InputError(f"instance {path.stem}: {type(exc).__name__}: {exc}") from None
-    if not planes:
-        raise InputError("no image in the series")
+    filler: _Filler | None = None
     try:
-        return _assemble(planes, series_uid, modality, skipped, values)
-    except InputError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - a value its VR allows but we cannot use
-        raise InputError(f"the series' geometry or pixels: {type(exc).__name__}: {exc}") from None
+        for path in paths:
+            try:
+                ds = dcmread(path)
+            except Exception as exc:  # noqa: BLE001 - pydicom raises many types on bad files
+                why = f"not readable DICOM: {type(exc).__name__}: {exc}"
+                skipped.append(Skipped(path.name, why))
+                continue
+            try:
+                if reason := _skip_reason(ds, values):
+                    skipped.append(Skipped(path.name, reason))
+                    continue
+                uid = str(values.get(ds, "SeriesInstanceUID", ""))
+                if series_uid and uid != series_uid:
+                    raise InputError("files of more than one series given as one")
+                series_uid, modality = uid, str(values.get(ds, "Modality", ""))
+                check_pixel_description(ds, partial(values.get, ds))  # memoised values
+                new = _planes(ds, values)
+                if filler is None:
+                    capacity = len(paths) if new[0].frame is None else len(new)
+                    rows, cols = int(values.get(ds, "Rows")), int(values.get(ds, "Columns"))
+                    filler = _Filler(capacity, rows, cols, values)
+                filler.add(new)
+                planes.extend(new)
+            except InputError as exc:
+                raise InputError(f"instance {path.stem}: {exc}") from None
+            except Exception as exc:  # noqa: BLE001 - a value its VR allows but we cannot use
+                raise InputError(f"instance {path.stem}: {type(exc).__name__}: {exc}") from None
+        if not planes or filler is None:
+            raise InputError("no image in the series")
+        try:
+            return _assemble(planes, series_uid, modality, skipped, values, filler)
+        except InputError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a value its VR allows but we cannot use
+            why = f"{type(exc).__name__}: {exc}"
+            raise InputError(f"the series' geometry or pixels: {why}") from None
+    finally:
+        if filler is not None:
+            filler.close()
 
 
 def _assemble(
@@ -262,6 +336,7 @@ def _assemble(
     modality: str,
     skipped: list[Skipped],
     values: _Values,
+    filler: _Filler,
 ) -> Volume:
     first = planes[0]
     orient = first.orientation
@@ -280,29 +355,13 @@ def _assemble(
     ordered = [planes[i] for i in order]
     step, tilt = _step(ordered, normal)
 
-    # (plane, row, column) in memory: each slice is one contiguous write. numpy releases the
-    # GIL while converting, so slices are filled by a few threads.
-    zyx = np.empty((len(ordered), rows, cols), dtype=np.float32)
-    cache: dict[int, np.ndarray] = {}
-    for plane in ordered:  # compressed objects are decoded once, up front
-        if _raw_dtype(plane.ds, values) is None:
-            _pixels(plane, cache, values)
-
-    def fill(ks: range) -> None:
-        for k in ks:
-            plane, dst = ordered[k], zyx[k]
-            dst[...] = _pixels(plane, cache, values)
-            if plane.slope != 1.0:
-                dst *= np.float32(plane.slope)
-            if plane.intercept != 0.0:
-                dst += np.float32(plane.intercept)
-
-    n = len(ordered)
-    workers = max(1, min(FILL_THREADS, n // 16))
-    bounds = [n * w // workers for w in range(workers + 1)]
-    with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(fill, [range(a, b) for a, b in itertools.pairwise(bounds)]))
-    cache.clear()
+    # (plane, row, column) in memory: each slice is one contiguous write.
+    zyx = filler.volume(order)
+    if zyx is None:  # a series the filler could not take as it came: fill it now
+        zyx = np.empty((len(ordered), rows, cols), dtype=np.float32)
+        decoded: dict[int, np.ndarray] = {}
+        for plane, dst in zip(ordered, zyx, strict=True):
+            _fill(dst, _pixels(plane, decoded, values), plane.slope, plane.intercept)
     headers: dict[str, Dataset] = {}
     slices: list[tuple[str, int | None]] = []
     for plane in ordered:  # the volume holds the pixels now; keep only the headers
@@ -382,9 +441,27 @@ class SeriesGroup:
         )
 
 
+def _position(ds: Dataset, values: _Values) -> float | None:
+    """A single-frame image's position along its slice normal, if its header has one."""
+    if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
+        return None
+    try:
+        orient = values.floats(ds, "ImageOrientationPatient", 6)
+        return float(
+            values.floats(ds, "ImagePositionPatient", 3) @ np.cross(orient[:3], orient[3:])
+        )
+    except InputError:
+        return None
+
+
 def group_series(paths: Iterable[Path]) -> tuple[list[SeriesGroup], list[Skipped]]:
-    """Files grouped by SeriesInstanceUID, images only; the rest reported with a reason."""
+    """Files grouped by SeriesInstanceUID, images only; the rest reported with a reason.
+
+    A series' files are listed in position order where every file has a position (single-frame
+    images): :func:`load_series` then puts each plane in place as it reads it. The order is only
+    a hint for speed; load_series checks and orders the planes itself."""
     groups: dict[str, SeriesGroup] = {}
+    positions: dict[str, list[float | None]] = {}
     skipped: list[Skipped] = []
     values = _Values()
     seen: set[str] = set()
@@ -421,4 +498,10 @@ def group_series(paths: Iterable[Path]) -> tuple[list[SeriesGroup], list[Skipped
         groups[uid] = group
         group.paths.append(path)
         group.planes += frames
+        positions.setdefault(uid, []).append(_position(ds, values) if frames == 1 else None)
+    for uid, group in groups.items():
+        keys = [k for k in positions[uid] if k is not None]
+        if len(keys) == len(group.paths):
+            ranked = sorted(range(len(keys)), key=keys.__getitem__)
+            group.paths = [group.paths[i] for i in ranked]
     return list(groups.values()), skipped

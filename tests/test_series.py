@@ -15,6 +15,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     UID,
@@ -26,7 +27,7 @@ from pydicom.uid import (
 )
 
 from pipeline.errors import InputError
-from pipeline.series import load_series
+from pipeline.series import group_series, load_series
 
 LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
@@ -167,12 +168,10 @@ def test_a_missing_slice_is_a_clear_error(tmp_path: Path) -> None:
         load_series(write(datasets, tmp_path))
 
 
-def test_multi_frame_enhanced_equals_the_single_frame_series(tmp_path: Path) -> None:
-    volume = known_volume((12, 10, 7))
-    affine = known_affine((0.6, 0.6, 1.5), rotation(0.1, 0.2, -0.3), [10.0, -20.0, 30.0])
-    singles = slice_datasets(volume, affine)
-    enhanced = _base(str(singles[0].StudyInstanceUID), generate_uid(), ENHANCED_CT)
-    enhanced.NumberOfFrames = len(singles)
+def enhanced(singles: list[Dataset], series_uid: str) -> Dataset:
+    """One Enhanced CT object holding the slices as frames, stored in the opposite order."""
+    ds = _base(str(singles[0].StudyInstanceUID), series_uid, ENHANCED_CT)
+    ds.NumberOfFrames = len(singles)
     shared = Dataset()
     orientation, measures, values = Dataset(), Dataset(), Dataset()
     orientation.ImageOrientationPatient = singles[0].ImageOrientationPatient
@@ -181,22 +180,67 @@ def test_multi_frame_enhanced_equals_the_single_frame_series(tmp_path: Path) -> 
     shared.PlaneOrientationSequence = [orientation]
     shared.PixelMeasuresSequence = [measures]
     shared.PixelValueTransformationSequence = [values]
-    enhanced.SharedFunctionalGroupsSequence = [shared]
-    frames = list(reversed(singles))  # frames stored in the opposite order
+    ds.SharedFunctionalGroupsSequence = [shared]
+    frames = list(reversed(singles))
     per_frame = []
     for s in frames:
         item, position = Dataset(), Dataset()
         position.ImagePositionPatient = s.ImagePositionPatient
         item.PlanePositionSequence = [position]
         per_frame.append(item)
-    enhanced.PerFrameFunctionalGroupsSequence = per_frame
-    stacked = np.stack([np.frombuffer(s.PixelData, "<u2").reshape(10, 12) for s in frames])
-    _pixels(enhanced, stacked)
-    got = load_series(write([enhanced], tmp_path / "mf"))
+    ds.PerFrameFunctionalGroupsSequence = per_frame
+    shape = (int(singles[0].Rows), int(singles[0].Columns))
+    _pixels(ds, np.stack([np.frombuffer(s.PixelData, "<u2").reshape(shape) for s in frames]))
+    return ds
+
+
+def test_multi_frame_enhanced_equals_the_single_frame_series(tmp_path: Path) -> None:
+    volume = known_volume((12, 10, 7))
+    affine = known_affine((0.6, 0.6, 1.5), rotation(0.1, 0.2, -0.3), [10.0, -20.0, 30.0])
+    singles = slice_datasets(volume, affine)
+    got = load_series(write([enhanced(singles, generate_uid())], tmp_path / "mf"))
     ref = load_series(write(singles, tmp_path / "sf"))
     np.testing.assert_allclose(got.affine, ref.affine, atol=1e-5)
     np.testing.assert_array_equal(got.array, ref.array)
     np.testing.assert_allclose(got.affine, affine, atol=1e-4)
+
+
+def test_an_enhanced_series_split_over_several_objects_is_one_volume(tmp_path: Path) -> None:
+    volume = known_volume((12, 10, 9))
+    affine = known_affine((0.6, 0.6, 1.5), rotation(0.1, 0.2, -0.3), [10.0, -20.0, 30.0])
+    singles = slice_datasets(volume, affine)
+    uid = generate_uid()
+    parts = [enhanced(singles[:3], uid), enhanced(singles[3:], uid)]  # 3 frames, then 6
+    got = load_series(write(parts, tmp_path, shuffle=False))
+    np.testing.assert_array_equal(got.array, volume)
+    np.testing.assert_allclose(got.affine, affine, atol=1e-4)
+
+
+def test_group_series_lists_files_in_position_order(tmp_path: Path) -> None:
+    """load_series puts each plane in place as it reads when the files come in position
+    order; in any other order it must give the same volume."""
+    volume = known_volume((16, 12, 10))
+    affine = known_affine((0.7, 0.7, 2.0), rotation(0.2, -0.1, 0.3), [5.0, 5.0, -40.0])
+    shuffled = write(slice_datasets(volume, affine), tmp_path)
+    [group], skipped = group_series(shuffled)
+    assert not skipped and sorted(group.paths) == sorted(shuffled)
+    in_order, as_named = load_series(group.paths), load_series(shuffled)
+    by_position = [uid for uid, _ in in_order.slices]
+    listed = [str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in group.paths]
+    assert listed == by_position
+    np.testing.assert_array_equal(in_order.array, volume)
+    np.testing.assert_array_equal(as_named.array, volume)
+    np.testing.assert_allclose(in_order.affine, as_named.affine)
+
+
+def test_planes_of_different_sizes_are_a_clear_error(tmp_path: Path) -> None:
+    datasets = slice_datasets(
+        known_volume((8, 8, 6)), known_affine((1, 1, 2), np.eye(3), [0, 0, 0])
+    )
+    odd = slice_datasets(known_volume((8, 10, 1)), known_affine((1, 1, 2), np.eye(3), [0, 0, 6]))
+    odd[0].SeriesInstanceUID = datasets[0].SeriesInstanceUID
+    with pytest.raises(InputError, match="planes of different sizes"):
+        load_series(write([*datasets, *odd], tmp_path, shuffle=False))
 
 
 @pytest.mark.parametrize("syntax", ["rle", "jpeg2000", "jpeg-ls"])
@@ -213,8 +257,6 @@ def test_compressed_series_decode_to_the_same_volume(tmp_path: Path, syntax: str
                 pytest.skip("dcmtk's dcmcjpls is not installed")
             subprocess.run(["dcmcjpls", str(path), str(out)], check=True)
         else:
-            from pydicom import dcmread
-
             ds = dcmread(path)
             ds.compress(RLELossless if syntax == "rle" else JPEG2000Lossless)
             ds.save_as(out)
