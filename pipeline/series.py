@@ -11,15 +11,16 @@ affine that MONAI's Spacing/Orientation transforms resample correctly.
 The volume is float32, indexed (column, row, plane), with a RAS affine (nibabel and MONAI
 conventions: DICOM's LPS with x and y negated). Uncompressed pixel data is read with
 ``np.frombuffer`` straight into the volume; compressed data goes through pydicom's decoders.
-Planes are converted into the volume by a second thread while later files are still being read
-(:class:`_Filler`); :func:`group_series` lists a series' files in position order, so the planes
-land where they belong and need no reordering.
+Each plane is converted into the volume as soon as its file is read (:class:`_Filler`);
+:func:`group_series` lists a series' files in position order, so the planes land where they
+belong and need no reordering.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+import gc
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -42,6 +43,19 @@ _NOT_IMAGES = {
     "1.2.840.10008.5.1.4.1.1.481.2": "RT dose",
 }
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def numpy_huge_pages(enabled: bool) -> bool:
+    """Whether numpy advises the kernel to back large arrays with transparent huge pages
+    (numpy's default on Linux); returns the previous choice. Under the kernels' usual
+    ``defrag=madvise`` a fresh allocation so advised may stall in memory compaction; on the
+    2-core VM reading a 500-slice series varied more and took longer with the advice (see
+    ``pipeline.bench.convert``). The worker turns it off (``worker.numpy_huge_pages``)."""
+    # The switch behind numpy's NUMPY_MADVISE_HUGEPAGE, which numpy reads only at import.
+    # numpy 1.x's module path (the project pins numpy < 2, see pyproject.toml).
+    from numpy.core import multiarray
+
+    return bool(multiarray._set_madvise_hugepage(enabled))  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
@@ -211,7 +225,7 @@ def _pixels(plane: _Plane, cache: dict[int, np.ndarray], values: _Values) -> np.
             ds.PixelData, dtype, count=n, offset=frame * n * dtype.itemsize
         ).reshape(rows, cols)
     key = id(ds)
-    if key not in cache:  # filled before the threads start; they only read it
+    if key not in cache:
         try:
             cache[key] = ds.pixel_array
         except Exception as exc:  # noqa: BLE001 - decoders raise many types; all mean "cannot"
@@ -231,93 +245,79 @@ def _fill(dst: np.ndarray, pixels: np.ndarray, slope: float, intercept: float) -
 
 
 class _Filler:
-    """Converts each plane into the volume, in read order, in a second thread while the next
-    files are read: numpy releases the GIL while it converts, and reading holds it. Sized for
-    the files given (one plane each, or the first file's frames); a series that does not fit
-    (more planes, another size) stops it, and :func:`_assemble` fills the volume afterwards."""
+    """Converts each plane into the volume as soon as its file is read, in read order, and
+    drops the file's pixel data: the next file's bytes then reuse the same memory, still in
+    the CPU's cache, and the series' pixels are never held twice. Sized by the first file (one
+    plane per file given, or that file's frames), grown if more planes come. (A second thread
+    converting while the next files were read was slower on 2 cores: the GIL went back and
+    forth between the two.)"""
 
-    def __init__(self, capacity: int, rows: int, cols: int, values: _Values) -> None:
-        self.usable = 0 < capacity * rows * cols <= MAX_VOXELS
-        self.zyx = np.empty((capacity if self.usable else 0, rows, cols), dtype=np.float32)
+    def __init__(self, files: int, values: _Values) -> None:
+        self.files = files
+        self.zyx = np.empty((0, 0, 0), dtype=np.float32)
         self.count = 0
         self._values = values
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="series-fill")
-        self._pending: list[Future[None]] = []
-        self._decoded: dict[int, np.ndarray] = {}
 
-    def add(self, planes: Sequence[_Plane]) -> None:
+    def add(self, ds: Dataset, planes: Sequence[_Plane]) -> None:
+        rows, cols = int(self._values.get(ds, "Rows")), int(self._values.get(ds, "Columns"))
+        if self.count == 0:
+            expected = self.files if planes[0].frame is None else len(planes)
+            self.zyx = np.empty(
+                (min(expected, MAX_VOXELS // (rows * cols)), rows, cols), np.float32
+            )
+        elif (rows, cols) != self.zyx.shape[1:]:
+            raise InputError("planes of different sizes in one series")
+        if self.count + len(planes) > len(self.zyx):
+            self._grow(self.count + len(planes))
+        decoded: dict[int, np.ndarray] = {}  # a compressed object, decoded once for its frames
         for plane in planes:
-            size = (
-                int(self._values.get(plane.ds, "Rows")),
-                int(self._values.get(plane.ds, "Columns")),
-            )
-            if not self.usable or self.count == len(self.zyx) or size != self.zyx.shape[1:]:
-                self.usable = False
-                return
-            pixels = _pixels(plane, self._decoded, self._values)  # decodes in this thread
-            dst = self.zyx[self.count]
-            self._pending.append(
-                self._pool.submit(_fill, dst, pixels, plane.slope, plane.intercept)
-            )
+            pixels = _pixels(plane, decoded, self._values)
+            _fill(self.zyx[self.count], pixels, plane.slope, plane.intercept)
             self.count += 1
-        self._decoded.clear()  # a multi-frame object's decoded frames: all submitted
+        del ds.PixelData  # the volume holds the pixels now; the header stays for SEG and SR
 
-    def volume(self, order: Sequence[int]) -> np.ndarray | None:
-        """The filled planes in ``order`` (indices in read order), or None when the series did
-        not fit and must be filled the usual way."""
-        for future in self._pending:
-            future.result()
-        if not self.usable or self.count != len(order):
-            self.zyx = self.zyx[:0]  # its memory goes before the volume is made again
-            return None
+    def _grow(self, needed: int) -> None:
+        rows, cols = self.zyx.shape[1:]
+        if needed * rows * cols > MAX_VOXELS:
+            raise InputError(f"{needed}x{rows}x{cols} is larger than {MAX_VOXELS} voxels")
+        bigger = np.empty(
+            (min(max(needed, 2 * len(self.zyx)), MAX_VOXELS // (rows * cols)), rows, cols),
+            np.float32,
+        )
+        bigger[: self.count] = self.zyx[: self.count]
+        self.zyx = bigger
+
+    def volume(self, order: Sequence[int]) -> np.ndarray:
+        """The planes in ``order`` (indices in read order)."""
         zyx = self.zyx[: self.count]
         if list(order) != list(range(self.count)):
             zyx = zyx[np.asarray(order)]  # files not in position order: one copy
         return zyx
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+
+@contextmanager
+def _collection_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off while a series is read. Each file's headers stay
+    alive (SEG and SR reference them), and the collector would walk all of them again and
+    again as they pile up: a third of a 500-file read went to it. Reading makes no cycles that
+    need collecting soon; the collector runs again afterwards."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def load_series(paths: Iterable[Path]) -> Volume:
     """Read the files of one series (in any order; fastest in position order, as
     :func:`group_series` lists them) into a Volume; InputError says why not."""
     paths = list(paths)
-    planes: list[_Plane] = []
-    skipped: list[Skipped] = []
     values = _Values()
-    series_uid = modality = ""
-    filler: _Filler | None = None
-    try:
-        for path in paths:
-            try:
-                ds = dcmread(path)
-            except Exception as exc:  # noqa: BLE001 - pydicom raises many types on bad files
-                why = f"not readable DICOM: {type(exc).__name__}: {exc}"
-                skipped.append(Skipped(path.name, why))
-                continue
-            try:
-                if reason := _skip_reason(ds, values):
-                    skipped.append(Skipped(path.name, reason))
-                    continue
-                uid = str(values.get(ds, "SeriesInstanceUID", ""))
-                if series_uid and uid != series_uid:
-                    raise InputError("files of more than one series given as one")
-                series_uid, modality = uid, str(values.get(ds, "Modality", ""))
-                check_pixel_description(ds, partial(values.get, ds))  # memoised values
-                new = _planes(ds, values)
-                if filler is None:
-                    capacity = len(paths) if new[0].frame is None else len(new)
-                    rows, cols = int(values.get(ds, "Rows")), int(values.get(ds, "Columns"))
-                    filler = _Filler(capacity, rows, cols, values)
-                filler.add(new)
-                planes.extend(new)
-            except InputError as exc:
-                raise InputError(f"instance {path.stem}: {exc}") from None
-            except Exception as exc:  # noqa: BLE001 - a value its VR allows but we cannot use
-                raise InputError(f"instance {path.stem}: {type(exc).__name__}: {exc}") from None
-        if not planes or filler is None:
-            raise InputError("no image in the series")
+    filler = _Filler(len(paths), values)
+    with _collection_paused():
+        planes, skipped, series_uid, modality = _read(paths, values, filler)
         try:
             return _assemble(planes, series_uid, modality, skipped, values, filler)
         except InputError:
@@ -325,9 +325,40 @@ def load_series(paths: Iterable[Path]) -> Volume:
         except Exception as exc:  # noqa: BLE001 - a value its VR allows but we cannot use
             why = f"{type(exc).__name__}: {exc}"
             raise InputError(f"the series' geometry or pixels: {why}") from None
-    finally:
-        if filler is not None:
-            filler.close()
+
+
+def _read(
+    paths: list[Path], values: _Values, filler: _Filler
+) -> tuple[list[_Plane], list[Skipped], str, str]:
+    """Each file's planes, handed to the filler as they come; and what was skipped, why."""
+    planes: list[_Plane] = []
+    skipped: list[Skipped] = []
+    series_uid = modality = ""
+    for path in paths:
+        try:
+            ds = dcmread(path)
+        except Exception as exc:  # noqa: BLE001 - pydicom raises many types on malformed files
+            skipped.append(Skipped(path.name, f"not readable DICOM: {type(exc).__name__}: {exc}"))
+            continue
+        try:
+            if reason := _skip_reason(ds, values):
+                skipped.append(Skipped(path.name, reason))
+                continue
+            uid = str(values.get(ds, "SeriesInstanceUID", ""))
+            if series_uid and uid != series_uid:
+                raise InputError("files of more than one series given as one")
+            series_uid, modality = uid, str(values.get(ds, "Modality", ""))
+            check_pixel_description(ds, partial(values.get, ds))  # memoised values
+            new = _planes(ds, values)
+            filler.add(ds, new)
+            planes.extend(new)
+        except InputError as exc:
+            raise InputError(f"instance {path.stem}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - a value its VR allows but we cannot use
+            raise InputError(f"instance {path.stem}: {type(exc).__name__}: {exc}") from None
+    if not planes:
+        raise InputError("no image in the series")
+    return planes, skipped, series_uid, modality
 
 
 def _assemble(
@@ -340,15 +371,11 @@ def _assemble(
 ) -> Volume:
     first = planes[0]
     orient = first.orientation
-    rows, cols = int(values.get(first.ds, "Rows")), int(values.get(first.ds, "Columns"))
     # One vectorised check per property (np.allclose per plane costs more than reading it).
     if not np.allclose([p.orientation for p in planes], orient, atol=1e-4):
         raise InputError("planes with different orientations in one series")
     if not np.allclose([p.pixel_spacing for p in planes], first.pixel_spacing, rtol=1e-4):
         raise InputError("planes with different pixel spacing in one series")
-    sizes = {(values.get(p.ds, "Rows"), values.get(p.ds, "Columns")) for p in planes}
-    if sizes != {(rows, cols)}:
-        raise InputError("planes of different sizes in one series")
     row_dir, col_dir = orient[:3], orient[3:]
     normal = np.cross(row_dir, col_dir)
     order = sorted(range(len(planes)), key=lambda i: float(planes[i].position @ normal))
@@ -357,16 +384,9 @@ def _assemble(
 
     # (plane, row, column) in memory: each slice is one contiguous write.
     zyx = filler.volume(order)
-    if zyx is None:  # a series the filler could not take as it came: fill it now
-        zyx = np.empty((len(ordered), rows, cols), dtype=np.float32)
-        decoded: dict[int, np.ndarray] = {}
-        for plane, dst in zip(ordered, zyx, strict=True):
-            _fill(dst, _pixels(plane, decoded, values), plane.slope, plane.intercept)
     headers: dict[str, Dataset] = {}
     slices: list[tuple[str, int | None]] = []
-    for plane in ordered:  # the volume holds the pixels now; keep only the headers
-        if "PixelData" in plane.ds:
-            del plane.ds.PixelData
+    for plane in ordered:
         uid = str(values.get(plane.ds, "SOPInstanceUID", ""))
         headers[uid] = plane.ds
         slices.append((uid, plane.frame))

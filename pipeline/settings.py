@@ -105,6 +105,12 @@ class WorkerSettings(_Section):
         default=12, ge=0, description="Retries of transient errors before the item fails."
     )
     retry_backoff_max_s: int = Field(default=300, gt=0)
+    numpy_huge_pages: bool = Field(
+        default=False,
+        description="Let numpy ask for transparent huge pages for large arrays. Off: under "
+        "the kernel's usual defrag=madvise such an allocation may stall in memory compaction "
+        "(reading a 500-slice series took up to twice as long with them on a small VM).",
+    )
     archive_inputs: bool = Field(
         default=True,
         description="Keep each processed input under data/archive/<id>/ (false: delete it "

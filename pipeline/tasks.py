@@ -25,6 +25,7 @@ from pipeline.jobs import PROCESSING_MARKER, Job, error_record, job_dir, now, qu
 from pipeline.processing import Models, StageError, run_job
 from pipeline.queue import TASK_NAME
 from pipeline.routing import Route
+from pipeline.series import numpy_huge_pages
 from pipeline.settings import Settings
 from pipeline.study_job import run_study
 from pipeline.triton_client import TritonClient
@@ -71,6 +72,7 @@ def register_tasks(app: Celery, settings: Settings, triton_url: str) -> None:
     def _init_process(**_: Any) -> None:
         # One torch thread per pool process: processes, not threads, use the cores.
         torch.set_num_threads(1)
+        numpy_huge_pages(settings.worker.numpy_huge_pages)
         ctx.reset()
 
     @worker_process_shutdown.connect(weak=False)  # type: ignore[untyped-decorator]

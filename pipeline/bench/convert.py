@@ -1,11 +1,12 @@
 """Series-to-volume benchmark: pydicom's raw read against ``pipeline.series.load_series``.
 
-    python -m pipeline.bench.convert [--instances 500] [--size 512] [--repeats 5]
+    python -m pipeline.bench.convert [--instances 500] [--size 512] [--repeats 9]
 
 The raw read is the floor: ``dcmread`` each file, ``np.frombuffer`` its pixel data, sort by
 position along the normal, stack, no rescale. Both run on the same files in the same process,
-alternating, warm page cache; peak memory is what tracemalloc sees (numpy reports its buffers
-to it), as a multiple of the float32 volume.
+alternating, warm page cache, with numpy's huge-page advice off as in the worker
+(``worker.numpy_huge_pages``; ``--huge-pages`` for numpy's default); peak memory is what
+tracemalloc sees (numpy reports its buffers to it), as a multiple of the float32 volume.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 from pydicom import dcmread
 
 from pipeline.demo.dicom_series import new_series, write_series
-from pipeline.series import load_series
+from pipeline.series import load_series, numpy_huge_pages
 
 
 def raw_read(paths: list[Path]) -> np.ndarray:
@@ -67,14 +68,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "ours": lambda: load_series(paths),
     }
     times: dict[str, list[float]] = {"raw": [], "ours": []}
-    for _ in range(args.repeats):
-        for name, fn in runs.items():
-            times[name].append(_seconds(fn))
-    peaks = {name: _peak_bytes(fn) for name, fn in runs.items()}
+    # As the worker runs (worker.numpy_huge_pages); switching back and forth within one
+    # process fragments memory and slows whichever runs after a switch, so one choice per run.
+    previous = numpy_huge_pages(args.huge_pages)
+    try:
+        for _ in range(args.repeats):
+            for name, fn in runs.items():
+                times[name].append(_seconds(fn))
+        peaks = {name: _peak_bytes(fn) for name, fn in runs.items()}
+    finally:
+        numpy_huge_pages(previous)
     volume_bytes = len(paths) * args.size * args.size * 4
     raw_s, ours_s = statistics.median(times["raw"]), statistics.median(times["ours"])
     result = {
         "instances": len(paths),
+        "numpy_huge_pages": args.huge_pages,
         "raw_read_s": round(raw_s, 3),
         "series_to_volume_s": round(ours_s, 3),
         "ratio": round(ours_s / raw_s, 2),
@@ -82,8 +90,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "raw_peak_memory_x_float32_volume": round(peaks["raw"] / volume_bytes, 2),
     }
     print(
-        f"{len(paths)} slices {args.size}x{args.size}, median of {args.repeats}: raw read "
-        f"{raw_s:.3f} s, series to volume {ours_s:.3f} s ({result['ratio']}x); peak memory "
+        f"{len(paths)} slices {args.size}x{args.size}, median of {args.repeats}, numpy huge "
+        f"pages {'on' if args.huge_pages else 'off'}: raw read {raw_s:.3f} s, series to volume "
+        f"{ours_s:.3f} s ({result['ratio']}x); peak memory "
         f"{result['peak_memory_x_float32_volume']}x the float32 volume "
         f"(raw read {result['raw_peak_memory_x_float32_volume']}x)"
     )
@@ -94,7 +103,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--instances", type=int, default=500)
     parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument(
+        "--huge-pages", action="store_true", help="numpy's default huge-page advice, on."
+    )
     parser.add_argument("--workdir", help="Reuse this folder (keeps the generated series).")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
