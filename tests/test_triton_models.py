@@ -131,3 +131,11 @@ def test_the_lesion_model_answers_its_foreground_probability_in_float16(
     with torch.inference_mode():
         direct = torch.softmax(net(torch.from_numpy(patches)), dim=1)[:, 1:].numpy()
     np.testing.assert_allclose(served.astype(np.float32), direct, atol=1e-3)
+    # The pipeline's client hands out float32 of its own with exactly the served values.
+    pipeline_client = TritonClient(triton.grpc, TritonSettings())
+    try:
+        ours = pipeline_client.infer(contract, patches).probabilities
+    finally:
+        pipeline_client.close()
+    assert ours.dtype == np.float32 and ours.flags.writeable
+    np.testing.assert_array_equal(ours, served.astype(np.float32))
