@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -54,8 +55,16 @@ def test_held_out_synthetic_inputs_get_the_right_labels(
         assert decide(covid, out.probabilities[0]).label == covid.labels[int(positive)]
 
 
+@pytest.fixture
+def plain_client(triton: TritonEndpoints) -> Iterator[grpcclient.InferenceServerClient]:
+    """tritonclient's own gRPC client, closed after the test (left to the garbage collector,
+    it complains at interpreter exit)."""
+    with grpcclient.InferenceServerClient(triton.grpc.removeprefix("grpc://")) as client:
+        yield client
+
+
 def test_one_bad_request_in_a_dynamic_batch_fails_alone(
-    triton: TritonEndpoints, tmp_path: Path
+    plain_client: grpcclient.InferenceServerClient, tmp_path: Path
 ) -> None:
     contract = CONTRACTS["mednist_classifier"]
     good = _input(
@@ -63,7 +72,7 @@ def test_one_bad_request_in_a_dynamic_batch_fails_alone(
     )
     bad = good.copy()
     bad[0, 0, 10, 10] = np.nan
-    client = grpcclient.InferenceServerClient(triton.grpc.removeprefix("grpc://"))
+    client = plain_client
     before = _batch_sizes(client)
     n, bad_index = 24, 12
     results: dict[int, Any] = {}
@@ -113,7 +122,7 @@ def test_wrong_shape_and_unknown_model_are_permanent_errors(triton: TritonEndpoi
 
 
 def test_the_lesion_model_answers_its_foreground_probability_in_float16(
-    triton: TritonEndpoints,
+    triton: TritonEndpoints, plain_client: grpcclient.InferenceServerClient
 ) -> None:
     """The served answer is the model's own softmax for the lesion label, in float16 (the
     background's channel left out): what the sliding window blends."""
@@ -121,10 +130,9 @@ def test_the_lesion_model_answers_its_foreground_probability_in_float16(
     assert contract.omits_background and contract.output.shape == (1, 48, 48, 48)
     patches = np.random.default_rng(7).random((3, *contract.input.shape), np.float32)
     patches[1, 0, 10:30, 10:30, 10:30] = 0.8  # something nodule-like in one patch
-    client = grpcclient.InferenceServerClient(triton.grpc.removeprefix("grpc://"))
     inp = grpcclient.InferInput("INPUT__0", list(patches.shape), "FP32")
     inp.set_data_from_numpy(patches)
-    served = client.infer(contract.name, [inp]).as_numpy("PROBABILITIES")
+    served = plain_client.infer(contract.name, [inp]).as_numpy("PROBABILITIES")
     assert served is not None and served.dtype == np.float16
     assert served.shape == (3, 1, 48, 48, 48)
     net = torch.jit.load(str(MODEL_REPOSITORY / contract.name / "1" / contract.weights))  # type: ignore[no-untyped-call]
