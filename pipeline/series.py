@@ -246,8 +246,8 @@ def _fill(dst: np.ndarray, pixels: np.ndarray, slope: float, intercept: float) -
 
 class _Filler:
     """Converts each plane into the volume as soon as its file is read, in read order, and
-    drops the file's pixel data: the next file's bytes then reuse the same memory, still in
-    the CPU's cache, and the series' pixels are never held twice. Sized by the first file (one
+    drops the file's pixel data: the next file's bytes can reuse the same memory, and the
+    series' pixels are never held twice. Sized by the first file (one
     plane per file given, or that file's frames), grown if more planes come. (A second thread
     converting while the next files were read was slower on 2 cores: the GIL went back and
     forth between the two.)"""
@@ -463,9 +463,7 @@ class SeriesGroup:
 
 def _position(ds: Dataset, values: _Values) -> float | None:
     """A single-frame image's position along its slice normal, if its header has one."""
-    if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
-        return None
-    try:
+    try:  # values.floats says InputError for a missing or malformed value alike
         orient = values.floats(ds, "ImageOrientationPatient", 6)
         return float(
             values.floats(ds, "ImagePositionPatient", 3) @ np.cross(orient[:3], orient[3:])

@@ -57,8 +57,7 @@ def test_held_out_synthetic_inputs_get_the_right_labels(
 
 @pytest.fixture
 def plain_client(triton: TritonEndpoints) -> Iterator[grpcclient.InferenceServerClient]:
-    """tritonclient's own gRPC client, closed after the test (left to the garbage collector,
-    it complains at interpreter exit)."""
+    """tritonclient's own gRPC client, closed after the test."""
     with grpcclient.InferenceServerClient(triton.grpc.removeprefix("grpc://")) as client:
         yield client
 
