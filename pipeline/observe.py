@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -157,14 +158,18 @@ class _Metrics:
 
 
 _instance: _Metrics | None = None
+# Associations start in threads of their own: two first counts at once must not both register
+# the metrics (prometheus_client refuses the second, and the handler that counted fails).
+_instance_lock = threading.Lock()
 
 
 def _metrics() -> _Metrics | None:
     """The process's metrics, created on first use; None if prometheus_client is unusable."""
     global _instance
     if _instance is None:
-        with contextlib.suppress(ImportError):
-            _instance = _Metrics()
+        with _instance_lock, contextlib.suppress(ImportError):
+            if _instance is None:
+                _instance = _Metrics()
     return _instance
 
 

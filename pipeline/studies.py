@@ -32,6 +32,9 @@ from pipeline.jobs import JOB_FILE, STUDY_FOLDER, Job, StudyRef, new_job_id, now
 
 log = logging.getLogger(__name__)
 
+# A release reported this soon after its own connection's close still counts (see _end).
+LATE_RELEASE_S = 10.0
+
 Clock = Callable[[], float]
 
 
@@ -85,6 +88,8 @@ class StudyTracker:
         self.clock = clock
         self._studies: dict[str, _Study] = {}
         self._assoc_studies: dict[str, set[str]] = {}
+        # Associations that ended without a release so far: assoc -> (studies, when)
+        self._closed: dict[str, tuple[set[str], float]] = {}
         # MPPS COMPLETED seen before (all) its study's instances: study -> (sops, since)
         self._expected: dict[str, tuple[frozenset[str], float]] = {}
         # MPPS COMPLETED that named no study: matched by SOP instance as instances arrive
@@ -134,9 +139,19 @@ class StudyTracker:
 
     def _end(self, assoc: str, clean: bool) -> None:
         t = self.clock()
-        for study_uid in self._assoc_studies.pop(assoc, ()):
+        studies = self._assoc_studies.pop(assoc, None)
+        late_release = False
+        if studies is None:
+            if not clean or (closed := self._closed.pop(assoc, None)) is None:
+                return  # e.g. the connection closing after a release
+            # pynetdicom reports the release from the association's thread and the connection's
+            # close from its DUL thread, so the close can come first: the release decides.
+            studies, late_release = closed[0], True
+        elif not clean:
+            self._closed[assoc] = (studies, t)
+        for study_uid in studies:
             st = self._studies.get(study_uid)
-            if st is None or assoc not in st.open_assocs:
+            if st is None or (assoc not in st.open_assocs and not late_release):
                 continue
             st.open_assocs.discard(assoc)
             if not clean:
@@ -184,6 +199,7 @@ class StudyTracker:
             if reason is Reason.RELEASED and (quiet := _since_release(st, t)) is not None:
                 hold = max(0.0, self.grace - quiet)
             done.append(Completed(uid, reason, st.received_at, st.calling_aet, st.called_aet, hold))
+        self._closed = {k: v for k, v in self._closed.items() if t - v[1] < LATE_RELEASE_S}
         # Expectations whose study never came are dropped after the maximum wait.
         self._expected = {k: v for k, v in self._expected.items() if t - v[1] < self.max_wait}
         self._unbound = [u for u in self._unbound if t - u[1] < self.max_wait]

@@ -99,6 +99,16 @@ def test_release_then_close_is_still_a_release(tracker: StudyTracker, clock: Clo
     assert [d.reason for d in tracker.due()] == [Reason.RELEASED]
 
 
+def test_close_reported_before_its_release_is_still_a_release(
+    tracker: StudyTracker, clock: Clock
+) -> None:
+    tracker.stored("1.2.3", "1.2.3.1", "a1")
+    tracker.aborted("a1")  # pynetdicom's DUL thread saw the close first
+    tracker.released("a1")
+    clock.t += 2
+    assert [d.reason for d in tracker.due()] == [Reason.RELEASED]
+
+
 def test_instance_after_release_restarts_grace(tracker: StudyTracker, clock: Clock) -> None:
     tracker.stored("1.2.3", "1.2.3.1", "a1")
     tracker.released("a1")

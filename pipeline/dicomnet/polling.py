@@ -1,4 +1,4 @@
-"""Event-driven naps for pynetdicom's polling threads.
+"""Event-driven waits for pynetdicom's polling threads.
 
 pynetdicom polls: an association's reactor thread naps 1 ms between checks for a new DIMSE
 message, and its DUL thread naps 1 ms whenever the socket had nothing to read and nothing was
@@ -7,20 +7,26 @@ queued to send. Each instance waits through several such naps, which caps one as
 0.1 ms naps 784/s), and shorter blind naps burn CPU that concurrent associations need.
 
 Neither nap is configurable through pynetdicom's API, so this module gives the two pynetdicom
-modules a ``time`` whose ``sleep`` turns exactly those 1 ms naps into waits that end early:
+modules a ``time`` whose ``sleep`` turns exactly those 1 ms naps into waits that end as soon as
+there is something to do:
 
 - the reactor waits on its DIMSE message queue's condition, so it wakes when a message is
-  complete instead of up to 1 ms later;
-- the DUL waits in ``select`` on its socket, so it wakes when data arrives; while its
-  association is busy (traffic in the last 50 ms) the wait is capped at 0.2 ms, because a
-  response queued by the reactor is only picked up when the DUL wakes.
+  complete;
+- the DUL waits in ``select`` on its socket, so it wakes when data arrives, and, for the
+  associations we accept (:func:`attach`), on a pipe written whenever a PDU is queued for it to
+  send, so a C-STORE response leaves at once.
 
-Idle associations wait as long as before and cost no more CPU. Every other call goes to
-``time``; nothing else in pynetdicom changes.
+The DUL used to nap 0.2 ms while its association was busy, to pick responses up soon enough;
+with four busy associations those wakes cost more CPU than the instances' own handling did.
+Idle associations wait as long as before. Every other call goes to ``time``; nothing else in
+pynetdicom changes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import queue
 import select
 import threading
 import time
@@ -32,15 +38,38 @@ from pynetdicom import association as _association
 from pynetdicom import dul as _dul
 
 PYNETDICOM_NAP_S = 0.001
-BUSY_NAP_S = 0.0002
-BUSY_WINDOW_S = 0.05
-
-_busy_until: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
 
 
-def mark_busy(assoc: Any) -> None:
-    """Called on each message of ``assoc``: answer fast for the next BUSY_WINDOW_S."""
-    _busy_until[assoc] = time.monotonic() + BUSY_WINDOW_S
+class _WakingQueue(queue.Queue[Any]):
+    """A DUL's queue of primitives to send; each ``put`` also wakes the DUL's ``select``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wake_fd, self._write_fd = os.pipe()
+        os.set_blocking(self.wake_fd, False)
+        os.set_blocking(self._write_fd, False)
+        weakref.finalize(self, _close, self.wake_fd, self._write_fd)
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        with contextlib.suppress(BlockingIOError):  # full: a wake is pending anyway
+            os.write(self._write_fd, b"\0")
+
+    def clear_wakes(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self.wake_fd, 4096):
+                pass
+
+
+def _close(*fds: int) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def attach(assoc: Any) -> None:
+    """Let ``assoc``'s DUL wake for PDUs to send; call before the association starts."""
+    assoc.dul.to_provider_queue = _WakingQueue()
 
 
 def _reactor_wait(assoc: Any, seconds: float) -> None:
@@ -51,16 +80,23 @@ def _reactor_wait(assoc: Any, seconds: float) -> None:
 
 
 def _dul_wait(dul: Any, seconds: float) -> None:
-    if _busy_until.get(dul.assoc, 0.0) > time.monotonic():
-        seconds = BUSY_NAP_S
     sock = getattr(dul.socket, "socket", None)
     if sock is None:
         time.sleep(seconds)
         return
+    waiting = [sock]
+    sends = dul.to_provider_queue
+    if isinstance(sends, _WakingQueue):
+        if sends.qsize():
+            return
+        waiting.append(sends.wake_fd)
     try:
-        select.select([sock], [], [], seconds)
+        ready, _, _ = select.select(waiting, [], [], seconds)
     except (OSError, ValueError):  # closed meanwhile: pynetdicom's own check will see it
         time.sleep(seconds)
+        return
+    if isinstance(sends, _WakingQueue) and sends.wake_fd in ready:
+        sends.clear_wakes()
 
 
 def _sleep(seconds: float) -> None:
