@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,16 +86,20 @@ def instance_path(spool: Path, uids: InstanceUIDs) -> Path:
     return spool / uids.study / uids.series / f"{uids.sop}{SUFFIX}"
 
 
-def store_instance(spool: Path, uids: InstanceUIDs, data: bytes, min_free_bytes: int) -> bool:
-    """Write one instance durably; True when it replaced an earlier copy of the same SOP
-    instance. Raises OutOfSpaceError (nothing written) or OSError."""
-    check_space(spool, len(data), min_free_bytes)
+def store_instance(
+    spool: Path, uids: InstanceUIDs, parts: Sequence[bytes | memoryview], min_free_bytes: int
+) -> bool:
+    """Write one instance, the concatenation of ``parts``, durably; True when it replaced an
+    earlier copy of the same SOP instance. Raises OutOfSpaceError (nothing written) or
+    OSError."""
+    check_space(spool, sum(len(p) for p in parts), min_free_bytes)
     incoming = spool / INCOMING
     incoming.mkdir(parents=True, exist_ok=True)
     tmp = incoming / f"{uids.sop}.{secrets.token_hex(4)}.part"
     try:
         with tmp.open("wb") as f:
-            f.write(data)
+            for part in parts:
+                f.write(part)
             f.flush()
             os.fsync(f.fileno())
         with spool_lock(spool, exclusive=False):

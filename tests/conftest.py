@@ -91,7 +91,7 @@ def store_files(settings: Settings, folders: list[Path]) -> str:
             ds = dcmread(path, stop_before_pixels=True)
             study_uid = str(ds.StudyInstanceUID)
             uids = InstanceUIDs(study_uid, str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
-            store_instance(settings.spool_dir, uids, path.read_bytes(), 0)
+            store_instance(settings.spool_dir, uids, [path.read_bytes()], 0)
     return study_uid
 
 

@@ -18,10 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+import pynetdicom
 import pytest
 import redis
 from pydicom import dcmread
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 
 from pipeline.demo.dicom_series import (
@@ -326,6 +329,35 @@ def test_path_traversal_and_missing_uids_get_a_failure_status_and_nothing_is_wri
     assert not list(tmp_path.rglob("escaped"))
     [task] = rx.wait_tasks(1)
     assert task["study"]["instances"] == 1
+
+
+def test_a_data_set_that_cannot_be_read_gets_a_failure_status_and_nothing_is_written(
+    receiver: Callable[..., Running], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rx = receiver()
+    # pynetdicom then sends a file's data set as it is on disk, without reading it.
+    monkeypatch.setattr(pynetdicom._config, "STORE_SEND_CHUNKED_DATASET", True)
+    [good] = _datasets(1)
+    garbage = tmp_path / "garbage.dcm"
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = good.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = new_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    with garbage.open("wb") as f:  # valid file meta, then bytes that are no data set
+        f.write(b"\x00" * 128 + b"DICM")
+        write_file_meta_info(f, meta)
+        f.write(b"\x08\x00\x16\x00UI\xff\xff" + os.urandom(64))
+    ae = AE()
+    ae.add_requested_context(CT_STORAGE)
+    assoc = ae.associate("127.0.0.1", rx.port, ae_title="PIPELINE")
+    try:
+        assert assoc.send_c_store(garbage).Status in (0xC210, 0xC220)
+        assert assoc.send_c_store(good).Status == 0x0000  # the association carries on
+    finally:
+        assoc.release()
+    [task] = rx.wait_tasks(1)
+    assert [p.stem for p in rx.job_files(task)] == [good.SOPInstanceUID]
+    assert not list((rx.settings.spool_dir / ".incoming").glob("*"))
 
 
 def test_below_the_disk_watermark_store_answers_out_of_resources(

@@ -169,7 +169,7 @@ def test_invalid_uids_never_become_paths(bad: str) -> None:
 
 
 def _store(spool: Path, study: str, series: str, sop: str, data: bytes = b"x") -> bool:
-    return store_instance(spool, InstanceUIDs(study, series, sop), data, 0)
+    return store_instance(spool, InstanceUIDs(study, series, sop), [data], 0)
 
 
 def test_close_study_moves_the_folder_and_counts_what_is_on_disk(tmp_path: Path) -> None:

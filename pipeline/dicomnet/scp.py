@@ -16,9 +16,12 @@ import os
 import socket
 import ssl
 import threading
+from io import BytesIO
 from typing import Any, Protocol, cast
 
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
+from pydicom.tag import Tag
 from pydicom.uid import (
     JPEG2000,
     UID,
@@ -37,7 +40,8 @@ from pydicom.uid import (
     generate_uid,
 )
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
-from pynetdicom.dimse_primitives import N_CREATE, N_SET
+from pynetdicom.dimse_primitives import C_STORE, N_CREATE, N_SET
+from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import Event
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
@@ -69,6 +73,7 @@ TRANSFER_SYNTAXES = [
 # pynetdicom.sop_class builds these names at run time, out of the type checker's sight.
 VERIFICATION = UID("1.2.840.10008.1.1")
 MPPS_SOP_CLASS = UID("1.2.840.10008.3.1.2.3.3")  # Modality Performed Procedure Step
+SERIES_INSTANCE_UID = Tag(0x0020, 0x000E)
 
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700  # the disk watermark: the sender should retry later
@@ -167,7 +172,7 @@ class Handlers:
         key = _assoc_key(event)
         calling = str(event.assoc.requestor.ae_title).strip()
         try:
-            uids = identify(event.dataset)
+            uids = identify(_header(event))
         except InvalidUIDError as exc:
             return self._refused(key, INVALID_UID, f"C-STORE from {calling} refused: {exc}")
         except Exception as exc:  # noqa: BLE001 - any decoding failure is a status, not a crash
@@ -175,7 +180,7 @@ class Handlers:
                 key, CANNOT_UNDERSTAND, f"C-STORE from {calling}: undecodable data set ({exc})"
             )
         try:
-            replaced = store_instance(self.spool, uids, event.encoded_dataset(), self.min_free)
+            replaced = store_instance(self.spool, uids, _file_parts(event), self.min_free)
         except OutOfSpaceError as exc:
             return self._refused(key, OUT_OF_RESOURCES, f"C-STORE from {calling} refused: {exc}")
         except OSError as exc:
@@ -227,6 +232,31 @@ class Handlers:
             if closed.status == mpps.COMPLETED:
                 self.sink.put(("mpps", closed.study_uid, tuple(sorted(closed.sop_uids))))
         return SUCCESS, modifications
+
+
+def _header(event: Event) -> Dataset:
+    """The C-STORE data set up to its SeriesInstanceUID, which is all ``identify`` needs.
+
+    pynetdicom's ``event.dataset`` reads every element, copying the pixel data; this stops
+    after (0020,000E). A deflated data set is inflated and read whole, as pynetdicom does."""
+    syntax = event.context.transfer_syntax
+    if syntax.is_deflated:
+        return event.dataset
+    stream = cast(BytesIO, cast(C_STORE, event.request).DataSet)
+    stream.seek(0)
+    return read_dataset(
+        stream,
+        syntax.is_implicit_VR,
+        syntax.is_little_endian,
+        stop_when=lambda tag, vr, length: tag > SERIES_INSTANCE_UID,
+    )
+
+
+def _file_parts(event: Event) -> tuple[bytes, memoryview]:
+    """The DICOM file as received: preamble and file meta, then the sender's encoded data set
+    as it lies in pynetdicom's buffer (``event.encoded_dataset()`` copies it twice)."""
+    head = b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta)
+    return head, cast(BytesIO, cast(C_STORE, event.request).DataSet).getbuffer()
 
 
 def _in_networks(address: str, networks: list[Network]) -> bool:
