@@ -158,11 +158,13 @@ class ReceiverSettings(_Section):
         description="PEM CA bundle: peers must present a certificate signed by it (mutual TLS).",
     )
     processes: int = Field(
-        default=2,
+        default=4,
         ge=1,
         le=64,
         description="Receiving processes sharing the port (SO_REUSEPORT): pynetdicom runs one "
-        "core's worth of Python per process, so concurrent associations need several.",
+        "core's worth of Python per process, so concurrent associations need several. The "
+        "kernel picks a process by the connection's address hash, not by load, so more "
+        "processes than concurrent associations keeps two from landing on one.",
     )
     release_grace_s: float = Field(
         default=2.0,

@@ -23,6 +23,7 @@ import pytest
 import redis
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomFileLike
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
@@ -345,7 +346,7 @@ def test_a_data_set_that_cannot_be_read_gets_a_failure_status_and_nothing_is_wri
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     with garbage.open("wb") as f:  # valid file meta, then bytes that are no data set
         f.write(b"\x00" * 128 + b"DICM")
-        write_file_meta_info(f, meta)
+        write_file_meta_info(DicomFileLike(f), meta)
         f.write(b"\x08\x00\x16\x00UI\xff\xff" + os.urandom(64))
     ae = AE()
     ae.add_requested_context(CT_STORAGE)
