@@ -617,8 +617,9 @@ def infer(
     settings.ensure_dirs()
     proc = None
     url = _triton_url(settings)
-    if url and not TritonClient(url, settings.triton).is_ready():
-        url = None
+    if url:
+        with TritonClient(url, settings.triton) as probe:
+            url = url if probe.is_ready() else None
     if not url:
         _check_weights(settings)
         typer.echo("starting embedded Triton for this run ...", err=True)

@@ -65,7 +65,9 @@ class WorkerContext:
             self._client = None
 
 
-def register_tasks(app: Celery, settings: Settings, triton_url: str) -> None:
+def register_tasks(app: Celery, settings: Settings, triton_url: str) -> WorkerContext:
+    """Register the tasks on ``app``; the context they share is returned, for a caller that
+    runs them in its own process (tests) to close."""
     ctx = WorkerContext(settings, triton_url)
 
     @worker_process_init.connect(weak=False)  # type: ignore[untyped-decorator]
@@ -89,6 +91,8 @@ def register_tasks(app: Celery, settings: Settings, triton_url: str) -> None:
     @app.task(name=DISPATCH_TASK, bind=True, max_retries=None, shared=False)  # type: ignore[untyped-decorator]
     def send_results(self: Task, message: dict[str, Any]) -> None:
         handle_delivery(self, ctx.settings, message)
+
+    return ctx
 
 
 def handle(task: Task, ctx: WorkerContext, message: dict[str, Any]) -> None:

@@ -84,6 +84,12 @@ class TritonClient:
             self._shm.close()
         self._client.close()
 
+    def __enter__(self) -> TritonClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def is_ready(self) -> bool:
         try:
             return bool(self._client.is_server_ready())

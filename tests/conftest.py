@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,8 +25,9 @@ from pipeline.dicom_store import InstanceUIDs, store_instance
 from pipeline.jobs import now
 from pipeline.services import embedded_redis, embedded_triton
 from pipeline.services.embedded_triton import TritonEndpoints
-from pipeline.settings import Settings
+from pipeline.settings import Settings, TritonSettings
 from pipeline.studies import Completed, Reason, close_study
+from pipeline.triton_client import TritonClient
 
 # Fuzzing (hypothesis): the same examples on every run by default, so a CI run is repeatable;
 # HYPOTHESIS_PROFILE=explore draws new ones, many more, to look for new failures.
@@ -70,6 +71,21 @@ def triton(
     proc, endpoints = embedded_triton.start(settings)
     yield endpoints
     proc.stop()
+
+
+@pytest.fixture
+def new_client() -> Iterator[Callable[[str, TritonSettings], TritonClient]]:
+    """Makes TritonClients that are closed when the test ends: their gRPC channels and shared
+    memory regions are given back then, not whenever the garbage collector gets to them."""
+    clients: list[TritonClient] = []
+
+    def make(url: str, settings: TritonSettings) -> TritonClient:
+        clients.append(TritonClient(url, settings))
+        return clients[-1]
+
+    yield make
+    for client in clients:
+        client.close()
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ brought back to the source geometry through the bundle's own resampling."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -96,7 +97,9 @@ def test_unmappable_preprocessing_is_refused_by_name(tmp_path: Path) -> None:
     assert not (tmp_path / "repo" / "spleen_ct_segmentation").exists()
 
 
-def test_imported_bundle_is_served_and_segments_in_the_source_geometry(tmp_path: Path) -> None:
+def test_imported_bundle_is_served_and_segments_in_the_source_geometry(
+    tmp_path: Path, new_client: Callable[..., TritonClient]
+) -> None:
     repo = tmp_path / "repo"
     contract = import_bundle(write_bundle(tmp_path / "bundle"), repo)
     assert contract.name == "spleen_ct_segmentation" and contract.task is Task.SEGMENTATION
@@ -123,7 +126,7 @@ def test_imported_bundle_is_served_and_segments_in_the_source_geometry(tmp_path:
     settings.ensure_dirs()
     proc, endpoints = embedded_triton.start(settings)
     try:
-        client = TritonClient(endpoints.grpc, settings.triton)
+        client = new_client(endpoints.grpc, settings.triton)
         image = LoadedImage(InputKind.NIFTI, MetaTensor(hu[np.newaxis], affine=affine))
         seg = segment(image, contract, client)
     finally:

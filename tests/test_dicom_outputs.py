@@ -7,7 +7,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +62,7 @@ def _named(ds: Dataset, scheme: str, value: str) -> list[Dataset]:
 
 @pytest.fixture
 def phantom_study(
-    triton: TritonEndpoints, tmp_path: Path
+    triton: TritonEndpoints, tmp_path: Path, new_client: Callable[..., TritonClient]
 ) -> tuple[Settings, Path, dict, np.ndarray]:
     """A lesion phantom received as a CT series (without its accession number and the
     patient's birth date) and processed: (settings, the series' source folder, SOP Instance
@@ -79,7 +79,7 @@ def phantom_study(
     }
     settings = _settings(tmp_path)
     job = read_job(settings.spool_dir / spool_study(settings, [tmp_path / "ct"]))
-    client = TritonClient(triton.grpc, settings.triton)
+    client = new_client(triton.grpc, settings.triton)
     run_study(job, settings, Models(discover_contracts(MODEL_REPOSITORY)), client)
     return settings, tmp_path / "ct", slice_of, truth
 
@@ -186,7 +186,9 @@ def test_sr_follows_tid_1500_and_references_the_source(phantom_study: tuple) -> 
     assert referenced == set(slice_of)
 
 
-def test_an_invalid_output_is_kept_out_of_results(triton: TritonEndpoints, tmp_path: Path) -> None:
+def test_an_invalid_output_is_kept_out_of_results(
+    triton: TritonEndpoints, tmp_path: Path, new_client: Callable[..., TritonClient]
+) -> None:
     """A modality that writes a value its VR forbids (a 20-character Study ID, SH allows 16):
     the SR would carry it, fails validation, and the series fails with the reason; nothing of
     that result reaches results, the object is kept with the failed item."""
@@ -198,7 +200,7 @@ def test_an_invalid_output_is_kept_out_of_results(triton: TritonEndpoints, tmp_p
         ds.save_as(path)
     settings = _settings(tmp_path)
     job = read_job(settings.spool_dir / spool_study(settings, [tmp_path / "ct"]))
-    client = TritonClient(triton.grpc, settings.triton)
+    client = new_client(triton.grpc, settings.triton)
     with pytest.raises(StageError, match=r"sr\.dcm .*StudyID: .*16 allowed for VR SH") as err:
         run_study(job, settings, Models(discover_contracts(MODEL_REPOSITORY)), client)
     assert err.value.stage == "series"
@@ -275,7 +277,7 @@ def test_a_delivery_naming_files_outside_results_is_refused_and_recorded(tmp_pat
 
 
 def test_an_input_without_dicom_identity_gets_an_sr_of_its_own(
-    triton: TritonEndpoints, tmp_path: Path
+    triton: TritonEndpoints, tmp_path: Path, new_client: Callable[..., TritonClient]
 ) -> None:
     """A PNG has no patient or study: the SR stands in a study of its own, patient unknown,
     its label in the private coding scheme."""
@@ -287,7 +289,7 @@ def test_an_input_without_dicom_identity_gets_an_sr_of_its_own(
     settings.ensure_dirs()
     write_mednist_png(settings.inbox_dir / "hand.png", "Hand", TEST_SEED_BASE + 612)
     job = spool_file(settings.inbox_dir / "hand.png", settings.inbox_dir, settings.spool_dir)
-    client = TritonClient(triton.grpc, settings.triton)
+    client = new_client(triton.grpc, settings.triton)
     run_job(job, settings, Models(discover_contracts(MODEL_REPOSITORY)), client)
     sr = dcmread(settings.results_dir / job.id / "mednist_classifier" / "sr.dcm")
     assert sr.PatientID == "" and sr.PatientName == ""

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
@@ -52,7 +53,10 @@ def _queued(settings: Settings) -> list[dict[str, object]]:
 
 
 def test_a_failed_job_is_listed_shown_and_retried_after_the_fix(
-    redis_settings: Settings, triton: TritonEndpoints, tmp_path: Path
+    redis_settings: Settings,
+    triton: TritonEndpoints,
+    tmp_path: Path,
+    new_client: Callable[..., TritonClient],
 ) -> None:
     settings = make_settings(redis_settings.data_dir, triton={"model_repository": MODEL_REPOSITORY})
     # A configuration mistake: the rule names a model Triton does not serve.
@@ -64,7 +68,7 @@ def test_a_failed_job_is_listed_shown_and_retried_after_the_fix(
     write_mednist_png(settings.inbox_dir / "hand.png", "Hand", TEST_SEED_BASE + 620)
     job = spool_file(settings.inbox_dir / "hand.png", settings.inbox_dir, settings.spool_dir)
     models = Models(discover_contracts(MODEL_REPOSITORY))
-    client = TritonClient(triton.grpc, settings.triton)
+    client = new_client(triton.grpc, settings.triton)
     try:
         run_job(job, broken, models, client)
         raise AssertionError("the job should fail")

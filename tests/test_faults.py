@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -171,7 +171,7 @@ def test_redis_stopped_triton_killed_worker_killed_nothing_lost(
 
 
 def test_a_full_results_disk_leaves_no_partial_file_and_the_retry_succeeds(
-    triton: TritonEndpoints, tmp_path: Path
+    triton: TritonEndpoints, tmp_path: Path, new_client: Callable[..., TritonClient]
 ) -> None:
     settings = make_settings(
         tmp_path / "data",
@@ -182,7 +182,7 @@ def test_a_full_results_disk_leaves_no_partial_file_and_the_retry_succeeds(
     write_mednist_png(settings.inbox_dir / "hand.png", "Hand", TEST_SEED_BASE + 740)
     job = spool_file(settings.inbox_dir / "hand.png", settings.inbox_dir, settings.spool_dir)
     models = Models(discover_contracts(MODEL_REPOSITORY))
-    client = TritonClient(triton.grpc, settings.triton)
+    client = new_client(triton.grpc, settings.triton)
     # No file may grow past 1 KB in this process: the SR and preview (larger) cannot be
     # written, as on a full disk (EFBIG instead of ENOSPC, the same OSError to the writer).
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)

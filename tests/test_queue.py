@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -68,11 +69,11 @@ def test_unreachable_triton_is_retried_then_failed_with_the_input_kept(
     settings.ensure_dirs()
     app = make_celery(settings, "memory://")
     app.conf.task_always_eager = True
-    register_tasks(app, settings, f"grpc://127.0.0.1:{free_port()}")  # nothing listens there
+    ctx = register_tasks(app, settings, f"grpc://127.0.0.1:{free_port()}")  # nothing listens
     write_mednist_png(settings.inbox_dir / "hand.png", "Hand", 1)
     job = spool_file(settings.inbox_dir / "hand.png", settings.inbox_dir, settings.spool_dir)
 
-    with caplog.at_level(logging.WARNING, logger="pipeline.tasks"):
+    with closing(ctx), caplog.at_level(logging.WARNING, logger="pipeline.tasks"):
         app.tasks[TASK_NAME].apply(args=[job.model_dump(mode="json")])
 
     retries = [r.getMessage() for r in caplog.records if "; retry " in r.getMessage()]
@@ -129,11 +130,11 @@ def test_a_redelivered_job_is_not_done_twice(
     settings.ensure_dirs()
     app = make_celery(settings, "memory://")
     app.conf.task_always_eager = True
-    register_tasks(app, settings, triton.grpc)
+    ctx = register_tasks(app, settings, triton.grpc)
     write_mednist_png(settings.inbox_dir / "hand.png", "Hand", 1)
     job = spool_file(settings.inbox_dir / "hand.png", settings.inbox_dir, settings.spool_dir)
 
-    with caplog.at_level(logging.INFO, logger="pipeline.stage"):
+    with closing(ctx), caplog.at_level(logging.INFO, logger="pipeline.stage"):
         for _ in range(2):
             app.tasks[TASK_NAME].apply(args=[job.model_dump(mode="json")])
 

@@ -4,6 +4,7 @@ on loopback, a real embedded Redis behind it, studies checked on disk and in the
 from __future__ import annotations
 
 import base64
+import gc
 import json
 import os
 import signal
@@ -282,6 +283,26 @@ def test_peer_address_not_allowed_is_rejected(receiver: Callable[..., Running]) 
         echo(rx.peer())
     rx2 = receiver(allowed_networks=["127.0.0.0/8"])
     assert echo(rx2.peer()) == 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts descriptors in /proc")
+def test_associations_leave_no_descriptors_open(receiver: Callable[..., Running]) -> None:
+    """A receiver runs for months: what an association opens is closed when it ends, not
+    whenever the garbage collector gets round to it."""
+    rx = receiver()
+    assert echo(rx.peer()) == 0  # first use opens what stays open (metrics files, logs)
+    before = len(list(Path("/proc/self/fd").iterdir()))
+    gc.disable()  # the collector does not get round to it: nothing may depend on it
+    try:
+        for _ in range(40):
+            assert echo(rx.peer()) == 0
+        wait_for(
+            lambda: len(list(Path("/proc/self/fd").iterdir())) <= before + 2,
+            5,
+            "the associations' descriptors to be closed",
+        )
+    finally:
+        gc.enable()
 
 
 def test_associations_above_the_cap_are_rejected_as_transient(

@@ -8,6 +8,7 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -105,7 +106,7 @@ def test_route_explain_names_the_rule_for_each_series(tmp_path: Path) -> None:
 
 
 def test_received_study_routed_processed_and_recorded(
-    triton: TritonEndpoints, tmp_path: Path
+    triton: TritonEndpoints, tmp_path: Path, new_client: Callable[..., TritonClient]
 ) -> None:
     folders, study_uid, ct_series, mr_series = _study_with_ct_and_an_unrouted_series(tmp_path)
     settings = make_settings(tmp_path / "data", triton={"model_repository": MODEL_REPOSITORY})
@@ -114,7 +115,7 @@ def test_received_study_routed_processed_and_recorded(
 
     job = read_job(settings.spool_dir / job_id)
     models = Models(discover_contracts(MODEL_REPOSITORY))
-    client = TritonClient(triton.grpc, settings.triton)
+    client = new_client(triton.grpc, settings.triton)
     written = run_study(job, settings, models, client)
     out = settings.results_dir / study_uid
     result = json.loads((out / "ct_covid_classifier" / ct_series / "result.json").read_text())
@@ -136,7 +137,7 @@ def test_received_study_routed_processed_and_recorded(
 
 
 def test_a_broken_series_fails_the_job_but_not_the_other_series(
-    triton: TritonEndpoints, tmp_path: Path
+    triton: TritonEndpoints, tmp_path: Path, new_client: Callable[..., TritonClient]
 ) -> None:
     folders, study_uid, ct_series, _ = _study_with_ct_and_an_unrouted_series(tmp_path)
     broken = new_series(20, 16, 16, study_uid=study_uid)
@@ -146,7 +147,7 @@ def test_a_broken_series_fails_the_job_but_not_the_other_series(
     from pipeline.jobs import read_job
 
     job = read_job(settings.spool_dir / spool_study(settings, [*folders, tmp_path / "gap"]))
-    client = TritonClient(triton.grpc, settings.triton)
+    client = new_client(triton.grpc, settings.triton)
     with pytest.raises(StageError, match="irregular slice spacing") as err:
         run_study(job, settings, Models(discover_contracts(MODEL_REPOSITORY)), client)
     assert err.value.stage == "series"
@@ -159,7 +160,7 @@ def test_a_broken_series_fails_the_job_but_not_the_other_series(
 
 
 def test_lesion_phantom_segmented_through_triton_matches_its_ground_truth(
-    triton: TritonEndpoints, tmp_path: Path
+    triton: TritonEndpoints, tmp_path: Path, new_client: Callable[..., TritonClient]
 ) -> None:
     import nibabel as nib
 
@@ -170,7 +171,7 @@ def test_lesion_phantom_segmented_through_triton_matches_its_ground_truth(
     spec = write_volume_series(tmp_path / "ct", hu.astype(np.float32), affine)
     settings = make_settings(tmp_path / "data", triton={"model_repository": MODEL_REPOSITORY})
     job = read_job(settings.spool_dir / spool_study(settings, [tmp_path / "ct"]))
-    client = TritonClient(triton.grpc, settings.triton)
+    client = new_client(triton.grpc, settings.triton)
     run_study(job, settings, Models(discover_contracts(MODEL_REPOSITORY)), client)
     out = settings.results_dir / spec.study_uid / "ct_lesion_segmentation" / spec.series_uid
     doc = json.loads((out / "result.json").read_text())
@@ -192,7 +193,7 @@ def test_lesion_phantom_segmented_through_triton_matches_its_ground_truth(
 
 
 def test_a_late_instance_joins_its_series_from_the_earlier_round(
-    triton: TritonEndpoints, tmp_path: Path
+    triton: TritonEndpoints, tmp_path: Path, new_client: Callable[..., TritonClient]
 ) -> None:
     """A new round (instances that came after the study was handed over) is processed with
     the series' earlier instances, not alone; series it does not touch keep their results."""
@@ -206,7 +207,7 @@ def test_a_late_instance_joins_its_series_from_the_earlier_round(
         (first / path.name).write_bytes(path.read_bytes())
     settings = make_settings(tmp_path / "data", triton={"model_repository": MODEL_REPOSITORY})
     models = Models(discover_contracts(MODEL_REPOSITORY))
-    client = TritonClient(triton.grpc, settings.triton)
+    client = new_client(triton.grpc, settings.triton)
     round1 = read_job(settings.spool_dir / spool_study(settings, [first, folders[1]]))
     run_study(round1, settings, models, client)
     late = tmp_path / "late"
@@ -234,7 +235,7 @@ def _copy(files: list[Path], folder: Path) -> Path:
 
 
 def test_an_early_round_alone_writes_its_results_only_after_its_hold_time(
-    triton: TritonEndpoints, tmp_path: Path
+    triton: TritonEndpoints, tmp_path: Path, new_client: Callable[..., TritonClient]
 ) -> None:
     """Early start: processing begins at the association's release, results wait for the
     end of the grace period (here longer than the processing)."""
@@ -245,7 +246,7 @@ def test_an_early_round_alone_writes_its_results_only_after_its_hold_time(
     job = read_job(settings.spool_dir / spool_study(settings, folders, hold_s=6.0))
     assert job.study is not None and job.study.hold_until is not None
     models = Models(discover_contracts(MODEL_REPOSITORY))
-    written = run_study(job, settings, models, TritonClient(triton.grpc, settings.triton))
+    written = run_study(job, settings, models, new_client(triton.grpc, settings.triton))
     assert len(written) == 9  # as without a hold: nothing came meanwhile
     assert min(p.stat().st_mtime for p in written) >= job.study.hold_until.timestamp()
     result = settings.results_dir / study_uid / "ct_covid_classifier" / ct_series / "result.json"
@@ -253,7 +254,10 @@ def test_an_early_round_alone_writes_its_results_only_after_its_hold_time(
 
 
 def test_an_early_round_yields_to_instances_that_came_during_its_hold(
-    triton: TritonEndpoints, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    triton: TritonEndpoints,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    new_client: Callable[..., TritonClient],
 ) -> None:
     """More of the study arrives while an early round is being processed: that round writes
     no result (none partial reaches results or the PACS), and the next round processes its
@@ -266,7 +270,7 @@ def test_an_early_round_yields_to_instances_that_came_during_its_hold(
     first = _copy(ct_files[:-1], tmp_path / "first")
     settings = make_settings(tmp_path / "data", triton={"model_repository": MODEL_REPOSITORY})
     models = Models(discover_contracts(MODEL_REPOSITORY))
-    client = TritonClient(triton.grpc, settings.triton)
+    client = new_client(triton.grpc, settings.triton)
     round1 = read_job(settings.spool_dir / spool_study(settings, [first, folders[1]], hold_s=2.0))
     store_files(settings, [_copy(ct_files[-1:], tmp_path / "late")])  # within the grace
     with caplog.at_level(logging.INFO, logger="pipeline.stage"):
@@ -300,7 +304,7 @@ def test_an_early_round_yields_to_instances_that_came_during_its_hold(
 
 
 def test_two_rounds_of_one_study_processed_at_once_are_both_recorded(
-    triton: TritonEndpoints, tmp_path: Path
+    triton: TritonEndpoints, tmp_path: Path, new_client: Callable[..., TritonClient]
 ) -> None:
     """Two workers take two rounds of the same study at the same moment: they take turns, so
     study.json lists both rounds and every series, whichever finishes last."""
@@ -316,7 +320,7 @@ def test_two_rounds_of_one_study_processed_at_once_are_both_recorded(
 
     def work(job: Job) -> None:
         try:
-            run_study(job, settings, models, TritonClient(triton.grpc, settings.triton))
+            run_study(job, settings, models, new_client(triton.grpc, settings.triton))
         except Exception as exc:  # noqa: BLE001 - reported by the assertion below
             errors.append(exc)
 

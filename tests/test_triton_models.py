@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -36,9 +36,9 @@ def _input(path: Path, model: str) -> np.ndarray:
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_held_out_synthetic_inputs_get_the_right_labels(
-    triton: TritonEndpoints, tmp_path: Path, protocol: str
+    triton: TritonEndpoints, tmp_path: Path, protocol: str, new_client: Callable[..., TritonClient]
 ) -> None:
-    client = TritonClient(getattr(triton, protocol), TritonSettings())
+    client = new_client(getattr(triton, protocol), TritonSettings())
     mednist = CONTRACTS["mednist_classifier"]
     for k, label in enumerate(MEDNIST_LABELS):
         x = _input(
@@ -110,8 +110,10 @@ def _batch_sizes(client: grpcclient.InferenceServerClient) -> dict[int, int]:
     return {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in batches}
 
 
-def test_wrong_shape_and_unknown_model_are_permanent_errors(triton: TritonEndpoints) -> None:
-    client = TritonClient(triton.grpc, TritonSettings())
+def test_wrong_shape_and_unknown_model_are_permanent_errors(
+    triton: TritonEndpoints, new_client: Callable[..., TritonClient]
+) -> None:
+    client = new_client(triton.grpc, TritonSettings())
     contract = CONTRACTS["mednist_classifier"]
     with pytest.raises(InputError):
         client.infer(contract, np.zeros((1, 1, 32, 32), np.float32))

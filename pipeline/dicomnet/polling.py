@@ -49,17 +49,26 @@ class _WakingQueue(queue.Queue[Any]):
         self.wake_fd, self._write_fd = os.pipe()
         os.set_blocking(self.wake_fd, False)
         os.set_blocking(self._write_fd, False)
-        weakref.finalize(self, _close, self.wake_fd, self._write_fd)
+        # The lock keeps a late put from writing to a descriptor number that close() has
+        # given back and the process has since reused for a file.
+        self._fds_lock = threading.Lock()
+        self._close_fds = weakref.finalize(self, _close, self.wake_fd, self._write_fd)
 
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         super().put(item, block, timeout)
-        with contextlib.suppress(BlockingIOError):  # full: a wake is pending anyway
-            os.write(self._write_fd, b"\0")
+        with self._fds_lock:
+            if self._close_fds.alive:
+                with contextlib.suppress(BlockingIOError):  # full: a wake is pending anyway
+                    os.write(self._write_fd, b"\0")
 
     def clear_wakes(self) -> None:
         with contextlib.suppress(BlockingIOError):
             while os.read(self.wake_fd, 4096):
                 pass
+
+    def close(self) -> None:
+        with self._fds_lock:
+            self._close_fds()
 
 
 def _close(*fds: int) -> None:
@@ -69,8 +78,24 @@ def _close(*fds: int) -> None:
 
 
 def attach(assoc: Any) -> None:
-    """Let ``assoc``'s DUL wake for PDUs to send; call before the association starts."""
-    assoc.dul.to_provider_queue = _WakingQueue()
+    """Let ``assoc``'s DUL wake for PDUs to send; call before the association starts.
+
+    The pipe is closed as soon as the association's threads have ended: left to the garbage
+    collector, it stayed open until a full collection, two descriptors per association."""
+    sends = _WakingQueue()
+    assoc.dul.to_provider_queue = sends
+    run = assoc.run
+
+    def run_then_close() -> None:
+        try:
+            run()
+        finally:
+            if assoc.dul.ident is not None:  # started; pynetdicom stops it before it ends
+                assoc.dul.join(timeout=10)
+            if not assoc.dul.is_alive():
+                sends.close()
+
+    assoc.run = run_then_close
 
 
 def _reactor_wait(assoc: Any, seconds: float) -> None:
