@@ -123,7 +123,9 @@ def test_wrong_shape_and_unknown_model_are_permanent_errors(
 
 
 def test_the_lesion_model_answers_its_foreground_probability_in_float16(
-    triton: TritonEndpoints, plain_client: grpcclient.InferenceServerClient
+    triton: TritonEndpoints,
+    plain_client: grpcclient.InferenceServerClient,
+    new_client: Callable[..., TritonClient],
 ) -> None:
     """The served answer is the model's own softmax for the lesion label, in float16 (the
     background's channel left out): what the sliding window blends."""
@@ -141,10 +143,6 @@ def test_the_lesion_model_answers_its_foreground_probability_in_float16(
         direct = torch.softmax(net(torch.from_numpy(patches)), dim=1)[:, 1:].numpy()
     np.testing.assert_allclose(served.astype(np.float32), direct, atol=1e-3)
     # The pipeline's client hands out float32 of its own with exactly the served values.
-    pipeline_client = TritonClient(triton.grpc, TritonSettings())
-    try:
-        ours = pipeline_client.infer(contract, patches).probabilities
-    finally:
-        pipeline_client.close()
+    ours = new_client(triton.grpc, TritonSettings()).infer(contract, patches).probabilities
     assert ours.dtype == np.float32 and ours.flags.writeable
     np.testing.assert_array_equal(ours, served.astype(np.float32))

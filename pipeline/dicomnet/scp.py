@@ -242,7 +242,7 @@ def _header(event: Event) -> Dataset:
     syntax = event.context.transfer_syntax
     if syntax.is_deflated:
         return event.dataset
-    stream = cast(BytesIO, cast(C_STORE, event.request).DataSet)
+    stream = _received(event)
     stream.seek(0)
     return read_dataset(
         stream,
@@ -256,7 +256,12 @@ def _file_parts(event: Event) -> tuple[bytes, memoryview]:
     """The DICOM file as received: preamble and file meta, then the sender's encoded data set
     as it lies in pynetdicom's buffer (``event.encoded_dataset()`` copies it twice)."""
     head = b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta)
-    return head, cast(BytesIO, cast(C_STORE, event.request).DataSet).getbuffer()
+    return head, _received(event).getbuffer()
+
+
+def _received(event: Event) -> BytesIO:
+    """The C-STORE data set as the sender encoded it, in pynetdicom's buffer."""
+    return cast(BytesIO, cast(C_STORE, event.request).DataSet)
 
 
 def _in_networks(address: str, networks: list[Network]) -> bool:
