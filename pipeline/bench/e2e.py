@@ -96,6 +96,9 @@ def _studies(work: Path, count: int, slices: int, size: int) -> list[tuple[Path,
     return out
 
 
+_PARTS = ("total", "inference", "queue", "preprocess", "rest")
+
+
 def latency(args: argparse.Namespace, work: Path, early_start: bool = True) -> dict[str, Any]:
     name = "latency" if early_start else "latency-late"
     studies = _studies(work / name, args.studies, args.slices, args.size)
@@ -135,6 +138,11 @@ def latency(args: argparse.Namespace, work: Path, early_start: bool = True) -> d
         "breakdown_p50_s": {
             k: round(percentile(parts[k], 0.5), 2) for k in ("queue", "preprocess", "rest")
         },
+        # In sending order: whether a p95 is one slow study (the first, say) or a spread.
+        "per_study_s": [
+            {"beyond_compute": round(b, 2), **{k: round(parts[k][i], 2) for k in _PARTS}}
+            for i, b in enumerate(beyond)
+        ],
     }
 
 
