@@ -10,12 +10,15 @@ shared memory with this local Triton) over gRPC and HTTP at batch 1 and 16, gRPC
 16 with the tensors inside the requests instead, and 4 concurrent batch-1 clients (which
 Triton's dynamic batcher may batch together). Images/s and the ratio to direct at the same
 batch size (4 clients: to direct batch 1). Everything runs on this machine's CPU unless
-Triton finds a GPU; measurements are interleaved per model so drift hits all alike.
+Triton finds a GPU; measurements are interleaved per model so drift hits all alike. The
+client runs with one torch thread, as in a worker pool process; the direct runs with torch's
+default, as Triton's python backend.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -40,8 +43,10 @@ from pipeline.triton_client import TritonClient
 MODELS = ("mednist_classifier", "ct_lesion_segmentation")
 
 
-def _rate(call: Callable[[], int], seconds: float) -> float:
-    """Images per second: ``call`` returns how many images it did; warmed up first."""
+def _rate(call: Callable[[], int], seconds: float, threads: int) -> float:
+    """Images per second with ``threads`` torch threads in this process: ``call`` returns how
+    many images it did; warmed up first."""
+    torch.set_num_threads(threads)
     call()
     done, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
@@ -74,8 +79,12 @@ def _direct(repository: Path, contract: ModelContract, batch: int) -> Callable[[
     return call
 
 
-def _triton(url: str, settings: Settings, contract: ModelContract, batch: int) -> Callable[[], int]:
-    client = TritonClient(url, settings.triton)
+def _triton(
+    clients: contextlib.ExitStack, url: str, settings: Settings, contract: ModelContract, batch: int
+) -> Callable[[], int]:
+    # Closed before the server stops: a client's shared memory regions held Triton's shutdown
+    # past its 20 s.
+    client = clients.enter_context(TritonClient(url, settings.triton))
     x = _inputs(contract, batch)
 
     def call() -> int:
@@ -86,9 +95,9 @@ def _triton(url: str, settings: Settings, contract: ModelContract, batch: int) -
 
 
 def _concurrent(
-    url: str, settings: Settings, contract: ModelContract, clients: int
+    stack: contextlib.ExitStack, url: str, settings: Settings, contract: ModelContract, clients: int
 ) -> Callable[[], int]:
-    calls = [_triton(url, settings, contract, 1) for _ in range(clients)]
+    calls = [_triton(stack, url, settings, contract, 1) for _ in range(clients)]
     rounds = 8  # each client sends this many requests per measured call
 
     def call() -> int:
@@ -146,33 +155,44 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     figures: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     }
+    # The direct runs get torch's default threads, as Triton's python backend does. The
+    # pipeline's client runs in a worker pool process with one torch thread (pipeline.tasks):
+    # here too, or the float16 answers' conversion would wake torch's other threads, which spin
+    # after it while the server computes (8 ms of a core per 3D batch of 16: 0.85x against
+    # 0.92x, side by side).
+    direct_threads = torch.get_num_threads()
     try:
-        for name in MODELS:
-            contract = contracts[name]
-            runs = {
-                "direct b1": _direct(repository, contract, 1),
-                "direct b16": _direct(repository, contract, 16),
-                "grpc b1": _triton(endpoints.grpc, settings, contract, 1),
-                "grpc b16": _triton(endpoints.grpc, settings, contract, 16),
-                "http b1": _triton(endpoints.http, settings, contract, 1),
-                "http b16": _triton(endpoints.http, settings, contract, 16),
-                # The same without shared memory (triton.shared_memory off): what it buys.
-                "grpc b16 no shm": _triton(endpoints.grpc, plain, contract, 16),
-                "grpc 4 clients b1": _concurrent(endpoints.grpc, settings, contract, 4),
-            }
-            rates: dict[str, list[float]] = {k: [] for k in runs}
-            for _ in range(args.repeats):
-                for key, call in runs.items():
-                    rates[key].append(_rate(call, args.seconds))
-            med = {k: statistics.median(v) for k, v in rates.items()}
-            figures[name] = {
-                k: {
-                    "images_per_s": round(v, 1),
-                    "x_direct": round(v / med["direct b16" if "b16" in k else "direct b1"], 2),
+        with contextlib.ExitStack() as clients:
+            for name in MODELS:
+                contract = contracts[name]
+                runs = {
+                    "direct b1": _direct(repository, contract, 1),
+                    "direct b16": _direct(repository, contract, 16),
+                    "grpc b1": _triton(clients, endpoints.grpc, settings, contract, 1),
+                    "grpc b16": _triton(clients, endpoints.grpc, settings, contract, 16),
+                    "http b1": _triton(clients, endpoints.http, settings, contract, 1),
+                    "http b16": _triton(clients, endpoints.http, settings, contract, 16),
+                    # The same without shared memory (triton.shared_memory off): what it buys.
+                    "grpc b16 no shm": _triton(clients, endpoints.grpc, plain, contract, 16),
+                    "grpc 4 clients b1": _concurrent(
+                        clients, endpoints.grpc, settings, contract, 4
+                    ),
                 }
-                for k, v in med.items()
-            }
-            figures[name]["grpc b16 split"] = split(endpoints.http, runs["grpc b16"], name)
+                rates: dict[str, list[float]] = {k: [] for k in runs}
+                for _ in range(args.repeats):
+                    for key, call in runs.items():
+                        threads = direct_threads if key.startswith("direct") else 1
+                        rates[key].append(_rate(call, args.seconds, threads))
+                med = {k: statistics.median(v) for k, v in rates.items()}
+                figures[name] = {
+                    k: {
+                        "images_per_s": round(v, 1),
+                        "x_direct": round(v / med["direct b16" if "b16" in k else "direct b1"], 2),
+                    }
+                    for k, v in med.items()
+                }
+                torch.set_num_threads(1)
+                figures[name]["grpc b16 split"] = split(endpoints.http, runs["grpc b16"], name)
     finally:
         proc.stop()
     return figures
