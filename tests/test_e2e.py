@@ -28,7 +28,10 @@ from pipeline.demo.synthetic import (
     write_mednist_png,
 )
 from pipeline.demo.train import TEST_SEED_BASE
+from pipeline.queue import make_celery
+from pipeline.services import embedded_redis
 from pipeline.services.process import descendants, free_port
+from pipeline.settings import Settings
 
 from .conftest import alive, running_up, up_env, wait_for
 
@@ -40,6 +43,16 @@ def _by_input_name(root: Path, pattern: str, section: str) -> dict[str, dict[str
     docs = [json.loads(f.read_text()) for f in root.glob(pattern)]
     key = "name" if section == "input" else "original_name"
     return {doc[section][key]: doc for doc in docs}
+
+
+def _worker_pings(data: Path) -> list[dict[str, Any]]:
+    """The answers of the workers on ``data``'s embedded Redis to a Celery ping."""
+    settings = Settings(data_dir=data)
+    app = make_celery(settings, embedded_redis.broker_url(settings))
+    try:
+        return list(app.control.ping(timeout=2.0))
+    finally:
+        app.close()
 
 
 def test_inbox_to_results_through_real_services(model_repository: Path, tmp_path: Path) -> None:
@@ -67,6 +80,8 @@ routes:
     )
     with running_up(tmp_path, up_env(tmp_path, model_repository, dicom_port)) as up:
         assert str((data / "inbox").resolve()) in (tmp_path / "up.log").read_text()
+        # "ready" means a study sent now is taken at once: the worker already answers.
+        assert _worker_pings(data), "`up` said ready before its worker took jobs"
         inbox = data / "inbox"
         expected: dict[str, tuple[str, str]] = {}
         for k, label in enumerate(MEDNIST_LABELS):
