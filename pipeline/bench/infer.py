@@ -82,8 +82,8 @@ def _direct(repository: Path, contract: ModelContract, batch: int) -> Callable[[
 def _triton(
     clients: contextlib.ExitStack, url: str, settings: Settings, contract: ModelContract, batch: int
 ) -> Callable[[], int]:
-    # Closed before the server stops: a client's shared memory regions held Triton's shutdown
-    # past its 20 s.
+    # Closed before the server stops, their shared memory regions unregistered and removed
+    # (left open, a run once waited the full 20 s for Triton to stop).
     client = clients.enter_context(TritonClient(url, settings.triton))
     x = _inputs(contract, batch)
 
