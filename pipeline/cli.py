@@ -3,7 +3,6 @@ component functions. Errors of our own are printed as one clear message and exit
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -530,15 +529,14 @@ def _start_web(settings: Settings, broker_url: str | None) -> str | None:
 def _wait_for_worker(settings: Settings, proc: Any, timeout_s: float = 300.0) -> None:
     """Until the worker has written its process id to the run folder: it is consuming jobs."""
     marker = settings.run_dir / WORKER_READY
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError):
-            if marker.read_text() == str(proc.pid):
-                return
-        if not proc.alive():
-            raise RuntimeError(f"the worker exited; see {proc.log_path}")
-        time.sleep(0.2)
-    raise RuntimeError(f"the worker did not start in {timeout_s:.0f} s; see {proc.log_path}")
+
+    def taking_jobs() -> bool:
+        try:
+            return marker.read_text() == str(proc.pid)
+        except OSError:
+            return False
+
+    proc.wait_ready(taking_jobs, timeout_s)
 
 
 def _wait_for_receiver(settings: Settings, proc: Any, timeout_s: float = 60.0) -> None:
