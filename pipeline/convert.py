@@ -8,8 +8,9 @@ may carry patient names, and these messages are logged.
 
 from __future__ import annotations
 
+import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from monai.data import MetaTensor
 from PIL import Image
 from pydicom.pixels.processing import apply_rescale
 
-from pipeline.contract import InputKind, ModelContract
+from pipeline.contract import InputKind, ModelContract, TransformSpec
 from pipeline.errors import InputError
 
 # Larger inputs are refused before they are decoded: a 2048^3 float32 volume is 32 GiB.
@@ -215,9 +216,10 @@ def check_pixel_description(
             )
 
 
-def preprocessor(contract: ModelContract) -> mt.Compose:
+def transforms(contract: ModelContract, specs: Sequence[TransformSpec]) -> list[Any]:
+    """The MONAI transforms that ``specs`` (some of the contract's) name."""
     steps = []
-    for spec in contract.preprocessing:
+    for spec in specs:
         try:
             steps.append(TRANSFORMS[spec.name](**spec.args))
         except KeyError:
@@ -225,20 +227,88 @@ def preprocessor(contract: ModelContract) -> mt.Compose:
                 f"{contract.name}: transform {spec.name!r} is not allowed; "
                 f"choose from {sorted(TRANSFORMS)}"
             ) from None
+    return steps
+
+
+def preprocessor(contract: ModelContract) -> mt.Compose:
+    steps = transforms(contract, contract.preprocessing)
     return mt.Compose([*steps, mt.EnsureType(data_type="numpy", dtype=np.float32)])
 
 
 def to_model_input(image: LoadedImage, contract: ModelContract, compose: mt.Compose) -> np.ndarray:
     """The contract's preprocessing applied; the result has exactly the contract's shape."""
+    _check_dims(image, contract)
+    return _checked_input(_apply(compose, image.array, contract), contract)
+
+
+class Preprocessing:
+    """The preprocessing of one image for several models. The leading transforms that all
+    the models share (the same names and arguments, as for models trained on one
+    normalisation) run once, for the first model that asks; the others go on from their
+    result (held until every model has had its input). On a 200-slice CT the two demo models
+    share a reorientation and an intensity window: a tenth of a second saved per series."""
+
+    def __init__(self, image: LoadedImage, contracts: Sequence[ModelContract]) -> None:
+        self.image = image
+        self._waiting = {c.name for c in contracts}
+        specs = [c.preprocessing for c in contracts]
+        shared = 0
+        if len(specs) > 1:
+            while all(len(s) > shared and s[shared] == specs[0][shared] for s in specs):
+                shared += 1
+        self._shared = shared
+        self._base: tuple[MetaTensor, list[Any]] | None = None  # once computed
+
+    def spatial(self, contract: ModelContract) -> tuple[MetaTensor, mt.Compose, float]:
+        """The contract's transforms applied (a MetaTensor that records them), the Compose
+        that inverts them, and the milliseconds this call took."""
+        _check_dims(self.image, contract)
+        t0 = time.perf_counter()
+        if self._shared and self._base is None:
+            steps = transforms(contract, contract.preprocessing[: self._shared])
+            self._base = (_apply(mt.Compose(steps), self.image.array, contract), steps)
+        start, done = (self.image.array, []) if self._base is None else self._base
+        own = transforms(contract, contract.preprocessing[len(done) :])
+        data = _apply(mt.Compose(own), _fresh(start), contract) if own else _fresh(start)
+        self._waiting.discard(contract.name)
+        if not self._waiting:
+            self._base = None
+        return data, mt.Compose([*done, *own]), (time.perf_counter() - t0) * 1000.0
+
+    def model_input(self, contract: ModelContract) -> tuple[np.ndarray, float]:
+        """The contract's preprocessing applied, with the contract's exact shape; and the
+        milliseconds it took."""
+        data, _, ms = self.spatial(contract)
+        t0 = time.perf_counter()
+        out = _checked_input(np.asarray(data.as_tensor(), dtype=np.float32), contract)
+        return out, ms + (time.perf_counter() - t0) * 1000.0
+
+
+def _fresh(data: MetaTensor) -> MetaTensor:
+    """``data``'s voxels (not copied) with a metadata and transform record of its own: the
+    next model's transforms, or a segmentation's inversion, must not change the shared one."""
+    return MetaTensor(
+        data.as_tensor(), meta=dict(data.meta), applied_operations=list(data.applied_operations)
+    )
+
+
+def _check_dims(image: LoadedImage, contract: ModelContract) -> None:
     if image.spatial_dims != contract.spatial_dims:
         raise InputError(
             f"{contract.name} takes {contract.spatial_dims}D inputs, "
             f"got {image.spatial_dims}D {tuple(image.array.shape[1:])}"
         )
+
+
+def _apply(compose: mt.Compose, data: Any, contract: ModelContract) -> Any:
     try:
-        out = np.asarray(compose(image.array), dtype=np.float32)
+        return compose(data)
     except RuntimeError as exc:  # MONAI names the failing transform in the message
         raise InputError(f"preprocessing for {contract.name} failed: {exc}") from exc
+
+
+def _checked_input(data: Any, contract: ModelContract) -> np.ndarray:
+    out = np.asarray(data, dtype=np.float32)
     if tuple(out.shape) != contract.input.shape:
         raise InputError(
             f"preprocessing for {contract.name} gave shape {out.shape}, "

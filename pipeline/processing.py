@@ -12,7 +12,6 @@ import logging
 import os
 import shutil
 import socket
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -182,12 +181,11 @@ def run_job(
         dicom = dicom_outputs(settings, job, route, _inbox_sources(header), "")
         stage = "infer"
         out_dir = settings.results_dir / job.id
+        prep = convert.Preprocessing(image, chosen)
         outputs = [
             o
             for c in chosen
-            for o in infer_model(
-                job, info, image, c, models, client, started, out_dir / c.name, dicom
-            )()
+            for o in infer_model(job, info, prep, c, client, started, out_dir / c.name, dicom)()
         ]
         stage = "write"
         written = write_outputs(outputs)
@@ -228,9 +226,8 @@ def _inbox_sources(header: pydicom.Dataset | None) -> Sources | None:
 def infer_model(
     job: Job,
     info: InputInfo,
-    image: convert.LoadedImage,
+    prep: convert.Preprocessing,
     contract: ModelContract,
-    models: Models,
     client: TritonClient,
     started: datetime,
     out_dir: Path,
@@ -241,9 +238,10 @@ def infer_model(
     ``mask.nii.gz`` and the DICOM SEG) in memory, not yet written (see :func:`write_outputs`),
     so that a study's next model can wait on Triton while this one's outputs are built. The
     DICOM objects are validated there: if one is invalid, nothing of this result is made
-    (OutputError)."""
+    (OutputError). ``prep``: the input's preprocessing, shared by its models."""
+    image = prep.image
     if contract.task is not Task.SEGMENTATION:
-        doc = classify(job, info, image, contract, models, client, started)
+        doc = classify(job, info, prep, contract, client, started)
 
         def classified() -> list[Output]:
             label = doc.prediction.label
@@ -255,7 +253,7 @@ def infer_model(
             return _finish_model(out_dir, doc, png, make_dicom(doc, contract, None, dicom))
 
         return classified
-    seg = segment(image, contract, client)
+    seg = segment(image, contract, client, prep)
     lesion = float(seg.max_probability)
     total = round(sum(x.volume_ml for x in seg.lesions), 4)
     doc = make_result(
@@ -328,17 +326,14 @@ def _nifti_gz(mask: np.ndarray, affine: np.ndarray) -> bytes:
 def classify(
     job: Job,
     info: InputInfo,
-    image: convert.LoadedImage,
+    prep: convert.Preprocessing,
     contract: ModelContract,
-    models: Models,
     client: TritonClient,
     started: datetime,
 ) -> Result:
     """One model's result for one input: preprocess, call Triton, decide."""
-    t0 = time.perf_counter()
-    x = models.batch(image, contract)
-    pre_ms = (time.perf_counter() - t0) * 1000.0
-    out = client.infer(contract, x)
+    x, pre_ms = prep.model_input(contract)
+    out = client.infer(contract, x[np.newaxis])
     return make_result(
         job,
         info,

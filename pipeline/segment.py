@@ -10,19 +10,16 @@ the input's own voxels and affine. Lesions are the mask's connected components.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
-from monai.transforms import Compose
 from scipy import ndimage
 
 from pipeline import convert
 from pipeline.contract import ModelContract
-from pipeline.errors import InputError
 from pipeline.results import Lesion
 from pipeline.triton_client import TritonClient
 
@@ -40,21 +37,15 @@ class Segmentation:
     patches: int
 
 
-def spatial_compose(contract: ModelContract) -> Compose:
-    """The contract's transforms, keeping MetaTensor metadata so they can be inverted."""
-    return Compose(list(convert.preprocessor(contract).transforms[:-1]))
-
-
 def segment(
-    image: convert.LoadedImage, contract: ModelContract, client: TritonClient
+    image: convert.LoadedImage,
+    contract: ModelContract,
+    client: TritonClient,
+    prep: convert.Preprocessing | None = None,
 ) -> Segmentation:
-    t0 = time.perf_counter()
-    compose = spatial_compose(contract)
-    try:
-        pre = compose(image.array)
-    except RuntimeError as exc:
-        raise InputError(f"preprocessing for {contract.name} failed: {exc}") from exc
-    pre_ms = (time.perf_counter() - t0) * 1000.0
+    """``prep``: the image's preprocessing, shared with the other models of its route."""
+    prep = prep or convert.Preprocessing(image, [contract])
+    pre, compose, pre_ms = prep.spatial(contract)
     infer_ms, version, patches = 0.0, "", 0
 
     def predictor(batch: torch.Tensor) -> torch.Tensor:

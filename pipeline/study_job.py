@@ -32,7 +32,7 @@ from monai.data import MetaTensor
 
 from pipeline import observe, routing, series
 from pipeline.contract import InputKind, Task
-from pipeline.convert import MAX_VOXELS, LoadedImage
+from pipeline.convert import MAX_VOXELS, LoadedImage, Preprocessing
 from pipeline.dicom_results import Sources
 from pipeline.dicom_store import SUFFIX
 from pipeline.errors import InputError, PermanentError, PipelineError, TransientError
@@ -309,11 +309,12 @@ def _series_results(
     # the series only: their validation switches pydicom's reading mode for the whole
     # process, which must not reach the next series' loading.
     order = sorted(range(len(contracts)), key=lambda i: contracts[i].task is not Task.SEGMENTATION)
+    prep = Preprocessing(image, contracts)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="outputs") as builder:
         built: dict[int, Future[list[Output]]] = {}
         for i in order:
             c = contracts[i]
             where = out_dir / c.name / group.uid
-            finish = infer_model(job, info, image, c, models, client, started, where, dicom)
+            finish = infer_model(job, info, prep, c, client, started, where, dicom)
             built[i] = builder.submit(finish)
         return [o for i in range(len(contracts)) for o in built[i].result()]  # route's order

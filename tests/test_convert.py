@@ -7,6 +7,7 @@ import numpy as np
 import pydicom
 import pytest
 import torch
+from monai.data import MetaTensor
 from torch.nn import functional
 
 from pipeline import convert
@@ -93,3 +94,43 @@ def test_wrong_dimensionality_is_refused(tmp_path: Path) -> None:
     c = CONTRACTS["ct_covid_classifier"]
     with pytest.raises(InputError, match="takes 3D inputs"):
         convert.to_model_input(image, c, convert.preprocessor(c))
+
+
+@pytest.mark.parametrize("first", ["ct_lesion_segmentation", "ct_covid_classifier"])
+def test_models_sharing_their_first_transforms_get_what_they_would_alone(
+    tmp_path: Path, first: str
+) -> None:
+    """The CT route's two models share a reorientation and an intensity window, computed once
+    for both: each model still gets exactly its own preprocessing's result, whichever asks
+    first, and the segmentation can still bring its mask back to the source geometry."""
+    loaded = convert.load(write_ct_nifti(tmp_path / "ct.nii.gz", positive=True, seed=3))
+    lps = np.diag([-0.8, -0.8, 2.5, 1.0])  # as a DICOM series comes: Orientation flips it
+    image = convert.LoadedImage(InputKind.NIFTI, MetaTensor(loaded.array.as_tensor(), affine=lps))
+    cls, seg = CONTRACTS["ct_covid_classifier"], CONTRACTS["ct_lesion_segmentation"]
+    prep = convert.Preprocessing(image, [CONTRACTS[first], cls if first != cls.name else seg])
+    if first == cls.name:
+        x, _ = prep.model_input(cls)
+    pre, compose, _ = prep.spatial(seg)
+    if first != cls.name:
+        x, _ = prep.model_input(cls)
+    assert np.array_equal(x, convert.to_model_input(image, cls, convert.preprocessor(cls)))
+    alone, _, _ = convert.Preprocessing(image, [seg]).spatial(seg)
+    assert torch.equal(pre.as_tensor(), alone.as_tensor())
+    assert not np.allclose(np.asarray(pre.affine), lps)  # reoriented to RAS
+    back = compose.inverse(pre)
+    assert np.allclose(np.asarray(back.affine), lps) and back.shape == image.array.shape
+
+
+def test_one_segmentations_inversion_leaves_the_shared_steps_to_the_next(tmp_path: Path) -> None:
+    """Two segmentation models on the same steps: inverting the first one's result must not
+    use up the record of the shared steps that the second one needs to invert its own."""
+    loaded = convert.load(write_ct_nifti(tmp_path / "ct.nii.gz", positive=False, seed=4))
+    lps = np.diag([-0.8, -0.8, 2.5, 1.0])
+    image = convert.LoadedImage(InputKind.NIFTI, MetaTensor(loaded.array.as_tensor(), affine=lps))
+    seg = CONTRACTS["ct_lesion_segmentation"]
+    other = seg.model_copy(update={"name": "other_segmentation"})
+    prep = convert.Preprocessing(image, [seg, other])
+    for contract in (seg, other):
+        pre, compose, _ = prep.spatial(contract)
+        back = compose.inverse(pre)
+        assert np.allclose(np.asarray(back.affine), lps) and back.shape == image.array.shape
