@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from pipeline.series import numpy_huge_pages
 from pipeline.settings import Settings
 from pipeline.study_job import run_study
 from pipeline.triton_client import TritonClient
+from pipeline.warmup import warm_up
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,11 @@ def register_tasks(app: Celery, settings: Settings, triton_url: str) -> WorkerCo
         torch.set_num_threads(1)
         numpy_huge_pages(settings.worker.numpy_huge_pages)
         ctx.reset()
+        try:  # first-use costs paid now, not by the first study
+            seconds = warm_up(ctx.models.contracts.values(), settings.output.iod_check)
+            log.info("worker process %d warmed up in %.2f s", os.getpid(), seconds)
+        except Exception as exc:  # noqa: BLE001 - best effort: the first study pays instead
+            log.warning("worker process warm-up failed, the first study pays instead: %s", exc)
 
     @worker_process_shutdown.connect(weak=False)  # type: ignore[untyped-decorator]
     def _end_process(**_: Any) -> None:
