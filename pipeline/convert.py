@@ -256,7 +256,7 @@ class Preprocessing:
         if len(specs) > 1:
             while all(len(s) > shared and s[shared] == specs[0][shared] for s in specs):
                 shared += 1
-        self._shared = shared
+        self._shared = specs[0][:shared] if shared else ()
         self._base: tuple[MetaTensor, list[Any]] | None = None  # once computed
 
     def spatial(self, contract: ModelContract) -> tuple[MetaTensor, mt.Compose, float]:
@@ -264,10 +264,11 @@ class Preprocessing:
         that inverts them, and the milliseconds this call took."""
         _check_dims(self.image, contract)
         t0 = time.perf_counter()
-        if self._shared and self._base is None:
-            steps = transforms(contract, contract.preprocessing[: self._shared])
+        shares = bool(self._shared) and contract.preprocessing[: len(self._shared)] == self._shared
+        if shares and self._base is None:
+            steps = transforms(contract, self._shared)
             self._base = (_apply(mt.Compose(steps), self.image.array, contract), steps)
-        start, done = (self.image.array, []) if self._base is None else self._base
+        start, done = self._base if shares and self._base else (self.image.array, [])
         own = transforms(contract, contract.preprocessing[len(done) :])
         data = _apply(mt.Compose(own), _fresh(start), contract) if own else _fresh(start)
         self._waiting.discard(contract.name)

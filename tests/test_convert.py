@@ -123,7 +123,8 @@ def test_models_sharing_their_first_transforms_get_what_they_would_alone(
 
 def test_one_segmentations_inversion_leaves_the_shared_steps_to_the_next(tmp_path: Path) -> None:
     """Two segmentation models on the same steps: inverting the first one's result must not
-    use up the record of the shared steps that the second one needs to invert its own."""
+    use up the record of the shared steps that the second one needs to invert its own. A model
+    that asks meanwhile without those first steps is preprocessed on its own."""
     loaded = convert.load(write_ct_nifti(tmp_path / "ct.nii.gz", positive=False, seed=4))
     lps = np.diag([-0.8, -0.8, 2.5, 1.0])
     image = convert.LoadedImage(InputKind.NIFTI, MetaTensor(loaded.array.as_tensor(), affine=lps))
@@ -134,3 +135,8 @@ def test_one_segmentations_inversion_leaves_the_shared_steps_to_the_next(tmp_pat
         pre, compose, _ = prep.spatial(contract)
         back = compose.inverse(pre)
         assert np.allclose(np.asarray(back.affine), lps) and back.shape == image.array.shape
+        if contract is seg:  # and a model that does not begin with those steps gets its own
+            cls = CONTRACTS["ct_covid_classifier"]
+            unoriented = cls.model_copy(update={"preprocessing": cls.preprocessing[1:]})
+            alone = convert.to_model_input(image, unoriented, convert.preprocessor(unoriented))
+            assert np.array_equal(prep.model_input(unoriented)[0], alone)
