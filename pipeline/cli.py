@@ -216,7 +216,7 @@ def worker(
     from pipeline.errors import OutputError
     from pipeline.queue import QUEUE, make_celery
     from pipeline.services import embedded_redis
-    from pipeline.tasks import register_tasks
+    from pipeline.tasks import register_tasks, warm_up_before_fork
 
     settings = _settings()
     settings.ensure_dirs()
@@ -235,7 +235,7 @@ def worker(
         typer.echo("note: dciodvfy not installed: DICOM outputs get the strict read-back only")
     broker = embedded_redis.broker_url(settings)
     celery = make_celery(settings, broker)
-    register_tasks(celery, settings, url)
+    warm_up_before_fork(register_tasks(celery, settings, url))
 
     @worker_ready.connect(weak=False)  # type: ignore[untyped-decorator]
     def _taking_jobs(**_: Any) -> None:

@@ -49,9 +49,6 @@ def make_celery(settings: Settings, broker_url: str) -> Celery:
         task_reject_on_worker_lost=True,
         task_acks_on_failure_or_timeout=True,
         worker_prefetch_multiplier=1,
-        # A pool process warms up before it takes a job (pipeline.warmup), a second or two on
-        # a slow machine; Celery's default of 4 s to report up would leave no margin.
-        worker_proc_alive_timeout=60.0,
         task_default_queue=QUEUE,
         task_soft_time_limit=settings.worker.task_soft_time_limit_s,
         task_time_limit=settings.worker.task_time_limit_s,

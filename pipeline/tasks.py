@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -78,11 +77,6 @@ def register_tasks(app: Celery, settings: Settings, triton_url: str) -> WorkerCo
         torch.set_num_threads(1)
         numpy_huge_pages(settings.worker.numpy_huge_pages)
         ctx.reset()
-        try:  # first-use costs paid now, not by the first study
-            seconds = warm_up(ctx.models.contracts.values(), settings.output.iod_check)
-            log.info("worker process %d warmed up in %.2f s", os.getpid(), seconds)
-        except Exception as exc:  # noqa: BLE001 - best effort: the first study pays instead
-            log.warning("worker process warm-up failed, the first study pays instead: %s", exc)
 
     @worker_process_shutdown.connect(weak=False)  # type: ignore[untyped-decorator]
     def _end_process(**_: Any) -> None:
@@ -100,6 +94,19 @@ def register_tasks(app: Celery, settings: Settings, triton_url: str) -> WorkerCo
         handle_delivery(self, ctx.settings, message)
 
     return ctx
+
+
+def warm_up_before_fork(ctx: WorkerContext) -> None:
+    """The worker's main process pays the first-use costs (:mod:`pipeline.warmup`) before
+    Celery forks its pool: every pool process, and any that replaces one later, starts warm,
+    and the worker reports ready only after this. On one torch thread, as in the pool
+    processes: a thread pool of torch's started here would not survive the fork."""
+    torch.set_num_threads(1)
+    try:
+        seconds = warm_up(ctx.models.contracts.values(), ctx.settings.output.iod_check)
+        log.info("worker warmed up in %.2f s", seconds)
+    except Exception as exc:  # noqa: BLE001 - best effort: the first study pays instead
+        log.warning("worker warm-up failed, the first study pays instead: %s", exc)
 
 
 def handle(task: Task, ctx: WorkerContext, message: dict[str, Any]) -> None:

@@ -2,12 +2,11 @@
 
 In a new process the first CT study took 0.4 to 1.4 s longer than the next: highdicom reads
 its tables of the standard on first use (0.4 s of JSON), and MONAI, scipy and torch pay their
-first calls. Each pool process therefore runs, as it starts and before it takes a job, the
-steps of a study without Triton on a small synthetic CT series (8 slices of 32x32, made
-here): loading, each 3D model's preprocessing, lesion labelling, the SR and SEG built and
-checked. Nothing is written outside a temporary folder, nothing is sent, nothing is counted
-in the metrics. Not in a thread beside the first job: checking an SR or SEG switches pydicom's
-reading mode for the whole process, which must not reach a series being loaded.
+first calls. The worker's main process therefore runs, before it forks its pool processes
+(which inherit what it loaded), the steps of a study without Triton on a small synthetic CT
+series (8 slices of 32x32, made here): loading, each 3D model's preprocessing, lesion
+labelling, the SR and SEG built and checked. Nothing is written outside a temporary folder,
+nothing is sent, nothing is counted in the metrics.
 """
 
 from __future__ import annotations

@@ -82,6 +82,8 @@ routes:
         assert str((data / "inbox").resolve()) in (tmp_path / "up.log").read_text()
         # "ready" means a study sent now is taken at once: the worker already answers.
         assert _worker_pings(data), "`up` said ready before its worker took jobs"
+        # ... and warmed up: the first study does not pay the libraries' first-use costs.
+        assert "worker warmed up in" in (data / "run" / "logs" / "worker.log").read_text()
         inbox = data / "inbox"
         expected: dict[str, tuple[str, str]] = {}
         for k, label in enumerate(MEDNIST_LABELS):
