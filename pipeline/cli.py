@@ -634,6 +634,8 @@ def infer(
     """One-shot: convert each file, call Triton, print the prediction (no queue involved).
 
     Uses triton.url, or a running embedded Triton, or starts one for the duration."""
+    import numpy as np
+
     from pipeline import convert
     from pipeline.contract import discover_contracts
     from pipeline.processing import Models, decide, inbox_facts
@@ -660,8 +662,9 @@ def infer(
             try:
                 image = convert.load(path)
                 route, chosen = models.choose(settings.routes, inbox_facts(path, image), image)
+                prep = convert.Preprocessing(image, chosen)
                 for c in chosen:
-                    out = client.infer(c, models.batch(image, c))
+                    out = client.infer(c, prep.model_input(c)[0][np.newaxis])
                     pred = decide(c, out.probabilities[0])
                     typer.echo(
                         json.dumps(

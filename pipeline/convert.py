@@ -281,7 +281,7 @@ class Preprocessing:
         milliseconds it took."""
         data, _, ms = self.spatial(contract)
         t0 = time.perf_counter()
-        out = _checked_input(np.asarray(data.as_tensor(), dtype=np.float32), contract)
+        out = _checked_input(data.as_tensor(), contract)
         return out, ms + (time.perf_counter() - t0) * 1000.0
 
 

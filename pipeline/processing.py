@@ -13,14 +13,13 @@ import os
 import shutil
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pydicom
-from monai.transforms import Compose
 
 from pipeline import convert, observe, preview, routing
 from pipeline.contract import Activation, InputKind, ModelContract, Task
@@ -67,15 +66,9 @@ class StageError(Exception):
 
 @dataclass
 class Models:
-    """The served models' contracts and their (reusable) preprocessing pipelines."""
+    """The served models' contracts, and which of them an input goes to."""
 
     contracts: dict[str, ModelContract]
-    _composes: dict[str, Compose] = field(default_factory=dict)
-
-    def compose(self, contract: ModelContract) -> Compose:
-        if contract.name not in self._composes:
-            self._composes[contract.name] = convert.preprocessor(contract)
-        return self._composes[contract.name]
 
     def choose(
         self, routes: tuple[Route, ...], facts: SeriesFacts, image: convert.LoadedImage
@@ -103,10 +96,6 @@ class Models:
                 )
             chosen.append(contract)
         return chosen
-
-    def batch(self, image: convert.LoadedImage, contract: ModelContract) -> np.ndarray:
-        """The contract's preprocessing applied, with a batch dimension of 1 added."""
-        return convert.to_model_input(image, contract, self.compose(contract))[np.newaxis]
 
 
 def why_not(decision: routing.Decision) -> str:
