@@ -219,6 +219,9 @@ def worker(
     from pipeline.tasks import register_tasks, warm_up_before_fork
 
     settings = _settings()
+    if concurrency is not None:
+        worker_settings = settings.worker.model_copy(update={"concurrency": concurrency})
+        settings = settings.model_copy(update={"worker": worker_settings})
     settings.ensure_dirs()
     observe.prepare(settings, "worker")
     url = _triton_url(settings)
@@ -245,12 +248,11 @@ def worker(
         atomic_write_bytes(settings.run_dir / WORKER_READY, str(os.getpid()).encode())
 
     observe.serve(settings, "worker", (observe.QueueDepth(broker, (QUEUE,)),))
-    n = concurrency or settings.worker.concurrency
     celery.worker_main(
         [
             "worker",
             f"--loglevel={settings.log_level}",
-            f"--concurrency={n}",
+            f"--concurrency={settings.worker.concurrency}",
             "--pool=prefork",
             f"--queues={QUEUE}",
             "--without-gossip",

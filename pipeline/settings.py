@@ -116,6 +116,20 @@ class WorkerSettings(_Section):
         description="Keep each processed input under data/archive/<id>/ (false: delete it "
         "once its results are written).",
     )
+    torch_threads: int | None = Field(
+        default=None,
+        ge=1,
+        le=256,
+        description="Torch threads in each pool process (preprocessing, resampling, the "
+        "sliding window's blending). Unset: the cores this worker may use, shared among its "
+        "pool processes, at least 1.",
+    )
+
+    def threads_per_process(self) -> int:
+        if self.torch_threads is not None:
+            return self.torch_threads
+        # The cores this process may run on (a container's CPU set), not the host's.
+        return max(1, len(os.sched_getaffinity(0)) // self.concurrency)
 
 
 def _check_ae_title(v: str) -> str:

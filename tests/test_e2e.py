@@ -83,7 +83,10 @@ routes:
         # "ready" means a study sent now is taken at once: the worker already answers.
         assert _worker_pings(data), "`up` said ready before its worker took jobs"
         # ... and warmed up: the first study does not pay the libraries' first-use costs.
-        assert "worker warmed up in" in (data / "run" / "logs" / "worker.log").read_text()
+        worker_log = (data / "run" / "logs" / "worker.log").read_text()
+        assert "worker warmed up in" in worker_log
+        # ... and says how its pool processes share the cores.
+        assert "torch threads each" in worker_log
         inbox = data / "inbox"
         expected: dict[str, tuple[str, str]] = {}
         for k, label in enumerate(MEDNIST_LABELS):

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,22 @@ def test_bad_value_is_an_error_naming_the_key(
     monkeypatch.setenv("PIPELINE_TRITON__URL", "ftp://triton:8001")
     _config(tmp_path, monkeypatch, "")
     with pytest.raises(ConfigError, match=r"triton\.url.*grpc://"):
+        load_settings()
+
+
+def test_worker_cores_go_to_pool_processes_first_then_to_their_torch_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cores = len(os.sched_getaffinity(0))
+    _config(tmp_path, monkeypatch, "worker:\n  concurrency: 1\n")
+    assert load_settings().worker.threads_per_process() == cores
+    # More pool processes than cores: one thread each, never none.
+    _config(tmp_path, monkeypatch, f"worker:\n  concurrency: {cores + 1}\n")
+    assert load_settings().worker.threads_per_process() == 1
+    monkeypatch.setenv("PIPELINE_WORKER__TORCH_THREADS", "3")
+    assert load_settings().worker.threads_per_process() == 3
+    monkeypatch.setenv("PIPELINE_WORKER__TORCH_THREADS", "0")
+    with pytest.raises(ConfigError, match=r"worker\.torch_threads"):
         load_settings()
 
 
