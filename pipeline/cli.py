@@ -219,9 +219,6 @@ def worker(
     from pipeline.tasks import register_tasks, warm_up_before_fork
 
     settings = _settings()
-    if concurrency is not None:
-        worker_settings = settings.worker.model_copy(update={"concurrency": concurrency})
-        settings = settings.model_copy(update={"worker": worker_settings})
     settings.ensure_dirs()
     observe.prepare(settings, "worker")
     url = _triton_url(settings)
@@ -230,6 +227,9 @@ def worker(
             "no Triton: set triton.url (PIPELINE_TRITON__URL) or run "
             "`dicom-pipeline triton` on this data dir"
         )
+    if concurrency is not None:  # the pool processes share the cores by this number
+        pool = settings.worker.model_copy(update={"concurrency": concurrency})
+        settings = settings.model_copy(update={"worker": pool})
     try:
         tool = dciodvfy_path(settings.output.iod_check)
     except OutputError as exc:
@@ -639,8 +639,9 @@ def infer(
     import numpy as np
 
     from pipeline import convert
-    from pipeline.contract import discover_contracts
-    from pipeline.processing import Models, decide, inbox_facts
+    from pipeline.contract import Task, discover_contracts
+    from pipeline.processing import Models, decide, decide_segmentation, inbox_facts
+    from pipeline.segment import segment
     from pipeline.services import embedded_triton
     from pipeline.triton_client import TritonClient
 
@@ -666,20 +667,27 @@ def infer(
                 route, chosen = models.choose(settings.routes, inbox_facts(path, image), image)
                 prep = convert.Preprocessing(image, chosen)
                 for c in chosen:
-                    out = client.infer(c, prep.model_input(c)[0][np.newaxis])
-                    pred = decide(c, out.probabilities[0])
-                    typer.echo(
-                        json.dumps(
-                            {
-                                "file": str(path),
-                                "route": route.name,
-                                "model": c.name,
-                                "label": pred.label,
-                                "probabilities": pred.probabilities,
-                                "inference_ms": round(out.milliseconds, 1),
-                            }
-                        )
-                    )
+                    found: dict[str, object] = {}
+                    if c.task is Task.SEGMENTATION:  # the worker's sliding window
+                        seg = segment(image, c, client, prep)
+                        pred, ms = decide_segmentation(c, seg), seg.inference_ms
+                        found = {
+                            "lesions": len(seg.lesions),
+                            "total_volume_ml": round(sum(x.volume_ml for x in seg.lesions), 4),
+                        }
+                    else:
+                        out = client.infer(c, prep.model_input(c)[0][np.newaxis])
+                        pred, ms = decide(c, out.probabilities[0]), out.milliseconds
+                    line = {
+                        "file": str(path),
+                        "route": route.name,
+                        "model": c.name,
+                        "label": pred.label,
+                        "probabilities": pred.probabilities,
+                        **found,
+                        "inference_ms": round(ms, 1),
+                    }
+                    typer.echo(json.dumps(line))
             except (PipelineError, OSError) as exc:
                 failures += 1
                 typer.echo(json.dumps({"file": str(path), "error": f"{type(exc).__name__}: {exc}"}))

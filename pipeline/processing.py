@@ -44,7 +44,7 @@ from pipeline.results import (
     WorkerInfo,
 )
 from pipeline.routing import Route, SeriesFacts
-from pipeline.segment import segment
+from pipeline.segment import Segmentation, segment
 from pipeline.settings import Settings
 from pipeline.triton_client import TritonClient
 
@@ -131,6 +131,19 @@ def decide(contract: ModelContract, probabilities: np.ndarray) -> Prediction:
     else:
         label = contract.labels[int(np.argmax(probabilities))]
     return Prediction(label=label, probabilities=probs)
+
+
+def decide_segmentation(contract: ModelContract, seg: Segmentation) -> Prediction:
+    """Positive when a lesion large enough to report was found; the probability is the
+    highest foreground probability anywhere."""
+    lesion = float(seg.max_probability)
+    return Prediction(
+        label=contract.labels[1] if seg.lesions else contract.labels[0],
+        probabilities={
+            contract.labels[0]: round(1.0 - lesion, 6),
+            contract.labels[1]: round(lesion, 6),
+        },
+    )
 
 
 # Hands a route's DICOM results to its destinations (the worker queues a send task for each).
@@ -243,19 +256,12 @@ def infer_model(
 
         return classified
     seg = segment(image, contract, client, prep)
-    lesion = float(seg.max_probability)
     total = round(sum(x.volume_ml for x in seg.lesions), 4)
     doc = make_result(
         job,
         info,
         contract,
-        Prediction(
-            label=contract.labels[1] if seg.lesions else contract.labels[0],
-            probabilities={
-                contract.labels[0]: round(1.0 - lesion, 6),
-                contract.labels[1]: round(lesion, 6),
-            },
-        ),
+        decide_segmentation(contract, seg),
         seg.model_version,
         started,
         seg.preprocess_ms,

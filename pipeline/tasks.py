@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ class WorkerContext:
         self.triton_url = triton_url
         self._models: Models | None = None
         self._client: TritonClient | None = None
+        self.in_pool = False  # a Celery pool process: its torch threads are its own to set
 
     @property
     def models(self) -> Models:
@@ -53,7 +55,17 @@ class WorkerContext:
     def client(self) -> TritonClient:
         if self._client is None:
             self._client = TritonClient(self.triton_url, self.settings.triton)
+            if self.in_pool:
+                self._use_spare_cores(self._client)
         return self._client
+
+    def _use_spare_cores(self, client: TritonClient) -> None:
+        """Cores the pool processes leave over go to their torch threads, unless Triton
+        computes on them. Asked here, after the fork, on this process's own connection: gRPC
+        objects made before a fork are not safe to use in its children."""
+        threads = self.settings.worker.threads_per_process(client.computes_on_this_cpu())
+        torch.set_num_threads(threads)
+        log.info("pool process %d computes with %d torch thread(s)", os.getpid(), threads)
 
     def reset(self) -> None:
         """After fork: connections made by the parent must not be shared."""
@@ -73,9 +85,10 @@ def register_tasks(app: Celery, settings: Settings, triton_url: str) -> WorkerCo
 
     @worker_process_init.connect(weak=False)  # type: ignore[untyped-decorator]
     def _init_process(**_: Any) -> None:
-        # Processes use the cores first; cores left over (a GPU node, where Triton needs
-        # few) go to each process's torch threads, which shorten a study's preprocessing.
-        torch.set_num_threads(settings.worker.threads_per_process())
+        # One torch thread until Triton has been asked whether the other cores are free
+        # (WorkerContext.client).
+        torch.set_num_threads(1)
+        ctx.in_pool = True
         numpy_huge_pages(settings.worker.numpy_huge_pages)
         ctx.reset()
 
@@ -105,12 +118,7 @@ def warm_up_before_fork(ctx: WorkerContext) -> None:
     torch.set_num_threads(1)
     try:
         seconds = warm_up(ctx.models.contracts.values(), ctx.settings.output.iod_check)
-        log.info(
-            "worker warmed up in %.2f s; %d pool processes with %d torch threads each",
-            seconds,
-            ctx.settings.worker.concurrency,
-            ctx.settings.worker.threads_per_process(),
-        )
+        log.info("worker warmed up in %.2f s", seconds)
     except Exception as exc:  # noqa: BLE001 - best effort: the first study pays instead
         log.warning("worker warm-up failed, the first study pays instead: %s", exc)
 

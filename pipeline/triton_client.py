@@ -96,6 +96,28 @@ class TritonClient:
         except (InferenceServerException, OSError):
             return False
 
+    def computes_on_this_cpu(self) -> bool:
+        """Whether this Triton runs on this machine (a loopback URL) with a model's instances
+        on the CPU; also when that cannot be told (not reachable yet). A GPU instance of a
+        local Triton, or a Triton elsewhere, leaves this machine's cores to the worker."""
+        if urlsplit(self.url).hostname not in LOOPBACK:
+            return False
+        try:
+            for model in self.models():
+                if model["state"] != "READY":
+                    continue
+                if self.protocol == "grpc":
+                    config = self._client.get_model_config(model["name"], as_json=True)["config"]
+                else:
+                    config = self._client.get_model_config(model["name"])
+                # The server's own config: KIND_AUTO is already resolved to GPU or CPU.
+                groups = config.get("instance_group") or [{}]
+                if any(g.get("kind") != "KIND_GPU" for g in groups):
+                    return True
+        except (TransientError, InferenceServerException, OSError, KeyError):
+            return True
+        return False
+
     def models(self) -> list[dict[str, str]]:
         """The server's repository index: name, version and state of each model."""
         try:

@@ -83,10 +83,7 @@ routes:
         # "ready" means a study sent now is taken at once: the worker already answers.
         assert _worker_pings(data), "`up` said ready before its worker took jobs"
         # ... and warmed up: the first study does not pay the libraries' first-use costs.
-        worker_log = (data / "run" / "logs" / "worker.log").read_text()
-        assert "worker warmed up in" in worker_log
-        # ... and says how its pool processes share the cores.
-        assert "torch threads each" in worker_log
+        assert "worker warmed up in" in (data / "run" / "logs" / "worker.log").read_text()
         inbox = data / "inbox"
         expected: dict[str, tuple[str, str]] = {}
         for k, label in enumerate(MEDNIST_LABELS):
@@ -125,6 +122,10 @@ routes:
 
         got = results()
         assert set(got) == set(expected)
+        # The embedded Triton computes on this machine's CPU: the pool processes leave it
+        # the other cores (one torch thread each).
+        worker_log = (data / "run" / "logs" / "worker.log").read_text()
+        assert "computes with 1 torch thread(s)" in worker_log
         for name, (model, label) in expected.items():
             doc = got[name]
             assert doc["model"]["name"] == model and doc["prediction"]["label"] == label, doc

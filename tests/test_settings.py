@@ -52,12 +52,14 @@ def test_worker_cores_go_to_pool_processes_first_then_to_their_torch_threads(
 ) -> None:
     cores = len(os.sched_getaffinity(0))
     _config(tmp_path, monkeypatch, "worker:\n  concurrency: 1\n")
-    assert load_settings().worker.threads_per_process() == cores
+    assert load_settings().worker.threads_per_process(triton_on_these_cores=False) == cores
+    # A Triton computing on the same cores keeps them: one thread per pool process.
+    assert load_settings().worker.threads_per_process(triton_on_these_cores=True) == 1
     # More pool processes than cores: one thread each, never none.
     _config(tmp_path, monkeypatch, f"worker:\n  concurrency: {cores + 1}\n")
-    assert load_settings().worker.threads_per_process() == 1
+    assert load_settings().worker.threads_per_process(triton_on_these_cores=False) == 1
     monkeypatch.setenv("PIPELINE_WORKER__TORCH_THREADS", "3")
-    assert load_settings().worker.threads_per_process() == 3
+    assert load_settings().worker.threads_per_process(triton_on_these_cores=True) == 3
     monkeypatch.setenv("PIPELINE_WORKER__TORCH_THREADS", "0")
     with pytest.raises(ConfigError, match=r"worker\.torch_threads"):
         load_settings()

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -9,6 +13,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -16,7 +21,12 @@ import tritonclient.grpc as grpcclient
 
 from pipeline import convert
 from pipeline.contract import discover_contracts
-from pipeline.demo.synthetic import MEDNIST_LABELS, write_ct_nifti, write_mednist_png
+from pipeline.demo.synthetic import (
+    MEDNIST_LABELS,
+    lesion_phantom,
+    write_ct_nifti,
+    write_mednist_png,
+)
 from pipeline.demo.train import TEST_SEED_BASE
 from pipeline.errors import InputError, ModelNotFoundError
 from pipeline.processing import decide
@@ -146,3 +156,47 @@ def test_the_lesion_model_answers_its_foreground_probability_in_float16(
     ours = new_client(triton.grpc, TritonSettings()).infer(contract, patches).probabilities
     assert ours.dtype == np.float32 and ours.flags.writeable
     np.testing.assert_array_equal(ours, served.astype(np.float32))
+
+
+def test_infer_command_answers_every_model_of_a_ct_route(
+    triton: TritonEndpoints, tmp_path: Path
+) -> None:
+    """`dicom-pipeline infer` on a CT volume: the classifier's answer, and the segmentation's
+    lesions found by the worker's sliding window (it once sent the whole volume and failed)."""
+    hu, truth, affine = lesion_phantom(TEST_SEED_BASE + 710, lesions=2)
+    path = tmp_path / "chest.nii.gz"
+    nib.save(nib.Nifti1Image(hu.astype(np.int16), affine), path)
+    env = {
+        **os.environ,
+        "PIPELINE_DATA_DIR": str(tmp_path / "data"),
+        "PIPELINE_TRITON__URL": triton.grpc,
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "infer", str(path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = {x["model"]: x for x in map(json.loads, done.stdout.splitlines())}
+    assert set(lines) == {"ct_covid_classifier", "ct_lesion_segmentation"}
+    assert all("error" not in x for x in lines.values())
+    seg = lines["ct_lesion_segmentation"]
+    assert seg["label"] == CONTRACTS["ct_lesion_segmentation"].labels[1] and seg["lesions"] >= 1
+    true_ml = float(truth.sum()) * float(np.prod(np.diag(affine)[:3])) / 1000.0
+    assert abs(seg["total_volume_ml"] - true_ml) <= 0.1 * true_ml
+
+
+def test_a_local_triton_on_the_cpu_keeps_the_cores_a_remote_one_leaves_them(
+    triton: TritonEndpoints,
+) -> None:
+    """The worker gives its pool processes more torch threads only where Triton does not
+    compute on the same cores (no GPU here: the embedded Triton's instances are on the CPU)."""
+    with TritonClient(triton.grpc, TritonSettings()) as local:
+        assert local.computes_on_this_cpu()
+    with TritonClient(triton.http, TritonSettings()) as local_http:
+        assert local_http.computes_on_this_cpu()
+    # Another machine's Triton is not asked: its cores are not ours.
+    with TritonClient("grpc://triton.invalid:8001", TritonSettings()) as remote:
+        assert not remote.computes_on_this_cpu()
