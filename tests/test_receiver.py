@@ -4,6 +4,7 @@ on loopback, a real embedded Redis behind it, studies checked on disk and in the
 from __future__ import annotations
 
 import base64
+import contextlib
 import gc
 import json
 import os
@@ -42,7 +43,7 @@ from pipeline.dicomnet.scu import Peer, echo, send
 from pipeline.jobs import ENQUEUED_MARKER, STUDY_FOLDER
 from pipeline.queue import QUEUE, enqueue, make_celery
 from pipeline.services import embedded_redis
-from pipeline.services.process import ManagedProcess, free_port
+from pipeline.services.process import ManagedProcess, descendants, free_port
 from pipeline.settings import Settings
 
 from .conftest import make_settings, needs_dcmtk
@@ -567,6 +568,51 @@ def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=timeout
     )
+
+
+def test_a_sigterm_to_the_receivers_process_group_stops_it_at_once_leaving_nothing(
+    tmp_path: Path,
+) -> None:
+    """`up` and systemd stop the receiver with a SIGTERM to its whole process group. Its
+    receiving processes used to die of it while waiting on a shared lock; the receiver then
+    hung on that lock until it was killed, and left its named semaphores in /dev/shm."""
+    port = free_port()
+    (tmp_path / "none.yaml").write_text("{}\n")
+    env = {
+        **os.environ,
+        "PIPELINE_CONFIG": str(tmp_path / "none.yaml"),
+        "PIPELINE_DATA_DIR": str(tmp_path / "data"),
+        "PIPELINE_RECEIVER__HOST": "127.0.0.1",
+        "PIPELINE_RECEIVER__PORT": str(port),
+        "PIPELINE_RECEIVER__PROCESSES": "3",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "scp"],
+        env=env,
+        stdout=(tmp_path / "scp.log").open("ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        # Said once its receiving processes are ready too.
+        log = tmp_path / "scp.log"
+        wait_for(lambda: "DICOM receiver ready" in log.read_text(), 60, "the receiver")
+        group = {proc.pid, *descendants(proc.pid)}
+        semaphores = {
+            line.split()[-1]
+            for pid in group
+            for line in Path(f"/proc/{pid}/maps").read_text().splitlines()
+            if "/dev/shm/sem." in line
+        }
+        assert semaphores  # its processes share their event queue through them
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(10) == 0, log.read_text()
+        wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in group), 10, "exit")
+        assert not [s for s in semaphores if Path(s).exists()]
+        assert "restarting" not in log.read_text()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_send_retries_what_failed_until_the_receiver_is_up(

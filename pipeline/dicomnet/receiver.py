@@ -13,6 +13,7 @@ import logging
 import multiprocessing
 import os
 import queue
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -37,14 +38,22 @@ class _Events(Protocol):
 
 
 def _serve_child(settings: Settings, port: int, events: _Events, stop: Any) -> None:
-    """A further receiving process: same port (SO_REUSEPORT), events to the parent."""
+    """A further receiving process: same port (SO_REUSEPORT), events to the parent.
+
+    It stops when the parent closes its end of the ``stop`` pipe, or dies. Ctrl-C and a
+    SIGTERM to the whole process group (`up`, systemd) are the parent's to act on: a child
+    killed by them while waiting on a shared lock (a multiprocessing Event) once left that
+    lock held, and the parent hung on it until it was killed, its semaphores left behind."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     observe.configure_logging(settings)
     parent = os.getppid()
     server = start_server(settings, events, port=port)
     events.put(("ready", os.getpid()))
     try:
         # Exit with the parent: a receiver nobody reads events from must not take instances.
-        while not stop.wait(1.0) and os.getppid() == parent:
+        # The parent never writes: readable means its end is closed.
+        while not stop.poll(1.0) and os.getppid() == parent:
             pass
     finally:
         server.shutdown()
@@ -58,7 +67,8 @@ class Receiver:
         self.spool = settings.spool_dir
         self.enqueue = enqueue
         self._mp = multiprocessing.get_context("spawn")
-        self._stop_children = self._mp.Event()
+        # The children's stop signal: they see end-of-file once this end is closed.
+        self._stop_read, self._stop_write = self._mp.Pipe(duplex=False)
         self.events: _Events = self._mp.Queue() if rs.processes > 1 else queue.Queue()
         self.children: list[Any] = []
         self.tracker = StudyTracker(
@@ -97,7 +107,7 @@ class Receiver:
         )
         for i in range(1, self.settings.receiver.processes):
             self.children.append(self._start_child(i, int(port)))
-        self._wait_children_ready()
+        self._wait_children_ready(stop)
         if on_ready is not None:
             on_ready(str(host), int(port))
         last_requeue = last_adopt = time.monotonic()
@@ -105,7 +115,8 @@ class Receiver:
             while not stop.is_set():
                 self._drain(timeout=0.1)
                 self._close_due()
-                self._restart_dead_children(int(port))
+                if not stop.is_set():  # stopping: a child that exits now is not replaced
+                    self._restart_dead_children(int(port))
                 t = time.monotonic()
                 if t - last_requeue >= REQUEUE_S:
                     requeue_pending(self.enqueue, self.spool)
@@ -114,7 +125,7 @@ class Receiver:
                     self._adopt()  # a safety net for events lost with a crashed process
                     last_adopt = t
         finally:
-            self._stop_children.set()
+            self._stop_write.close()
             server.shutdown()
             server.server_close()
             for child in self.children:
@@ -123,10 +134,11 @@ class Receiver:
                     child.kill()
             log.info("DICOM receiver stopped")
 
-    def _wait_children_ready(self, timeout_s: float = 60.0) -> None:
+    def _wait_children_ready(self, stop: threading.Event, timeout_s: float = 60.0) -> None:
         waiting = len(self.children)
         deadline = time.monotonic() + timeout_s
-        while waiting and time.monotonic() < deadline:
+        # A stop during start-up may have killed them before they could ignore it.
+        while waiting and time.monotonic() < deadline and not stop.is_set():
             try:
                 item = self.events.get(timeout=0.5)
             except queue.Empty:
@@ -135,13 +147,13 @@ class Receiver:
                 waiting -= 1
             else:
                 self._apply(item)
-        if waiting:
+        if waiting and not stop.is_set():
             log.error("%d receiving process(es) did not start in %.0f s", waiting, timeout_s)
 
     def _start_child(self, index: int, port: int) -> Any:
         child = self._mp.Process(
             target=_serve_child,
-            args=(self.settings, port, self.events, self._stop_children),
+            args=(self.settings, port, self.events, self._stop_read),
             name=f"receiver-{index}",
             daemon=True,
         )
