@@ -505,13 +505,7 @@ def test_receiver_killed_half_way_restarted_and_the_rest_sent_gives_one_complete
     files = write_series(tmp_path / "series", spec)
 
     def start_receiver() -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline", "scp"],
-            env=env,
-            stdout=(tmp_path / "scp.log").open("ab"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        proc = _scp_process(env, tmp_path / "scp.log")
         wait_for(
             lambda: _echo_ok(Peer("127.0.0.1", port, "PIPELINE")), 60, "the receiver to answer"
         )
@@ -557,6 +551,17 @@ def test_receiver_killed_half_way_restarted_and_the_rest_sent_gives_one_complete
         redis_proc.stop()
 
 
+def _scp_process(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """`dicom-pipeline scp` in a process group of its own, as `up` starts it."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "scp"],
+        env=env,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
 def _echo_ok(peer: Peer) -> bool:
     try:
         return echo(peer) == 0
@@ -586,16 +591,10 @@ def test_a_sigterm_to_the_receivers_process_group_stops_it_at_once_leaving_nothi
         "PIPELINE_RECEIVER__PORT": str(port),
         "PIPELINE_RECEIVER__PROCESSES": "3",
     }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "scp"],
-        env=env,
-        stdout=(tmp_path / "scp.log").open("ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    log = tmp_path / "scp.log"
+    proc = _scp_process(env, log)
     try:
         # Said once its receiving processes are ready too.
-        log = tmp_path / "scp.log"
         wait_for(lambda: "DICOM receiver ready" in log.read_text(), 60, "the receiver")
         group = {proc.pid, *descendants(proc.pid)}
         semaphores = {
