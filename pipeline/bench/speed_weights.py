@@ -1,11 +1,12 @@
 """Untrained weights of the demo architectures, for speed measurements only.
 
-    python -m pipeline.bench.speed_weights [--model-repository triton_models]
+    python -m pipeline.bench.speed_weights [--model-repository triton_models] [--force]
 
 Throughput does not depend on the weights' values, and a machine lent for minutes (the GPU
 runs in the README) should not spend them training, nor load TorchScript files written by a
 newer torch than its own. Each model gets its architecture with initial weights, traced by the
-local torch; model.json says they are untrained. Never use these for answers.
+local torch; model.json says they are untrained. Never use these for answers. Trained weights
+(demo or real) already in the repository are not replaced without --force.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -20,6 +22,26 @@ from torch import nn
 
 from pipeline.contract import discover_contracts
 from pipeline.demo.nets import SmallCT3DNet, lesion_net, mednist_net
+from pipeline.fsutil import atomic_write_bytes
+
+UNTRAINED = "untrained, for speed measurements only"
+
+
+def trained_weights(repository: Path) -> list[Path]:
+    """Weights in ``repository`` that these would replace and that are not speed weights
+    themselves (demo or real ones, or weights without a description)."""
+    found = []
+    for contract in discover_contracts(repository).values():
+        weights = repository / contract.name / "1" / contract.weights
+        if not weights.exists():
+            continue
+        try:
+            kind = json.loads(weights.with_suffix(".json").read_text()).get("kind")
+        except (OSError, ValueError, AttributeError):
+            kind = None
+        if kind != UNTRAINED:
+            found.append(weights)
+    return found
 
 
 def write(repository: Path) -> list[Path]:
@@ -38,10 +60,9 @@ def write(repository: Path) -> list[Path]:
         buf = io.BytesIO()
         torch.jit.save(traced, buf)
         weights = repository / name / "1" / contract.weights
-        weights.write_bytes(buf.getvalue())
-        weights.with_suffix(".json").write_text(
-            json.dumps({"model": name, "kind": "untrained, for speed measurements only"}) + "\n"
-        )
+        atomic_write_bytes(weights, buf.getvalue())
+        description = json.dumps({"model": name, "kind": UNTRAINED}) + "\n"
+        atomic_write_bytes(weights.with_suffix(".json"), description.encode())
         written.append(weights)
     return written
 
@@ -49,7 +70,17 @@ def write(repository: Path) -> list[Path]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-repository", type=Path, default=Path("triton_models"))
-    for path in write(parser.parse_args().model_repository):
+    parser.add_argument(
+        "--force", action="store_true", help="Replace trained weights too (they are lost)."
+    )
+    args = parser.parse_args()
+    if not args.force and (kept := trained_weights(args.model_repository)):
+        names = ", ".join(str(p) for p in kept)
+        sys.exit(
+            f"error: would replace trained weights ({names}); use a copy of the repository "
+            "(--model-repository) or --force"
+        )
+    for path in write(args.model_repository):
         print(f"wrote {path}")
 
 
