@@ -132,6 +132,7 @@ class Receiver:
                 child.join(timeout=10)
                 if child.is_alive():
                     child.kill()
+            self._stop_read.close()
             log.info("DICOM receiver stopped")
 
     def _wait_children_ready(self, stop: threading.Event, timeout_s: float = 60.0) -> None:
