@@ -2,12 +2,15 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from pipeline.errors import ConfigError
-from pipeline.settings import load_settings, mask_url
+from pipeline.services.process import usable_cores
+from pipeline.settings import MAX_TORCH_THREADS, load_settings, mask_url
 
 
 def _config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str) -> None:
@@ -50,9 +53,9 @@ def test_bad_value_is_an_error_naming_the_key(
 def test_worker_cores_go_to_pool_processes_first_then_to_their_torch_threads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cores()
     _config(tmp_path, monkeypatch, "worker:\n  concurrency: 1\n")
-    assert load_settings().worker.threads_per_process(triton_on_these_cores=False) == cores
+    assert load_settings().worker.threads_per_process(False) == min(cores, MAX_TORCH_THREADS)
     # A Triton computing on the same cores keeps them: one thread per pool process.
     assert load_settings().worker.threads_per_process(triton_on_these_cores=True) == 1
     # More pool processes than cores: one thread each, never none.
@@ -98,3 +101,27 @@ def test_schema_command_prints_both_result_documents() -> None:
     schemas = json.loads(out.stdout)
     assert {"prediction", "segmentation", "preview"} <= set(schemas["result.json"]["properties"])
     assert "series" in schemas["study.json"]["required"]
+
+
+def test_a_cpu_limit_caps_the_cores_the_worker_counts() -> None:
+    """A container's CPU limit (a cgroup CPU quota), not the host's cores, is what the
+    worker shares among its pool processes' torch threads."""
+    assert usable_cores() == len(os.sched_getaffinity(0))  # no limit on the tests
+    group = Path("/sys/fs/cgroup/cpu") / f"dicom-pipeline-test-{os.getpid()}"
+    try:
+        group.mkdir()
+    except OSError:
+        pytest.skip("no writable cgroup v1 cpu controller on this machine")
+    try:
+        (group / "cpu.cfs_quota_us").write_text("50000")  # half a CPU, rounded up to one
+        code = (
+            f"import os; open({str(group / 'cgroup.procs')!r}, 'w').write(str(os.getpid()));"
+            "from pipeline.services.process import usable_cores; print(usable_cores())"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "1"
+    finally:
+        group.rmdir()  # its only process has exited
