@@ -8,6 +8,7 @@ folder moves to ``data/failed/<id>/`` with ``error.json``. The input is never de
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 from pathlib import Path
@@ -114,13 +115,20 @@ def warm_up_before_fork(ctx: WorkerContext) -> None:
     """The worker's main process pays the first-use costs (:mod:`pipeline.warmup`) before
     Celery forks its pool: every pool process, and any that replaces one later, starts warm,
     and the worker reports ready only after this. On one torch thread, as in the pool
-    processes: a thread pool of torch's started here would not survive the fork."""
+    processes: a thread pool of torch's started here would not survive the fork. Then what
+    was loaded is frozen out of the garbage collector's generations (gc.freeze)."""
     torch.set_num_threads(1)
     try:
         seconds = warm_up(ctx.models.contracts.values(), ctx.settings.output.iod_check)
         log.info("worker warmed up in %.2f s", seconds)
     except Exception as exc:  # noqa: BLE001 - best effort: the first study pays instead
         log.warning("worker warm-up failed, the first study pays instead: %s", exc)
+    # The half million objects loaded by now (torch, MONAI, highdicom's tables) live as long
+    # as the process: out of the collector's reach, a full collection in a pool process takes
+    # 8 ms instead of 200 ms, which had come every second study. The pool inherits this.
+    gc.collect()
+    gc.freeze()
+    log.info("%d objects frozen for the pool processes' garbage collector", gc.get_freeze_count())
 
 
 def handle(task: Task, ctx: WorkerContext, message: dict[str, Any]) -> None:

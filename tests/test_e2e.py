@@ -83,7 +83,10 @@ routes:
         # "ready" means a study sent now is taken at once: the worker already answers.
         assert _worker_pings(data), "`up` said ready before its worker took jobs"
         # ... and warmed up: the first study does not pay the libraries' first-use costs.
-        assert "worker warmed up in" in (data / "run" / "logs" / "worker.log").read_text()
+        ready_log = (data / "run" / "logs" / "worker.log").read_text()
+        assert "worker warmed up in" in ready_log
+        # ... and what it loaded is out of the pool processes' garbage collector's way.
+        assert "objects frozen for the pool processes' garbage collector" in ready_log
         inbox = data / "inbox"
         expected: dict[str, tuple[str, str]] = {}
         for k, label in enumerate(MEDNIST_LABELS):
