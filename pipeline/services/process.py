@@ -44,16 +44,20 @@ def _cgroup_cpu_limit() -> int | None:
         return None
     quotas: list[float] = []
     for line in lines:
-        _, controllers, path = line.split(":", 2)
+        try:
+            _, controllers, path = line.split(":", 2)
+            here = Path(path)
+            levels = [level.relative_to("/") for level in (here, *here.parents)]
+        except ValueError:  # not the kernel's "id:controllers:/path": no limit read from it
+            continue
         if controllers == "":  # cgroup v2
             root, read = Path("/sys/fs/cgroup"), _v2_quota
         elif "cpu" in controllers.split(","):
             root, read = Path("/sys/fs/cgroup/cpu"), _v1_quota
         else:
             continue
-        here = Path(path)
-        for level in (here, *here.parents):
-            quota = read(root / level.relative_to("/"))
+        for level in levels:
+            quota = read(root / level)
             if quota is not None:
                 quotas.append(quota)
     return max(1, math.ceil(min(quotas))) if quotas else None
