@@ -673,7 +673,7 @@ def infer(
                         pred, ms = decide_segmentation(c, seg), seg.inference_ms
                         found = {
                             "lesions": len(seg.lesions),
-                            "total_volume_ml": round(sum(x.volume_ml for x in seg.lesions), 4),
+                            "total_volume_ml": seg.total_volume_ml,
                         }
                     else:
                         out = client.infer(c, prep.model_input(c)[0][np.newaxis])

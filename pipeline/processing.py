@@ -256,7 +256,7 @@ def infer_model(
 
         return classified
     seg = segment(image, contract, client, prep)
-    total = round(sum(x.volume_ml for x in seg.lesions), 4)
+    total = seg.total_volume_ml
     doc = make_result(
         job,
         info,

@@ -36,6 +36,10 @@ class Segmentation:
     model_version: str
     patches: int
 
+    @property
+    def total_volume_ml(self) -> float:
+        return round(sum(x.volume_ml for x in self.lesions), 4)
+
 
 def segment(
     image: convert.LoadedImage,

@@ -11,7 +11,6 @@ nothing is sent, nothing is counted in the metrics.
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import tempfile
@@ -39,8 +38,6 @@ from pipeline.results import (
     WorkerInfo,
 )
 from pipeline.segment import label_lesions
-
-log = logging.getLogger(__name__)
 
 
 def warm_up(contracts: Iterable[ModelContract], iod_check: IodCheck) -> float:
