@@ -38,6 +38,7 @@ from pipeline.demo.dicom_series import (
     new_uid,
     write_series,
 )
+from pipeline.dicomnet import polling
 from pipeline.dicomnet.receiver import Receiver
 from pipeline.dicomnet.scu import Peer, echo, send
 from pipeline.jobs import ENQUEUED_MARKER, STUDY_FOLDER
@@ -304,6 +305,50 @@ def test_associations_leave_no_descriptors_open(receiver: Callable[..., Running]
         )
     finally:
         gc.enable()
+
+
+@needs_dcmtk
+def test_established_associations_wake_on_events_not_on_a_timer(
+    receiver: Callable[..., Running],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Once established, an association's threads sleep until an event wakes them. With the
+    safety-net timeout made a minute long, every step that relied on it would stall a minute:
+    instances from a sender with Nagle's algorithm on (no TCP_NODELAY, as most senders), the
+    release, and an abort must all be acted on at once."""
+    monkeypatch.setattr(polling, "ESTABLISHED_WAIT_S", 60.0)
+    caplog.set_level("INFO")
+    rx = receiver()
+    files = write_series(tmp_path / "series", new_series(20, 64, 64))
+    started = time.monotonic()
+    out = subprocess.run(
+        ["storescu", "-aec", "PIPELINE", "127.0.0.1", str(rx.port), *map(str, files)],
+        env={k: v for k, v in os.environ.items() if k != "TCP_NODELAY"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert time.monotonic() - started < 30  # 20 instances and a release, no minute-long wait
+    [task] = rx.wait_tasks(1)
+    assert task["study"]["instances"] == 20
+
+    ae = AE(ae_title="ABORTER")
+    ae.add_requested_context(CT_STORAGE, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", rx.port, ae_title="PIPELINE")
+    assert assoc.is_established
+    [ds] = _datasets(1)
+    assert assoc.send_c_store(ds).Status == 0
+    aborted_at = time.monotonic()
+    assoc.abort()
+    wait_for(
+        lambda: "association from ABORTER" in caplog.text and "1 instance(s) stored" in caplog.text,
+        30,
+        "the receiver to see the abort",
+    )
+    assert time.monotonic() - aborted_at < 30
 
 
 def test_associations_above_the_cap_are_rejected_as_transient(

@@ -311,12 +311,22 @@ class _Server(ThreadedAssociationServer):
         super().process_request_thread(request, client_address)
 
 
+QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)  # Linux only
+
+
 class _Socket(AssociationSocket):
     """pynetdicom's socket wrapper, reading a PDU with few system calls.
 
     pynetdicom reads 4 KiB per ``recv`` and appends each piece to a growing bytearray: a 512 KB
     instance costs some 130 reads and as many copies, each taking the GIL twice. This reads
-    straight into a buffer of the PDU's length, as much as the socket has each time."""
+    straight into a buffer of the PDU's length, as much as the socket has each time.
+
+    Each read also asks the kernel to acknowledge at once (TCP_QUICKACK). A sender with Nagle's
+    algorithm on (most do not set TCP_NODELAY) holds the last small segment of each PDU until
+    its earlier data is acknowledged, and Linux delays that acknowledgement by up to 40 ms in
+    a request-response exchange such as C-STORE. Measured with storescu without TCP_NODELAY,
+    200 instances of 512x512 in one association: 1.3-4.6 s with such stalls, 1.1-1.4 s
+    without."""
 
     def recv(self, nr_bytes: int) -> bytearray:
         assert self.socket is not None
@@ -324,6 +334,8 @@ class _Socket(AssociationSocket):
         view = memoryview(buffer)
         done = 0
         while done < nr_bytes:
+            if QUICKACK is not None:  # the kernel clears it again: set before each read
+                self.socket.setsockopt(socket.IPPROTO_TCP, QUICKACK, 1)
             got = self.socket.recv_into(view[done:], nr_bytes - done)
             if not got:  # closed: pynetdicom sees the short read and reports it
                 del view
