@@ -58,10 +58,24 @@ def check_uid(value: object, what: str) -> str:
 
 def identify(ds: Dataset) -> InstanceUIDs:
     return InstanceUIDs(
-        study=check_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID"),
-        series=check_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID"),
-        sop=check_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID"),
+        study=check_uid(_raw_value(ds, 0x0020000D), "StudyInstanceUID"),
+        series=check_uid(_raw_value(ds, 0x0020000E), "SeriesInstanceUID"),
+        sop=check_uid(_raw_value(ds, 0x00080018), "SOPInstanceUID"),
     )
+
+
+def _raw_value(ds: Dataset, tag: int) -> object:
+    """An element's value as read, without pydicom's conversion: a data set just read holds
+    raw elements, and converting them (VR checks, a UID object each) cost more than reading
+    the header. ``check_uid`` is the check that counts: anything odd (a non-ASCII byte, a
+    second value after a backslash) fails it."""
+    element = ds.get_item(tag)
+    if element is None:
+        return None
+    value = element.value
+    if isinstance(value, bytes):
+        return value.rstrip(b"\x00 ").decode("ascii", errors="replace")
+    return value
 
 
 def spool_lock(spool: Path, *, exclusive: bool) -> AbstractContextManager[None]:

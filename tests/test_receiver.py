@@ -382,21 +382,53 @@ def test_path_traversal_and_missing_uids_get_a_failure_status_and_nothing_is_wri
     receiver: Callable[..., Running], tmp_path: Path
 ) -> None:
     rx = receiver()
-    evil, missing, good = _datasets(3)
+    evil, missing, two_values, letters, padded = _datasets(5)
     evil.StudyInstanceUID = "../../../escaped"
     del missing.SeriesInstanceUID
+    two_values.SeriesInstanceUID = ["1.2.3", "4.5"]  # written as 1.2.3\4.5
+    letters.SOPInstanceUID = "1.2.abc"
+    padded.SeriesInstanceUID = padded.SeriesInstanceUID + " "  # trailing padding is allowed
     ae = AE()
     ae.add_requested_context(CT_STORAGE)
     assoc = ae.associate("127.0.0.1", rx.port, ae_title="PIPELINE")
     try:
         assert assoc.send_c_store(evil).Status == 0xC220
         assert assoc.send_c_store(missing).Status == 0xC220
-        assert assoc.send_c_store(good).Status == 0x0000
+        assert assoc.send_c_store(two_values).Status == 0xC220
+        assert assoc.send_c_store(letters).Status == 0xC220
+        assert assoc.send_c_store(padded).Status == 0x0000
     finally:
         assoc.release()
     assert not list(tmp_path.rglob("escaped"))
     [task] = rx.wait_tasks(1)
     assert task["study"]["instances"] == 1
+    [stored] = rx.job_files(task)
+    assert stored.parent.name == padded.SeriesInstanceUID.strip()
+
+
+@pytest.mark.parametrize(
+    ("sop_class", "sop_instance", "syntax"),
+    [
+        (CT_STORAGE, "1.2.3.45", "1.2.840.10008.1.2.1"),  # even and odd lengths
+        ("1.2.840.10008.5.1.4.1.1.4", "1.2.826.0.1.3680043.8.498.1", "1.2.840.10008.1.2"),
+        ("1.2.840.10008.5.1.4.1.1.7", new_uid(), "1.2.840.10008.1.2.4.50"),
+    ],
+)
+def test_the_file_meta_is_written_as_pynetdicom_encodes_it(
+    sop_class: str, sop_instance: str, syntax: str
+) -> None:
+    from pynetdicom.dsutils import create_file_meta, encode_file_meta
+
+    from pipeline.dicomnet.scp import file_meta_header
+
+    expected = encode_file_meta(
+        create_file_meta(
+            sop_class_uid=pydicom.uid.UID(sop_class),
+            sop_instance_uid=pydicom.uid.UID(sop_instance),
+            transfer_syntax=pydicom.uid.UID(syntax),
+        )
+    )
+    assert file_meta_header(sop_class, sop_instance, syntax) == b"\x00" * 128 + b"DICM" + expected
 
 
 def test_a_data_set_that_cannot_be_read_gets_a_failure_status_and_nothing_is_written(

@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import ssl
+import struct
 import threading
 from io import BytesIO
 from typing import Any, Protocol, cast
@@ -39,9 +40,15 @@ from pydicom.uid import (
     RLELossless,
     generate_uid,
 )
-from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
+from pynetdicom import (
+    AE,
+    PYNETDICOM_IMPLEMENTATION_UID,
+    PYNETDICOM_IMPLEMENTATION_VERSION,
+    AllStoragePresentationContexts,
+    _config,
+    evt,
+)
 from pynetdicom.dimse_primitives import C_STORE, N_CREATE, N_SET
-from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import Event
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
@@ -180,7 +187,13 @@ class Handlers:
                 key, CANNOT_UNDERSTAND, f"C-STORE from {calling}: undecodable data set ({exc})"
             )
         try:
-            replaced = store_instance(self.spool, uids, _file_parts(event), self.min_free)
+            parts = _file_parts(event)
+        except ValueError as exc:  # a UID in the command that is not ASCII
+            return self._refused(
+                key, CANNOT_UNDERSTAND, f"C-STORE from {calling}: unusable command ({exc})"
+            )
+        try:
+            replaced = store_instance(self.spool, uids, parts, self.min_free)
         except OutOfSpaceError as exc:
             return self._refused(key, OUT_OF_RESOURCES, f"C-STORE from {calling} refused: {exc}")
         except OSError as exc:
@@ -255,8 +268,40 @@ def _header(event: Event) -> Dataset:
 def _file_parts(event: Event) -> tuple[bytes, memoryview]:
     """The DICOM file as received: preamble and file meta, then the sender's encoded data set
     as it lies in pynetdicom's buffer (``event.encoded_dataset()`` copies it twice)."""
-    head = b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta)
+    request = cast(C_STORE, event.request)
+    head = file_meta_header(
+        str(request.AffectedSOPClassUID or ""),
+        str(request.AffectedSOPInstanceUID or ""),
+        str(event.context.transfer_syntax),
+    )
     return head, _received(event).getbuffer()
+
+
+def file_meta_header(sop_class: str, sop_instance: str, transfer_syntax: str) -> bytes:
+    """Preamble, ``DICM`` and the File Meta Information, byte for byte what
+    ``encode_file_meta(event.file_meta)`` gives (pynetdicom's elements, its implementation UID
+    and version), in about a twentieth of the time: pydicom builds and validates a data set
+    and writes it element by element, some 0.3 ms per instance, a tenth of the receiver's CPU.
+    Raises ValueError for a UID that is not ASCII."""
+    elements = b"".join(
+        (
+            b"\x02\x00\x01\x00OB\x00\x00\x02\x00\x00\x00\x00\x01",  # version 00 01
+            _short_element(0x0002, b"UI", sop_class.encode("ascii"), b"\x00"),
+            _short_element(0x0003, b"UI", sop_instance.encode("ascii"), b"\x00"),
+            _short_element(0x0010, b"UI", transfer_syntax.encode("ascii"), b"\x00"),
+            _short_element(0x0012, b"UI", PYNETDICOM_IMPLEMENTATION_UID.encode("ascii"), b"\x00"),
+            _short_element(0x0013, b"SH", PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii"), b" "),
+        )
+    )
+    group_length = b"\x02\x00\x00\x00UL\x04\x00" + struct.pack("<I", len(elements))
+    return b"\x00" * 128 + b"DICM" + group_length + elements
+
+
+def _short_element(element: int, vr: bytes, value: bytes, pad: bytes) -> bytes:
+    """A group 0002 element in Explicit VR Little Endian, padded to an even length."""
+    if len(value) % 2:
+        value += pad
+    return struct.pack("<HH", 0x0002, element) + vr + struct.pack("<H", len(value)) + value
 
 
 def _received(event: Event) -> BytesIO:
@@ -381,6 +426,10 @@ def start_server(settings: Settings, sink: EventSink, port: int | None = None) -
     # pynetdicom logs data set identifiers (patient names, IDs) at some levels: keep it to
     # warnings, and never identifiers.
     _config.LOG_REQUEST_IDENTIFIERS = _config.LOG_RESPONSE_IDENTIFIERS = False
+    # Its "standard" handlers format every PDU and DIMSE message for info and debug lines,
+    # which the warning level then drops: work for nothing on each instance. Without them it
+    # still logs warnings and errors. Set before the server and its associations bind them.
+    _config.LOG_HANDLER_LEVEL = "none"
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     ssl_context = None
     if rs.tls_certificate is not None and rs.tls_private_key is not None:
