@@ -54,7 +54,7 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 
 from pipeline import mpps, observe
 from pipeline.dicom_store import InvalidUIDError, OutOfSpaceError, identify, store_instance
-from pipeline.dicomnet import polling
+from pipeline.dicomnet import polling, store_response
 from pipeline.dicomnet.tls import server_context
 from pipeline.settings import Settings
 
@@ -423,6 +423,7 @@ def start_server(settings: Settings, sink: EventSink, port: int | None = None) -
     """Listen and serve in background threads; ``server.server_address`` has the real port."""
     rs = settings.receiver
     polling.install()
+    store_response.install()
     # pynetdicom logs data set identifiers (patient names, IDs) at some levels: keep it to
     # warnings, and never identifiers.
     _config.LOG_REQUEST_IDENTIFIERS = _config.LOG_RESPONSE_IDENTIFIERS = False
