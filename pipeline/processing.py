@@ -31,7 +31,7 @@ from pipeline.errors import (
     PipelineError,
     TransientError,
 )
-from pipeline.fsutil import atomic_write_bytes, move_into
+from pipeline.fsutil import atomic_write_in_phases, move_into
 from pipeline.jobs import ENQUEUED_MARKER, REJECTED_OUTPUTS, Job, job_dir, now
 from pipeline.results import (
     PREVIEW_FILE,
@@ -306,10 +306,17 @@ def _finish_model(
     return [*made, (out_dir / RESULT_FILE, (doc.model_dump_json(indent=2) + "\n").encode())]
 
 
-def write_outputs(outputs: list[Output]) -> list[Path]:
-    """Each file complete (temporary name, fsync, rename), in order: a model's result.json
-    comes after its other files."""
-    return [write_bytes(path, data) for path, data in outputs]
+def write_outputs(outputs: list[Output], last: Output | None = None) -> list[Path]:
+    """Each file complete (temporary name, fsync, rename), the result.json files only once the
+    files they describe are on disk, and ``last`` (a study's study.json) after them all."""
+    results = [o for o in outputs if o[0].name == RESULT_FILE]
+    others = [o for o in outputs if o[0].name != RESULT_FILE]
+    after = [last] if last is not None else []
+    try:
+        atomic_write_in_phases([others, results, after])
+    except OSError as exc:  # disk full or unwritable: nothing partial was left; retry later
+        raise TransientError(f"cannot write the results: {exc}") from exc
+    return [path for path, _ in [*outputs, *after]]
 
 
 def _nifti_gz(mask: np.ndarray, affine: np.ndarray) -> bytes:
@@ -378,14 +385,6 @@ def make_result(
         ),
         worker=WorkerInfo(host=socket.gethostname(), pid=os.getpid()),
     )
-
-
-def write_bytes(path: Path, data: bytes) -> Path:
-    try:
-        atomic_write_bytes(path, data)
-    except OSError as exc:  # disk full or unwritable: nothing partial was left; retry later
-        raise TransientError(f"cannot write {path}: {exc}") from exc
-    return path
 
 
 def finish_job(folder: Path, settings: Settings) -> None:

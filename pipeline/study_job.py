@@ -47,7 +47,6 @@ from pipeline.processing import (
     finish_job,
     infer_model,
     why_not,
-    write_bytes,
     write_outputs,
 )
 from pipeline.results import InputInfo, SeriesOutcome, StudyResult
@@ -178,10 +177,8 @@ def _run_round(
         finished=now(),
     )
     try:
-        written = write_outputs(outputs)
-        written.append(
-            write_bytes(out_dir / STUDY_FILE, (doc.model_dump_json(indent=2) + "\n").encode())
-        )
+        summary = (out_dir / STUDY_FILE, (doc.model_dump_json(indent=2) + "\n").encode())
+        written = write_outputs(outputs, last=summary)
     except PipelineError as exc:
         raise StageError("write", exc) from exc
     try:  # what was made is sent, even when another series failed
