@@ -41,17 +41,11 @@ def flocked(path: Path, *, exclusive: bool = True) -> Iterator[None]:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see either nothing or the whole file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A leading dot and a .tmp suffix: the inbox watcher and readers of results ignore both.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = _stage(path, data)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
 
@@ -71,12 +65,12 @@ def atomic_write_in_phases(phases: Sequence[Sequence[tuple[Path, bytes]]]) -> No
         return
     with ThreadPoolExecutor(max_workers=min(8, len(items))) as pool:
         futures = [pool.submit(_stage, path, data) for path, data in items]
+        errors = [e for f in futures if (e := f.exception()) is not None]
         staged = [f.result() for f in futures if f.exception() is None]
         placed = 0  # staged files renamed into place so far, in order
         try:
-            for f in futures:
-                if (error := f.exception()) is not None:
-                    raise error
+            if errors:
+                raise errors[0]
             for phase in phases:
                 for (path, _), tmp in zip(phase, staged[placed : placed + len(phase)], strict=True):
                     os.replace(tmp, path)
