@@ -163,6 +163,8 @@ def test_sr_follows_tid_1500_and_references_the_source(phantom_study: tuple) -> 
     assert {s.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for s in segments} == {
         seg.SOPInstanceUID
     }
+    # Its images are referenced through the SEG alone: no content item per source image.
+    assert [i for i in _content(sr) if i.ValueType == "IMAGE"] == segments
     # Evidence: every source instance and the SEG, in the current study.
     evidence = {
         ref.ReferencedSOPInstanceUID
