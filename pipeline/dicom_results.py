@@ -32,6 +32,7 @@ from pipeline.contract import CodeSpec, ModelContract
 from pipeline.dicom_check import IodCheck, encode_checked
 from pipeline.errors import OutputError
 from pipeline.results import Result
+from pipeline.segment import transposed
 
 SR_SERIES_NUMBER = 9901
 SEG_SERIES_NUMBER = 9801
@@ -102,7 +103,8 @@ def build_seg(
     count = int(lesion_map.max())
     if count == 0:
         raise ValueError("no lesion: nothing to segment")
-    frames = np.ascontiguousarray(lesion_map.transpose(2, 1, 0))  # (plane, row, column)
+    # (plane, row, column), in the smallest type that holds the lesion numbers
+    frames = transposed(lesion_map, np.uint8 if count < 256 else np.uint16)
     instances = list(dict.fromkeys(uid for uid, _ in sources.slices))
     if all(frame is None for _, frame in sources.slices):
         images = [sources.headers[uid] for uid, _ in sources.slices]  # one per plane, in order

@@ -44,7 +44,7 @@ from pipeline.results import (
     WorkerInfo,
 )
 from pipeline.routing import Route, SeriesFacts
-from pipeline.segment import Segmentation, segment
+from pipeline.segment import Segmentation, segment, transposed
 from pipeline.settings import Settings
 from pipeline.triton_client import TritonClient
 
@@ -320,7 +320,9 @@ def write_outputs(outputs: list[Output], last: Output | None = None) -> list[Pat
 
 
 def _nifti_gz(mask: np.ndarray, affine: np.ndarray) -> bytes:
-    image = nib.Nifti1Image(mask.astype(np.uint8), affine)
+    # NIfTI stores voxels in Fortran order: nibabel would reorder the C-ordered mask a plane at
+    # a time (0.15 s for a 200-slice CT); its transpose's box copied alone takes milliseconds.
+    image = nib.Nifti1Image(transposed(mask, np.uint8).T, affine)
     image.header.set_xyzt_units("mm")
     return gzip.compress(image.to_bytes(), compresslevel=6)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
@@ -119,7 +120,7 @@ def label_lesions(
     """Connected components (faces and edges touching) of at least ``min_ml``, largest first,
     in ml and RAS mm; and the map numbering them in that order (0 = none, or too small)."""
     lesion_map = np.zeros(mask.shape, np.uint16)
-    box = _foreground_box(mask)
+    box = foreground_box(mask)
     if box is None:
         return lesion_map, []
     # Labelled within the foreground's bounding box: lesions usually fill a small part of a CT.
@@ -155,7 +156,18 @@ def label_lesions(
     return lesion_map, found
 
 
-def _foreground_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+def transposed(volume: np.ndarray, dtype: npt.DTypeLike) -> np.ndarray:
+    """``volume.T`` in C order and ``dtype``, for a mostly empty 3D ``volume`` (a mask, a
+    lesion map): only the box around its non-zero voxels is copied, into zeroed memory.
+    Transposing a 200-slice CT's whole map voxel by voxel takes 0.12 s."""
+    out = np.zeros(volume.shape[::-1], dtype)
+    box = foreground_box(volume)
+    if box is not None:
+        out[box[::-1]] = volume[box].T
+    return out
+
+
+def foreground_box(mask: np.ndarray) -> tuple[slice, ...] | None:
     """The smallest box holding every non-zero voxel of a 3D mask, or None when it is empty."""
     columns_rows = mask.any(axis=2)  # one pass over the volume for the first two axes
     planes = mask.any(axis=(0, 1))

@@ -4,6 +4,7 @@ results; results sent to a DICOM peer that is down first and up later."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import time
@@ -103,18 +104,24 @@ def test_seg_frames_land_on_the_right_source_slices(phantom_study: tuple) -> Non
     # instance it names, then compared with the phantom's truth.
     mask = np.zeros(truth.shape, bool)
     frames = seg.pixel_array.reshape(-1, seg.Rows, seg.Columns)
+    voxels = dict.fromkeys(range(1, len(seg.SegmentSequence) + 1), 0)
     for frame, groups in zip(frames, seg.PerFrameFunctionalGroupsSequence, strict=True):
         ref = groups.DerivationImageSequence[0].SourceImageSequence[0]
         k = slice_of[str(ref.ReferencedSOPInstanceUID)]
         position = [float(v) for v in groups.PlanePositionSequence[0].ImagePositionPatient]
         assert position[2] == pytest.approx(float(k) * 1.5)  # the slice's own position
         mask[:, :, k] |= frame.T > 0  # frames are (row, column); the phantom (x, y, z)
+        voxels[groups.SegmentIdentificationSequence[0].ReferencedSegmentNumber] += frame.sum()
     dice = 2 * (mask & (truth > 0)).sum() / (mask.sum() + (truth > 0).sum())
     assert dice >= 0.8, dice
+    # Segment i is lesion i of result.json, voxel for voxel.
+    result = json.loads((out / source.SeriesInstanceUID / "result.json").read_text())
+    assert [voxels[i] for i in sorted(voxels)] == [
+        lesion["voxels"] for lesion in result["segmentation"]["lesions"]
+    ]
 
 
 def test_sr_follows_tid_1500_and_references_the_source(phantom_study: tuple) -> None:
-    import json
 
     settings, ct, slice_of, _ = phantom_study
     source = dcmread(next(ct.iterdir()), stop_before_pixels=True)

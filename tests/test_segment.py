@@ -7,7 +7,7 @@ import pytest
 from pydantic import ValidationError
 
 from pipeline.contract import ModelContract, load_contract
-from pipeline.segment import label_lesions
+from pipeline.segment import label_lesions, transposed
 
 from .conftest import MODEL_REPOSITORY
 
@@ -56,3 +56,18 @@ def test_a_segmentation_output_has_every_label_or_all_but_the_background() -> No
     data = {**base, "output": {**base["output"], "shape": (3, 48, 48, 48)}}
     with pytest.raises(ValidationError, match="without the background"):
         ModelContract.model_validate(data)
+
+
+def test_a_sparse_volume_transposes_exactly() -> None:
+    """SEG frames and the NIfTI mask are made from a copy of the lesions' box alone: it must
+    equal the whole volume transposed, lesions at opposite corners included."""
+    shape = (50, 40, 30)
+    lesions = np.zeros(shape, np.uint16)
+    lesions[_ball(shape, (3, 4, 25), 3)] = 2
+    lesions[_ball(shape, (45, 35, 3), 2)] = 300
+    lesions[20, 10, 15] = 1
+    assert np.array_equal(transposed(lesions, np.uint16), lesions.T)
+    assert transposed(lesions, np.uint16).flags.c_contiguous
+    mask = (lesions > 0).astype(np.uint8)
+    assert np.array_equal(transposed(mask, np.uint8).T, mask)  # Fortran-ordered, as NIfTI
+    assert not transposed(np.zeros(shape, np.uint8), np.uint8).any()
