@@ -321,7 +321,7 @@ def write_outputs(outputs: list[Output], last: Output | None = None) -> list[Pat
 
 def _nifti_gz(mask: np.ndarray, affine: np.ndarray) -> bytes:
     # NIfTI stores voxels in Fortran order: nibabel would reorder the C-ordered mask a plane at
-    # a time (0.15 s for a 200-slice CT); its transpose's box copied alone takes milliseconds.
+    # a time (0.15 s for a 200-slice CT); the transpose of a sparse mask takes 0.02 s.
     image = nib.Nifti1Image(transposed(mask, np.uint8).T, affine)
     image.header.set_xyzt_units("mm")
     return gzip.compress(image.to_bytes(), compresslevel=6)

@@ -120,7 +120,7 @@ def label_lesions(
     """Connected components (faces and edges touching) of at least ``min_ml``, largest first,
     in ml and RAS mm; and the map numbering them in that order (0 = none, or too small)."""
     lesion_map = np.zeros(mask.shape, np.uint16)
-    box = foreground_box(mask)
+    box = _foreground_box(mask)
     if box is None:
         return lesion_map, []
     # Labelled within the foreground's bounding box: lesions usually fill a small part of a CT.
@@ -157,17 +157,18 @@ def label_lesions(
 
 
 def transposed(volume: np.ndarray, dtype: npt.DTypeLike) -> np.ndarray:
-    """``volume.T`` in C order and ``dtype``, for a mostly empty 3D ``volume`` (a mask, a
-    lesion map): only the box around its non-zero voxels is copied, into zeroed memory.
-    Transposing a 200-slice CT's whole map voxel by voxel takes 0.12 s."""
+    """``volume.T`` in C order and ``dtype``. Transposing a 200-slice CT's mask voxel by voxel
+    takes 0.12 s; a sparse one's (lesions: thousands of voxels, spread too wide for a bounding
+    box to help) non-zero voxels scattered into zeroed memory take 0.02 s."""
+    flat = np.flatnonzero(volume)
+    if flat.size > volume.size // 16:  # dense (an organ, say): scattering would be slower
+        return np.ascontiguousarray(volume.T, dtype)
     out = np.zeros(volume.shape[::-1], dtype)
-    box = foreground_box(volume)
-    if box is not None:
-        out[box[::-1]] = volume[box].T
+    out.T[np.unravel_index(flat, volume.shape)] = volume.reshape(-1)[flat]
     return out
 
 
-def foreground_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+def _foreground_box(mask: np.ndarray) -> tuple[slice, ...] | None:
     """The smallest box holding every non-zero voxel of a 3D mask, or None when it is empty."""
     columns_rows = mask.any(axis=2)  # one pass over the volume for the first two axes
     planes = mask.any(axis=(0, 1))

@@ -59,8 +59,8 @@ def test_a_segmentation_output_has_every_label_or_all_but_the_background() -> No
 
 
 def test_a_sparse_volume_transposes_exactly() -> None:
-    """SEG frames and the NIfTI mask are made from a copy of the lesions' box alone: it must
-    equal the whole volume transposed, lesions at opposite corners included."""
+    """SEG frames and the NIfTI mask are made from a sparse mask's non-zero voxels alone (or a
+    dense one's copy): either way the whole volume transposed, the corners included."""
     shape = (50, 40, 30)
     lesions = np.zeros(shape, np.uint16)
     lesions[_ball(shape, (3, 4, 25), 3)] = 2
@@ -71,3 +71,5 @@ def test_a_sparse_volume_transposes_exactly() -> None:
     mask = (lesions > 0).astype(np.uint8)
     assert np.array_equal(transposed(mask, np.uint8).T, mask)  # Fortran-ordered, as NIfTI
     assert not transposed(np.zeros(shape, np.uint8), np.uint8).any()
+    dense = (np.random.default_rng(0).random(shape) < 0.5).astype(np.uint8)
+    assert np.array_equal(transposed(dense, np.uint8), dense.T)
