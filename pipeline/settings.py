@@ -115,6 +115,13 @@ class WorkerSettings(_Section):
         "the kernel's usual defrag=madvise such an allocation may stall in memory compaction "
         "(reading a 500-slice series took up to twice as long with them on a small VM).",
     )
+    keep_freed_memory: bool = Field(
+        default=True,
+        description="Each pool process keeps the memory it frees for its next study instead "
+        "of giving it back to the kernel (glibc malloc: no mmap for large blocks, no trim): "
+        "fewer page faults per study, resident size at its peak (about 2 GB for a 200-slice "
+        "CT).",
+    )
     archive_inputs: bool = Field(
         default=True,
         description="Keep each processed input under data/archive/<id>/ (false: delete it "
@@ -262,9 +269,10 @@ class OutputSettings(_Section):
     institution_name: str | None = Field(default=None, max_length=64)
     iod_check: Literal["auto", "dciodvfy", "strict-read"] = Field(
         default="auto",
-        description="Every DICOM output is read back under strict pydicom validation before "
-        "it is written; dciodvfy (dicom3tools) also checks it against its IOD. auto: dciodvfy "
-        "when installed; dciodvfy: required; strict-read: the read-back only.",
+        description="How every DICOM output is validated before it is written: dciodvfy "
+        "(dicom3tools) checks its IOD and every value's VR; strict-read reads it back under "
+        "pydicom's strict validation (VRs only). auto: dciodvfy when installed, else "
+        "strict-read; dciodvfy: required.",
     )
 
 

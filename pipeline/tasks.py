@@ -24,6 +24,7 @@ from pipeline.contract import discover_contracts
 from pipeline.dispatch import DISPATCH_TASK
 from pipeline.errors import TransientError
 from pipeline.jobs import PROCESSING_MARKER, Job, error_record, job_dir, now, quarantine
+from pipeline.memory import keep_freed_memory
 from pipeline.processing import Models, StageError, run_job
 from pipeline.queue import TASK_NAME
 from pipeline.routing import Route
@@ -91,6 +92,8 @@ def register_tasks(app: Celery, settings: Settings, triton_url: str) -> WorkerCo
         torch.set_num_threads(1)
         ctx.in_pool = True
         numpy_huge_pages(settings.worker.numpy_huge_pages)
+        if settings.worker.keep_freed_memory:
+            keep_freed_memory()
         ctx.reset()
 
     @worker_process_shutdown.connect(weak=False)  # type: ignore[untyped-decorator]

@@ -36,11 +36,11 @@ SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 IOD_CHECK = "dciodvfy" if shutil.which("dciodvfy") else "strict-read"
 
 
-def _settings(tmp_path: Path, **overrides: object) -> Settings:
+def _settings(tmp_path: Path, iod_check: str = IOD_CHECK, **overrides: object) -> Settings:
     return make_settings(
         tmp_path / "data",
         triton={"model_repository": MODEL_REPOSITORY},
-        output={"iod_check": IOD_CHECK},
+        output={"iod_check": iod_check},
         **overrides,
     )
 
@@ -195,22 +195,37 @@ def test_sr_follows_tid_1500_and_references_the_source(phantom_study: tuple) -> 
     assert referenced == set(slice_of)
 
 
+@pytest.mark.parametrize(
+    ("iod_check", "reason"),
+    [
+        ("strict-read", r"StudyID: .*16 allowed for VR SH"),
+        pytest.param(
+            "dciodvfy",
+            r"dciodvfy.*StudyID.*invalid for this VR \[SH\]",
+            marks=pytest.mark.skipif(IOD_CHECK != "dciodvfy", reason="dicom3tools missing"),
+        ),
+    ],
+)
 def test_an_invalid_output_is_kept_out_of_results(
-    triton: TritonEndpoints, tmp_path: Path, new_client: Callable[..., TritonClient]
+    iod_check: str,
+    reason: str,
+    triton: TritonEndpoints,
+    tmp_path: Path,
+    new_client: Callable[..., TritonClient],
 ) -> None:
     """A modality that writes a value its VR forbids (a 20-character Study ID, SH allows 16):
-    the SR would carry it, fails validation, and the series fails with the reason; nothing of
-    that result reaches results, the object is kept with the failed item."""
+    the SR would carry it, fails validation (either check), and the series fails with the
+    reason; nothing of that result reaches results, the object is kept with the failed item."""
     hu, _, affine = lesion_phantom(TEST_SEED_BASE + 611, lesions=1)
     write_volume_series(tmp_path / "ct", hu.astype(np.float32), affine)
     for path in (tmp_path / "ct").iterdir():
         ds = dcmread(path)
         ds.StudyID = "S" * 20
         ds.save_as(path)
-    settings = _settings(tmp_path)
+    settings = _settings(tmp_path, iod_check)
     job = read_job(settings.spool_dir / spool_study(settings, [tmp_path / "ct"]))
     client = new_client(triton.grpc, settings.triton)
-    with pytest.raises(StageError, match=r"sr\.dcm .*StudyID: .*16 allowed for VR SH") as err:
+    with pytest.raises(StageError, match=rf"sr\.dcm .*{reason}") as err:
         run_study(job, settings, Models(discover_contracts(MODEL_REPOSITORY)), client)
     assert err.value.stage == "series"
     assert "S" * 20 not in str(err.value)  # values withheld from the message
