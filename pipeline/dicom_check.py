@@ -8,9 +8,9 @@ a PACS would receive), by one of two checks:
   against their VRs only, and less strictly (a lower-case code string, a malformed date or a
   person name of six components pass it; dciodvfy flags each).
 
-Checked by hand, dciodvfy flags every value the strict read-back rejects, so where it runs
-the object is not read back too: that read took 0.05-0.1 s an object, a third of a CT
-study's outputs' checking. Either way the SOP class must be the one intended.
+dciodvfy rejects every bad value the strict read-back rejects (a test holds it to that), so
+where it runs the object is not read back too: that read took 0.05-0.1 s an object, a third
+of a CT study's outputs' checking. Either way the SOP class must be the one intended.
 
 An object that fails is not written to results: :class:`OutputError` carries the reasons,
 with the offending values withheld (they may be a patient's name).

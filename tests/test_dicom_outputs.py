@@ -4,6 +4,7 @@ results; results sent to a DICOM peer that is down first and up later."""
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import subprocess
@@ -14,13 +15,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.tag import Tag
 
 from pipeline.contract import PRIVATE_SCHEME, discover_contracts
-from pipeline.demo.dicom_series import TEST_PATIENT_ID, write_volume_series
+from pipeline.demo.dicom_series import (
+    TEST_PATIENT_ID,
+    new_series,
+    write_series,
+    write_volume_series,
+)
 from pipeline.demo.synthetic import lesion_phantom
 from pipeline.demo.train import TEST_SEED_BASE
+from pipeline.dicom_check import encode_checked
 from pipeline.dispatch import Delivery, deliver, record_failure
+from pipeline.errors import OutputError
 from pipeline.jobs import REJECTED_OUTPUTS, read_job
 from pipeline.processing import Models, StageError
 from pipeline.services.embedded_triton import TritonEndpoints
@@ -233,6 +243,52 @@ def test_an_invalid_output_is_kept_out_of_results(
     assert not list(study.rglob("*.dcm")) and not list(study.rglob("result.json"))
     kept = settings.spool_dir / job.id / REJECTED_OUTPUTS / "sr.dcm"
     assert dcmread(kept).SOPClassUID == SR_CLASS  # moves to data/failed/ with the job
+
+
+# Values their VRs forbid, as a source might carry them into an SR: (keyword, VR, value), and
+# whether pydicom's strict read-back rejects it (dciodvfy must reject each).
+_BAD_VALUES = [
+    ("StudyID", "SH", "S" * 20, True),
+    ("AccessionNumber", "SH", "A" * 17, True),
+    ("StudyInstanceUID", "UI", "1.2.abc.4", True),
+    ("StudyInstanceUID", "UI", "1." + "2" * 70, True),
+    ("SeriesDescription", "LO", "D" * 70, True),
+    ("SliceThickness", "DS", "1,5", True),
+    ("InstanceNumber", "IS", "1.5", True),
+    ("ReferringPhysicianName", "PN", "x" * 70, True),
+    ("StudyDate", "DA", "2024-01-01", False),
+    ("StudyTime", "TM", "25:61", False),
+    ("PatientSex", "CS", "m", False),
+    ("BodyPartExamined", "CS", "C" * 17, False),
+    ("ReferringPhysicianName", "PN", "a^b^c^d^e^f", False),
+    ("StudyID", "SH", "AB\x01C", False),
+    ("SeriesDescription", "LO", "Hosp\x07ital", False),
+]
+
+
+@pytest.mark.skipif(IOD_CHECK != "dciodvfy", reason="dicom3tools is not installed")
+def test_dciodvfy_rejects_every_value_the_strict_read_back_rejects(tmp_path: Path) -> None:
+    """Where dciodvfy is installed it checks outputs alone: every bad value the strict
+    read-back rejects, it rejects too, naming the attribute; and it rejects more."""
+    (path,) = write_series(tmp_path, new_series(slices=1, rows=16, cols=16))
+    good = dcmread(path)
+    # What dciodvfy wants of a CT image that the demo's synthetic slices leave out.
+    good.PatientPosition, good.PositionReferenceIndicator, good.AcquisitionNumber = "HFS", "", 1
+    sop_class = str(good.SOPClassUID)
+    for mode in ("strict-read", "dciodvfy"):
+        encode_checked(good, sop_class, mode)
+    for keyword, vr, value, strict_rejects in _BAD_VALUES:
+        bad = copy.deepcopy(good)
+        raw = value.encode("latin-1").ljust(len(value) + len(value) % 2)
+        tag = Tag(keyword)
+        bad._dict[tag] = RawDataElement(tag, vr, len(raw), raw, 0, False, True)
+        with pytest.raises(OutputError, match=rf"dciodvfy.*{keyword}"):
+            encode_checked(bad, sop_class, "dciodvfy")
+        if strict_rejects:
+            with pytest.raises(OutputError, match=keyword):
+                encode_checked(bad, sop_class, "strict-read")
+        else:
+            encode_checked(bad, sop_class, "strict-read")  # what dciodvfy adds
 
 
 @needs_dcmtk
