@@ -235,7 +235,10 @@ def worker(
     except OutputError as exc:
         raise _fail(f"{exc} (apt-get install dicom3tools)") from None
     if tool is None and settings.output.iod_check == "auto":
-        typer.echo("note: dciodvfy not installed: DICOM outputs get the strict read-back only")
+        typer.echo(
+            "note: dciodvfy not installed: DICOM outputs are checked by pydicom's strict "
+            "read-back instead (value representations only, not the IOD)"
+        )
     broker = embedded_redis.broker_url(settings)
     celery = make_celery(settings, broker)
     warm_up_before_fork(register_tasks(celery, settings, url))

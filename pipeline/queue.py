@@ -49,6 +49,7 @@ def make_celery(settings: Settings, broker_url: str) -> Celery:
         task_reject_on_worker_lost=True,
         task_acks_on_failure_or_timeout=True,
         worker_prefetch_multiplier=1,
+        worker_max_memory_per_child=_kib(settings.worker.max_memory_per_process_mb),
         task_default_queue=QUEUE,
         task_soft_time_limit=settings.worker.task_soft_time_limit_s,
         task_time_limit=settings.worker.task_time_limit_s,
@@ -62,6 +63,10 @@ def make_celery(settings: Settings, broker_url: str) -> Celery:
         worker_send_task_events=False,
     )
     return app
+
+
+def _kib(mb: int | None) -> int | None:
+    return mb * 1024 if mb is not None else None
 
 
 def enqueue(app: Celery, settings: Settings, job: Job) -> bool:

@@ -1,11 +1,20 @@
 """A pool process keeps the memory it frees (worker.keep_freed_memory): its next study's
 large blocks come from pages it already has, not fresh ones the kernel must zero (and, on a
-VM whose host reclaims freed memory, must fetch back first)."""
+VM whose host reclaims freed memory, must fetch back first). What it keeps is bounded: a
+process above worker.max_memory_per_process_mb after a task is replaced."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
+
+from pipeline.demo.synthetic import write_mednist_png
+from pipeline.demo.train import TEST_SEED_BASE
+from pipeline.services.process import free_port
+
+from .conftest import running_up, up_env, wait_for
 
 # A 64 MB block touched, freed, and allocated again: how many pages the second one faults in.
 # numpy's huge-page advice off, as in the worker's pool processes.
@@ -37,3 +46,28 @@ def _faults(mode: str) -> int:
 def test_a_pool_process_reuses_the_memory_it_freed() -> None:
     assert _faults("default") >= PAGES // 2  # glibc gave the block back: fresh pages again
     assert _faults("keep") < PAGES // 20
+
+
+def test_a_pool_process_above_its_memory_bound_is_replaced(
+    model_repository: Path, tmp_path: Path
+) -> None:
+    """One pool process, a bound (256 MB) below what it holds after any task (torch alone is
+    more): each of two images dropped one after the other is classified by a process of its
+    own, which result.json names."""
+    env = up_env(tmp_path, model_repository, free_port())
+    env.update(PIPELINE_WORKER__CONCURRENCY="1", PIPELINE_WORKER__MAX_MEMORY_PER_PROCESS_MB="256")
+    results = tmp_path / "data" / "results"
+    pids = []
+    with running_up(tmp_path, env):
+        for i in range(2):
+            write_mednist_png(
+                tmp_path / "data" / "inbox" / f"hand{i}.png", "Hand", TEST_SEED_BASE + 740 + i
+            )
+            wait_for(
+                lambda n=i + 1: len(list(results.rglob("result.json"))) >= n,
+                120,
+                f"image {i}'s result",
+            )
+        for path in results.rglob("result.json"):
+            pids.append(json.loads(path.read_text())["worker"]["pid"])
+    assert len(pids) == 2 and pids[0] != pids[1]
