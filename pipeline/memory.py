@@ -1,14 +1,15 @@
 """glibc's allocator told to keep the memory a pool process frees, for its next study.
 
 A 200-slice CT study allocates and frees large blocks (the volume, each preprocessing step's
-copy, the sliding window's sums): glibc serves each block of more than 32 MB with an mmap of
-its own and gives it back to the kernel when it is freed, so the next study touches fresh
-pages again, each zeroed by the kernel on its first use: some 250,000 page faults per study.
-Under a hypervisor that reclaims the memory a guest frees (free page reporting, as on the
-project's 2-core CI VM), a first touch costs some 10 µs a page. With mmap off and the heap
-never trimmed, the blocks are reused: 50,000-90,000 faults per study, the process's resident
-size stays at its peak, which each study reaches anyway (1.06 GB for a 200-slice CT of 256x256
-under `up`); worker.max_memory_per_process_mb bounds it (pipeline.queue).
+copy, the sliding window's sums): glibc maps each block above its mmap threshold (which
+adapts, up to 32 MB) on its own and gives it back to the kernel when it is freed, so the next
+study touches fresh pages again, each zeroed by the kernel on its first use: some 250,000
+page faults per study. Under a hypervisor that reclaims the memory a guest frees (free page
+reporting, as on the project's 2-core CI VM), a first touch costs some 10 µs a page. With
+mmap off and the heap never trimmed, the blocks are reused: 50,000-90,000 faults per study,
+and the process's resident size stays at its peak, which each study reaches anyway (1.06 GB
+for a 200-slice CT of 256x256 under `up`); worker.max_memory_per_process_mb bounds it
+(pipeline.queue).
 """
 
 from __future__ import annotations
