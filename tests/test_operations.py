@@ -72,6 +72,17 @@ def browser() -> Any:
     return webdriver.Chrome(service=Service(driver_path), options=options)
 
 
+def page_text(driver: Any) -> str:
+    """The page's text, or "" while it reloads itself: the body just found may be gone by the
+    time its text is asked for (a stale element)."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    try:
+        return str(driver.find_element("tag name", "body").text)
+    except StaleElementReferenceException:
+        return ""
+
+
 def test_metrics_logs_status_and_page(model_repository: Path, tmp_path: Path) -> None:
     data = tmp_path / "data"
     ports = {name: free_port() for name in ("receiver", "watcher", "worker", "web")}
@@ -205,7 +216,7 @@ def test_metrics_logs_status_and_page(model_repository: Path, tmp_path: Path) ->
             # It refreshes itself: a new result appears without the test reloading it.
             write_mednist_png(inbox / "late.png", "Hand", TEST_SEED_BASE + 731)
             deadline = time.monotonic() + 90
-            while "late.png" not in driver.find_element("tag name", "body").text:
+            while "late.png" not in page_text(driver):
                 assert time.monotonic() < deadline, "the page never showed late.png"
                 time.sleep(0.5)
         finally:
