@@ -447,11 +447,19 @@ def test_a_data_set_that_cannot_be_read_gets_a_failure_status_and_nothing_is_wri
         f.write(b"\x00" * 128 + b"DICM")
         write_file_meta_info(DicomFileLike(f), meta)
         f.write(b"\x08\x00\x16\x00UI\xff\xff" + os.urandom(64))
+    # A sequence (0008,1115) of undefined length whose first item runs past the end: reading
+    # the header fails, so "cannot understand" (0xC210), whatever the random bytes above do.
+    truncated = tmp_path / "truncated.dcm"
+    with truncated.open("wb") as f:
+        f.write(b"\x00" * 128 + b"DICM")
+        write_file_meta_info(DicomFileLike(f), meta)
+        f.write(b"\x08\x00\x15\x11SQ\x00\x00\xff\xff\xff\xff\xfe\xff\x00\xe0\x10\x00\x00\x00")
     ae = AE()
     ae.add_requested_context(CT_STORAGE)
     assoc = ae.associate("127.0.0.1", rx.port, ae_title="PIPELINE")
     try:
         assert assoc.send_c_store(garbage).Status in (0xC210, 0xC220)
+        assert assoc.send_c_store(truncated).Status == 0xC210
         assert assoc.send_c_store(good).Status == 0x0000  # the association carries on
     finally:
         assoc.release()
