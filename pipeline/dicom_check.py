@@ -71,9 +71,8 @@ def encode_checked(ds: Dataset, sop_class_uid: str, mode: IodCheck) -> bytes:
     tool = dciodvfy_path(mode)
     if tool is None:
         _strict_read(data)
-        return data
-    with tempfile.TemporaryDirectory(prefix="iodcheck-") as tmp:
-        _dciodvfy_verdict(_start_dciodvfy(tool, data, Path(tmp)))
+    else:
+        _dciodvfy(tool, data)
     return data
 
 
@@ -101,32 +100,24 @@ def _check_values(ds: Dataset) -> None:
                 _check_values(item)
 
 
-def _start_dciodvfy(tool: str, data: bytes, folder: Path) -> subprocess.Popen[str]:
-    path = folder / "object.dcm"
-    try:
-        path.write_bytes(data)
-    except OSError as exc:  # no room for the copy dciodvfy reads: try again later
-        raise TransientError(f"cannot check a DICOM output: {exc}") from exc
-    try:
-        return subprocess.Popen(
-            [tool, "-new", str(path)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            errors="replace",
-        )
-    except OSError as exc:
-        raise OutputError(f"dciodvfy could not check it: {exc}") from exc
-
-
-def _dciodvfy_verdict(check: subprocess.Popen[str]) -> None:
-    try:
-        stdout, stderr = check.communicate(timeout=DCIODVFY_TIMEOUT_S)
-    except subprocess.TimeoutExpired as exc:
-        check.kill()
-        check.communicate()
-        raise OutputError(f"dciodvfy could not check it: {exc}") from exc
-    lines = (stdout + stderr).splitlines()
+def _dciodvfy(tool: str, data: bytes) -> None:
+    with tempfile.TemporaryDirectory(prefix="iodcheck-") as tmp:
+        path = Path(tmp) / "object.dcm"
+        try:
+            path.write_bytes(data)
+        except OSError as exc:  # no room for the copy dciodvfy reads: try again later
+            raise TransientError(f"cannot check a DICOM output: {exc}") from exc
+        try:
+            check = subprocess.run(
+                [tool, "-new", str(path)],
+                capture_output=True,
+                text=True,
+                errors="replace",
+                timeout=DCIODVFY_TIMEOUT_S,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise OutputError(f"dciodvfy could not check it: {exc}") from exc
+    lines = (check.stdout + check.stderr).splitlines()
     errors = [_withhold(line.strip()) for line in lines if line.startswith("Error")]
     warnings = [_withhold(line) for line in lines if line.startswith("Warning")]
     if warnings:

@@ -132,7 +132,6 @@ def test_seg_frames_land_on_the_right_source_slices(phantom_study: tuple) -> Non
 
 
 def test_sr_follows_tid_1500_and_references_the_source(phantom_study: tuple) -> None:
-
     settings, ct, slice_of, _ = phantom_study
     source = dcmread(next(ct.iterdir()), stop_before_pixels=True)
     study = settings.results_dir / source.StudyInstanceUID
