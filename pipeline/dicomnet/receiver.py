@@ -5,10 +5,18 @@ folders still in the spool (their sender may resume; they complete on the usual 
 queues jobs that were never queued. Then one loop reads the handlers' events, asks the
 :class:`~pipeline.studies.StudyTracker` which studies are complete, closes each into a job and
 queues it. With Redis down, jobs wait in the spool and are offered again every few seconds.
+
+Each further receiving process sends its events through a pipe of its own, read by a thread
+of the parent. Nothing is shared between the processes but the port: a process killed at any
+moment (the OOM killer's SIGKILL) takes only its own pipe with it. A shared
+``multiprocessing.Queue`` serialises its writers with a lock that a process killed in the
+middle of a write leaves held; every other process's events then stopped, and the studies
+they received completed only when adopted from the spool after the quiet period.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -17,7 +25,8 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from multiprocessing.connection import Connection
+from typing import Any
 
 from pipeline import observe
 from pipeline.dicom_store import clean_incoming
@@ -31,23 +40,32 @@ log = logging.getLogger(__name__)
 REQUEUE_S = 5.0
 
 
-class _Events(Protocol):
-    def put(self, item: tuple[Any, ...]) -> None: ...
-    def get(self, block: bool = True, timeout: float | None = None) -> tuple[Any, ...]: ...
-    def get_nowait(self) -> tuple[Any, ...]: ...
+class _PipeSink:
+    """A receiving process's end of its event pipe; its handler threads take turns."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._lock = threading.Lock()
+
+    def put(self, item: tuple[Any, ...]) -> None:
+        # OSError: the parent is gone, and this process follows it within a second; what it
+        # stored meanwhile is in the spool, adopted when the receiver starts again.
+        with self._lock, contextlib.suppress(OSError):
+            self._conn.send(item)
 
 
-def _serve_child(settings: Settings, port: int, events: _Events, stop: Any) -> None:
+def _serve_child(settings: Settings, port: int, conn: Connection, stop: Any) -> None:
     """A further receiving process: same port (SO_REUSEPORT), events to the parent.
 
     It stops when the parent closes its end of the ``stop`` pipe, or dies. Ctrl-C and a
-    SIGTERM to the whole process group (`up`, systemd) are the parent's to act on: a child
-    killed by them while waiting on a shared lock (a multiprocessing Event) once left that
-    lock held, and the parent hung on it until it was killed, its semaphores left behind."""
+    SIGTERM to the whole process group (`up`, systemd) are the parent's to act on: it stops
+    its children after its own server, and a child dead of the signal first would look like
+    a crash to be restarted."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     observe.configure_logging(settings)
     parent = os.getppid()
+    events = _PipeSink(conn)
     server = start_server(settings, events, port=port)
     events.put(("ready", os.getpid()))
     try:
@@ -69,7 +87,9 @@ class Receiver:
         self._mp = multiprocessing.get_context("spawn")
         # The children's stop signal: they see end-of-file once this end is closed.
         self._stop_read, self._stop_write = self._mp.Pipe(duplex=False)
-        self.events: _Events = self._mp.Queue() if rs.processes > 1 else queue.Queue()
+        # Every process's events, the parent's own handlers' and (through a reader thread
+        # each) the further processes'.
+        self.events: queue.Queue[tuple[Any, ...]] = queue.Queue()
         self.children: list[Any] = []
         self.tracker = StudyTracker(
             rs.release_grace_s, rs.quiet_period_s, rs.max_wait_s, early_start=rs.early_start
@@ -152,14 +172,28 @@ class Receiver:
             log.error("%d receiving process(es) did not start in %.0f s", waiting, timeout_s)
 
     def _start_child(self, index: int, port: int) -> Any:
+        receive, send = self._mp.Pipe(duplex=False)
         child = self._mp.Process(
             target=_serve_child,
-            args=(self.settings, port, self.events, self._stop_read),
+            args=(self.settings, port, send, self._stop_read),
             name=f"receiver-{index}",
             daemon=True,
         )
         child.start()
+        send.close()  # the child's end only: its exit is then this end's end of file
+        threading.Thread(
+            target=self._relay, args=(receive,), name=f"receiver-{index}-events", daemon=True
+        ).start()
         return child
+
+    def _relay(self, conn: Connection) -> None:
+        """A receiving process's events into :attr:`events`, until the process is gone."""
+        with conn:
+            while True:
+                try:
+                    self.events.put(conn.recv())
+                except (EOFError, OSError):
+                    return
 
     def _restart_dead_children(self, port: int) -> None:
         for i, child in enumerate(self.children):

@@ -107,11 +107,11 @@ def _connect(peer: Peer, contexts: set[tuple[str, str]]) -> Association:
     sock = assoc.dul.socket.socket if assoc.dul.socket else None
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    _answers_only(assoc)
+    answers_only(assoc)
     return assoc
 
 
-def _answers_only(assoc: Association) -> None:
+def answers_only(assoc: Association) -> None:
     """Keep the association's reactor thread off the responses to our requests.
 
     pynetdicom's reactor polls for requests from the peer (``get_msg(block=False)``), and
