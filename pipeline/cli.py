@@ -216,7 +216,7 @@ def worker(
     from pipeline.errors import OutputError
     from pipeline.queue import QUEUE, make_celery
     from pipeline.services import embedded_redis
-    from pipeline.tasks import register_tasks, warm_up_before_fork
+    from pipeline.tasks import register_tasks, wait_for_pool, warm_up_before_fork
 
     settings = _settings()
     settings.ensure_dirs()
@@ -247,8 +247,13 @@ def worker(
     def _taking_jobs(**_: Any) -> None:
         # For `up`, which says "ready" only from here on: a study sent at once would otherwise
         # wait for the worker's start-up (2.9 s of the first study's 11 s in the end-to-end
-        # benchmark).
-        atomic_write_bytes(settings.run_dir / WORKER_READY, str(os.getpid()).encode())
+        # benchmark), and its pool processes' (worker.prefault_mb).
+        def once_pool_started() -> None:
+            if not wait_for_pool(settings):
+                log.warning("the worker's pool processes have not all started; ready anyway")
+            atomic_write_bytes(settings.run_dir / WORKER_READY, str(os.getpid()).encode())
+
+        threading.Thread(target=once_pool_started, name="ready", daemon=True).start()
 
     observe.serve(settings, "worker", (observe.QueueDepth(broker, (QUEUE,)),))
     celery.worker_main(

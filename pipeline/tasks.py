@@ -11,6 +11,9 @@ import contextlib
 import gc
 import logging
 import os
+import shutil
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +27,7 @@ from pipeline.contract import discover_contracts
 from pipeline.dispatch import DISPATCH_TASK
 from pipeline.errors import TransientError
 from pipeline.jobs import PROCESSING_MARKER, Job, error_record, job_dir, now, quarantine
-from pipeline.memory import keep_freed_memory
+from pipeline.memory import keep_freed_memory, prefault
 from pipeline.processing import Models, StageError, run_job
 from pipeline.queue import TASK_NAME
 from pipeline.routing import Route
@@ -84,6 +87,7 @@ def register_tasks(app: Celery, settings: Settings, triton_url: str) -> WorkerCo
     """Register the tasks on ``app``; the context they share is returned, for a caller that
     runs them in its own process (tests) to close."""
     ctx = WorkerContext(settings, triton_url)
+    shutil.rmtree(_pool_dir(settings, os.getpid()), ignore_errors=True)  # a reused pid's
 
     @worker_process_init.connect(weak=False)  # type: ignore[untyped-decorator]
     def _init_process(**_: Any) -> None:
@@ -92,13 +96,15 @@ def register_tasks(app: Celery, settings: Settings, triton_url: str) -> WorkerCo
         torch.set_num_threads(1)
         ctx.in_pool = True
         numpy_huge_pages(settings.worker.numpy_huge_pages)
-        if settings.worker.keep_freed_memory:
-            keep_freed_memory()
+        if settings.worker.keep_freed_memory and keep_freed_memory():
+            _prefault(settings.worker.prefault_mb)
         ctx.reset()
+        _pool_marker(settings).touch()
 
     @worker_process_shutdown.connect(weak=False)  # type: ignore[untyped-decorator]
     def _end_process(**_: Any) -> None:
         ctx.close()
+        _pool_marker(settings).unlink(missing_ok=True)
 
     # shared=False: a shared task would be added to every Celery app made later in this
     # process, bound to this context; a second app (tests, `bench`) would then run the first
@@ -112,6 +118,39 @@ def register_tasks(app: Celery, settings: Settings, triton_url: str) -> WorkerCo
         handle_delivery(self, ctx.settings, message)
 
     return ctx
+
+
+def _pool_dir(settings: Settings, worker_pid: int) -> Path:
+    # By host too: the data folder may be shared by the workers of several machines.
+    return settings.run_dir / "pool-ready" / f"{socket.gethostname()}-{worker_pid}"
+
+
+def _pool_marker(settings: Settings) -> Path:
+    """This pool process's "started" marker, under its worker's folder."""
+    folder = _pool_dir(settings, os.getppid())
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / str(os.getpid())
+
+
+def wait_for_pool(settings: Settings) -> bool:
+    """In the worker's main process: until each of its pool processes has started (and
+    prefaulted its memory); False if they have not within Celery's own limit. Celery says
+    it is ready before its pool processes are: a study sent then would wait for them."""
+    folder = _pool_dir(settings, os.getpid())
+    deadline = time.monotonic() + 10.0 + 10.0 * settings.worker.prefault_mb / 1024
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            if len(list(folder.iterdir())) >= settings.worker.concurrency:
+                return True
+        time.sleep(0.1)
+    return False
+
+
+def _prefault(mb: int) -> None:
+    if mb and (seconds := prefault(mb)) is not None:
+        log.info("pool process %d: %d MB of memory made ready in %.2f s", os.getpid(), mb, seconds)
+    elif mb:
+        log.warning("pool process %d: %d MB of memory not available to prefault", os.getpid(), mb)
 
 
 def warm_up_before_fork(ctx: WorkerContext) -> None:
