@@ -51,9 +51,8 @@ def make_celery(settings: Settings, broker_url: str) -> Celery:
         worker_prefetch_multiplier=1,
         worker_max_memory_per_child=_kib(settings.worker.max_memory_per_process_mb),
         # A pool process reports for work after its start-up (tasks._init_process), and
-        # Celery kills one that has not within this time (4 s by default): the prefault takes
-        # 2-3 s per GB on a VM whose host lends memory lazily.
-        worker_proc_alive_timeout=4.0 + 10.0 * settings.worker.prefault_mb / 1024,
+        # Celery kills one that has not within this time: the prefault's included.
+        worker_proc_alive_timeout=settings.worker.process_start_limit_s,
         task_default_queue=QUEUE,
         task_soft_time_limit=settings.worker.task_soft_time_limit_s,
         task_time_limit=settings.worker.task_time_limit_s,

@@ -167,6 +167,12 @@ class WorkerSettings(_Section):
         # faster on a 16-core GPU node), where more would mostly wait on each other.
         return max(1, min(MAX_TORCH_THREADS, usable_cores() // self.concurrency))
 
+    @property
+    def process_start_limit_s(self) -> float:
+        """How long a pool process may take to start: Celery's default, 4 s, and the
+        prefault's time at 10 s per GB (2-3 s on a VM whose host lends memory lazily)."""
+        return 4.0 + 10.0 * self.prefault_mb / 1024
+
 
 def _check_ae_title(v: str) -> str:
     # PS3.5 AE: up to 16 characters of the default repertoire, no backslash or control chars.

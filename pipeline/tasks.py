@@ -49,6 +49,7 @@ class WorkerContext:
         self._models: Models | None = None
         self._client: TritonClient | None = None
         self.in_pool = False  # a Celery pool process: its torch threads are its own to set
+        self.started_marker: Path | None = None  # a pool process's, for wait_for_pool
 
     @property
     def models(self) -> Models:
@@ -99,12 +100,14 @@ def register_tasks(app: Celery, settings: Settings, triton_url: str) -> WorkerCo
         if settings.worker.keep_freed_memory and keep_freed_memory():
             _prefault(settings.worker.prefault_mb)
         ctx.reset()
-        _pool_marker(settings).touch()
+        ctx.started_marker = _pool_marker(settings)
+        ctx.started_marker.touch()
 
     @worker_process_shutdown.connect(weak=False)  # type: ignore[untyped-decorator]
     def _end_process(**_: Any) -> None:
         ctx.close()
-        _pool_marker(settings).unlink(missing_ok=True)
+        if ctx.started_marker is not None:  # its path names the worker, maybe gone by now
+            ctx.started_marker.unlink(missing_ok=True)
 
     # shared=False: a shared task would be added to every Celery app made later in this
     # process, bound to this context; a second app (tests, `bench`) would then run the first
@@ -134,10 +137,11 @@ def _pool_marker(settings: Settings) -> Path:
 
 def wait_for_pool(settings: Settings) -> bool:
     """In the worker's main process: until each of its pool processes has started (and
-    prefaulted its memory); False if they have not within Celery's own limit. Celery says
-    it is ready before its pool processes are: a study sent then would wait for them."""
+    prefaulted its memory); False if they have not within Celery's own limit (a few seconds
+    more for their fork). Celery says it is ready before its pool processes are: a study
+    sent then would wait for them."""
     folder = _pool_dir(settings, os.getpid())
-    deadline = time.monotonic() + 10.0 + 10.0 * settings.worker.prefault_mb / 1024
+    deadline = time.monotonic() + settings.worker.process_start_limit_s + 6.0
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError):
             if len(list(folder.iterdir())) >= settings.worker.concurrency:
