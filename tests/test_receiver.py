@@ -776,13 +776,19 @@ def test_receiving_processes_killed_while_busy_are_replaced_and_studies_complete
 
         # Fresh studies over as many associations as the kernel spreads over the processes.
         fresh = studies("fresh", 6)
+        sent: list[int] = []
         outs = [
-            threading.Thread(target=storescu, args=(port, files), daemon=True) for files in fresh
+            threading.Thread(
+                target=lambda files=files: sent.append(storescu(port, files).returncode),
+                daemon=True,
+            )
+            for files in fresh
         ]
         for t in outs:
             t.start()
         for t in outs:
             t.join(120)
+        assert sent == [0] * len(fresh)  # every instance acknowledged
         uids = {dcmread(files[0], stop_before_pixels=True).StudyInstanceUID for files in fresh}
         wait_for(
             lambda: uids <= {task["study"]["study_uid"] for task in rx.tasks()},
