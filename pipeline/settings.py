@@ -167,6 +167,18 @@ class WorkerSettings(_Section):
         # faster on a 16-core GPU node), where more would mostly wait on each other.
         return max(1, min(MAX_TORCH_THREADS, usable_cores() // self.concurrency))
 
+    @model_validator(mode="after")
+    def _prefault_within_bound(self) -> WorkerSettings:
+        bound = self.max_memory_per_process_mb
+        if self.keep_freed_memory and bound is not None and self.prefault_mb >= bound:
+            # Each pool process would be above its bound after every task: replaced, and its
+            # replacement prefaulting again, study after study.
+            raise ValueError(
+                f"prefault_mb ({self.prefault_mb}) must be below max_memory_per_process_mb "
+                f"({bound}): every pool process would be replaced after each task"
+            )
+        return self
+
     @property
     def process_start_limit_s(self) -> float:
         """How long a pool process may take to start: Celery's default, 4 s, and the

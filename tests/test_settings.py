@@ -50,6 +50,21 @@ def test_bad_value_is_an_error_naming_the_key(
         load_settings()
 
 
+def test_a_prefault_at_or_above_the_memory_bound_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every pool process would be over its bound after each task, and be replaced (and its
+    replacement prefault again) for every study."""
+    _config(tmp_path, monkeypatch, "worker:\n  max_memory_per_process_mb: 1024\n")
+    with pytest.raises(ConfigError, match=r"prefault_mb \(1024\) must be below"):
+        load_settings()
+    monkeypatch.setenv("PIPELINE_WORKER__PREFAULT_MB", "512")
+    assert load_settings().worker.prefault_mb == 512
+    monkeypatch.setenv("PIPELINE_WORKER__KEEP_FREED_MEMORY", "false")  # then nothing is kept
+    monkeypatch.setenv("PIPELINE_WORKER__PREFAULT_MB", "1024")
+    assert load_settings().worker.max_memory_per_process_mb == 1024
+
+
 def test_worker_cores_go_to_pool_processes_first_then_to_their_torch_threads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
