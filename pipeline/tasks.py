@@ -151,10 +151,13 @@ def wait_for_pool(settings: Settings) -> bool:
 
 
 def _prefault(mb: int) -> None:
-    if mb and (seconds := prefault(mb)) is not None:
-        log.info("pool process %d: %d MB of memory made ready in %.2f s", os.getpid(), mb, seconds)
-    elif mb:
+    if not mb:
+        return
+    seconds = prefault(mb)
+    if seconds is None:
         log.warning("pool process %d: %d MB of memory not available to prefault", os.getpid(), mb)
+    else:
+        log.info("pool process %d: %d MB of memory made ready in %.2f s", os.getpid(), mb, seconds)
 
 
 def warm_up_before_fork(ctx: WorkerContext) -> None:
