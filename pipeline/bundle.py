@@ -158,8 +158,10 @@ def import_bundle(bundle: Path, repository: Path, name: str | None = None) -> Mo
             bundle=bundle.name,
             version=meta.get("version", ""),
             name=name,
-            input_dims=", ".join(map(str, contract.input.shape)),
-            output_dims=", ".join(map(str, contract.output.shape)),
+            # Spatial sizes left free: patches, or whole volumes when the contract's
+            # sliding_window.runs_on is triton.
+            input_dims=", ".join(map(str, _free_spatial(contract.input.shape))),
+            output_dims=", ".join(map(str, _free_spatial(contract.output.shape))),
             output_type="TYPE_FP16" if contract.output.dtype == "float16" else "TYPE_FP32",
         ).encode(),
     )
@@ -168,3 +170,7 @@ def import_bundle(bundle: Path, repository: Path, name: str | None = None) -> Mo
     shutil.copyfile(weights, tmp)
     tmp.replace(folder / "1" / "model.pt")
     return load_contract(folder)
+
+
+def _free_spatial(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return (shape[0], *(-1 for _ in shape[1:]))

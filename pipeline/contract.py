@@ -35,12 +35,19 @@ class Task(StrEnum):
 
 class SlidingWindow(BaseModel):
     """How a segmentation model covers a volume larger than its input: patches of the input
-    shape, overlapping, blended, sent to Triton ``batch_size`` at a time."""
+    shape, overlapping, blended, run ``batch_size`` at a time."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     overlap: float = Field(default=0.25, ge=0.0, lt=1.0)
     batch_size: int = Field(default=4, ge=1, le=64)
     mode: Literal["gaussian", "constant"] = "gaussian"
+    runs_on: Literal["worker", "triton"] = Field(
+        default="worker",
+        description="worker: the worker cuts and blends, sending patches to Triton, where "
+        "concurrent studies' patches batch together; triton: the worker sends the whole "
+        "volume in one request and the model's own instance (its GPU in production) cuts and "
+        "blends, moving the volume once instead of each patch and its answer",
+    )
 
 
 class TransformSpec(BaseModel):
@@ -146,6 +153,13 @@ class ModelContract(BaseModel):
         if self.activation is Activation.SIGMOID and len(self.labels) != 2:
             raise ValueError("a sigmoid model has exactly two labels: negative, positive")
         return self
+
+    def output_shape(self, item_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The answer's shape for one input of ``item_shape`` (without the batch dimension):
+        a segmentation model answers on the input's own voxels, a patch or a whole volume."""
+        if self.task is Task.SEGMENTATION:
+            return (self.output.shape[0], *item_shape[1:])
+        return self.output.shape
 
     @property
     def omits_background(self) -> bool:

@@ -16,12 +16,12 @@ import numpy as np
 import numpy.typing as npt
 import torch
 from monai.data import MetaTensor
-from monai.inferers import sliding_window_inference
 from scipy import ndimage
 
 from pipeline import convert
 from pipeline.contract import ModelContract
 from pipeline.results import Lesion
+from pipeline.serving.window import infer_volume, patch_count
 from pipeline.triton_client import TritonClient
 
 
@@ -63,25 +63,11 @@ def segment(
     window = contract.sliding_window
     roi = contract.input.shape[1:]
     volume = torch.as_tensor(np.asarray(pre), dtype=torch.float32)[None]
-    spatial = volume.shape[2:]
-    # A volume thinner than a patch is padded at its far end with background, as in training
-    # (MONAI would pad both sides, which the demo weights never saw), and cropped back after.
-    pad: list[int] = []
-    for size, dim in zip(reversed(roi), reversed(spatial), strict=True):
-        pad += [0, max(0, size - dim)]
-    volume = torch.nn.functional.pad(volume, pad, value=0.0)
-    with torch.inference_mode():
-        probs = sliding_window_inference(
-            volume,
-            roi_size=roi,
-            sw_batch_size=window.batch_size,
-            predictor=predictor,
-            overlap=window.overlap,
-            mode=window.mode,
-            padding_mode="constant",
-            cval=0.0,
-        )
-    probs = torch.as_tensor(probs)[..., : spatial[0], : spatial[1], : spatial[2]]
+    if window.runs_on == "triton":  # one request; the server cuts, runs and blends
+        probs = predictor(volume)
+        patches = patch_count(tuple(volume.shape[2:]), roi, window.overlap)
+    else:
+        probs = infer_volume(volume, roi, window, predictor)
     if contract.omits_background:  # labels 1.. only: the background has what they leave
         foreground = probs
         if probs.shape[1] == 1:  # the lesion where p > 1 - p

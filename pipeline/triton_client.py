@@ -170,7 +170,7 @@ class TritonClient:
             source.write(batch)
             inp.set_shared_memory(source.name, batch.nbytes)
             itemsize = np.dtype(contract.output.dtype).itemsize
-            size = len(batch) * int(np.prod(contract.output.shape)) * itemsize
+            size = len(batch) * int(np.prod(contract.output_shape(batch.shape[1:]))) * itemsize
             region = shm.region(f"{contract.name}-output", size)
             out.set_shared_memory(region.name, size)
         elif grpc:

@@ -129,8 +129,14 @@ def test_imported_bundle_is_served_and_segments_in_the_source_geometry(
         client = new_client(endpoints.grpc, settings.triton)
         image = LoadedImage(InputKind.NIFTI, MetaTensor(hu[np.newaxis], affine=affine))
         seg = segment(image, contract, client)
+        # The same from one request, the sliding window run by Triton beside the model: the
+        # imported config leaves the spatial sizes free for it.
+        window = contract.sliding_window.model_copy(update={"runs_on": "triton"})
+        by_triton = segment(image, contract.model_copy(update={"sliding_window": window}), client)
     finally:
         proc.stop()
+    assert by_triton.patches == seg.patches
+    np.testing.assert_array_equal(by_triton.mask, seg.mask)
     assert seg.mask.shape == hu.shape
     np.testing.assert_allclose(seg.affine, affine)
     truth = hu > THRESHOLD_HU

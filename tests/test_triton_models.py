@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as grpcclient
+from monai.data import MetaTensor
 
 from pipeline import convert
-from pipeline.contract import discover_contracts
+from pipeline.contract import InputKind, discover_contracts
 from pipeline.demo.synthetic import (
     MEDNIST_LABELS,
     lesion_phantom,
@@ -30,6 +31,7 @@ from pipeline.demo.synthetic import (
 from pipeline.demo.train import TEST_SEED_BASE
 from pipeline.errors import InputError, ModelNotFoundError
 from pipeline.processing import decide
+from pipeline.segment import segment
 from pipeline.services.embedded_triton import TritonEndpoints
 from pipeline.settings import TritonSettings
 from pipeline.triton_client import TritonClient
@@ -156,6 +158,68 @@ def test_the_lesion_model_answers_its_foreground_probability_in_float16(
     ours = new_client(triton.grpc, TritonSettings()).infer(contract, patches).probabilities
     assert ours.dtype == np.float32 and ours.flags.writeable
     np.testing.assert_array_equal(ours, served.astype(np.float32))
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_a_whole_volume_is_segmented_by_triton_as_by_the_worker(
+    triton: TritonEndpoints, protocol: str, new_client: Callable[..., TritonClient]
+) -> None:
+    """``sliding_window.runs_on: triton``: the worker sends the volume in one request and the
+    server cuts, runs and blends. The same lesions, mask and patch count as the worker's own
+    sliding window over the same server; probabilities differ by float16 rounding at most."""
+    hu, truth, affine = lesion_phantom(TEST_SEED_BASE + 720, lesions=2)
+    image = convert.LoadedImage(InputKind.NIFTI, MetaTensor(hu[np.newaxis], affine=affine))
+    worker_side = CONTRACTS["ct_lesion_segmentation"]
+    worker_side = worker_side.model_copy(
+        update={
+            "sliding_window": worker_side.sliding_window.model_copy(update={"runs_on": "worker"})
+        }
+    )
+    server_side = worker_side.model_copy(
+        update={
+            "sliding_window": worker_side.sliding_window.model_copy(update={"runs_on": "triton"})
+        }
+    )
+    client = new_client(getattr(triton, protocol), TritonSettings())
+    calls_before = _requests(triton, server_side.name)
+    by_worker = segment(image, worker_side, client)
+    between = _requests(triton, server_side.name)
+    by_triton = segment(image, server_side, client)
+    assert _requests(triton, server_side.name) - between == 1  # one request for the volume
+    assert between - calls_before == -(-by_worker.patches // worker_side.sliding_window.batch_size)
+    assert by_triton.patches == by_worker.patches > 8
+    assert len(by_triton.lesions) == len(by_worker.lesions) == 2
+    assert by_triton.mask.shape == truth.shape
+    differ = int((by_triton.mask != by_worker.mask).sum())
+    assert differ <= 0.001 * truth.sum(), differ  # voxels within float16 rounding of 0.5
+    true_ml = float(truth.sum()) * float(np.prod(np.diag(affine)[:3])) / 1000.0
+    assert abs(by_triton.total_volume_ml - true_ml) <= 0.1 * true_ml
+    assert by_triton.max_probability == pytest.approx(by_worker.max_probability, abs=1e-3)
+
+
+def test_a_volume_the_model_cannot_take_is_a_permanent_error(
+    triton: TritonEndpoints, new_client: Callable[..., TritonClient]
+) -> None:
+    contract = CONTRACTS["ct_lesion_segmentation"]
+    client = new_client(triton.grpc, TritonSettings())
+    with pytest.raises(InputError, match="must have shape"):  # two channels for a 1-channel model
+        client.infer(contract, np.zeros((1, 2, 60, 60, 60), np.float32))
+    bad = np.zeros((1, 1, 60, 50, 40), np.float32)
+    bad[0, 0, 30, 25, 20] = np.nan
+    with pytest.raises(InputError, match="NaN"):
+        client.infer(contract, bad)
+    # The server still answers a good volume after them.
+    ok = client.infer(contract, np.zeros((1, 1, 60, 50, 40), np.float32))
+    assert ok.probabilities.shape == (1, 1, 60, 50, 40)
+
+
+def _requests(triton: TritonEndpoints, model: str) -> int:
+    client = grpcclient.InferenceServerClient(triton.grpc.split("//", 1)[1])
+    try:
+        stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+    finally:
+        client.close()
+    return int(stats["inference_stats"]["success"].get("count", 0))
 
 
 def test_infer_command_answers_every_model_of_a_ct_route(

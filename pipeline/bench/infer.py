@@ -13,6 +13,11 @@ batch size (4 clients: to direct batch 1). Everything runs on this machine's CPU
 Triton finds a GPU; measurements are interleaved per model so drift hits all alike. The
 client runs with one torch thread, as in a worker pool process; the direct runs with torch's
 default, as Triton's python backend.
+
+Then whole-volume segmentation (``--volume``, a 200-slice CT's 256x256x200 by default): the
+sliding window in-process against the pipeline's two ways of running it through Triton, the
+worker's (patches in requests) and Triton's own (``sliding_window.runs_on: triton``, the
+volume in one request); volumes/s and the ratio to direct.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import tritonclient.http as httpclient
 from pipeline.contract import ModelContract, discover_contracts
 from pipeline.services import embedded_triton
 from pipeline.serving.activation import probabilities
+from pipeline.serving.window import infer_volume
 from pipeline.settings import Settings
 from pipeline.triton_client import TritonClient
 
@@ -107,6 +113,60 @@ def _concurrent(
         for t in threads:
             t.join()
         return clients * rounds
+
+    return call
+
+
+def _volume(args: argparse.Namespace) -> np.ndarray:
+    """A CT-sized volume (batch, channel, *spatial) of random values in the model's range."""
+    shape = (1, 1, *args.volume)
+    return np.random.default_rng(1).random(shape, np.float32)
+
+
+def _direct_volume(
+    repository: Path, contract: ModelContract, volume: np.ndarray
+) -> Callable[[], int]:
+    """The sliding window over a whole volume in this process, patches and blending on the
+    device the server's instance would use, from and to host memory."""
+    device = _device()
+    weights = repository / contract.name / "1" / contract.weights
+    net = torch.jit.load(str(weights), map_location=device)  # type: ignore[no-untyped-call]
+    net.eval()
+    roi = contract.input.shape[1:]
+
+    def forward(batch: torch.Tensor) -> torch.Tensor:
+        return probabilities(contract, net(batch)).float()
+
+    def call() -> int:
+        x = torch.from_numpy(volume).to(device)
+        infer_volume(x, roi, contract.sliding_window, forward).cpu().numpy()
+        return 1
+
+    return call
+
+
+def _triton_volume(
+    clients: contextlib.ExitStack,
+    url: str,
+    settings: Settings,
+    contract: ModelContract,
+    volume: np.ndarray,
+    runs_on: str,
+) -> Callable[[], int]:
+    """The pipeline's segmentation path (:func:`pipeline.segment.segment` without the
+    preprocessing and labelling): patches from the worker, or the volume in one request."""
+    client = clients.enter_context(TritonClient(url, settings.triton))
+    roi = contract.input.shape[1:]
+
+    def predictor(batch: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(client.infer(contract, batch.numpy()).probabilities)
+
+    def call() -> int:
+        if runs_on == "triton":
+            client.infer(contract, volume)
+        else:
+            infer_volume(torch.from_numpy(volume), roi, contract.sliding_window, predictor)
+        return 1
 
     return call
 
@@ -193,9 +253,49 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 }
                 torch.set_num_threads(1)
                 figures[name]["grpc b16 split"] = split(endpoints.http, runs["grpc b16"], name)
+            if all(args.volume):
+                figures["volume"] = _volumes(args, repository, contracts, endpoints, settings)
     finally:
         proc.stop()
     return figures
+
+
+def _volumes(
+    args: argparse.Namespace,
+    repository: Path,
+    contracts: dict[str, ModelContract],
+    endpoints: embedded_triton.TritonEndpoints,
+    settings: Settings,
+) -> dict[str, Any]:
+    """Whole-volume segmentation, volumes/s: direct, the worker's sliding window through
+    Triton, and Triton's own (``sliding_window.runs_on: triton``), at the sliding window's
+    batch size of the served contract, over gRPC with shared memory."""
+    contract = contracts["ct_lesion_segmentation"]
+    volume = _volume(args)
+    direct_threads = torch.get_num_threads()
+    with contextlib.ExitStack() as clients:
+        runs = {
+            "direct": _direct_volume(repository, contract, volume),
+            "worker window": _triton_volume(
+                clients, endpoints.grpc, settings, contract, volume, "worker"
+            ),
+            "triton window": _triton_volume(
+                clients, endpoints.grpc, settings, contract, volume, "triton"
+            ),
+        }
+        rates: dict[str, list[float]] = {k: [] for k in runs}
+        for _ in range(args.repeats):
+            for key, call in runs.items():
+                threads = direct_threads if key == "direct" else 1
+                rates[key].append(_rate(call, args.seconds, threads))
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    rows: dict[str, Any] = {
+        "shape": list(volume.shape),
+        "sliding window batch": contract.sliding_window.batch_size,
+    }
+    for key, value in med.items():
+        rows[key] = {"volumes_per_s": round(value, 3), "x_direct": round(value / med["direct"], 2)}
+    return rows
 
 
 def main() -> None:
@@ -212,6 +312,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=4.0, help="Per measurement.")
     parser.add_argument("--repeats", type=int, default=3, help="Median of this many.")
     parser.add_argument("--json", type=Path, help="Also write the figures here.")
+    parser.add_argument(
+        "--volume",
+        type=lambda v: tuple(int(x) for x in v.split(",")),
+        default=(256, 256, 200),
+        help="Whole-volume segmentation of this size (x,y,z); 0 skips it.",
+    )
     args = parser.parse_args()
     figures = run(args)
     print(f"device: {figures['device']}")
@@ -220,6 +326,13 @@ def main() -> None:
             continue
         print(model)
         for key, row in rows.items():
+            if not isinstance(row, dict):
+                print(f"  {key:>18}: {row}")
+                continue
+            if "volumes_per_s" in row:
+                rate, ratio = row["volumes_per_s"], row["x_direct"]
+                print(f"  {key:>18}: {rate:8.3f} volumes/s {ratio:.2f}x direct")
+                continue
             if "images_per_s" not in row:
                 print(f"  {key:>18}: " + ", ".join(f"{k} {v}" for k, v in row.items()))
                 continue

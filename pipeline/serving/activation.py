@@ -10,7 +10,7 @@ import torch
 
 from pipeline.contract import Activation, ModelContract
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 def probabilities(contract: ModelContract, logits: torch.Tensor) -> torch.Tensor:
@@ -23,4 +23,4 @@ def probabilities(contract: ModelContract, logits: torch.Tensor) -> torch.Tensor
     else:  # one logit, the probability of the positive label
         positive = torch.sigmoid(logits.float().reshape(len(logits), 1))
         p = torch.cat([1.0 - positive, positive], dim=1)
-    return p.to(_DTYPES[contract.output.dtype]).contiguous()
+    return p.to(DTYPES[contract.output.dtype]).contiguous()

@@ -19,8 +19,10 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from pipeline.contract import load_contract
+from pipeline.contract import Task, load_contract
+from pipeline.serving.activation import DTYPES as _DTYPES
 from pipeline.serving.activation import probabilities as served_probabilities
+from pipeline.serving.window import infer_volume
 
 
 class TorchScriptClassifier:
@@ -52,7 +54,14 @@ class TorchScriptClassifier:
         array = tensor.as_numpy()
         if array.dtype != np.float32:
             raise ValueError(f"{spec.name} must be float32, got {array.dtype}")
-        if array.ndim != len(spec.shape) + 1 or tuple(array.shape[1:]) != spec.shape:
+        shape = tuple(array.shape[1:])
+        if self.contract.task is Task.SEGMENTATION:  # patches, or whole volumes of any size
+            if len(shape) != len(spec.shape) or shape[0] != spec.shape[0] or 0 in shape:
+                raise ValueError(
+                    f"{spec.name} must have shape [batch, {spec.shape[0]}, *spatial], "
+                    f"got {array.shape}"
+                )
+        elif shape != spec.shape:
             raise ValueError(
                 f"{spec.name} must have shape [batch, {spec.shape}], got {array.shape}"
             )
@@ -68,6 +77,8 @@ class TorchScriptClassifier:
                 responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc)))
         if accepted:
             accepted = self._finite(accepted, responses)
+        if accepted:
+            accepted = self._volumes(accepted, responses)
         if accepted:
             arrays = [a for _, a in accepted]
             # One forward pass for the whole dynamic batch; a lone request is used as it is
@@ -90,6 +101,37 @@ class TorchScriptClassifier:
                 out = pb_utils.Tensor(self.contract.output.name, part)
                 responses[i] = pb_utils.InferenceResponse(output_tensors=[out])
         return responses
+
+    def _volumes(
+        self, accepted: list[tuple[int, np.ndarray]], responses: list[Any]
+    ) -> list[tuple[int, np.ndarray]]:
+        """Answer the requests that carry whole volumes (anything but one patch's shape) by a
+        sliding window on this instance's device; the patches are left for one batch.
+        Triton's dynamic batcher batches only requests of one shape, so a volume arrives
+        alone or among volumes."""
+        patch = self.contract.input.shape
+        window = self.contract.sliding_window
+        patches = []
+        for i, array in accepted:
+            if array.shape[1:] == patch:
+                patches.append((i, array))
+                continue
+            volume = torch.from_numpy(array).to(self.device)
+            try:
+                probabilities = infer_volume(volume, patch[1:], window, self._forward).cpu()
+            except RuntimeError as exc:  # e.g. out of GPU memory for a huge volume
+                error = pb_utils.TritonError(f"{self.contract.name} sliding window failed: {exc}")
+                responses[i] = pb_utils.InferenceResponse(error=error)
+                continue
+            # Blended in float32; answered in the output's dtype, as a patch's answer is.
+            part = probabilities.to(_DTYPES[self.contract.output.dtype]).numpy()
+            out = pb_utils.Tensor(self.contract.output.name, part)
+            responses[i] = pb_utils.InferenceResponse(output_tensors=[out])
+        return patches
+
+    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """Probabilities of a batch of patches, in float32 for the sliding window's blending."""
+        return served_probabilities(self.contract, self.net(batch)).float()
 
     def _finite(
         self, accepted: list[tuple[int, np.ndarray]], responses: list[Any]
