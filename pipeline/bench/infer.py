@@ -41,7 +41,7 @@ import tritonclient.http as httpclient
 
 from pipeline.contract import ModelContract, discover_contracts
 from pipeline.services import embedded_triton
-from pipeline.serving.activation import probabilities
+from pipeline.serving.activation import DTYPES, probabilities
 from pipeline.serving.window import infer_volume
 from pipeline.settings import Settings
 from pipeline.triton_client import TritonClient
@@ -139,7 +139,8 @@ def _direct_volume(
 
     def call() -> int:
         x = torch.from_numpy(volume).to(device)
-        infer_volume(x, roi, contract.sliding_window, forward).cpu().numpy()
+        blended = infer_volume(x, roi, contract.sliding_window, forward)
+        blended.to(DTYPES[contract.output.dtype]).cpu().numpy()  # what the server answers
         return 1
 
     return call
