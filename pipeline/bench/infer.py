@@ -224,7 +224,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     direct_threads = torch.get_num_threads()
     try:
         with contextlib.ExitStack() as clients:
-            for name in MODELS:
+            for name in args.models:
                 contract = contracts[name]
                 runs = {
                     "direct b1": _direct(repository, contract, 1),
@@ -255,7 +255,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 torch.set_num_threads(1)
                 figures[name]["grpc b16 split"] = split(endpoints.http, runs["grpc b16"], name)
             if all(args.volume):
-                figures["volume"] = _volumes(args, repository, contracts, endpoints, settings)
+                figures["volume"] = _volumes(
+                    args, repository, contracts, endpoints, settings, direct_threads
+                )
     finally:
         proc.stop()
     return figures
@@ -267,13 +269,13 @@ def _volumes(
     contracts: dict[str, ModelContract],
     endpoints: embedded_triton.TritonEndpoints,
     settings: Settings,
+    direct_threads: int,
 ) -> dict[str, Any]:
     """Whole-volume segmentation, volumes/s: direct, the worker's sliding window through
     Triton, and Triton's own (``sliding_window.runs_on: triton``), at the sliding window's
     batch size of the served contract, over gRPC with shared memory."""
     contract = contracts["ct_lesion_segmentation"]
     volume = _volume(args)
-    direct_threads = torch.get_num_threads()
     with contextlib.ExitStack() as clients:
         runs = {
             "direct": _direct_volume(repository, contract, volume),
@@ -313,6 +315,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=4.0, help="Per measurement.")
     parser.add_argument("--repeats", type=int, default=3, help="Median of this many.")
     parser.add_argument("--json", type=Path, help="Also write the figures here.")
+    parser.add_argument(
+        "--models",
+        type=lambda v: [m for m in v.split(",") if m],
+        default=list(MODELS),
+        help="Comma-separated models of the per-batch rows; empty skips them.",
+    )
     parser.add_argument(
         "--volume",
         type=lambda v: tuple(int(x) for x in v.split(",")),
