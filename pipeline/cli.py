@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -564,11 +565,14 @@ def _wait_for_receiver(settings: Settings, proc: Any, timeout_s: float = 60.0) -
         if not proc.alive():
             raise RuntimeError(f"the DICOM receiver exited; see {proc.log_path}")
         try:
+            # A plain connect first: pynetdicom logs each refused association at ERROR,
+            # which put alarming lines in every start's log.
+            socket.create_connection((host, rs.port), timeout=1.0).close()
             echo(peer)
             return
-        except AssociationRejectedError:
+        except AssociationRejectedError:  # before OSError: it is a ConnectionError
             return  # listening; an allow-list refused our probe, as it should
-        except ConnectionError:
+        except OSError:  # not listening yet (ConnectionError is one too)
             time.sleep(0.2)
     raise RuntimeError(f"the DICOM receiver did not answer on port {rs.port}; see {proc.log_path}")
 

@@ -79,7 +79,11 @@ routes:
 """
     )
     with running_up(tmp_path, up_env(tmp_path, model_repository, dicom_port)) as up:
-        assert str((data / "inbox").resolve()) in (tmp_path / "up.log").read_text()
+        up_log = (tmp_path / "up.log").read_text()
+        assert str((data / "inbox").resolve()) in up_log
+        # A clean start logs no errors (the receiver's readiness probe once logged each
+        # refused connection at ERROR).
+        assert " ERROR " not in up_log, up_log
         # "ready" means a study sent now is taken at once: the worker already answers.
         assert _worker_pings(data), "`up` said ready before its worker took jobs"
         # ... and warmed up: the first study does not pay the libraries' first-use costs.
