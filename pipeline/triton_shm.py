@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import socket
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,7 @@ from tritonclient.utils import InferenceServerException
 log = logging.getLogger(__name__)
 
 PREFIX = "dcmpipe-"
+IN_USE_WAIT_S = 5.0  # how long a region the server still holds may take to be let go
 _NAME = re.compile(rf"^{PREFIX}(?P<host>[A-Za-z0-9_.]+)-(?P<pid>\d+)-\d+-")
 _clients = itertools.count()
 
@@ -111,10 +113,22 @@ class SharedMemory:
 
     def _drop(self, key: str) -> None:
         region = self._regions.pop(key)
-        try:
-            self._client.unregister_system_shared_memory(region.name)
-        except (InferenceServerException, OSError) as exc:  # the server may be gone
-            log.debug("could not unregister %s: %s", region.name, exc)
+        # Triton refuses to unregister a region that a request it has just answered still
+        # holds ("currently in use"): it lets go a moment after the response. Without waiting,
+        # half of the regions closed right after a call stayed mapped by the server, and a
+        # regrown region's name was then taken.
+        deadline, pause = time.monotonic() + IN_USE_WAIT_S, 0.005
+        while True:
+            try:
+                self._client.unregister_system_shared_memory(region.name)
+                break
+            except (InferenceServerException, OSError) as exc:  # the server may be gone
+                if "in use" in str(exc) and time.monotonic() < deadline:
+                    time.sleep(pause)
+                    pause = min(2 * pause, 0.1)
+                    continue
+                log.debug("could not unregister %s: %s", region.name, exc)
+                break
         shm.destroy_shared_memory_region(region.handle)
 
     def _sweep(self) -> None:
