@@ -21,12 +21,13 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from pipeline.contract import load_contract
 from pipeline.demo.dicom_series import TEST_PATIENT_ID, TEST_PATIENT_NAME, write_volume_series
 from pipeline.demo.synthetic import lesion_phantom, write_mednist_png
 from pipeline.demo.train import TEST_SEED_BASE
 from pipeline.services.process import free_port
 
-from .conftest import running_up, up_env, wait_for
+from .conftest import MODEL_REPOSITORY, running_up, up_env, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -145,7 +146,10 @@ def test_metrics_logs_status_and_page(model_repository: Path, tmp_path: Path) ->
         assert metric(worker, "dicom_pipeline_stage_seconds_count", stage="loaded") == 1
         patches = next(d for d in docs if d["segmentation"])["segmentation"]["patches"]
         calls = metric(worker, "dicom_pipeline_triton_request_seconds_count")
-        assert calls == 2 + math.ceil(patches / 4)  # two classifiers, batches of 4 patches
+        window = load_contract(MODEL_REPOSITORY / "ct_lesion_segmentation").sliding_window
+        # Two classifiers, and the volume in one request or its patches in batches.
+        per_volume = 1 if window.runs_on == "triton" else math.ceil(patches / window.batch_size)
+        assert calls == 2 + per_volume
         assert metric(worker, "dicom_pipeline_queue_depth", queue="pipeline") == 0
 
         # -- logs: one JSON line per stage with the study UID and the duration -------------

@@ -22,7 +22,6 @@ import triton_python_backend_utils as pb_utils
 from pipeline.contract import Task, load_contract
 from pipeline.serving.activation import DTYPES as _DTYPES
 from pipeline.serving.activation import probabilities as served_probabilities
-from pipeline.serving.window import infer_volume
 
 
 class TorchScriptClassifier:
@@ -116,6 +115,9 @@ class TorchScriptClassifier:
             if array.shape[1:] == patch:
                 patches.append((i, array))
                 continue
+            # Imported here: a classifier's stub has no use for MONAI.
+            from pipeline.serving.window import infer_volume
+
             volume = torch.from_numpy(array).to(self.device)
             try:
                 blended = infer_volume(volume, patch[1:], window, self._forward)
