@@ -3,7 +3,9 @@
 The contract's preprocessing runs once on the whole volume; MONAI's
 ``sliding_window_inference`` cuts it into overlapping patches of the model's input shape and
 hands them to the predictor ``batch_size`` at a time, which sends them to Triton (where patches
-of concurrent studies batch together) and blends the answers. The label map is then brought
+of concurrent studies batch together) and blends the answers. With ``sliding_window.runs_on:
+triton`` the volume goes to Triton in one request instead, and the same window runs there
+(:mod:`pipeline.serving.window`), beside the model. The label map is then brought
 back to the source geometry by inverting the preprocessing's spatial steps, so the mask lies on
 the input's own voxels and affine. Lesions are the mask's connected components.
 """
