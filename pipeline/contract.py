@@ -15,6 +15,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 CONTRACT_FILE = "contract.yaml"
+# Larger inputs are refused: by the worker before they are decoded (a 2048^3 float32 volume is
+# 32 GiB), and by the python backend when a request carries a whole volume.
+MAX_VOXELS = 512 * 512 * 2048
 
 
 class InputKind(StrEnum):

@@ -23,11 +23,9 @@ from monai.data import MetaTensor
 from PIL import Image
 from pydicom.pixels.processing import apply_rescale
 
+from pipeline.contract import MAX_VOXELS as MAX_VOXELS
 from pipeline.contract import InputKind, ModelContract, TransformSpec
 from pipeline.errors import InputError
-
-# Larger inputs are refused before they are decoded: a 2048^3 float32 volume is 32 GiB.
-MAX_VOXELS = 512 * 512 * 2048
 
 # The transforms a contract may name. An allow-list, not getattr on monai: contracts are data.
 TRANSFORMS: dict[str, Callable[..., Any]] = {

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from pipeline.contract import Task, load_contract
+from pipeline.contract import MAX_VOXELS, Task, load_contract
 from pipeline.serving.activation import DTYPES as _DTYPES
 from pipeline.serving.activation import probabilities as served_probabilities
 
@@ -60,6 +60,8 @@ class TorchScriptClassifier:
                     f"{spec.name} must have shape [batch, {spec.shape[0]}, *spatial], "
                     f"got {array.shape}"
                 )
+            if int(np.prod(shape[1:])) > MAX_VOXELS:  # the window's sums would not fit
+                raise ValueError(f"{spec.name} {array.shape} is larger than {MAX_VOXELS} voxels")
         elif shape != spec.shape:
             raise ValueError(
                 f"{spec.name} must have shape [batch, {spec.shape}], got {array.shape}"
