@@ -115,8 +115,8 @@ class SharedMemory:
         region = self._regions.pop(key)
         # Triton refuses to unregister a region that a request it has just answered still
         # holds ("currently in use"): it lets go a moment after the response. Without waiting,
-        # half of the regions closed right after a call stayed mapped by the server, and a
-        # regrown region's name was then taken.
+        # regions closed right after a call stayed mapped by the server (2 clients of 15 in a
+        # loop), and a regrown region's name was then taken.
         deadline, pause = time.monotonic() + IN_USE_WAIT_S, 0.005
         while True:
             try:

@@ -41,8 +41,8 @@ import tritonclient.http as httpclient
 
 from pipeline.contract import ModelContract, discover_contracts
 from pipeline.services import embedded_triton
-from pipeline.serving.activation import DTYPES, probabilities
-from pipeline.serving.window import infer_volume
+from pipeline.serving.activation import probabilities
+from pipeline.serving.window import infer_volume, served_volume
 from pipeline.settings import Settings
 from pipeline.triton_client import TritonClient
 
@@ -69,11 +69,14 @@ def _device() -> torch.device:
     return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
 
 
+def _net(repository: Path, contract: ModelContract, device: torch.device) -> Any:
+    weights = repository / contract.name / "1" / contract.weights
+    return torch.jit.load(str(weights), map_location=device).eval()  # type: ignore[no-untyped-call]
+
+
 def _direct(repository: Path, contract: ModelContract, batch: int) -> Callable[[], int]:
     device = _device()
-    weights = repository / contract.name / "1" / contract.weights
-    net = torch.jit.load(str(weights), map_location=device)  # type: ignore[no-untyped-call]
-    net.eval()
+    net = _net(repository, contract, device)
     x = _inputs(contract, batch)
 
     def call() -> int:
@@ -129,18 +132,11 @@ def _direct_volume(
     """The sliding window over a whole volume in this process, patches and blending on the
     device the server's instance would use, from and to host memory."""
     device = _device()
-    weights = repository / contract.name / "1" / contract.weights
-    net = torch.jit.load(str(weights), map_location=device)  # type: ignore[no-untyped-call]
-    net.eval()
-    roi = contract.input.shape[1:]
-
-    def forward(batch: torch.Tensor) -> torch.Tensor:
-        return probabilities(contract, net(batch)).float()
+    net = _net(repository, contract, device)
 
     def call() -> int:
         x = torch.from_numpy(volume).to(device)
-        blended = infer_volume(x, roi, contract.sliding_window, forward)
-        blended.to(DTYPES[contract.output.dtype]).cpu().numpy()  # what the server answers
+        served_volume(contract, net, x).cpu().numpy()  # what the server answers
         return 1
 
     return call

@@ -20,7 +20,6 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from pipeline.contract import MAX_VOXELS, Task, load_contract
-from pipeline.serving.activation import DTYPES as _DTYPES
 from pipeline.serving.activation import probabilities as served_probabilities
 
 
@@ -111,21 +110,17 @@ class TorchScriptClassifier:
         Triton's dynamic batcher batches only requests of one shape, so a volume arrives
         alone or among volumes."""
         patch = self.contract.input.shape
-        window = self.contract.sliding_window
         patches = []
         for i, array in accepted:
             if array.shape[1:] == patch:
                 patches.append((i, array))
                 continue
             # Imported here: a classifier's stub has no use for MONAI.
-            from pipeline.serving.window import infer_volume
+            from pipeline.serving.window import served_volume
 
             volume = torch.from_numpy(array).to(self.device)
             try:
-                blended = infer_volume(volume, patch[1:], window, self._forward)
-                # Blended in float32; answered in the output's dtype, as a patch's answer is,
-                # converted on the device: half the bytes to copy back from a GPU.
-                answer = blended.to(_DTYPES[self.contract.output.dtype]).cpu()
+                answer = served_volume(self.contract, self.net, volume).cpu()
                 part = np.ascontiguousarray(answer.numpy())  # a cropped view may not be
             except RuntimeError as exc:  # e.g. out of GPU memory for a huge volume
                 error = pb_utils.TritonError(f"{self.contract.name} sliding window failed: {exc}")
@@ -134,10 +129,6 @@ class TorchScriptClassifier:
             out = pb_utils.Tensor(self.contract.output.name, part)
             responses[i] = pb_utils.InferenceResponse(output_tensors=[out])
         return patches
-
-    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
-        """Probabilities of a batch of patches, in float32 for the sliding window's blending."""
-        return served_probabilities(self.contract, self.net(batch)).float()
 
     def _finite(
         self, accepted: list[tuple[int, np.ndarray]], responses: list[Any]

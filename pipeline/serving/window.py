@@ -15,7 +15,8 @@ import torch
 from monai.data.utils import dense_patch_slices
 from monai.inferers import sliding_window_inference
 
-from pipeline.contract import SlidingWindow
+from pipeline.contract import ModelContract, SlidingWindow
+from pipeline.serving.activation import DTYPES, probabilities
 
 
 def infer_volume(
@@ -49,6 +50,21 @@ def infer_volume(
     for axis, size in enumerate(spatial, start=2):
         out = out.narrow(axis, 0, size)  # a view: no copy
     return out
+
+
+def served_volume(
+    contract: ModelContract, net: Callable[[torch.Tensor], torch.Tensor], volume: torch.Tensor
+) -> torch.Tensor:
+    """What the python backend answers for a whole volume, on the volume's device: each patch's
+    probabilities as a patch request would get them (in the output's dtype), blended in
+    float32, then in the output's dtype again (half the bytes to copy back from a GPU)."""
+
+    def forward(batch: torch.Tensor) -> torch.Tensor:
+        return probabilities(contract, net(batch)).float()
+
+    roi = contract.input.shape[1:]
+    blended = infer_volume(volume, roi, contract.sliding_window, forward)
+    return blended.to(DTYPES[contract.output.dtype])
 
 
 def patch_count(spatial: tuple[int, ...], roi: tuple[int, ...], overlap: float) -> int:
