@@ -22,6 +22,7 @@ from monai import transforms as mt
 from monai.data import MetaTensor
 from PIL import Image
 from pydicom.pixels.processing import apply_rescale
+from pydicom.uid import MediaStorageDirectoryStorage
 
 from pipeline.contract import MAX_VOXELS as MAX_VOXELS
 from pipeline.contract import InputKind, ModelContract, TransformSpec
@@ -140,6 +141,11 @@ def _load_nifti(path: Path) -> MetaTensor:
 def _load_dicom(path: Path) -> MetaTensor:
     try:
         ds = pydicom.dcmread(path)
+        if ds.file_meta.get("MediaStorageSOPClassUID") == MediaStorageDirectoryStorage:
+            raise InputError(
+                "a DICOMDIR, the index of a DICOM medium, holds no image: the image files it "
+                "lists are taken by themselves"
+            )
         if "PixelData" not in ds:
             raise InputError(
                 f"DICOM object without pixel data (SOP class {ds.get('SOPClassUID', 'unknown')})"

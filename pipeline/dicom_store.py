@@ -11,6 +11,7 @@ threads and processes alike.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import shutil
@@ -19,6 +20,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import RE_VALID_UID
 
@@ -28,6 +30,10 @@ from pipeline.fsutil import flocked, fsync_dir
 INCOMING = ".incoming"
 LOCK_FILE = ".studies.lock"
 SUFFIX = ".dcm"
+# In a study folder assembled from inbox files: one JSON line per instance, naming the file it
+# came from (errors name instances by SOP Instance UID; users know their files by name).
+INBOX_FILES = "inbox-files.jsonl"
+_UID_TAGS = (0x0020000D, 0x0020000E, 0x00080018)
 
 
 class InvalidUIDError(InputError):
@@ -126,6 +132,50 @@ def store_instance(
         tmp.unlink(missing_ok=True)
         raise
     return replaced
+
+
+def file_identity(path: Path) -> InstanceUIDs | None:
+    """The UIDs of a DICOM file ("DICM" at byte 128), read from its header; None for any other
+    file, and for one whose header cannot be read or whose UIDs are not valid UIDs (such a file
+    is left to the single-file path, whose loader says what is wrong with it)."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(132)
+            if len(head) < 132 or head[128:] != b"DICM":
+                return None
+            f.seek(0)
+            ds = dcmread(f, stop_before_pixels=True, specific_tags=list(_UID_TAGS))
+        return identify(ds)
+    except Exception:  # noqa: BLE001 - a bad UID, an I/O error, any of pydicom's on a bad header
+        return None
+
+
+def place_file(spool: Path, uids: InstanceUIDs, src: Path, note: str) -> bool:
+    """Move a complete file (from the inbox) into its study folder, where the receiver puts a
+    received instance, and append ``note`` (one line) to the folder's :data:`INBOX_FILES`.
+    False, and nothing moved, when the folder holds that instance already."""
+    with spool_lock(spool, exclusive=False):  # the study is not closed half-way through
+        dest = instance_path(spool, uids)
+        if dest.exists():
+            return False
+        _make_dirs(spool, dest.parent)
+        try:
+            os.replace(src, dest)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            tmp = dest.with_name(f".{dest.name}.moving")  # not *.dcm: never seen as an instance
+            shutil.copyfile(src, tmp)
+            with tmp.open("rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, dest)
+            src.unlink()
+        with (dest.parent.parent / INBOX_FILES).open("a") as f:
+            f.write(note.rstrip("\n") + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_dir(dest.parent)
+    return True
 
 
 def _make_dirs(spool: Path, series_dir: Path) -> None:

@@ -5,26 +5,36 @@ for ``settle_seconds`` (copies over SMB or scp arrive in pieces). Names of files
 written (``*.part``, dot-files, ...) are never taken. Taken files move atomically into the
 spool, and the job is queued; if Redis is down the job waits in the spool and is queued when
 Redis is back. Files already in the inbox at start-up are taken too.
+
+DICOM files are not jobs of their own: each goes into its study's folder in the spool, where
+the receiver puts received instances, and the study becomes one job once it has settled
+(:class:`SettlingStudies`). A CT series copied from a CD is then one volume, routed and
+processed exactly as if a PACS had sent it, instead of a pile of single images.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import json
 import logging
 import os
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterable
+from datetime import datetime
 from pathlib import Path
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
+from pipeline import observe
+from pipeline.dicom_store import INBOX_FILES, InstanceUIDs, file_identity, place_file
 from pipeline.errors import InputError
 from pipeline.fsutil import atomic_write_json, move_into
 from pipeline.jobs import Job, error_record, new_job_id, now, requeue_pending, spool_file
 from pipeline.settings import Settings
+from pipeline.studies import Completed, Reason, close_study, spooled_studies
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +62,10 @@ class StabilityTracker:
             return
         self._seen[path] = (st.st_size, st.st_mtime_ns, self.clock())
 
+    def pending(self) -> list[Path]:
+        """Paths seen but not yet stable: files still being written, or just written."""
+        return list(self._seen)
+
     def stable(self) -> list[Path]:
         """Paths unchanged for the settle time; they are forgotten once returned."""
         t = self.clock()
@@ -68,6 +82,48 @@ class StabilityTracker:
                 del self._seen[path]
                 ready.append(path)
         return ready
+
+
+class SettlingStudies:
+    """DICOM studies being gathered from the inbox. Pure bookkeeping over a clock.
+
+    There is no association to release: a study is complete once none of its files has been
+    taken for ``quiet_s``, and no file is pending (being written, or settling) under the
+    inbox entries its files were dropped in (a folder copied in takes as long as it takes),
+    or at the latest ``max_wait_s`` after its first file."""
+
+    def __init__(self, quiet_s: float, max_wait_s: float, clock: Clock = time.monotonic) -> None:
+        self.quiet = quiet_s
+        self.max_wait = max_wait_s
+        self.clock = clock
+        # study UID -> (first taken, last taken, when received, top-level inbox entries)
+        self._studies: dict[str, tuple[float, float, datetime, set[str]]] = {}
+
+    def __contains__(self, study_uid: object) -> bool:
+        return study_uid in self._studies
+
+    def taken(self, study_uid: str, entry: str) -> None:
+        """A file of the study was placed; ``entry`` is the inbox entry it was dropped in."""
+        t = self.clock()
+        first, _, received, entries = self._studies.get(study_uid, (t, t, now(), set()))
+        self._studies[study_uid] = (first, t, received, entries | {entry})
+
+    def adopt(self, study_uid: str) -> None:
+        """A study left in the spool by an earlier run: its timer starts now."""
+        if study_uid not in self._studies:
+            t = self.clock()
+            self._studies[study_uid] = (t, t, now(), set())
+
+    def due(self, pending_entries: set[str]) -> list[tuple[str, datetime]]:
+        """Studies complete now, with when their first file was taken; forgotten here."""
+        t = self.clock()
+        done = []
+        for uid, (first, last, received, entries) in list(self._studies.items()):
+            settled = t - last >= self.quiet and not entries & pending_entries
+            if settled or t - first >= self.max_wait:
+                del self._studies[uid]
+                done.append((uid, received))
+        return done
 
 
 def ignored(path: Path, inbox: Path, patterns: Iterable[str]) -> bool:
@@ -99,6 +155,7 @@ class InboxWatcher:
         self.inbox = settings.inbox_dir.resolve()
         self.enqueue = enqueue
         self.tracker = StabilityTracker(settings.inbox.settle_seconds)
+        self.studies = SettlingStudies(settings.inbox.study_quiet_s, settings.receiver.max_wait_s)
         self.events: queue.SimpleQueue[Path] = queue.SimpleQueue()
 
     def run(self, stop: threading.Event) -> None:
@@ -107,6 +164,7 @@ class InboxWatcher:
         observer.schedule(_Events(self.events), str(self.inbox), recursive=True)
         observer.start()
         try:
+            self._adopt()
             self._requeue()
             self._scan()
             last_scan = last_requeue = time.monotonic()
@@ -114,6 +172,7 @@ class InboxWatcher:
                 self._drain()
                 for path in self.tracker.stable():
                     self._take(path)
+                self._close_settled()
                 t = time.monotonic()
                 if t - last_scan >= self.RESCAN_S:
                     self._scan()
@@ -160,6 +219,9 @@ class InboxWatcher:
             return
         if not path.is_file():
             return
+        if (uids := file_identity(path)) is not None:
+            self._take_instance(path, uids)
+            return
         try:
             job = spool_file(path, self.inbox, self.settings.spool_dir)
         except FileNotFoundError:
@@ -170,6 +232,56 @@ class InboxWatcher:
             (self.settings.spool_dir / job.id / job.input_file).stat().st_size,
         )
         self.enqueue(job)
+
+    def _take_instance(self, path: Path, uids: InstanceUIDs) -> None:
+        """Into its study folder in the spool; the study is queued once it has settled."""
+        rel = path.relative_to(self.inbox)
+        note = json.dumps({"series": uids.series, "sop": uids.sop, "file": str(rel)})
+        try:
+            placed = place_file(self.settings.spool_dir, uids, path, note)
+        except FileNotFoundError:
+            return  # moved away meanwhile by its owner
+        except OSError as exc:  # left in the inbox: taken again at the next scan
+            log.error("inbox: could not spool a DICOM file: %s", exc)
+            return
+        if not placed:
+            self._reject(
+                path,
+                InputError(
+                    f"SOP instance {uids.sop} is already among the files gathered for study "
+                    f"{uids.study}; this copy was not used"
+                ),
+            )
+            return
+        self.studies.taken(uids.study, rel.parts[0])
+
+    def _close_settled(self) -> None:
+        pending = {p.relative_to(self.inbox).parts[0] for p in self.tracker.pending()}
+        for study_uid, received in self.studies.due(pending):
+            done = Completed(study_uid, Reason.INBOX, received, None, None)
+            try:
+                job = close_study(self.settings.spool_dir, done)
+            except OSError as exc:  # left in the spool: adopted again at the next start
+                log.error("inbox: study %s could not be closed: %s", study_uid, exc)
+                continue
+            if job is None or job.study is None:
+                continue  # closed meanwhile by the receiver, which adopts spooled studies
+            observe.stage(
+                "received",
+                job=job.id,
+                study=study_uid,
+                seconds=(now() - received).total_seconds(),
+                completed_by=done.reason.value,
+                instances=job.study.instances,
+                series=len(job.study.series),
+            )
+            self.enqueue(job)
+
+    def _adopt(self) -> None:
+        """Studies an earlier run left gathering in the spool (those with inbox files)."""
+        for study_uid, _ in spooled_studies(self.settings.spool_dir):
+            if (self.settings.spool_dir / study_uid / INBOX_FILES).exists():
+                self.studies.adopt(study_uid)
 
     def _reject(self, path: Path, error: InputError) -> None:
         """Refused at intake: moved to failed/ with the reason, never left or dropped."""

@@ -63,7 +63,8 @@ class StudyRef(BaseModel):
     calling_aet: str | None = Field(description="Who sent it (last association).")
     called_aet: str | None = Field(description="The AE title the sender addressed.")
     completed_by: str = Field(
-        description="association-released, mpps-completed, quiet-period or max-wait."
+        description="association-released, mpps-completed, quiet-period, max-wait, or "
+        "inbox-settled for DICOM files dropped into the inbox."
     )
     hold_until: datetime | None = Field(
         default=None,

@@ -91,6 +91,13 @@ class InboxSettings(_Section):
     settle_seconds: float = Field(
         default=2.0, ge=0.0, description="A file is taken after this long without changes."
     )
+    study_quiet_s: float = Field(
+        default=3.0,
+        ge=0.0,
+        description="DICOM files are gathered into their studies, as the receiver gathers "
+        "instances: a study is complete once none of its files has been taken for this long "
+        "and no file is still being written in the inbox folder they were dropped in.",
+    )
     poll_interval_s: float = Field(default=0.25, gt=0.0)
     ignore_patterns: tuple[str, ...] = Field(
         default=("*.part", ".*", "*.tmp", "*.crdownload", "*.swp", "~*"),

@@ -43,6 +43,7 @@ class Reason(StrEnum):
     MPPS = "mpps-completed"
     QUIET = "quiet-period"
     MAX_WAIT = "max-wait"
+    INBOX = "inbox-settled"  # DICOM files dropped into the inbox (pipeline.inbox)
 
 
 @dataclass

@@ -1,9 +1,19 @@
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import threading
+import time
 from pathlib import Path
 
-from pipeline.inbox import StabilityTracker, ignored
+from pipeline.demo.dicom_series import new_series, write_series
+from pipeline.demo.synthetic import write_mednist_png
+from pipeline.dicom_store import INBOX_FILES
+from pipeline.inbox import InboxWatcher, SettlingStudies, StabilityTracker, ignored
+from pipeline.jobs import Job
+
+from .conftest import make_settings
 
 
 class Clock:
@@ -79,3 +89,97 @@ def test_partial_and_hidden_names_are_ignored(tmp_path: Path) -> None:
     assert ignored(tmp_path / ".scan.png", tmp_path, patterns)
     assert ignored(tmp_path / ".hidden" / "scan.png", tmp_path, patterns)
     assert not ignored(tmp_path / "sub" / "scan.png", tmp_path, patterns)
+
+
+def test_a_study_settles_after_its_quiet_time_unless_its_folder_is_still_being_written() -> None:
+    clock = Clock()
+    studies = SettlingStudies(quiet_s=3.0, max_wait_s=100.0, clock=clock)
+    studies.taken("1.2.3", "cd")
+    clock.t = 2.0
+    studies.taken("1.2.3", "cd")  # a second file restarts the quiet time
+    clock.t = 4.9
+    assert studies.due(set()) == []
+    clock.t = 5.1
+    # A file in the same dropped folder is still being copied: not yet.
+    assert studies.due({"cd"}) == []
+    # Files pending elsewhere in the inbox do not hold it.
+    ((uid, _),) = studies.due({"other.png"})
+    assert uid == "1.2.3" and "1.2.3" not in studies
+    assert studies.due(set()) == []  # handed out once
+
+
+def test_a_study_is_closed_at_the_maximum_wait_even_while_files_keep_coming() -> None:
+    clock = Clock()
+    studies = SettlingStudies(quiet_s=3.0, max_wait_s=10.0, clock=clock)
+    for t in range(11):
+        clock.t = float(t)
+        studies.taken("1.2.3", "cd")
+        due = [uid for uid, _ in studies.due({"cd"})]
+        assert due == ([] if t < 10 else ["1.2.3"])
+
+
+def test_an_adopted_study_settles_from_its_adoption() -> None:
+    clock = Clock()
+    studies = SettlingStudies(quiet_s=3.0, max_wait_s=100.0, clock=clock)
+    clock.t = 50.0
+    studies.adopt("1.2.3")
+    clock.t = 52.0
+    assert studies.due(set()) == []
+    clock.t = 53.0
+    assert [uid for uid, _ in studies.due(set())] == ["1.2.3"]
+
+
+def test_dicom_files_dropped_into_the_inbox_become_one_job_per_study(tmp_path: Path) -> None:
+    """A CT series copied from a CD (files without a suffix, in a folder) is one study job, as
+    if a PACS had sent it; a single DICOM image is a study of its own; other files stay jobs
+    of their own; a second copy of an instance is refused with the reason, and kept."""
+    settings = make_settings(tmp_path / "data", inbox={"settle_seconds": 0.1, "study_quiet_s": 0.3})
+    settings.ensure_dirs()
+    staging = tmp_path / "staging"
+    ct = new_series(slices=20, rows=32, cols=32)
+    cd = staging / "cd" / "DICOM"
+    cd.mkdir(parents=True)
+    for k, path in enumerate(write_series(staging / "ct", ct), start=1):
+        os.replace(path, cd / f"IM{k:05d}")
+    shutil.copy(cd / "IM00001", cd / "IM00001 copy")
+    single = new_series(slices=1)
+    (xray,) = write_series(staging / "xray", single)
+    write_mednist_png(staging / "hand.png", "Hand", 1)
+
+    jobs: list[Job] = []
+    watcher = InboxWatcher(settings, lambda job: not jobs.append(job))
+    stop = threading.Event()
+    thread = threading.Thread(target=watcher.run, args=(stop,))
+    thread.start()
+    try:
+        for item in (staging / "cd", xray, staging / "hand.png"):
+            os.replace(item, settings.inbox_dir / item.name)
+        deadline = time.monotonic() + 30
+        while len(jobs) < 3 or not any(settings.failed_dir.iterdir()):
+            assert time.monotonic() < deadline, (jobs, list(settings.failed_dir.iterdir()))
+            time.sleep(0.05)
+        time.sleep(1.0)  # nothing more comes
+    finally:
+        stop.set()
+        thread.join()
+
+    assert not [p for p in settings.inbox_dir.rglob("*") if not p.is_dir()]  # all taken
+    by_name = {job.original_name: job for job in jobs}
+    assert set(by_name) == {ct.study_uid, single.study_uid, "hand.png"}, jobs
+    study = by_name[ct.study_uid].study
+    assert study is not None and study.completed_by == "inbox-settled"
+    assert study.series == {ct.series_uid: 20} and study.calling_aet is None
+    folder = settings.spool_dir / by_name[ct.study_uid].id / "study"
+    assert len(list((folder / ct.series_uid).glob("*.dcm"))) == 20
+    # Which file each instance came from, for errors that name instances by UID.
+    names = [json.loads(line)["file"] for line in (folder / INBOX_FILES).read_text().splitlines()]
+    assert sorted(names) == [f"cd/DICOM/IM{k:05d}" for k in range(1, 21)]
+    xray_study = by_name[single.study_uid].study
+    assert xray_study is not None and xray_study.series == {single.series_uid: 1}
+    assert by_name["hand.png"].study is None and by_name["hand.png"].source == "inbox"
+
+    (refused,) = settings.failed_dir.iterdir()
+    error = json.loads((refused / "error.json").read_text())
+    assert error["stage"] == "intake" and error["original_name"] == "cd/DICOM/IM00001 copy"
+    assert "already among the files gathered for study" in error["message"]
+    assert (refused / "IM00001 copy").is_file()
