@@ -212,7 +212,8 @@ def check_pixel_description(
     syntax = meta.get("TransferSyntaxUID") if meta is not None else None
     if syntax is not None and not syntax.is_compressed:
         expected = (rows * cols * frames * samples * allocated + 7) // 8
-        actual = len(ds.get_item("PixelData").value)  # the raw bytes: no conversion
+        raw = ds.get_item("PixelData").value  # the raw bytes: no conversion; None if empty
+        actual = len(raw or b"")
         if actual not in (expected, expected + 1):  # one byte of padding to an even length
             raise InputError(
                 f"pixel data is {actual} bytes, the header declares {expected} "

@@ -32,7 +32,7 @@ from monai.data import MetaTensor
 
 from pipeline import observe, routing, series
 from pipeline.contract import InputKind, Task
-from pipeline.convert import MAX_VOXELS, LoadedImage, Preprocessing
+from pipeline.convert import MAX_VOXELS, LoadedImage, Preprocessing, load
 from pipeline.dicom_results import Sources
 from pipeline.dicom_store import SUFFIX
 from pipeline.errors import InputError, PermanentError, PipelineError, TransientError
@@ -51,6 +51,7 @@ from pipeline.processing import (
 )
 from pipeline.results import InputInfo, SeriesOutcome, StudyResult
 from pipeline.settings import Settings
+from pipeline.studies import Reason
 from pipeline.triton_client import TritonClient
 
 log = logging.getLogger(__name__)
@@ -163,6 +164,13 @@ def _run_round(
             "job %s: more of study %s arrived; left to the next round", job.id, study.study_uid
         )
         observe.stage("superseded", job=job.id, study=study.study_uid, series=len(outcomes))
+    elif study.completed_by == Reason.INBOX and not any(o.status == "done" for o in outcomes):
+        # Dropped into the inbox on purpose, as a single file no rule matches would be: an
+        # error with the reasons (a PACS's study with nothing to process is only recorded).
+        reasons = [f"series {o.series_uid}: {o.reason}" for o in outcomes if o.reason]
+        reasons += [f"{s.name}: {s.reason}" for s in not_images]
+        if not failures:
+            failures = [f"nothing to process: {'; '.join(reasons) or 'no image'}"]
     if earlier is not None:  # series this round did not touch keep their earlier outcome
         done = {o.series_uid for o in outcomes}
         outcomes = [o for o in earlier.series if o.series_uid not in done] + outcomes
@@ -263,6 +271,10 @@ def _earlier_instances(
     return found
 
 
+def _any_2d(models: Models, route: routing.Route) -> bool:
+    return any(c.spatial_dims == 2 for n in route.models if (c := models.contracts.get(n)))
+
+
 def _series_results(
     job: Job,
     group: series.SeriesGroup,
@@ -285,7 +297,13 @@ def _series_results(
         series=group.uid,
         slices=group.planes,
     )
-    image = LoadedImage(InputKind.DICOM, MetaTensor(volume.array[np.newaxis], affine=volume.affine))
+    if group.planes == 1 and _any_2d(models, route):
+        # One image (an X-ray, a single slice) for a 2D model: read as a dropped file is, not
+        # as a volume one plane thick, which a 2D model refuses.
+        image = load(group.paths[0])
+    else:
+        volume_array = MetaTensor(volume.array[np.newaxis], affine=volume.affine)
+        image = LoadedImage(InputKind.DICOM, volume_array)
     contracts = models.for_route(route, image)
     info = InputInfo(
         source="dicom",

@@ -12,9 +12,15 @@ from typing import Any
 
 import pytest
 
-from pipeline.demo.dicom_series import TEST_PATIENT_ID, TEST_PATIENT_NAME
+from pipeline.demo.dicom_series import (
+    TEST_PATIENT_ID,
+    TEST_PATIENT_NAME,
+    new_series,
+    write_series,
+)
 from pipeline.demo.synthetic import MEDNIST_LABELS, write_mednist_png
 from pipeline.demo.train import TEST_SEED_BASE
+from pipeline.dicom_store import INBOX_FILES
 from pipeline.services.process import descendants, free_port
 
 from .bad_inputs import all_cases
@@ -56,6 +62,18 @@ def test_bad_inputs_fail_clearly_and_good_ones_interleaved_get_results(
                 write_mednist_png(staging / good_name, label, TEST_SEED_BASE + 800 + i)
                 os.replace(staging / good_name, inbox / good_name)
                 good[good_name] = label
+        # Good DICOM: a single image (a study of its own, classified as an image), and a CT
+        # series in a CD-like folder with suffix-less names (one study, one volume).
+        single = new_series(slices=1)
+        uid = single.study_uid
+        (one,) = write_series(staging / "one", single)
+        os.replace(one, inbox / "good-single-image.dcm")
+        ct = new_series(slices=20)
+        cd = staging / "cd" / "DICOM"
+        cd.mkdir(parents=True)
+        for k, path in enumerate(write_series(staging / "ct", ct), start=1):
+            os.replace(path, cd / f"IM{k:05d}")
+        os.replace(staging / "cd", inbox / "cd")
         for k, name in enumerate(ODD_GOOD_NAMES):
             write_mednist_png(staging / name, "Hand", TEST_SEED_BASE + 900 + k)
             os.replace(staging / name, inbox / name)
@@ -72,38 +90,64 @@ def test_bad_inputs_fail_clearly_and_good_ones_interleaved_get_results(
         assert len(bad) >= 200
 
         def failed() -> dict[str, dict[str, Any]]:
+            """Errors by inbox name; a DICOM file's is its study's, with where it is kept."""
             out = {}
-            for doc in _docs(data / "failed", "*/error.json"):
+            for path in (data / "failed").glob("*/error.json"):
+                doc = json.loads(path.read_text())
                 job = doc.get("job") or {}
-                out[str(job.get("original_name") or doc.get("original_name"))] = doc
+                gathered = path.parent / "study" / INBOX_FILES
+                if not gathered.exists():
+                    out[str(job.get("original_name") or doc.get("original_name"))] = doc
+                    continue
+                for line in gathered.read_text().splitlines():
+                    item = json.loads(line)
+                    kept = path.parent / "study" / item["series"] / f"{item['sop']}.dcm"
+                    out[item["file"]] = doc | {"kept": kept}
             return out
 
         def results() -> dict[str, dict[str, Any]]:
             return {d["input"]["name"]: d for d in _docs(data / "results", "*/*/result.json")}
 
         wait_for(
-            lambda: len(failed()) >= len(bad) and len(results()) >= len(good),
+            lambda: (
+                len(failed()) >= len(bad)
+                and len(results()) >= len(good)
+                and all((data / "results" / u / "study.json").exists() for u in (uid, ct.study_uid))
+            ),
             600,
             f"{len(bad)} failures and {len(good)} results",
         )
         errors = failed()
         assert set(errors) == set(bad), set(bad) ^ set(errors)
-        unclear = {n: e for n, e in errors.items() if e["stage"] not in ("load", "intake")}
-        assert not unclear, unclear  # every one refused where it was read, with its reason
+        # Every one refused where it was read (a DICOM file's study: where its series was),
+        # with its reason.
+        stages = ("load", "intake", "series")
+        unclear = {n: e for n, e in errors.items() if e["stage"] not in stages}
+        assert not unclear, unclear
         for name, error in errors.items():
             assert error["type"] in ("InputError", "NoModelError"), (name, error)
             assert len(error["message"]) > 10, (name, error)
+            assert "TypeError" not in error["message"], (name, error)  # said in words
             folder = data / "failed" / str((error.get("job") or {}).get("id") or "")
-            if error["stage"] == "intake":
-                kept = [
-                    p for p in (data / "failed").iterdir() if (p / Path(name).name).is_symlink()
-                ]
-                assert kept, name  # the link itself is kept, its target untouched
+            if "kept" in error:  # gathered into a study: kept with it, under its UID
+                assert error["kept"].is_file(), name
+            elif error["stage"] == "intake":  # a link (its target untouched), or a 2nd copy
+                kept = [p for p in (data / "failed").iterdir() if (p / Path(name).name).is_file()]
+                links = [p for p in (data / "failed").iterdir() if (p / name).is_symlink()]
+                assert kept or links, name
             else:
                 assert (folder / Path(name).name).is_file(), name  # the input is kept
         assert (tmp_path / "secret.dcm").read_bytes() == b"outside the inbox"
         got = results()
         assert {n: d["prediction"]["label"] for n, d in got.items()} == good
+        single_dir = data / "results" / uid / "mednist_classifier" / single.series_uid
+        single_doc = json.loads((single_dir / "result.json").read_text())
+        assert single_doc["input"]["route"] == "2d-image", single_doc
+        assert single_doc["input"]["shape"] == [1, 64, 64], single_doc
+        study = json.loads((data / "results" / ct.study_uid / "study.json").read_text())
+        assert [(s["status"], s["route"], s["slices"]) for s in study["series"]] == [
+            ("done", "ct-volume", 20)
+        ]
 
         # Every service is still up, and a file dropped now is processed.
         assert up.poll() is None and all(alive(pid) for pid in children)

@@ -147,7 +147,12 @@ def test_dicom_files_dropped_into_the_inbox_become_one_job_per_study(tmp_path: P
     write_mednist_png(staging / "hand.png", "Hand", 1)
 
     jobs: list[Job] = []
-    watcher = InboxWatcher(settings, lambda job: not jobs.append(job))
+
+    def enqueue(job: Job) -> bool:
+        jobs.append(job)
+        return True
+
+    watcher = InboxWatcher(settings, enqueue)
     stop = threading.Event()
     thread = threading.Thread(target=watcher.run, args=(stop,))
     thread.start()
