@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from pipeline.dicom_store import INBOX_FILES
 from pipeline.dispatch import Delivery
 from pipeline.errors import InputError, PipelineError
 from pipeline.fsutil import fsync_dir
@@ -31,6 +32,7 @@ from pipeline.jobs import (
     ERROR_FILE,
     JOB_FILE,
     REJECTED_OUTPUTS,
+    STUDY_FOLDER,
     Job,
     read_job,
 )
@@ -57,7 +59,13 @@ class FailedItem:
         if self.kind == "send":
             return f"{len(self.error.get('files', []))} file(s) to {self.error.get('destination')}"
         job = self.error.get("job") or {}
-        return str(job.get("original_name") or self.error.get("original_name") or "")
+        what = str(job.get("original_name") or self.error.get("original_name") or "")
+        try:  # a study gathered from inbox files: say which
+            lines = (self.folder / STUDY_FOLDER / INBOX_FILES).read_text().splitlines()
+            first = json.loads(lines[0])["file"]
+        except (OSError, IndexError, ValueError, KeyError, TypeError):
+            return what
+        return f"{what} ({len(lines)} inbox file(s): {first}{', …' if len(lines) > 1 else ''})"
 
 
 def items(settings: Settings) -> list[FailedItem]:

@@ -20,7 +20,9 @@ them together with the new instances, as if they had all come within the grace p
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import re
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager
@@ -34,7 +36,7 @@ from pipeline import observe, routing, series
 from pipeline.contract import InputKind, Task
 from pipeline.convert import MAX_VOXELS, LoadedImage, Preprocessing, load
 from pipeline.dicom_results import Sources
-from pipeline.dicom_store import SUFFIX
+from pipeline.dicom_store import INBOX_FILES, SUFFIX
 from pipeline.errors import InputError, PermanentError, PipelineError, TransientError
 from pipeline.fsutil import flocked
 from pipeline.jobs import STUDY_FOLDER, Job, is_job_id, job_dir, now, read_job
@@ -58,6 +60,7 @@ log = logging.getLogger(__name__)
 
 STUDY_FILE = "study.json"
 ROUND_LOCKS = ".study-locks"  # in the spool: one lock file per bucket of study UIDs
+_INSTANCE = re.compile(r"instance ([0-9.]+):")  # as pipeline.series names an instance
 SUPERSEDED = (
     "more instances of the study arrived within the release grace period: this series is "
     "processed again with them in the next round"
@@ -103,6 +106,7 @@ def _run_round(
             touched |= {o.series_uid for o in earlier.series if o.status == "superseded"}
         merged = _earlier_instances(settings, earlier, touched) | current  # newest wins
         groups, not_images = series.group_series(merged.values())
+        names = _inbox_names(study_dir) if study.completed_by == Reason.INBOX else {}
     except OSError as exc:
         raise StageError("load", TransientError(f"cannot read the study: {exc}")) from exc
     outcomes: list[SeriesOutcome] = []
@@ -132,14 +136,15 @@ def _run_round(
         except TransientError as exc:
             raise StageError("infer", exc) from exc
         except PermanentError as exc:
-            failures.append(f"series {group.uid}: {exc}")
+            why = _with_names(str(exc), names)
+            failures.append(f"series {group.uid}: {why}")
             outcomes.append(
                 outcome.model_copy(
                     update={
                         "status": "failed",
                         "route": route.name,
                         "models": list(route.models),
-                        "reason": str(exc),
+                        "reason": why,
                     }
                 )
             )
@@ -168,7 +173,7 @@ def _run_round(
         # Dropped into the inbox on purpose, as a single file no rule matches would be: an
         # error with the reasons (a PACS's study with nothing to process is only recorded).
         reasons = [f"series {o.series_uid}: {o.reason}" for o in outcomes if o.reason]
-        reasons += [f"{s.name}: {s.reason}" for s in not_images]
+        reasons += [f"{_file_name(s.name, names)}: {s.reason}" for s in not_images]
         if not failures:
             failures = [f"nothing to process: {'; '.join(reasons) or 'no image'}"]
     if earlier is not None:  # series this round did not touch keep their earlier outcome
@@ -206,6 +211,36 @@ def _run_round(
         sum(o.status == "skipped" for o in outcomes),
     )
     return written
+
+
+def _inbox_names(study_dir: Path) -> dict[str, str]:
+    """SOP Instance UID -> the inbox file it came from, for a study gathered from the inbox."""
+    try:
+        lines = (study_dir / INBOX_FILES).read_text().splitlines()
+    except FileNotFoundError:
+        return {}
+    names = {}
+    for line in lines:
+        try:
+            item = json.loads(line)
+            names[str(item["sop"])] = str(item["file"])
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut by a crash names nothing
+    return names
+
+
+def _with_names(text: str, names: dict[str, str]) -> str:
+    """The loader names instances by UID; a user who dropped files knows them by name."""
+    if not names:
+        return text
+    return _INSTANCE.sub(
+        lambda m: f"instance {m[1]} (file {names[m[1]]}):" if m[1] in names else m[0], text
+    )
+
+
+def _file_name(name: str, names: dict[str, str]) -> str:
+    """``<SOP>.dcm`` as the inbox file it came from, where known."""
+    return f"file {names[stem]}" if (stem := Path(name).stem) in names else name
 
 
 def _round_lock(settings: Settings, study_uid: str) -> AbstractContextManager[None]:

@@ -131,6 +131,8 @@ def test_bad_inputs_fail_clearly_and_good_ones_interleaved_get_results(
             folder = data / "failed" / str((error.get("job") or {}).get("id") or "")
             if "kept" in error:  # gathered into a study: kept with it, under its UID
                 assert error["kept"].is_file(), name
+                if "instance" in error["message"]:  # named by UID, and by the user's name
+                    assert f"(file {name})" in error["message"], (name, error)
             elif error["stage"] == "intake":  # a link (its target untouched), or a 2nd copy
                 kept = [p for p in (data / "failed").iterdir() if (p / Path(name).name).is_file()]
                 links = [p for p in (data / "failed").iterdir() if (p / name).is_symlink()]
