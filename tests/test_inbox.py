@@ -9,7 +9,8 @@ from pathlib import Path
 
 from pipeline.demo.dicom_series import new_series, write_series
 from pipeline.demo.synthetic import write_mednist_png
-from pipeline.dicom_store import INBOX_FILES
+from pipeline.dicom_store import INBOX_FILES, file_identity, place_file
+from pipeline.dicomnet.receiver import Receiver
 from pipeline.inbox import InboxWatcher, SettlingStudies, StabilityTracker, ignored
 from pipeline.jobs import Job
 
@@ -188,3 +189,43 @@ def test_dicom_files_dropped_into_the_inbox_become_one_job_per_study(tmp_path: P
     assert error["stage"] == "intake" and error["original_name"] == "cd/DICOM/IM00001 copy"
     assert "already among the files gathered for study" in error["message"]
     assert (refused / "IM00001 copy").is_file()
+
+
+def test_a_study_left_gathering_by_an_earlier_run_is_finished_by_the_watcher(
+    tmp_path: Path,
+) -> None:
+    """After a restart the watcher completes the inbox studies left in the spool; the
+    receiver leaves them alone (it would cut them after its quiet period, blind to files
+    still being copied into the inbox)."""
+    settings = make_settings(tmp_path / "data", inbox={"settle_seconds": 0.1, "study_quiet_s": 0.3})
+    settings.ensure_dirs()
+    spec = new_series(slices=3, rows=16, cols=16)
+    for path in write_series(tmp_path / "src", spec):
+        uids = file_identity(path)
+        assert uids is not None
+        assert place_file(settings.spool_dir, uids, path, json.dumps({"file": path.name}))
+
+    receiver = Receiver(settings, lambda _job: True)
+    receiver._adopt()
+    assert spec.study_uid not in receiver.tracker
+
+    jobs: list[Job] = []
+
+    def enqueue(job: Job) -> bool:
+        jobs.append(job)
+        return True
+
+    stop = threading.Event()
+    thread = threading.Thread(target=InboxWatcher(settings, enqueue).run, args=(stop,))
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not jobs:
+            assert time.monotonic() < deadline, "the left study was not finished"
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        thread.join()
+    (job,) = jobs
+    assert job.study is not None and job.study.series == {spec.series_uid: 3}
+    assert job.study.completed_by == "inbox-settled"

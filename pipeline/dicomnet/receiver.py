@@ -29,7 +29,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from pipeline import observe
-from pipeline.dicom_store import clean_incoming
+from pipeline.dicom_store import INBOX_FILES, clean_incoming
 from pipeline.dicomnet.scp import start_server
 from pipeline.jobs import Job, now, recover_staging, requeue_pending
 from pipeline.settings import Settings
@@ -106,6 +106,10 @@ class Receiver:
 
     def _adopt(self) -> None:
         for study_uid, sops in spooled_studies(self.spool):
+            if (self.spool / study_uid / INBOX_FILES).exists():
+                # Gathered from the inbox: the watcher completes it, seeing the files still
+                # being copied in; adopted here, it would be cut after the quiet period.
+                continue
             if study_uid not in self.tracker:
                 self.tracker.adopt(study_uid, sops)
                 log.info("study %s: %d instance(s) in the spool, resumed", study_uid, len(sops))
