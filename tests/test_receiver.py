@@ -8,6 +8,7 @@ import contextlib
 import gc
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +27,7 @@ import redis
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomFileLike
+from pydicom.fileset import FileSet
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
@@ -836,13 +838,19 @@ def test_send_retries_what_failed_until_the_receiver_is_up(
 
 
 def test_send_reports_each_failure_and_exits_non_zero(tmp_path: Path) -> None:
-    write_series(tmp_path / "study", new_series(2, 16, 16))
+    paths = write_series(tmp_path / "study", new_series(2, 16, 16))
     (tmp_path / "study" / "notes.txt").write_text("not DICOM")
+    medium = FileSet()  # a CD's index, as a folder copied from one carries
+    for path in paths:
+        medium.add(path)
+    medium.write(tmp_path / "cd")
+    shutil.copy(tmp_path / "cd" / "DICOMDIR", tmp_path / "study" / "DICOMDIR")
     out = _cli("send", str(tmp_path / "study"), "--port", str(free_port()), "--retries", "0")
     assert out.returncode == 1
-    assert "0 sent, 3 failed" in out.stdout
+    assert "0 sent, 4 failed" in out.stdout
     assert "notes.txt: not a DICOM file" in out.stderr
-    assert out.stderr.count("failed: ") == 3
+    assert "DICOMDIR: a DICOMDIR, the index of a DICOM medium, is not sent" in out.stderr
+    assert out.stderr.count("failed: ") == 4
 
 
 def test_tls_with_mutual_certificates(receiver: Callable[..., Running], tmp_path: Path) -> None:

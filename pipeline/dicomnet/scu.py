@@ -19,6 +19,7 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import MediaStorageDirectoryStorage
 from pynetdicom import AE
 from pynetdicom.association import Association
 
@@ -79,9 +80,15 @@ def collect(paths: Iterable[Path]) -> list[Path]:
     return out
 
 
+class NotSentError(ValueError):
+    """A DICOM file that is not an instance to store."""
+
+
 def _inspect(path: Path) -> _File:
     ds = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
     ts = ds.file_meta.get("TransferSyntaxUID")
+    if ds.file_meta.get("MediaStorageSOPClassUID") == MediaStorageDirectoryStorage:
+        raise NotSentError("a DICOMDIR, the index of a DICOM medium, is not sent")
     if "SOPClassUID" not in ds or ts is None:
         raise InvalidDicomError("no SOP Class UID or transfer syntax in the file meta")
     return _File(path, str(ds.SOPClassUID), str(ts))
@@ -204,6 +211,9 @@ def send(
     for path in paths:
         try:
             files.append(_inspect(path))
+        except NotSentError as exc:
+            report.failed[path] = str(exc)
+            on_done(path, False)
         except (InvalidDicomError, OSError, ValueError, AttributeError) as exc:
             report.failed[path] = f"not a DICOM file: {exc}"
             on_done(path, False)
