@@ -12,8 +12,9 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -21,6 +22,11 @@ from pipeline import observe
 from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_write_bytes
 from pipeline.settings import Settings, load_settings
+
+if TYPE_CHECKING:  # imported where used: the CLI starts without torch or MONAI
+    from pipeline.contract import ModelContract
+    from pipeline.convert import LoadedImage
+    from pipeline.triton_client import TritonClient
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -643,22 +649,28 @@ def route(
 
 @app.command()
 def infer(
-    files: Annotated[list[Path], typer.Argument(help="PNG/JPEG, NIfTI or DICOM files.")],
+    files: Annotated[
+        list[Path], typer.Argument(help="PNG/JPEG, NIfTI or DICOM files, or folders of them.")
+    ],
 ) -> None:
     """One-shot: convert each file, call Triton, print the prediction (no queue involved).
+    DICOM files (named, or in folders named) are gathered into series, as the pipeline does.
 
     Uses triton.url, or a running embedded Triton, or starts one for the duration."""
-    import numpy as np
-
-    from pipeline import convert
-    from pipeline.contract import Task, discover_contracts
-    from pipeline.processing import Models, decide, decide_segmentation, inbox_facts
-    from pipeline.segment import segment
+    from pipeline import convert, series
+    from pipeline.contract import discover_contracts
+    from pipeline.dicom_store import file_identity
+    from pipeline.dicomnet.scu import collect
+    from pipeline.processing import Models, inbox_facts, series_image
     from pipeline.services import embedded_triton
     from pipeline.triton_client import TritonClient
 
     settings = _settings()
     settings.ensure_dirs()
+    paths = collect(files)
+    dicom = [p for p in paths if p.is_file() and file_identity(p) is not None]
+    singles = [p for p in paths if p not in set(dicom)]
+    groups, not_images = series.group_series(dicom)
     proc = None
     url = _triton_url(settings)
     if url:
@@ -673,41 +685,65 @@ def infer(
     client = TritonClient(url, settings.triton)
     failures = 0
     try:
-        for path in files:
+        units: list[series.SeriesGroup | Path] = [*groups, *singles]
+        for unit in units:
+            where: dict[str, object] = (
+                {"file": str(unit)}
+                if isinstance(unit, Path)
+                else {"series": unit.uid, "planes": unit.planes, "files": len(unit.paths)}
+            )
             try:
-                image = convert.load(path)
-                route, chosen = models.choose(settings.routes, inbox_facts(path, image), image)
-                prep = convert.Preprocessing(image, chosen)
-                for c in chosen:
-                    found: dict[str, object] = {}
-                    if c.task is Task.SEGMENTATION:  # the worker's sliding window
-                        seg = segment(image, c, client, prep)
-                        pred, ms = decide_segmentation(c, seg), seg.inference_ms
-                        found = {
-                            "lesions": len(seg.lesions),
-                            "total_volume_ml": seg.total_volume_ml,
-                        }
-                    else:
-                        out = client.infer(c, prep.model_input(c)[0][np.newaxis])
-                        pred, ms = decide(c, out.probabilities[0]), out.milliseconds
-                    line = {
-                        "file": str(path),
-                        "route": route.name,
-                        "model": c.name,
-                        "label": pred.label,
-                        "probabilities": pred.probabilities,
-                        **found,
-                        "inference_ms": round(ms, 1),
-                    }
-                    typer.echo(json.dumps(line))
+                if isinstance(unit, Path):
+                    image = convert.load(unit)
+                    route, chosen = models.choose(settings.routes, inbox_facts(unit, image), image)
+                else:
+                    route = models.route(settings.routes, unit.facts())
+                    image = series_image(unit, series.load_series(unit.paths), models, route)
+                    chosen = models.for_route(route, image)
+                for line in _answers(image, chosen, client):
+                    typer.echo(json.dumps({**where, "route": route.name, **line}))
+            except convert.NotAnImageError as exc:
+                typer.echo(json.dumps({**where, "skipped": str(exc)}))
             except (PipelineError, OSError) as exc:
                 failures += 1
-                typer.echo(json.dumps({"file": str(path), "error": f"{type(exc).__name__}: {exc}"}))
+                typer.echo(json.dumps({**where, "error": f"{type(exc).__name__}: {exc}"}))
+        for skipped in not_images:
+            typer.echo(json.dumps({"file": skipped.name, "skipped": skipped.reason}))
     finally:
         client.close()
         if proc is not None:
             proc.stop()
     raise typer.Exit(1 if failures else 0)
+
+
+def _answers(
+    image: LoadedImage, chosen: list[ModelContract], client: TritonClient
+) -> Iterator[dict[str, object]]:
+    """Each chosen model's answer for ``image``, as ``infer`` prints it."""
+    import numpy as np
+
+    from pipeline import convert
+    from pipeline.contract import Task
+    from pipeline.processing import decide, decide_segmentation
+    from pipeline.segment import segment
+
+    prep = convert.Preprocessing(image, chosen)
+    for c in chosen:
+        found: dict[str, object] = {}
+        if c.task is Task.SEGMENTATION:  # the worker's sliding window
+            seg = segment(image, c, client, prep)
+            pred, ms = decide_segmentation(c, seg), seg.inference_ms
+            found = {"lesions": len(seg.lesions), "total_volume_ml": seg.total_volume_ml}
+        else:
+            out = client.infer(c, prep.model_input(c)[0][np.newaxis])
+            pred, ms = decide(c, out.probabilities[0]), out.milliseconds
+        yield {
+            "model": c.name,
+            "label": pred.label,
+            "probabilities": pred.probabilities,
+            **found,
+            "inference_ms": round(ms, 1),
+        }
 
 
 @app.command()

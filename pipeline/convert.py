@@ -61,6 +61,11 @@ class LoadedImage:
         return int(self.array.ndim) - 1
 
 
+class NotAnImageError(InputError):
+    """A readable DICOM object that holds no image (a DICOMDIR, an SR): an error where a file
+    was dropped to be processed, a file to pass over where a folder is looked through."""
+
+
 def detect_kind(path: Path) -> InputKind:
     name = path.name.lower()
     for suffix, kind in _SUFFIX_KINDS.items():
@@ -142,12 +147,12 @@ def _load_dicom(path: Path) -> MetaTensor:
     try:
         ds = pydicom.dcmread(path)
         if ds.file_meta.get("MediaStorageSOPClassUID") == MediaStorageDirectoryStorage:
-            raise InputError(
+            raise NotAnImageError(
                 "a DICOMDIR, the index of a DICOM medium, holds no image: the image files it "
                 "lists are taken by themselves"
             )
         if "PixelData" not in ds:
-            raise InputError(
+            raise NotAnImageError(
                 f"DICOM object without pixel data (SOP class {ds.get('SOPClassUID', 'unknown')})"
             )
         check_pixel_description(ds)

@@ -20,8 +20,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pydicom
+from monai.data import MetaTensor
 
-from pipeline import convert, observe, preview, routing
+from pipeline import convert, observe, preview, routing, series
 from pipeline.contract import Activation, InputKind, ModelContract, Task
 from pipeline.dicom_results import DicomOutputs, Sources, make_dicom
 from pipeline.errors import (
@@ -74,10 +75,16 @@ class Models:
         self, routes: tuple[Route, ...], facts: SeriesFacts, image: convert.LoadedImage
     ) -> tuple[Route, list[ModelContract]]:
         """The first matching rule and its models; NoModelError says why no rule matched."""
+        route = self.route(routes, facts)
+        return route, self.for_route(route, image)
+
+    @staticmethod
+    def route(routes: tuple[Route, ...], facts: SeriesFacts) -> Route:
+        """The first matching rule; NoModelError says why no rule matched."""
         decision = routing.decide(routes, facts)
         if decision.route is None:
             raise NoModelError(f"no routing rule matches this input ({why_not(decision)})")
-        return decision.route, self.for_route(decision.route, image)
+        return decision.route
 
     def for_route(self, route: Route, image: convert.LoadedImage) -> list[ModelContract]:
         chosen = []
@@ -96,6 +103,19 @@ class Models:
                 )
             chosen.append(contract)
         return chosen
+
+
+def series_image(
+    group: series.SeriesGroup, volume: series.Volume, models: Models, route: Route
+) -> convert.LoadedImage:
+    """A series as its route's models take it: a volume; or, for one image routed to a 2D
+    model (an X-ray, a single slice), that image read as a dropped file is, not a volume one
+    plane thick, which a 2D model refuses."""
+    contracts = [c for n in route.models if (c := models.contracts.get(n))]
+    if group.planes == 1 and any(c.spatial_dims == 2 for c in contracts):
+        return convert.load(group.paths[0])
+    array = MetaTensor(volume.array[np.newaxis], affine=volume.affine)
+    return convert.LoadedImage(InputKind.DICOM, array)
 
 
 def why_not(decision: routing.Decision) -> str:

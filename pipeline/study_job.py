@@ -29,12 +29,9 @@ from contextlib import AbstractContextManager
 from datetime import datetime
 from pathlib import Path
 
-import numpy as np
-from monai.data import MetaTensor
-
 from pipeline import observe, routing, series
-from pipeline.contract import InputKind, Task
-from pipeline.convert import MAX_VOXELS, LoadedImage, Preprocessing, load
+from pipeline.contract import Task
+from pipeline.convert import MAX_VOXELS, Preprocessing
 from pipeline.dicom_results import Sources
 from pipeline.dicom_store import INBOX_FILES, SUFFIX
 from pipeline.errors import InputError, PermanentError, PipelineError, TransientError
@@ -48,6 +45,7 @@ from pipeline.processing import (
     dicom_outputs,
     finish_job,
     infer_model,
+    series_image,
     why_not,
     write_outputs,
 )
@@ -306,10 +304,6 @@ def _earlier_instances(
     return found
 
 
-def _any_2d(models: Models, route: routing.Route) -> bool:
-    return any(c.spatial_dims == 2 for n in route.models if (c := models.contracts.get(n)))
-
-
 def _series_results(
     job: Job,
     group: series.SeriesGroup,
@@ -332,13 +326,7 @@ def _series_results(
         series=group.uid,
         slices=group.planes,
     )
-    if group.planes == 1 and _any_2d(models, route):
-        # One image (an X-ray, a single slice) for a 2D model: read as a dropped file is, not
-        # as a volume one plane thick, which a 2D model refuses.
-        image = load(group.paths[0])
-    else:
-        volume_array = MetaTensor(volume.array[np.newaxis], affine=volume.affine)
-        image = LoadedImage(InputKind.DICOM, volume_array)
+    image = series_image(group, volume, models, route)
     contracts = models.for_route(route, image)
     info = InputInfo(
         source="dicom",

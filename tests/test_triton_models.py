@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -19,9 +20,11 @@ import pytest
 import torch
 import tritonclient.grpc as grpcclient
 from monai.data import MetaTensor
+from pydicom.fileset import FileSet
 
 from pipeline import convert
 from pipeline.contract import InputKind, discover_contracts
+from pipeline.demo.dicom_series import new_series, write_series, write_volume_series
 from pipeline.demo.synthetic import (
     MEDNIST_LABELS,
     lesion_phantom,
@@ -259,6 +262,53 @@ def test_infer_command_answers_every_model_of_a_ct_route(
     assert seg["label"] == CONTRACTS["ct_lesion_segmentation"].labels[1] and seg["lesions"] >= 1
     true_ml = float(truth.sum()) * float(np.prod(np.diag(affine)[:3])) / 1000.0
     assert abs(seg["total_volume_ml"] - true_ml) <= 0.1 * true_ml
+
+
+def test_infer_command_gathers_dicom_files_into_series(
+    triton: TritonEndpoints, tmp_path: Path
+) -> None:
+    """`dicom-pipeline infer` on a folder copied from a CD (suffix-less names, a DICOMDIR) and a
+    single DICOM image: the CT series is one volume for both CT models, the image is
+    classified as an image, the DICOMDIR is reported skipped; not one answer per slice."""
+    hu, truth, affine = lesion_phantom(TEST_SEED_BASE + 711, lesions=2)
+    spec = write_volume_series(tmp_path / "ct", hu.astype(np.float32), affine)
+    cd = tmp_path / "cd" / "DICOM"
+    cd.mkdir(parents=True)
+    medium = FileSet()
+    for k, path in enumerate(sorted((tmp_path / "ct").iterdir()), start=1):
+        medium.add(path)
+        shutil.copy(path, cd / f"IM{k:05d}")
+    medium.write(tmp_path / "fileset")
+    shutil.copy(tmp_path / "fileset" / "DICOMDIR", tmp_path / "cd" / "DICOMDIR")
+    single = new_series(slices=1)
+    (image,) = write_series(tmp_path / "single", single)
+    env = {
+        **os.environ,
+        "PIPELINE_DATA_DIR": str(tmp_path / "data"),
+        "PIPELINE_TRITON__URL": triton.grpc,
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "infer", str(tmp_path / "cd"), str(image)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = [json.loads(x) for x in done.stdout.splitlines()]
+    answers = {(x.get("series"), x.get("model")): x for x in lines if "model" in x}
+    assert set(answers) == {
+        (spec.series_uid, "ct_covid_classifier"),
+        (spec.series_uid, "ct_lesion_segmentation"),
+        (single.series_uid, "mednist_classifier"),
+    }, lines
+    seg = answers[(spec.series_uid, "ct_lesion_segmentation")]
+    assert seg["planes"] == hu.shape[2] and seg["route"] == "ct-volume"
+    true_ml = float(truth.sum()) * float(np.prod(np.diag(affine)[:3])) / 1000.0
+    assert abs(seg["total_volume_ml"] - true_ml) <= 0.1 * true_ml
+    assert answers[(single.series_uid, "mednist_classifier")]["route"] == "2d-image"
+    (skipped,) = [x for x in lines if "skipped" in x]
+    assert Path(skipped["file"]).name == "DICOMDIR" and "index" in skipped["skipped"]
 
 
 def test_a_local_triton_on_the_cpu_keeps_the_cores_a_remote_one_leaves_them(
