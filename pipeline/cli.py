@@ -661,7 +661,7 @@ def infer(
     from pipeline.contract import discover_contracts
     from pipeline.dicom_store import file_identity
     from pipeline.dicomnet.scu import collect
-    from pipeline.processing import Models, inbox_facts, series_image
+    from pipeline.processing import Models, inbox_facts, series_input
     from pipeline.services import embedded_triton
     from pipeline.triton_client import TritonClient
 
@@ -698,7 +698,7 @@ def infer(
                     route, chosen = models.choose(settings.routes, inbox_facts(unit, image), image)
                 else:
                     route = models.route(settings.routes, unit.facts())
-                    image = series_image(unit, series.load_series(unit.paths), models, route)
+                    image, _ = series_input(unit, models, route)
                     chosen = models.for_route(route, image)
                 for line in _answers(image, chosen, client):
                     typer.echo(json.dumps({**where, "route": route.name, **line}))

@@ -21,7 +21,7 @@ import pydicom
 from monai import transforms as mt
 from monai.data import MetaTensor
 from PIL import Image
-from pydicom.pixels.processing import apply_rescale
+from pydicom.pixels.processing import apply_color_lut, apply_rescale
 from pydicom.uid import MediaStorageDirectoryStorage
 
 from pipeline.contract import MAX_VOXELS as MAX_VOXELS
@@ -156,16 +156,23 @@ def _load_dicom(path: Path) -> MetaTensor:
                 f"DICOM object without pixel data (SOP class {ds.get('SOPClassUID', 'unknown')})"
             )
         check_pixel_description(ds)
+        photometric = str(ds.get("PhotometricInterpretation", ""))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            pixels = apply_rescale(ds.pixel_array, ds).astype(np.float32)
+            if photometric == "PALETTE COLOR":  # the stored values index colours
+                pixels = apply_color_lut(ds.pixel_array, ds).astype(np.float32)
+            else:
+                pixels = apply_rescale(ds.pixel_array, ds).astype(np.float32)
+        if photometric == "MONOCHROME1":  # the lowest value is white: as MONOCHROME2 shows it
+            pixels = pixels.max() + pixels.min() - pixels
         if not np.isfinite(pixels).all():
             raise InputError("pixel values are not finite (check RescaleSlope/Intercept)")
     except InputError:
         raise
     except Exception as exc:  # see _PARSER_ERRORS
         raise InputError(f"not a readable DICOM image ({_reason(exc, path)})") from exc
-    if pixels.ndim == 3 and pixels.shape[-1] in (3, 4) and ds.get("SamplesPerPixel", 1) > 1:
+    colour = ds.get("SamplesPerPixel", 1) > 1 or photometric == "PALETTE COLOR"
+    if pixels.ndim == 3 and pixels.shape[-1] in (3, 4) and colour:
         pixels = pixels[..., :3].mean(axis=-1)
     if pixels.ndim == 3:  # multi-frame: (frames, rows, cols) -> (cols, rows, frames) like NIfTI
         pixels = np.transpose(pixels, (2, 1, 0))
@@ -209,7 +216,8 @@ def check_pixel_description(
         )
     if high != stored - 1 or int(get("PixelRepresentation", 0)) not in (0, 1):
         raise InputError("inconsistent pixel description (HighBit, PixelRepresentation)")
-    if photometric not in _PHOTOMETRIC or (samples == 3) == photometric.startswith("MONO"):
+    one_sample = photometric.startswith("MONO") or photometric == "PALETTE COLOR"
+    if photometric not in _PHOTOMETRIC or (samples == 1) != one_sample:
         raise InputError(f"photometric interpretation {photometric!r} with {samples} sample(s)")
     if photometric == "PALETTE COLOR" and "RedPaletteColorLookupTableData" not in ds:
         raise InputError("PALETTE COLOR without its lookup tables")

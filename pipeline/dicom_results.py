@@ -14,6 +14,7 @@ redelivered task writes (and sends) the same objects again, never a second copy.
 from __future__ import annotations
 
 import copy
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -69,15 +70,49 @@ _PATIENT_STUDY_TYPE2 = (
 )
 
 
-def _with_type2(ds: Dataset) -> Dataset:
-    """``ds``, or a copy of it with the missing Type 2 patient and study attributes empty."""
+_DATES_TIMES = ("StudyDate", "StudyTime", "PatientBirthDate", "PatientBirthTime")
+_LEGACY_DA = re.compile(r"(\d{4})\.(\d{2})\.(\d{2})")
+_LEGACY_TM = re.compile(r"(\d{2}):(\d{2})(?::(\d{2}(?:\.\d{1,6})?))?")
+
+
+def _conformant_header(ds: Dataset) -> Dataset:
+    """``ds``, or a copy of it fixed where highdicom copies its patient and study modules into
+    our objects, so that a source's defect does not make them invalid or unbuildable: missing
+    Type 2 attributes empty; the ACR-NEMA forms of dates and times (``1997.04.24``,
+    ``14:04:38``, still sent by old archives) in today's; and a de-identified source's missing
+    method said to be missing."""
     missing = [kw for kw in _PATIENT_STUDY_TYPE2 if kw not in ds]
-    if not missing:
+    legacy = {kw: v for kw in _DATES_TIMES if (v := _current_form(ds, kw)) is not None}
+    # PatientIdentityRemoved YES requires a de-identification method (Type 1C): keep the flag,
+    # and say truthfully that the source does not state the method.
+    no_method = (
+        str(ds.get("PatientIdentityRemoved", "")).upper() == "YES"
+        and "DeidentificationMethod" not in ds
+        and "DeidentificationMethodCodeSequence" not in ds
+    )
+    if not missing and not legacy and not no_method:
         return ds
     patched = copy.deepcopy(ds)  # a header: no pixel data to copy
     for keyword in missing:
         setattr(patched, keyword, "")
+    for keyword, value in legacy.items():
+        setattr(patched, keyword, value)
+    if no_method:
+        patched.DeidentificationMethod = "not stated in the source images"
     return patched
+
+
+def _current_form(ds: Dataset, keyword: str) -> str | None:
+    """A date or time in its ACR-NEMA form, rewritten in today's; None for anything else."""
+    element = ds.get_item(keyword)
+    raw = element.value if element is not None else None
+    text = raw.decode("ascii", "replace") if isinstance(raw, bytes) else str(raw or "")
+    text = text.strip(" \x00")
+    if keyword.endswith("Date") and (m := _LEGACY_DA.fullmatch(text)):
+        return "".join(m.groups())
+    if keyword.endswith("Time") and (m := _LEGACY_TM.fullmatch(text)):
+        return "".join(g for g in m.groups() if g)
+    return None
 
 
 def result_uid(*parts: str) -> UID:
@@ -116,7 +151,7 @@ def build_seg(
         frames = by_frame
     else:
         raise OutputError("a SEG over several multi-frame instances is not supported")
-    images[0] = _with_type2(images[0])
+    images[0] = _conformant_header(images[0])
     algorithm = hd.AlgorithmIdentificationSequence(
         name=contract.name,
         family=codes.DCM.ArtificialIntelligence,
@@ -250,7 +285,7 @@ def build_sr(
     )
     if sources is not None:
         first, *rest = sources.headers.values()
-        evidence = [_with_type2(first), *rest, *([seg] if seg is not None else [])]
+        evidence = [_conformant_header(first), *rest, *([seg] if seg is not None else [])]
     else:
         evidence = [_identity(result, key)]
     sr = hd.sr.Comprehensive3DSR(

@@ -105,17 +105,24 @@ class Models:
         return chosen
 
 
-def series_image(
-    group: series.SeriesGroup, volume: series.Volume, models: Models, route: Route
-) -> convert.LoadedImage:
-    """A series as its route's models take it: a volume; or, for one image routed to a 2D
-    model (an X-ray, a single slice), that image read as a dropped file is, not a volume one
-    plane thick, which a 2D model refuses."""
+def series_input(
+    group: series.SeriesGroup, models: Models, route: Route
+) -> tuple[convert.LoadedImage, Sources]:
+    """A series as its route's models take it, and its source instances: a volume; or, for one
+    image routed to a 2D model (an X-ray, an ultrasound frame, a secondary capture, a single
+    slice), that image as a dropped file is read. Such an image need not say where it lies in
+    the patient (an X-ray has no ImagePositionPatient), and a 2D model refuses a volume one
+    plane thick."""
     contracts = [c for n in route.models if (c := models.contracts.get(n))]
     if group.planes == 1 and any(c.spatial_dims == 2 for c in contracts):
-        return convert.load(group.paths[0])
+        path = group.paths[0]
+        image = convert.load(path)
+        sources = _inbox_sources(pydicom.dcmread(path, stop_before_pixels=True))
+        if sources is not None:
+            return image, sources
+    volume = series.load_series(group.paths)
     array = MetaTensor(volume.array[np.newaxis], affine=volume.affine)
-    return convert.LoadedImage(InputKind.DICOM, array)
+    return convert.LoadedImage(InputKind.DICOM, array), Sources(volume.headers, volume.slices)
 
 
 def why_not(decision: routing.Decision) -> str:
@@ -236,7 +243,8 @@ def dicom_outputs(
 
 
 def _inbox_sources(header: pydicom.Dataset | None) -> Sources | None:
-    """A DICOM file dropped into the inbox is the source its SR references."""
+    """A DICOM file (dropped into the inbox, or one image of a series) is the source its SR
+    references."""
     if header is None:
         return None
     uid = str(header.get("SOPInstanceUID", ""))

@@ -349,6 +349,10 @@ def _read(
                 raise InputError("files of more than one series given as one")
             series_uid, modality = uid, str(values.get(ds, "Modality", ""))
             check_pixel_description(ds, partial(values.get, ds))  # memoised values
+            if str(values.get(ds, "PhotometricInterpretation", "")) == "PALETTE COLOR":
+                raise InputError(
+                    "PALETTE COLOR images are converted one at a time, not as a volume"
+                )
             new = _planes(ds, values)
             filler.add(ds, new)
             planes.extend(new)

@@ -32,7 +32,6 @@ from pathlib import Path
 from pipeline import observe, routing, series
 from pipeline.contract import Task
 from pipeline.convert import MAX_VOXELS, Preprocessing
-from pipeline.dicom_results import Sources
 from pipeline.dicom_store import INBOX_FILES, SUFFIX
 from pipeline.errors import InputError, PermanentError, PipelineError, TransientError
 from pipeline.fsutil import flocked
@@ -45,7 +44,7 @@ from pipeline.processing import (
     dicom_outputs,
     finish_job,
     infer_model,
-    series_image,
+    series_input,
     why_not,
     write_outputs,
 )
@@ -316,7 +315,7 @@ def _series_results(
     if group.planes * group.rows * group.cols > MAX_VOXELS:
         raise InputError(f"{group.planes}x{group.rows}x{group.cols} is larger than {MAX_VOXELS}")
     loading = time.perf_counter()
-    volume = series.load_series(group.paths)
+    image, sources = series_input(group, models, route)
     assert job.study is not None
     observe.stage(
         "loaded",
@@ -326,7 +325,6 @@ def _series_results(
         series=group.uid,
         slices=group.planes,
     )
-    image = series_image(group, volume, models, route)
     contracts = models.for_route(route, image)
     info = InputInfo(
         source="dicom",
@@ -338,7 +336,7 @@ def _series_results(
         series_uid=group.uid,
         route=route.name,
     )
-    dicom = dicom_outputs(settings, job, route, Sources(volume.headers, volume.slices), group.uid)
+    dicom = dicom_outputs(settings, job, route, sources, group.uid)
     out_dir = settings.results_dir / job.study.study_uid
     # Each model's outputs (SR, SEG, preview, mask file: mostly Python) are built in a second
     # thread while the next model waits on Triton, one at a time. The series then takes its

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
+from pydicom import dcmread
 
 from pipeline.demo.dicom_series import (
     TEST_PATIENT_ID,
@@ -27,6 +30,8 @@ from .bad_inputs import all_cases
 from .conftest import alive, running_up, up_env, wait_for
 
 pytestmark = pytest.mark.e2e
+
+PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 
 # Odd names are not errors: with good content they get results like any other file.
 ODD_GOOD_NAMES = [
@@ -74,6 +79,26 @@ def test_bad_inputs_fail_clearly_and_good_ones_interleaved_get_results(
         for k, path in enumerate(write_series(staging / "ct", ct), start=1):
             os.replace(path, cd / f"IM{k:05d}")
         os.replace(staging / "cd", inbox / "cd")
+        # Real-world single images from pydicom's test files: three MONOCHROME1 radiographs
+        # (one study, three series) and a PALETTE COLOR ultrasound, neither saying where it
+        # lies in the patient; an ultrasound with ACR-NEMA dates and times (1997.04.24,
+        # 14:04:38); a de-identified CT slice that does not say how. Each is classified.
+        real = {
+            "cr/1": "dicomdirtests/77654033/CR1/6154",
+            "cr/2": "dicomdirtests/77654033/CR2/6247",
+            "cr/3": "dicomdirtests/77654033/CR3/6278",
+            "us-palette.dcm": "examples_palette.dcm",
+            "us-acr-nema-dates.dcm": "ExplVR_BigEnd.dcm",
+            "ct-deidentified.dcm": "693_J2KI.dcm",
+        }
+        (staging / "cr").mkdir()
+        for name, source in real.items():
+            shutil.copy(PYDICOM_FILES / source, staging / name)
+        os.replace(staging / "cr", inbox / "cr")
+        for name in real:
+            if "/" not in name:
+                os.replace(staging / name, inbox / name)
+        real_studies = {str(dcmread(PYDICOM_FILES / f).StudyInstanceUID) for f in real.values()}
         for k, name in enumerate(ODD_GOOD_NAMES):
             write_mednist_png(staging / name, "Hand", TEST_SEED_BASE + 900 + k)
             os.replace(staging / name, inbox / name)
@@ -112,7 +137,10 @@ def test_bad_inputs_fail_clearly_and_good_ones_interleaved_get_results(
             lambda: (
                 len(failed()) >= len(bad)
                 and len(results()) >= len(good)
-                and all((data / "results" / u / "study.json").exists() for u in (uid, ct.study_uid))
+                and all(
+                    (data / "results" / u / "study.json").exists()
+                    for u in (uid, ct.study_uid, *real_studies)
+                )
             ),
             600,
             f"{len(bad)} failures and {len(good)} results",
@@ -146,6 +174,13 @@ def test_bad_inputs_fail_clearly_and_good_ones_interleaved_get_results(
         single_doc = json.loads((single_dir / "result.json").read_text())
         assert single_doc["input"]["route"] == "2d-image", single_doc
         assert single_doc["input"]["shape"] == [1, 64, 64], single_doc
+        real_series = 0
+        for real_uid in real_studies:
+            doc = json.loads((data / "results" / real_uid / "study.json").read_text())
+            outcomes = [(o["status"], o["route"], o["slices"]) for o in doc["series"]]
+            assert outcomes == [("done", "2d-image", 1)] * len(outcomes), doc
+            real_series += len(outcomes)
+        assert real_series == len(real)
         study = json.loads((data / "results" / ct.study_uid / "study.json").read_text())
         assert [(s["status"], s["route"], s["slices"]) for s in study["series"]] == [
             ("done", "ct-volume", 20)

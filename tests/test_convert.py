@@ -8,6 +8,7 @@ import pydicom
 import pytest
 import torch
 from monai.data import MetaTensor
+from pydicom.pixels.processing import apply_color_lut
 from torch.nn import functional
 
 from pipeline import convert
@@ -58,6 +59,30 @@ def test_single_dicom_file_is_rescaled_to_hounsfield(tmp_path: Path) -> None:
     expected = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
     assert np.allclose(np.asarray(image.array[0]), expected)
     assert _model_input(path, "mednist_classifier").shape == (1, 64, 64)
+
+
+def test_a_palette_colour_image_is_its_colours_in_grey() -> None:
+    """PALETTE COLOR (one sample that indexes colour tables: ultrasound) was refused as an
+    impossible pixel description; its stored values are indices, not intensities."""
+    path = PYDICOM_FILES / "examples_palette.dcm"
+    ds = pydicom.dcmread(path)
+    image = convert.load(path)
+    assert tuple(image.array.shape) == (1, 350, 800)
+    rgb = apply_color_lut(ds.pixel_array, ds).astype(np.float32)
+    assert np.allclose(np.asarray(image.array[0]), rgb.mean(axis=-1))
+    assert not np.allclose(np.asarray(image.array[0]), ds.pixel_array)
+
+
+def test_a_monochrome1_radiograph_is_read_as_monochrome2_shows_it() -> None:
+    """MONOCHROME1 (a CR's: the lowest value is white) is inverted, so a 2D model trained on
+    images where bone is bright sees bone bright."""
+    path = PYDICOM_FILES / "dicomdirtests" / "77654033" / "CR1" / "6154"
+    ds = pydicom.dcmread(path)
+    assert ds.PhotometricInterpretation == "MONOCHROME1" and "ImagePositionPatient" not in ds
+    stored = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    image = np.asarray(convert.load(path).array[0])
+    assert np.allclose(image, stored.max() + stored.min() - stored)
+    assert image[stored == stored.min()].min() == image.max()  # the lowest value: brightest
 
 
 @pytest.mark.parametrize(
