@@ -117,7 +117,7 @@ def series_input(
     if group.planes == 1 and any(c.spatial_dims == 2 for c in contracts):
         path = group.paths[0]
         image = convert.load(path)
-        sources = _inbox_sources(pydicom.dcmread(path, stop_before_pixels=True))
+        sources = _file_sources(pydicom.dcmread(path, stop_before_pixels=True))
         if sources is not None:
             return image, sources
     volume = series.load_series(group.paths)
@@ -207,7 +207,7 @@ def run_job(
             shape=[int(s) for s in image.array.shape],
             route=route.name,
         )
-        dicom = dicom_outputs(settings, job, route, _inbox_sources(header), "")
+        dicom = dicom_outputs(settings, job, route, _file_sources(header), "")
         stage = "infer"
         out_dir = settings.results_dir / job.id
         prep = convert.Preprocessing(image, chosen)
@@ -242,7 +242,7 @@ def dicom_outputs(
     )
 
 
-def _inbox_sources(header: pydicom.Dataset | None) -> Sources | None:
+def _file_sources(header: pydicom.Dataset | None) -> Sources | None:
     """A DICOM file (dropped into the inbox, or one image of a series) is the source its SR
     references."""
     if header is None:
