@@ -253,6 +253,8 @@ class InboxWatcher:
                 ),
             )
             return
+        if uids.study not in self.studies:  # UIDs only: folder names may carry a patient's name
+            log.info("inbox: gathering the DICOM files of study %s", uids.study)
         self.studies.taken(uids.study, rel.parts[0])
 
     def _close_settled(self) -> None:

@@ -1,11 +1,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import threading
 import time
 from pathlib import Path
+
+import pytest
 
 from pipeline.demo.dicom_series import new_series, write_series
 from pipeline.demo.synthetic import write_mednist_png
@@ -130,10 +133,13 @@ def test_an_adopted_study_settles_from_its_adoption() -> None:
     assert [uid for uid, _ in studies.due(set())] == ["1.2.3"]
 
 
-def test_dicom_files_dropped_into_the_inbox_become_one_job_per_study(tmp_path: Path) -> None:
+def test_dicom_files_dropped_into_the_inbox_become_one_job_per_study(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """A CT series copied from a CD (files without a suffix, in a folder) is one study job, as
     if a PACS had sent it; a single DICOM image is a study of its own; other files stay jobs
     of their own; a second copy of an instance is refused with the reason, and kept."""
+    caplog.set_level(logging.INFO, logger="pipeline.inbox")
     settings = make_settings(tmp_path / "data", inbox={"settle_seconds": 0.1, "study_quiet_s": 0.3})
     settings.ensure_dirs()
     staging = tmp_path / "staging"
@@ -189,6 +195,12 @@ def test_dicom_files_dropped_into_the_inbox_become_one_job_per_study(tmp_path: P
     assert error["stage"] == "intake" and error["original_name"] == "cd/DICOM/IM00001 copy"
     assert "already among the files gathered for study" in error["message"]
     assert (refused / "IM00001 copy").is_file()
+    # Said once per study, by UID (the folder's name may carry a patient's).
+    gathering = [r.getMessage() for r in caplog.records if "gathering" in r.getMessage()]
+    assert sorted(gathering) == sorted(
+        f"inbox: gathering the DICOM files of study {uid}"
+        for uid in (ct.study_uid, single.study_uid)
+    )
 
 
 def test_a_study_left_gathering_by_an_earlier_run_is_finished_by_the_watcher(
