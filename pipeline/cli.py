@@ -668,9 +668,9 @@ def infer(
     settings = _settings()
     settings.ensure_dirs()
     paths = collect(files)
-    dicom = [p for p in paths if p.is_file() and file_identity(p) is not None]
-    singles = [p for p in paths if p not in set(dicom)]
-    groups, not_images = series.group_series(dicom)
+    dicom = {p for p in paths if p.is_file() and file_identity(p) is not None}
+    singles = [p for p in paths if p not in dicom]
+    groups, not_images = series.group_series(sorted(dicom))
     proc = None
     url = _triton_url(settings)
     if url:

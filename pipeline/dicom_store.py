@@ -12,6 +12,7 @@ threads and processes alike.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import secrets
 import shutil
@@ -176,6 +177,23 @@ def place_file(spool: Path, uids: InstanceUIDs, src: Path, note: str) -> bool:
             os.fsync(f.fileno())
         fsync_dir(dest.parent)
     return True
+
+
+def inbox_files(study_dir: Path) -> dict[str, str]:
+    """SOP Instance UID -> the inbox file it came from, as :func:`place_file` noted them in
+    order; empty for a study not gathered from the inbox."""
+    try:
+        lines = (study_dir / INBOX_FILES).read_text().splitlines()
+    except FileNotFoundError:
+        return {}
+    names = {}
+    for line in lines:
+        try:
+            item = json.loads(line)
+            names[str(item["sop"])] = str(item["file"])
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut by a crash names nothing
+    return names
 
 
 def _make_dirs(spool: Path, series_dir: Path) -> None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline.dicom_store import INBOX_FILES
+from pipeline.dicom_store import inbox_files
 from pipeline.dispatch import Delivery
 from pipeline.errors import InputError, PipelineError
 from pipeline.fsutil import fsync_dir
@@ -61,11 +61,12 @@ class FailedItem:
         job = self.error.get("job") or {}
         what = str(job.get("original_name") or self.error.get("original_name") or "")
         try:  # a study gathered from inbox files: say which
-            lines = (self.folder / STUDY_FOLDER / INBOX_FILES).read_text().splitlines()
-            first = json.loads(lines[0])["file"]
-        except (OSError, IndexError, ValueError, KeyError, TypeError):
+            files = list(inbox_files(self.folder / STUDY_FOLDER).values())
+        except OSError:
             return what
-        return f"{what} ({len(lines)} inbox file(s): {first}{', …' if len(lines) > 1 else ''})"
+        if not files:
+            return what
+        return f"{what} ({len(files)} inbox file(s): {files[0]}{', …' if len(files) > 1 else ''})"
 
 
 def items(settings: Settings) -> list[FailedItem]:

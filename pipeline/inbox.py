@@ -102,6 +102,9 @@ class SettlingStudies:
     def __contains__(self, study_uid: object) -> bool:
         return study_uid in self._studies
 
+    def __len__(self) -> int:
+        return len(self._studies)
+
     def taken(self, study_uid: str, entry: str) -> None:
         """A file of the study was placed; ``entry`` is the inbox entry it was dropped in."""
         t = self.clock()
@@ -258,6 +261,8 @@ class InboxWatcher:
         self.studies.taken(uids.study, rel.parts[0])
 
     def _close_settled(self) -> None:
+        if not self.studies:  # every poll: nothing to look at while no study is settling
+            return
         pending = {p.relative_to(self.inbox).parts[0] for p in self.tracker.pending()}
         for study_uid, received in self.studies.due(pending):
             done = Completed(study_uid, Reason.INBOX, received, None, None)

@@ -20,7 +20,6 @@ them together with the new instances, as if they had all come within the grace p
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 import time
@@ -32,7 +31,7 @@ from pathlib import Path
 from pipeline import observe, routing, series
 from pipeline.contract import Task
 from pipeline.convert import MAX_VOXELS, Preprocessing
-from pipeline.dicom_store import INBOX_FILES, SUFFIX
+from pipeline.dicom_store import SUFFIX, inbox_files
 from pipeline.errors import InputError, PermanentError, PipelineError, TransientError
 from pipeline.fsutil import flocked
 from pipeline.jobs import STUDY_FOLDER, Job, is_job_id, job_dir, now, read_job
@@ -103,7 +102,7 @@ def _run_round(
             touched |= {o.series_uid for o in earlier.series if o.status == "superseded"}
         merged = _earlier_instances(settings, earlier, touched) | current  # newest wins
         groups, not_images = series.group_series(merged.values())
-        names = _inbox_names(study_dir) if study.completed_by == Reason.INBOX else {}
+        names = inbox_files(study_dir) if study.completed_by == Reason.INBOX else {}
     except OSError as exc:
         raise StageError("load", TransientError(f"cannot read the study: {exc}")) from exc
     outcomes: list[SeriesOutcome] = []
@@ -208,22 +207,6 @@ def _run_round(
         sum(o.status == "skipped" for o in outcomes),
     )
     return written
-
-
-def _inbox_names(study_dir: Path) -> dict[str, str]:
-    """SOP Instance UID -> the inbox file it came from, for a study gathered from the inbox."""
-    try:
-        lines = (study_dir / INBOX_FILES).read_text().splitlines()
-    except FileNotFoundError:
-        return {}
-    names = {}
-    for line in lines:
-        try:
-            item = json.loads(line)
-            names[str(item["sop"])] = str(item["file"])
-        except (ValueError, KeyError, TypeError):
-            continue  # a line cut by a crash names nothing
-    return names
 
 
 def _with_names(text: str, names: dict[str, str]) -> str:
