@@ -391,11 +391,17 @@ def send(
     """C-STORE files to our receiver or any PACS; exit code 1 if any file was not stored."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    from pipeline.dicomnet.scu import collect
     from pipeline.dicomnet.scu import send as send_files
+    from pipeline.filekinds import collect
 
     _quiet_pynetdicom()
-    files = collect(paths)
+    files, extras = collect(paths)
+    if extras:  # not failures: a CD's whole copy is sent without an error for its viewer
+        typer.echo(
+            f"{len(extras)} file(s) of a DICOM medium that are not its images are not sent "
+            f"(its DICOMDIR, README, viewer): {', '.join(map(str, extras[:3]))}"
+            + (", …" if len(extras) > 3 else "")
+        )
     if not files:
         raise _fail("no files to send")
     peer = _peer(host, port, called_aet, calling_aet, tls, tls_ca, tls_cert, tls_key)
@@ -660,14 +666,14 @@ def infer(
     from pipeline import convert, series
     from pipeline.contract import discover_contracts
     from pipeline.dicom_store import file_identity
-    from pipeline.dicomnet.scu import collect
+    from pipeline.filekinds import collect, why_extra
     from pipeline.processing import Models, inbox_facts, series_input
     from pipeline.services import embedded_triton
     from pipeline.triton_client import TritonClient
 
     settings = _settings()
     settings.ensure_dirs()
-    paths = collect(files)
+    paths, extras = collect(files)
     dicom = {p for p in paths if p.is_file() and file_identity(p) is not None}
     singles = [p for p in paths if p not in dicom]
     groups, not_images = series.group_series(sorted(dicom))
@@ -709,6 +715,8 @@ def infer(
                 typer.echo(json.dumps({**where, "error": f"{type(exc).__name__}: {exc}"}))
         for skipped in not_images:
             typer.echo(json.dumps({"file": skipped.name, "skipped": skipped.reason}))
+        for extra in extras:
+            typer.echo(json.dumps({"file": str(extra), "skipped": why_extra(extra)}))
     finally:
         client.close()
         if proc is not None:

@@ -27,6 +27,7 @@ from pydicom.uid import MediaStorageDirectoryStorage
 from pipeline.contract import MAX_VOXELS as MAX_VOXELS
 from pipeline.contract import InputKind, ModelContract, TransformSpec
 from pipeline.errors import InputError
+from pipeline.filekinds import detect_kind
 
 # The transforms a contract may name. An allow-list, not getattr on monai: contracts are data.
 TRANSFORMS: dict[str, Callable[..., Any]] = {
@@ -39,15 +40,6 @@ TRANSFORMS: dict[str, Callable[..., Any]] = {
     "Spacing": mt.Spacing,
     "SpatialPad": mt.SpatialPad,
     "CenterSpatialCrop": mt.CenterSpatialCrop,
-}
-
-_SUFFIX_KINDS = {
-    ".png": InputKind.IMAGE,
-    ".jpg": InputKind.IMAGE,
-    ".jpeg": InputKind.IMAGE,
-    ".nii": InputKind.NIFTI,
-    ".nii.gz": InputKind.NIFTI,
-    ".dcm": InputKind.DICOM,
 }
 
 
@@ -64,21 +56,6 @@ class LoadedImage:
 class NotAnImageError(InputError):
     """A readable DICOM object that holds no image (a DICOMDIR, an SR): an error where a file
     was dropped to be processed, a file to pass over where a folder is looked through."""
-
-
-def detect_kind(path: Path) -> InputKind:
-    name = path.name.lower()
-    for suffix, kind in _SUFFIX_KINDS.items():
-        if name.endswith(suffix):
-            return kind
-    with path.open("rb") as f:
-        head = f.read(132)
-    if head[128:132] == b"DICM":
-        return InputKind.DICOM
-    raise InputError(
-        f"unsupported file type (suffix {''.join(path.suffixes[-2:]) or 'none'!r}): "
-        "expected .png, .jpg, .nii, .nii.gz or DICOM"
-    )
 
 
 def load(path: Path) -> LoadedImage:

@@ -11,14 +11,8 @@ from pathlib import Path
 from pipeline import convert, routing, series
 from pipeline.contract import InputKind
 from pipeline.errors import PipelineError
+from pipeline.filekinds import collect, detect_kind, why_extra
 from pipeline.processing import inbox_facts
-
-
-def _files(paths: Sequence[Path]) -> list[Path]:
-    out: list[Path] = []
-    for p in paths:
-        out.extend(sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p])
-    return out
 
 
 def _verdicts(
@@ -44,13 +38,13 @@ def explain_paths(
     called_aet: str = "",
     verbose: bool = True,
 ) -> Iterator[str]:
-    files = _files(paths)
+    files, extras = collect(paths)
     dicom: list[Path] = []
     other: list[Path] = []
     for f in files:
         kind = None
         with contextlib.suppress(PipelineError):
-            kind = convert.detect_kind(f)
+            kind = detect_kind(f)
         (other if kind in (InputKind.IMAGE, InputKind.NIFTI) else dicom).append(f)
     groups, skipped = series.group_series(dicom)
     for g in groups:
@@ -71,3 +65,5 @@ def explain_paths(
         yield from _verdicts(routes, facts, verbose)
     for s in skipped:
         yield f"not an image to route: {s.name}: {s.reason}"
+    for f in extras:
+        yield f"not an image to route: {f.name}: {why_extra(f)}"

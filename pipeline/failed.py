@@ -9,7 +9,8 @@ Three kinds of item, each a folder with ``error.json``:
   at start-up).
 - a **send** (``<job id>.send-<destination>/``): DICOM results a destination did not take.
   Retry queues the sending of the files it names (still in results) again.
-- an **intake** refusal (a symbolic link dropped into the inbox, say): no job was made, so
+- an **intake** refusal (a symbolic link dropped into the inbox, say, or the files of a
+  dropped folder that are not images, set aside together): no job was made, so
   there is nothing to retry; put a fixed copy into the inbox.
 """
 
@@ -60,8 +61,10 @@ class FailedItem:
             return f"{len(self.error.get('files', []))} file(s) to {self.error.get('destination')}"
         job = self.error.get("job") or {}
         what = str(job.get("original_name") or self.error.get("original_name") or "")
-        try:  # a study gathered from inbox files: say which
-            files = list(inbox_files(self.folder / STUDY_FOLDER).values())
+        try:  # a study gathered from inbox files, or a folder's files set aside: say which
+            files = list(
+                self.error.get("files") or inbox_files(self.folder / STUDY_FOLDER).values()
+            )
         except OSError:
             return what
         if not files:

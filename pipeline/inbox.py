@@ -10,6 +10,13 @@ DICOM files are not jobs of their own: each goes into its study's folder in the 
 the receiver puts received instances, and the study becomes one job once it has settled
 (:class:`SettlingStudies`). A CT series copied from a CD is then one volume, routed and
 processed exactly as if a PACS had sent it, instead of a pile of single images.
+
+The other files of a dropped folder wait until the folder has settled (:class:`HeldFiles`).
+A folder holding a DICOMDIR is a DICOM medium (a CD, a USB stick): its images are its DICOM
+files, and the rest (the DICOMDIR, a README, a viewer program with its icons) is set aside
+together as one failed item, kept and listed, instead of one failed job per file. Elsewhere
+each file is a job as before, and files of a type the pipeline cannot read are set aside
+together in the same way.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from watchdog.observers import Observer
 from pipeline import observe
 from pipeline.dicom_store import INBOX_FILES, InstanceUIDs, file_identity, place_file
 from pipeline.errors import InputError
+from pipeline.filekinds import is_dicomdir, kind_of, medium_extras
 from pipeline.fsutil import atomic_write_json, move_into
 from pipeline.jobs import Job, error_record, new_job_id, now, requeue_pending, spool_file
 from pipeline.settings import Settings
@@ -129,6 +137,37 @@ class SettlingStudies:
         return done
 
 
+class HeldFiles:
+    """Files of dropped folders that are not DICOM instances, held per top-level inbox entry
+    until the entry has settled as :class:`SettlingStudies` decides for a study. Pure
+    bookkeeping over a clock."""
+
+    def __init__(self, quiet_s: float, max_wait_s: float, clock: Clock = time.monotonic) -> None:
+        self.quiet = quiet_s
+        self.max_wait = max_wait_s
+        self.clock = clock
+        self._entries: dict[str, tuple[float, float, set[Path]]] = {}  # first, last, files
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def hold(self, entry: str, path: Path) -> None:
+        t = self.clock()
+        first, _, paths = self._entries.get(entry, (t, t, set()))
+        self._entries[entry] = (first, t, paths | {path})
+
+    def due(self, pending_entries: set[str]) -> list[tuple[str, list[Path]]]:
+        """Entries settled now, with their held files (sorted); forgotten here."""
+        t = self.clock()
+        done = []
+        for entry, (first, last, paths) in list(self._entries.items()):
+            settled = t - last >= self.quiet and entry not in pending_entries
+            if settled or t - first >= self.max_wait:
+                del self._entries[entry]
+                done.append((entry, sorted(paths)))
+        return done
+
+
 def ignored(path: Path, inbox: Path, patterns: Iterable[str]) -> bool:
     """Files being written (by name) and anything inside hidden folders are not taken."""
     rel = path.relative_to(inbox)
@@ -159,6 +198,7 @@ class InboxWatcher:
         self.enqueue = enqueue
         self.tracker = StabilityTracker(settings.inbox.settle_seconds)
         self.studies = SettlingStudies(settings.inbox.study_quiet_s, settings.receiver.max_wait_s)
+        self.held = HeldFiles(settings.inbox.study_quiet_s, settings.receiver.max_wait_s)
         self.events: queue.SimpleQueue[Path] = queue.SimpleQueue()
 
     def run(self, stop: threading.Event) -> None:
@@ -176,6 +216,7 @@ class InboxWatcher:
                 for path in self.tracker.stable():
                     self._take(path)
                 self._close_settled()
+                self._release_held()
                 t = time.monotonic()
                 if t - last_scan >= self.RESCAN_S:
                     self._scan()
@@ -225,6 +266,14 @@ class InboxWatcher:
         if (uids := file_identity(path)) is not None:
             self._take_instance(path, uids)
             return
+        rel = path.relative_to(self.inbox)
+        if len(rel.parts) > 1:  # in a dropped folder: is it a DICOM medium? Known once settled
+            self.held.hold(rel.parts[0], path)
+            return
+        self._spool(path)
+
+    def _spool(self, path: Path) -> None:
+        """A job of its own."""
         try:
             job = spool_file(path, self.inbox, self.settings.spool_dir)
         except FileNotFoundError:
@@ -245,7 +294,7 @@ class InboxWatcher:
         except FileNotFoundError:
             return  # moved away meanwhile by its owner
         except OSError as exc:  # left in the inbox: taken again at the next scan
-            log.error("inbox: could not spool a DICOM file: %s", exc)
+            log.error("inbox: could not spool a DICOM file: %s", _said(exc))
             return
         if not placed:
             self._reject(
@@ -284,6 +333,66 @@ class InboxWatcher:
             )
             self.enqueue(job)
 
+    def _release_held(self) -> None:
+        if not self.held:
+            return
+        pending = {p.relative_to(self.inbox).parts[0] for p in self.tracker.pending()}
+        for entry, paths in self.held.due(pending):
+            paths = [p for p in paths if p.is_file()]  # not moved away meanwhile by its owner
+            # On a medium a DICOM file that is no instance (bad UIDs) still fails by itself,
+            # with its reason.
+            aside = medium_extras(paths) or [p for p in paths if kind_of(p) is None]
+            medium = any(is_dicomdir(p) for p in aside)
+            for path in paths:
+                if path not in aside:
+                    self._spool(path)
+            if not aside:
+                continue
+            try:
+                self._set_aside(entry, aside, medium)
+            except OSError as exc:  # what is left in the inbox is taken again at the next scan
+                log.error(
+                    "inbox: could not set aside the files of a dropped folder: %s", _said(exc)
+                )
+
+    def _set_aside(self, entry: str, paths: list[Path], medium: bool) -> None:
+        """Files of a dropped folder that are not images: one failed item for all of them,
+        kept under their paths in the inbox, with what they are."""
+        names = [str(p.relative_to(self.inbox)) for p in paths]
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        if medium:
+            what = (
+                f"folder {entry!r} is a DICOM medium (it has a DICOMDIR): its DICOM files "
+                f"went into their studies; its other {len(paths)} file(s) are not images"
+            )
+        else:
+            what = f"{len(paths)} file(s) in folder {entry!r} are of no type the pipeline reads"
+        error = InputError(
+            f"{what}, and were set aside here: {shown} (the pipeline reads .png, .jpg, .nii, "
+            ".nii.gz and DICOM image files)"
+        )
+        job_id = new_job_id()
+        folder = self.settings.failed_dir / f".{job_id}"
+        for path, name in zip(paths, names, strict=True):
+            try:
+                move_into(path, (folder / name).parent)
+            except FileNotFoundError:
+                continue  # moved away meanwhile by its owner
+        folder.mkdir(parents=True, exist_ok=True)
+        record = error_record(error, "intake")
+        record["original_name"] = entry
+        record["files"] = names
+        record["received_at"] = now().isoformat()
+        atomic_write_json(folder / "error.json", record)
+        os.replace(folder, self.settings.failed_dir / job_id)
+        # Counts only: file and folder names may carry a patient's name.
+        log.warning(
+            "inbox: set aside %d file(s) of a dropped folder that are not images as failed/%s%s",
+            len(paths),
+            job_id,
+            " (a DICOM medium's DICOMDIR and other files)" if medium else "",
+        )
+
     def _adopt(self) -> None:
         """Studies an earlier run left gathering in the spool (those with inbox files)."""
         for study_uid, _ in spooled_studies(self.settings.spool_dir):
@@ -305,3 +414,8 @@ class InboxWatcher:
 
     def _requeue(self) -> None:
         requeue_pending(self.enqueue, self.settings.spool_dir)
+
+
+def _said(exc: OSError) -> str:
+    """An OS error without its paths: an inbox path may carry a patient's name."""
+    return exc.strerror or type(exc).__name__

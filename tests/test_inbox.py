@@ -6,6 +6,7 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,9 @@ from pipeline.demo.dicom_series import new_series, write_series
 from pipeline.demo.synthetic import write_mednist_png
 from pipeline.dicom_store import INBOX_FILES, file_identity, place_file
 from pipeline.dicomnet.receiver import Receiver
-from pipeline.inbox import InboxWatcher, SettlingStudies, StabilityTracker, ignored
+from pipeline.inbox import HeldFiles, InboxWatcher, SettlingStudies, StabilityTracker, ignored
 from pipeline.jobs import Job
+from pipeline.settings import Settings
 
 from .conftest import make_settings
 
@@ -133,6 +135,115 @@ def test_an_adopted_study_settles_from_its_adoption() -> None:
     assert [uid for uid, _ in studies.due(set())] == ["1.2.3"]
 
 
+def test_a_dropped_folders_other_files_wait_until_the_folder_has_settled(tmp_path: Path) -> None:
+    clock = Clock()
+    held = HeldFiles(quiet_s=3.0, max_wait_s=100.0, clock=clock)
+    held.hold("cd", tmp_path / "cd" / "DICOMDIR")
+    clock.t = 2.0
+    held.hold("cd", tmp_path / "cd" / "README.TXT")
+    held.hold("other", tmp_path / "other" / "notes.txt")
+    clock.t = 5.1
+    assert held.due({"cd", "other"}) == []  # both still being written
+    ((entry, paths),) = held.due({"other"})
+    assert entry == "cd" and paths == [tmp_path / "cd" / "DICOMDIR", tmp_path / "cd" / "README.TXT"]
+    assert len(held) == 1
+    clock.t = 102.0
+    assert [e for e, _ in held.due({"other"})] == ["other"]  # at the latest after max_wait_s
+
+
+def _watch(
+    settings: Settings,
+    done: Callable[[list[Job]], bool],
+    drop: Callable[[], object] = lambda: None,
+    timeout: float = 30,
+) -> list[Job]:
+    """Run the watcher on its own thread, ``drop`` files while it runs, until ``done(jobs)``
+    and a second more (nothing more may come); the jobs it queued."""
+    jobs: list[Job] = []
+
+    def enqueue(job: Job) -> bool:
+        jobs.append(job)
+        return True
+
+    stop = threading.Event()
+    thread = threading.Thread(target=InboxWatcher(settings, enqueue).run, args=(stop,))
+    thread.start()
+    try:
+        drop()
+        deadline = time.monotonic() + timeout
+        while not done(jobs):
+            assert time.monotonic() < deadline, (jobs, list(settings.failed_dir.iterdir()))
+            time.sleep(0.05)
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        thread.join()
+    return jobs
+
+
+def test_a_dicom_medium_is_its_dicom_files_and_the_rest_is_set_aside_as_one_item(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A patient CD copied in whole: its series is one study job; its DICOMDIR, README and
+    viewer (a program, its icons as PNG) are one failed item, kept under their paths, not a
+    failed job each nor icons classified as hands and chests. A broken DICOM file on it still
+    fails by itself, with its own reason. In a folder without a DICOMDIR a PNG is a job and
+    what the pipeline cannot read is set aside together."""
+    caplog.set_level(logging.INFO, logger="pipeline.inbox")
+    settings = make_settings(tmp_path / "data", inbox={"settle_seconds": 0.1, "study_quiet_s": 0.3})
+    settings.ensure_dirs()
+    staging = tmp_path / "staging"
+    ct = new_series(slices=5, rows=16, cols=16)
+    medium = staging / "DOE_JANE_CD"
+    (medium / "DICOM").mkdir(parents=True)
+    for k, path in enumerate(write_series(staging / "ct", ct), start=1):
+        os.replace(path, medium / "DICOM" / f"IM{k:05d}")
+    (medium / "DICOM" / "IM99999").write_bytes(b"\0" * 128 + b"DICM" + b"\xff" * 64)
+    (medium / "DICOMDIR").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)
+    (medium / "README.TXT").write_text("Insert the CD and run VIEWER.EXE\n")
+    (medium / "VIEWER" / "icons").mkdir(parents=True)
+    (medium / "VIEWER" / "VIEWER.EXE").write_bytes(b"MZ" + b"\0" * 100)
+    write_mednist_png(medium / "VIEWER" / "icons" / "logo.png", "Hand", 2)
+    folder = staging / "exports"
+    folder.mkdir()
+    write_mednist_png(folder / "chest.png", "CXR", 3)
+    (folder / "report.docx").write_bytes(b"PK\3\4")
+    (folder / "notes.txt").write_text("see report\n")
+
+    def drop() -> None:
+        for item in (medium, folder):
+            os.replace(item, settings.inbox_dir / item.name)
+
+    jobs = _watch(
+        settings,
+        lambda jobs: len(jobs) >= 3 and len(list(settings.failed_dir.iterdir())) >= 2,
+        drop,
+    )
+
+    assert not [p for p in settings.inbox_dir.rglob("*") if not p.is_dir()]  # all taken
+    by_name = {job.original_name: job for job in jobs}
+    assert set(by_name) == {ct.study_uid, "DOE_JANE_CD/DICOM/IM99999", "exports/chest.png"}
+    study = by_name[ct.study_uid].study
+    assert study is not None and study.series == {ct.series_uid: 5}
+    items = {}
+    for item in settings.failed_dir.iterdir():
+        items[json.loads((item / "error.json").read_text())["original_name"]] = item
+    assert set(items) == {"DOE_JANE_CD", "exports"}
+    aside = json.loads((items["DOE_JANE_CD"] / "error.json").read_text())
+    assert aside["stage"] == "intake" and "is a DICOM medium" in aside["message"]
+    expected = ["DICOMDIR", "README.TXT", "VIEWER/VIEWER.EXE", "VIEWER/icons/logo.png"]
+    assert aside["files"] == [f"DOE_JANE_CD/{name}" for name in expected]
+    for name in aside["files"]:  # kept, under their paths in the inbox
+        assert (items["DOE_JANE_CD"] / name).is_file(), name
+    other = json.loads((items["exports"] / "error.json").read_text())
+    assert other["files"] == ["exports/notes.txt", "exports/report.docx"]
+    assert "of no type the pipeline reads" in other["message"]
+    assert (items["exports"] / "exports" / "report.docx").read_bytes() == b"PK\3\4"
+    # Logged by count: the folder's name carries the patient's.
+    ours = "\n".join(r.getMessage() for r in caplog.records if r.name == "pipeline.inbox")
+    assert "DOE" not in ours and "set aside 4 file(s)" in ours
+
+
 def test_dicom_files_dropped_into_the_inbox_become_one_job_per_study(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -153,27 +264,13 @@ def test_dicom_files_dropped_into_the_inbox_become_one_job_per_study(
     (xray,) = write_series(staging / "xray", single)
     write_mednist_png(staging / "hand.png", "Hand", 1)
 
-    jobs: list[Job] = []
-
-    def enqueue(job: Job) -> bool:
-        jobs.append(job)
-        return True
-
-    watcher = InboxWatcher(settings, enqueue)
-    stop = threading.Event()
-    thread = threading.Thread(target=watcher.run, args=(stop,))
-    thread.start()
-    try:
+    def drop() -> None:
         for item in (staging / "cd", xray, staging / "hand.png"):
             os.replace(item, settings.inbox_dir / item.name)
-        deadline = time.monotonic() + 30
-        while len(jobs) < 3 or not any(settings.failed_dir.iterdir()):
-            assert time.monotonic() < deadline, (jobs, list(settings.failed_dir.iterdir()))
-            time.sleep(0.05)
-        time.sleep(1.0)  # nothing more comes
-    finally:
-        stop.set()
-        thread.join()
+
+    jobs = _watch(
+        settings, lambda jobs: len(jobs) >= 3 and any(settings.failed_dir.iterdir()), drop
+    )
 
     assert not [p for p in settings.inbox_dir.rglob("*") if not p.is_dir()]  # all taken
     by_name = {job.original_name: job for job in jobs}
@@ -221,23 +318,6 @@ def test_a_study_left_gathering_by_an_earlier_run_is_finished_by_the_watcher(
     receiver._adopt()
     assert spec.study_uid not in receiver.tracker
 
-    jobs: list[Job] = []
-
-    def enqueue(job: Job) -> bool:
-        jobs.append(job)
-        return True
-
-    stop = threading.Event()
-    thread = threading.Thread(target=InboxWatcher(settings, enqueue).run, args=(stop,))
-    thread.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not jobs:
-            assert time.monotonic() < deadline, "the left study was not finished"
-            time.sleep(0.05)
-    finally:
-        stop.set()
-        thread.join()
-    (job,) = jobs
+    (job,) = _watch(settings, lambda jobs: bool(jobs), timeout=10)
     assert job.study is not None and job.study.series == {spec.series_uid: 3}
     assert job.study.completed_by == "inbox-settled"

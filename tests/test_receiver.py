@@ -810,7 +810,15 @@ def test_receiving_processes_killed_while_busy_are_replaced_and_studies_complete
 def test_send_retries_what_failed_until_the_receiver_is_up(
     receiver: Callable[..., Running], tmp_path: Path
 ) -> None:
+    """Sent while nobody listens yet, each file is retried until it is stored. The folder is a
+    CD's whole copy: its DICOMDIR and viewer beside the images are no failure (exit 0)."""
     files = write_series(tmp_path / "study", new_series(6, 16, 16))
+    medium = FileSet()
+    for path in files:
+        medium.add(path)
+    medium.write(tmp_path / "cd")
+    shutil.copy(tmp_path / "cd" / "DICOMDIR", tmp_path / "study" / "DICOMDIR")
+    (tmp_path / "study" / "VIEWER.EXE").write_bytes(b"MZ" + bytes(64))
     port = free_port()
     sender = subprocess.Popen(
         [
@@ -838,19 +846,34 @@ def test_send_retries_what_failed_until_the_receiver_is_up(
 
 
 def test_send_reports_each_failure_and_exits_non_zero(tmp_path: Path) -> None:
+    """Nobody listens: each instance fails, as do files named that are not instances. A
+    folder copied whole from a CD (a DICOMDIR beside the images) has its index and viewer
+    files passed over, said once, not failures: the images are what is sent."""
     paths = write_series(tmp_path / "study", new_series(2, 16, 16))
-    (tmp_path / "study" / "notes.txt").write_text("not DICOM")
+    (tmp_path / "notes.txt").write_text("not DICOM")
     medium = FileSet()  # a CD's index, as a folder copied from one carries
     for path in paths:
         medium.add(path)
     medium.write(tmp_path / "cd")
     shutil.copy(tmp_path / "cd" / "DICOMDIR", tmp_path / "study" / "DICOMDIR")
-    out = _cli("send", str(tmp_path / "study"), "--port", str(free_port()), "--retries", "0")
+    (tmp_path / "study" / "README.TXT").write_text("run VIEWER.EXE")
+    out = _cli(
+        "send",
+        str(tmp_path / "study"),
+        str(tmp_path / "notes.txt"),
+        str(tmp_path / "cd" / "DICOMDIR"),
+        "--port",
+        str(free_port()),
+        "--retries",
+        "0",
+    )
     assert out.returncode == 1
+    assert "2 file(s) of a DICOM medium that are not its images are not sent" in out.stdout
     assert "0 sent, 4 failed" in out.stdout
     assert "notes.txt: not a DICOM file" in out.stderr
     assert "DICOMDIR: a DICOMDIR, the index of a DICOM medium, is not sent" in out.stderr
     assert out.stderr.count("failed: ") == 4
+    assert "README.TXT" not in out.stderr
 
 
 def test_tls_with_mutual_certificates(receiver: Callable[..., Running], tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -14,10 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydantic import ValidationError
+from pydicom.fileset import FileSet
 
 from pipeline.contract import discover_contracts
 from pipeline.demo.dicom_series import new_series, write_series, write_volume_series
-from pipeline.demo.synthetic import ct_volume
+from pipeline.demo.synthetic import ct_volume, write_mednist_png
 from pipeline.demo.train import TEST_SEED_BASE
 from pipeline.jobs import JOB_FILE, Job
 from pipeline.processing import Models, StageError
@@ -103,6 +105,31 @@ def test_route_explain_names_the_rule_for_each_series(tmp_path: Path) -> None:
     mr_block = text.split(f"series {mr_series}")[1]
     assert "-> skipped: no rule matches" in mr_block
     assert "modality MR not in ['CT']" in mr_block
+
+
+def test_route_passes_over_the_other_files_of_a_dicom_medium(tmp_path: Path) -> None:
+    """A CD's copy: its series is routed; its DICOMDIR, README and a viewer's icon (a PNG that
+    would be routed as a hand or a chest) are named as no image to route."""
+    cd = tmp_path / "cd"
+    medium = FileSet()
+    for path in write_series(cd / "DICOM", spec := new_series(3, 16, 16)):
+        medium.add(path)
+    medium.write(tmp_path / "fileset")
+    shutil.copy(tmp_path / "fileset" / "DICOMDIR", cd / "DICOMDIR")
+    (cd / "README.TXT").write_text("run VIEWER.EXE")
+    (cd / "VIEWER").mkdir()
+    write_mednist_png(cd / "VIEWER" / "logo.png", "Hand", TEST_SEED_BASE + 501)
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline", "route", str(cd)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert f"series {spec.series_uid}" in out.stdout
+    assert "file logo.png" not in out.stdout
+    for name in ("DICOMDIR", "README.TXT", "logo.png"):
+        assert f"not an image to route: {name}: " in out.stdout, out.stdout
 
 
 def test_received_study_routed_processed_and_recorded(

@@ -269,7 +269,8 @@ def test_infer_command_gathers_dicom_files_into_series(
 ) -> None:
     """`dicom-pipeline infer` on a folder copied from a CD (suffix-less names, a DICOMDIR) and a
     single DICOM image: the CT series is one volume for both CT models, the image is
-    classified as an image, the DICOMDIR is reported skipped; not one answer per slice."""
+    classified as an image, the DICOMDIR and the viewer's icon are reported skipped; not one
+    answer per slice."""
     hu, truth, affine = lesion_phantom(TEST_SEED_BASE + 711, lesions=2)
     spec = write_volume_series(tmp_path / "ct", hu.astype(np.float32), affine)
     cd = tmp_path / "cd" / "DICOM"
@@ -280,6 +281,8 @@ def test_infer_command_gathers_dicom_files_into_series(
         shutil.copy(path, cd / f"IM{k:05d}")
     medium.write(tmp_path / "fileset")
     shutil.copy(tmp_path / "fileset" / "DICOMDIR", tmp_path / "cd" / "DICOMDIR")
+    (tmp_path / "cd" / "VIEWER").mkdir()  # a viewer's icon: no image of the patient's
+    write_mednist_png(tmp_path / "cd" / "VIEWER" / "logo.png", "Hand", TEST_SEED_BASE + 712)
     single = new_series(slices=1)
     (image,) = write_series(tmp_path / "single", single)
     env = {
@@ -307,8 +310,9 @@ def test_infer_command_gathers_dicom_files_into_series(
     true_ml = float(truth.sum()) * float(np.prod(np.diag(affine)[:3])) / 1000.0
     assert abs(seg["total_volume_ml"] - true_ml) <= 0.1 * true_ml
     assert answers[(single.series_uid, "mednist_classifier")]["route"] == "2d-image"
-    (skipped,) = [x for x in lines if "skipped" in x]
-    assert Path(skipped["file"]).name == "DICOMDIR" and "index" in skipped["skipped"]
+    skipped = {Path(x["file"]).name: x["skipped"] for x in lines if "skipped" in x}
+    assert set(skipped) == {"DICOMDIR", "logo.png"}, lines
+    assert "index" in skipped["DICOMDIR"] and "on a DICOM medium" in skipped["logo.png"]
 
 
 def test_a_local_triton_on_the_cpu_keeps_the_cores_a_remote_one_leaves_them(

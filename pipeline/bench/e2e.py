@@ -31,13 +31,14 @@ from typing import Any
 from pipeline.bench.load import percentile, start_up
 from pipeline.demo.dicom_series import new_series, write_series
 from pipeline.dicomnet import scu
+from pipeline.filekinds import collect
 from pipeline.services.process import free_port
 
 
 def _send(folder: Path, port: int) -> float:
     """Sends the folder on one association; returns when it was released, every instance
     acknowledged (epoch seconds)."""
-    report = scu.send(scu.collect([folder]), scu.Peer("127.0.0.1", port, "PIPELINE"))
+    report = scu.send(collect([folder])[0], scu.Peer("127.0.0.1", port, "PIPELINE"))
     if not report.ok:
         raise RuntimeError(f"{len(report.failed)} instance(s) not sent")
     return time.time()

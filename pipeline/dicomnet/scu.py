@@ -12,7 +12,7 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,21 +63,6 @@ class AssociationRejectedError(ConnectionError):
 
 class _RetryableError(Exception):
     pass
-
-
-def collect(paths: Iterable[Path]) -> list[Path]:
-    """Files named, and every file under folders named (hidden ones skipped), sorted."""
-    out: list[Path] = []
-    for p in paths:
-        if p.is_dir():
-            out.extend(
-                f
-                for f in sorted(p.rglob("*"))
-                if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)
-            )
-        else:
-            out.append(p)
-    return out
 
 
 class NotSentError(ValueError):
