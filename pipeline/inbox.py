@@ -35,8 +35,8 @@ from pathlib import Path
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from pipeline import observe
-from pipeline.dicom_store import INBOX_FILES, InstanceUIDs, file_identity, place_file
+from pipeline import observe, unpack
+from pipeline.dicom_store import INBOX_FILES, InstanceUIDs, file_identity, free_bytes, place_file
 from pipeline.errors import InputError
 from pipeline.filekinds import is_dicomdir, kind_of, medium_extras
 from pipeline.fsutil import atomic_write_json, move_into
@@ -214,7 +214,14 @@ class InboxWatcher:
             while not stop.is_set():
                 self._drain()
                 for path in self.tracker.stable():
-                    self._take(path)
+                    try:
+                        self._take(path)
+                    except Exception as exc:  # noqa: BLE001 - one file must not stop the inbox
+                        log.error(
+                            "inbox: a file could not be taken (%s); it is tried again at the "
+                            "next scan",
+                            type(exc).__name__,  # not its words: they may hold the path
+                        )
                 self._close_settled()
                 self._release_held()
                 t = time.monotonic()
@@ -262,6 +269,9 @@ class InboxWatcher:
             )
             return
         if not path.is_file():
+            return
+        if self.settings.inbox.unpack_zip and unpack.is_archive(path):
+            self._unpack(path)
             return
         if (uids := file_identity(path)) is not None:
             self._take_instance(path, uids)
@@ -333,6 +343,35 @@ class InboxWatcher:
             )
             self.enqueue(job)
 
+    def _unpack(self, path: Path) -> None:
+        """A zip becomes a folder beside it, which the watcher then sees arrive."""
+        limit = self.settings.inbox.max_unpacked_mb * 2**20
+        try:
+            with unpack.open_archive(path) as archive:
+                todo = unpack.plan(archive, limit)
+                room = free_bytes(path.parent) - self.settings.receiver.min_free_disk_mb * 2**20
+                if todo.size > room:  # not the archive's fault: it waits, as the receiver does
+                    log.warning(
+                        "inbox: an archive of %d MB waits for free space to be unpacked",
+                        todo.size // 2**20,
+                    )
+                    return
+                folder = unpack.unpack(path, archive, todo)
+        except unpack.ArchiveError as exc:
+            self._reject(path, exc, member=exc.member)
+            return
+        except FileNotFoundError:
+            return  # moved away meanwhile by its owner
+        except OSError as exc:  # left in the inbox: tried again at the next scan
+            log.error("inbox: could not unpack an archive: %s", _said(exc))
+            return
+        log.info(
+            "inbox: unpacked an archive into a folder of %d file(s)%s",
+            len(todo.members),
+            f" ({todo.skipped} macOS metadata file(s) left out)" if todo.skipped else "",
+        )
+        self._scan(folder)  # its events may come before or after: taking twice is harmless
+
     def _release_held(self) -> None:
         if not self.held:
             return
@@ -399,8 +438,9 @@ class InboxWatcher:
             if (self.settings.spool_dir / study_uid / INBOX_FILES).exists():
                 self.studies.adopt(study_uid)
 
-    def _reject(self, path: Path, error: InputError) -> None:
-        """Refused at intake: moved to failed/ with the reason, never left or dropped."""
+    def _reject(self, path: Path, error: InputError, member: str | None = None) -> None:
+        """Refused at intake: moved to failed/ with the reason, never left or dropped.
+        ``member``: the archive member at fault, for error.json only (not logged)."""
         job_id = new_job_id()
         folder = self.settings.failed_dir / f".{job_id}"
         folder.mkdir(parents=True)
@@ -408,6 +448,8 @@ class InboxWatcher:
         record = error_record(error, "intake")
         record["original_name"] = str(path.relative_to(self.inbox))
         record["received_at"] = now().isoformat()
+        if member is not None:
+            record["member"] = member
         atomic_write_json(folder / "error.json", record)
         os.replace(folder, self.settings.failed_dir / job_id)
         log.error("inbox: rejected item as failed/%s: %s", job_id, error)

@@ -98,6 +98,16 @@ class InboxSettings(_Section):
         "instances: a study is complete once none of its files has been taken for this long "
         "and no file is still being written in the inbox folder they were dropped in.",
     )
+    unpack_zip: bool = Field(
+        default=True,
+        description="A .zip dropped into the inbox is unpacked into a folder of its name, "
+        "taken as a dropped folder; off: refused like any file the pipeline does not read.",
+    )
+    max_unpacked_mb: int = Field(
+        default=20_480,
+        ge=1,
+        description="A zip that would unpack to more than this is refused (and kept in failed/).",
+    )
     poll_interval_s: float = Field(default=0.25, gt=0.0)
     ignore_patterns: tuple[str, ...] = Field(
         default=("*.part", ".*", "*.tmp", "*.crdownload", "*.swp", "~*"),

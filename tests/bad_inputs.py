@@ -233,10 +233,12 @@ def other_cases() -> Iterator[Case]:
     rng = np.random.default_rng(17)
     for suffix in (".dcm", ".png", ".jpg", ".jpeg", ".nii", ".nii.gz", ""):
         yield f"empty{suffix}", b""
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as z:
-        z.writestr("scan.png", good_png())
-    yield "study.zip", buffer.getvalue()
+    # Zip archives are unpacked (a good one is among the good inputs): these are refused.
+    yield "not-a-zip.zip", rng.bytes(900)
+    slip = io.BytesIO()
+    with zipfile.ZipFile(slip, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("../../scan.png", good_png())  # would land outside the inbox
+    yield "zip-slip.zip", slip.getvalue()
     bomb = io.BytesIO()
     with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as z:
         z.writestr("big.dcm", bytes(200 * 1024 * 1024))  # 200 MB of zeros, ~200 KB packed

@@ -1,4 +1,4 @@
-"""Bad input never crashes a service and never vanishes: 213 generated bad inputs dropped into
+"""Bad input never crashes a service and never vanishes: 214 generated bad inputs dropped into
 the inbox of a running `dicom-pipeline up`, good ones interleaved. Every bad one ends in
 data/failed/ with a clear error and the input kept; every good one gets its result; the
 services keep running; no log line carries the test patient's name or ID."""
@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,12 @@ def test_bad_inputs_fail_clearly_and_good_ones_interleaved_get_results(
             if "/" not in name:
                 os.replace(staging / name, inbox / name)
         real_studies = {str(dcmread(PYDICOM_FILES / f).StudyInstanceUID) for f in real.values()}
+        # A zip of a picture, as downloaded: unpacked, and the picture classified.
+        write_mednist_png(staging / "scan.png", "CXR", TEST_SEED_BASE + 960)
+        with zipfile.ZipFile(staging / "download.zip", "w", zipfile.ZIP_DEFLATED) as z:
+            z.write(staging / "scan.png", "scan.png")
+        os.replace(staging / "download.zip", inbox / "download.zip")
+        good["download/scan.png"] = "CXR"
         for k, name in enumerate(ODD_GOOD_NAMES):
             write_mednist_png(staging / name, "Hand", TEST_SEED_BASE + 900 + k)
             os.replace(staging / name, inbox / name)

@@ -6,11 +6,14 @@ import os
 import shutil
 import threading
 import time
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from pydicom.fileset import FileSet
 
+from pipeline import unpack
 from pipeline.demo.dicom_series import new_series, write_series
 from pipeline.demo.synthetic import write_mednist_png
 from pipeline.dicom_store import INBOX_FILES, file_identity, place_file
@@ -321,3 +324,126 @@ def test_a_study_left_gathering_by_an_earlier_run_is_finished_by_the_watcher(
     (job,) = _watch(settings, lambda jobs: bool(jobs), timeout=10)
     assert job.study is not None and job.study.series == {spec.series_uid: 3}
     assert job.study.completed_by == "inbox-settled"
+
+
+def _zip(path: Path, members: dict[str, bytes], **infos: zipfile.ZipInfo) -> Path:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in members.items():
+            z.writestr(infos.get(name, name), data)
+    return path
+
+
+def test_a_zip_dropped_into_the_inbox_is_unpacked_and_taken_as_a_dropped_folder(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A patient CD's copy downloaded as a zip (with macOS metadata in it) is its study, its
+    DICOMDIR and README set aside; a zip of a picture is the picture's job; a damaged zip, one
+    that would write outside its folder and a zip bomb are refused whole, kept in failed/ with
+    the reason, nothing of them unpacked."""
+    caplog.set_level(logging.INFO, logger="pipeline.inbox")
+    settings = make_settings(tmp_path / "data", inbox={"settle_seconds": 0.1, "study_quiet_s": 0.3})
+    settings.ensure_dirs()
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    ct = new_series(slices=4, rows=16, cols=16)
+    cd: dict[str, bytes] = {}
+    fileset = FileSet()
+    for k, path in enumerate(write_series(staging / "ct", ct), start=1):
+        cd[f"DICOM/IM{k:05d}"] = path.read_bytes()
+        fileset.add(path)
+        cd[f"__MACOSX/DICOM/._IM{k:05d}"] = b"\0\5\26\7 AppleDouble"
+    fileset.write(staging / "fileset")
+    cd["DICOMDIR"] = (staging / "fileset" / "DICOMDIR").read_bytes()
+    cd["README.TXT"] = b"run VIEWER.EXE\n"
+    cd[".DS_Store"] = b"\0\0\0\1Bud1"
+    write_mednist_png(staging / "hand.png", "Hand", 4)
+    slip = zipfile.ZipInfo("../../outside.png")
+    zips = {
+        "DOE_JANE_CD.zip": _zip(staging / "DOE_JANE_CD.zip", cd),
+        "photo.zip": _zip(staging / "photo.zip", {"hand.png": (staging / "hand.png").read_bytes()}),
+        "slip.zip": _zip(staging / "slip.zip", {"x": b"png"}, x=slip),
+        "bomb.zip": _zip(staging / "bomb.zip", {"big.dcm": bytes(150 * 2**20)}),
+    }
+    damaged = (staging / "photo.zip").read_bytes()
+    (staging / "damaged.zip").write_bytes(damaged[: len(damaged) // 2])
+    zips["damaged.zip"] = staging / "damaged.zip"
+
+    def drop() -> None:
+        for name, path in zips.items():
+            os.replace(path, settings.inbox_dir / name)
+
+    jobs = _watch(
+        settings,
+        lambda jobs: len(jobs) >= 2 and len(list(settings.failed_dir.iterdir())) >= 4,
+        drop,
+    )
+    leftover = [p for p in settings.inbox_dir.rglob("*") if not p.is_dir()]
+    assert not leftover, leftover  # the archives too: their content is taken
+    assert not list(settings.inbox_dir.glob(".*"))  # no half-unpacked folder
+    by_name = {job.original_name: job for job in jobs}
+    assert set(by_name) == {ct.study_uid, "photo/hand.png"}, jobs
+    study = by_name[ct.study_uid].study
+    assert study is not None and study.series == {ct.series_uid: 4}
+    failed = {}
+    for item in settings.failed_dir.iterdir():
+        failed[json.loads((item / "error.json").read_text())["original_name"]] = item
+    assert set(failed) == {"DOE_JANE_CD", "slip.zip", "bomb.zip", "damaged.zip"}
+    aside = json.loads((failed["DOE_JANE_CD"] / "error.json").read_text())
+    assert aside["files"] == ["DOE_JANE_CD/DICOMDIR", "DOE_JANE_CD/README.TXT"]
+    for name, words in {
+        "slip.zip": "outside its folder",
+        "bomb.zip": "zip bomb",
+        "damaged.zip": "not a readable zip archive",
+    }.items():
+        error = json.loads((failed[name] / "error.json").read_text())
+        assert error["stage"] == "intake" and words in error["message"], error
+        assert (failed[name] / name).is_file()  # the archive itself, kept as dropped
+    slip_error = json.loads((failed["slip.zip"] / "error.json").read_text())
+    assert slip_error["member"] == "../../outside.png"
+    assert not (tmp_path / "outside.png").exists()
+    ours = "\n".join(r.getMessage() for r in caplog.records if r.name == "pipeline.inbox")
+    assert "unpacked an archive into a folder of 6 file(s) (5 macOS metadata" in ours, ours
+    assert "DOE" not in ours and "outside.png" not in ours
+
+
+@pytest.mark.parametrize(
+    ("members", "infos", "words"),
+    [
+        ({"a.png": b"x", "A.PNG": b"y"}, {}, "same name"),
+        ({"inner.zip": b"PK"}, {}, "archive itself"),
+        ({"/etc/x.png": b"x"}, {}, "outside its folder"),
+        ({"link": b"/etc/passwd"}, {"link": 0o120777 << 16}, "symbolic link"),
+        ({"s.dcm": b"x"}, {"s.dcm": -1}, "password-protected"),
+        ({"big.dcm": bytes(3 * 2**20)}, {}, r"more than inbox.max_unpacked_mb \(2 MB\)"),
+    ],
+)
+def test_an_archive_is_refused_whole_for_what_could_harm_or_mislead(
+    tmp_path: Path, members: dict[str, bytes], infos: dict[str, int], words: str
+) -> None:
+    zinfos = {}
+    for name, attr in infos.items():
+        zinfos[name] = zipfile.ZipInfo(name)
+        zinfos[name].external_attr = max(attr, 0)
+    path = _zip(tmp_path / "a.zip", members, **zinfos)
+    if -1 in infos.values():  # zipfile writes no encrypted member: flag the one there is
+        data = bytearray(path.read_bytes())
+        for signature, at in ((b"PK\3\4", 6), (b"PK\1\2", 8)):
+            data[data.index(signature) + at] |= 0x1
+        path.write_bytes(bytes(data))
+    with zipfile.ZipFile(path) as archive, pytest.raises(unpack.ArchiveError, match=words):
+        unpack.plan(archive, max_bytes=2 * 2**20)
+
+
+def test_an_archive_with_a_damaged_member_leaves_nothing_unpacked(tmp_path: Path) -> None:
+    members = {"a.png": b"a" * 5000, "b.png": bytes(range(256)) * 40}
+    path = _zip(tmp_path / "a.zip", members)
+    data = bytearray(path.read_bytes())
+    second = data.index(b"PK\3\4", 4)  # b.png's local header, then its packed bytes
+    data[second + 30 + len("b.png") + 10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with zipfile.ZipFile(path) as archive:
+        todo = unpack.plan(archive, max_bytes=2**30)
+        with pytest.raises(unpack.ArchiveError, match="cannot be unpacked") as caught:
+            unpack.unpack(path, archive, todo)
+    assert caught.value.member is not None and caught.value.member.startswith("b.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.zip"]  # kept; nothing beside it

@@ -1,0 +1,160 @@
+"""Zip archives dropped into the inbox: unpacked into a folder, then taken as a dropped folder.
+
+Studies downloaded from an image-exchange portal or a colleague's e-mail arrive as ``.zip``.
+The watcher unpacks one into a folder of the same name beside it (``study.zip`` becomes
+``study/``), and that folder goes the way of any dropped folder: DICOM files into their
+studies, a CD's DICOMDIR and viewer set aside, other files a job each.
+
+An archive is checked whole before a byte is written, and refused (kept in ``data/failed/``
+with the reason) if a member would land outside its folder, is a link, is encrypted, is itself
+an archive (a zip that holds itself would be unpacked forever), or if the whole would unpack to
+more than ``inbox.max_unpacked_mb`` or is packed suspiciously tightly (a zip bomb). Members are
+written into a hidden folder, synced, and the folder renamed into view only when complete, so
+the watcher never takes a half-unpacked study; the archive is removed after that.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePath, PurePosixPath
+
+from pipeline.errors import InputError
+from pipeline.fsutil import fsync_dir
+
+ZIP_SUFFIX = ".zip"
+MAX_MEMBERS = 100_000
+# Images deflate a few times over (a CT's air, an X-ray's border: 2-10x). Far tighter packing
+# of a large archive is a zip bomb: 200 MB of zeros packs into 200 KB, 1000x.
+BOMB_RATIO = 100
+BOMB_MIN_BYTES = 100 * 2**20
+_CHUNK = 2**20
+
+
+class ArchiveError(InputError):
+    """An archive refused whole: nothing of it was unpacked. The message, which is logged,
+    leaves the member's name out (names may carry a patient's); ``member`` holds it for
+    ``error.json``."""
+
+    def __init__(self, message: str, member: str | None = None) -> None:
+        super().__init__(message)
+        self.member = member
+
+
+@dataclass(frozen=True)
+class Plan:
+    members: list[tuple[zipfile.ZipInfo, PurePosixPath]]  # what is written, and where
+    skipped: int  # macOS metadata (__MACOSX/, ._*, .DS_Store): not content
+    size: int  # bytes once unpacked
+
+
+def is_archive(path: PurePath) -> bool:
+    return path.name.lower().endswith(ZIP_SUFFIX)
+
+
+def plan(archive: zipfile.ZipFile, max_bytes: int) -> Plan:
+    """What ``archive`` would unpack to; ArchiveError for any reason to refuse it."""
+    members: list[tuple[zipfile.ZipInfo, PurePosixPath]] = []
+    seen: set[str] = set()
+    skipped = size = packed = 0
+    infos = archive.infolist()
+    if len(infos) > MAX_MEMBERS:
+        raise ArchiveError(f"the archive holds {len(infos)} members, more than {MAX_MEMBERS}")
+    for info in infos:
+        name = PurePosixPath(info.filename)
+        if info.is_dir():
+            continue
+        if name.parts[0] == "__MACOSX" or name.name.startswith("."):
+            skipped += 1
+            continue
+        if name.is_absolute() or ".." in name.parts or ":" in name.parts[0]:
+            raise ArchiveError("a member would be unpacked outside its folder", info.filename)
+        if stat.S_ISLNK(info.external_attr >> 16):
+            raise ArchiveError("a member is a symbolic link", info.filename)
+        if info.flag_bits & 0x1:
+            raise ArchiveError("the archive is password-protected: unpack it yourself")
+        if is_archive(name):  # tar, 7z and the like are refused as unreadable files later
+            raise ArchiveError(
+                "a member is an archive itself: archives inside archives are not unpacked; "
+                "unpack it yourself",
+                info.filename,
+            )
+        if info.filename.lower() in seen:  # a second member of that name would overwrite it
+            raise ArchiveError("two members have the same name", info.filename)
+        seen.add(info.filename.lower())
+        members.append((info, name))
+        size += info.file_size
+        packed += info.compress_size
+    if size > max_bytes:
+        raise ArchiveError(
+            f"the archive would unpack to {size / 2**20:.0f} MB, more than "
+            f"inbox.max_unpacked_mb ({max_bytes / 2**20:.0f} MB)"
+        )
+    if size >= BOMB_MIN_BYTES and size > BOMB_RATIO * max(packed, 1):
+        raise ArchiveError(
+            f"the archive would unpack {packed} bytes into {size / 2**20:.0f} MB "
+            f"({size // max(packed, 1)}x): too tightly packed for images, refused as a zip bomb"
+        )
+    return Plan(members, skipped, size)
+
+
+def open_archive(path: Path) -> zipfile.ZipFile:
+    try:
+        return zipfile.ZipFile(path)
+    except OSError:
+        raise
+    except Exception as exc:  # BadZipFile, and whatever else a malformed directory raises
+        raise ArchiveError(f"not a readable zip archive ({type(exc).__name__})") from exc
+
+
+def unpack(path: Path, archive: zipfile.ZipFile, todo: Plan) -> Path:
+    """Write ``todo``'s members into a new folder beside ``path``, named after it, and remove
+    ``path``; the folder. ArchiveError (nothing left behind) if a member cannot be read."""
+    stem = path.name[: -len(ZIP_SUFFIX)] or "archive"
+    work = path.parent / f".{path.name}.unpacking"
+    shutil.rmtree(work, ignore_errors=True)  # left by a crash
+    try:
+        folders = {work}
+        for info, name in todo.members:
+            dest = work.joinpath(*name.parts)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            folders.add(dest.parent)
+            with dest.open("xb") as out:
+                for chunk in _member_bytes(archive, info):
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+        for folder in folders:
+            fsync_dir(folder)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    dest = path.parent / stem
+    n = 1
+    while dest.exists():  # the same download dropped twice: both are taken
+        n += 1
+        dest = path.parent / f"{stem}-{n}"
+    work.rename(dest)
+    fsync_dir(path.parent)
+    path.unlink()
+    return dest
+
+
+def _member_bytes(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> Iterator[bytes]:
+    """A member's bytes, up to its declared size. Whatever reading it raises is the archive's
+    fault (zipfile's BadZipFile for a bad CRC, zlib.error, lzma's, bz2's OSError...)."""
+    try:
+        with archive.open(info) as src:
+            while chunk := src.read(_CHUNK):
+                yield chunk
+    except Exception as exc:  # see the docstring
+        # zipfile's words name the member: kept apart from the message, which is logged
+        raise ArchiveError(
+            f"a member cannot be unpacked ({type(exc).__name__}: damaged, or compressed in a "
+            "way not supported)",
+            f"{info.filename}: {exc}",
+        ) from exc
