@@ -160,7 +160,15 @@ def test_bad_inputs_fail_clearly_and_good_ones_interleaved_get_results(
         unclear = {n: e for n, e in errors.items() if e["stage"] not in stages}
         assert not unclear, unclear
         for name, error in errors.items():
-            assert error["type"] in ("InputError", "NotAnImageError", "NoModelError"), (name, error)
+            assert error["type"] in (
+                "InputError",
+                "NotAnImageError",
+                "NoModelError",
+                "ArchiveError",
+            ), (
+                name,
+                error,
+            )
             assert len(error["message"]) > 10, (name, error)
             assert "TypeError" not in error["message"], (name, error)  # said in words
             folder = data / "failed" / str((error.get("job") or {}).get("id") or "")
