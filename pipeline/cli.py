@@ -506,11 +506,12 @@ def up() -> None:
         page = _start_web(settings, env["PIPELINE_BROKER_URL"])
         rs = settings.receiver
         dicom = f"  DICOM:   AE title {rs.ae_title}, port {rs.port}\n" if rs.enabled else ""
+        zips = ", .zip of them" if settings.inbox.unpack_zip else ""
         if page:
             dicom += f"  status:  {page}\n"
         typer.echo(
             "\nready. Send studies by DICOM C-STORE, or drop files "
-            "(.png .jpg .nii .nii.gz .dcm):\n"
+            f"(.png .jpg .nii .nii.gz, DICOM files or folders{zips}):\n"
             f"{dicom}"
             f"  inbox:   {settings.inbox_dir.resolve()}\n"
             f"  results: {settings.results_dir.resolve()}\n"

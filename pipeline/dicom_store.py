@@ -12,6 +12,7 @@ threads and processes alike.
 from __future__ import annotations
 
 import errno
+import filecmp
 import json
 import os
 import secrets
@@ -19,6 +20,7 @@ import shutil
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 from pydicom import dcmread
@@ -151,14 +153,26 @@ def file_identity(path: Path) -> InstanceUIDs | None:
         return None
 
 
-def place_file(spool: Path, uids: InstanceUIDs, src: Path, note: str) -> bool:
+class Placed(StrEnum):
+    """What :func:`place_file` did with a file."""
+
+    MOVED = "moved"
+    SAME = "same"  # the folder holds this instance, byte for byte: the copy was removed
+    CONFLICT = "conflict"  # the folder holds another file of this instance: nothing moved
+
+
+def place_file(spool: Path, uids: InstanceUIDs, src: Path, note: str) -> Placed:
     """Move a complete file (from the inbox) into its study folder, where the receiver puts a
     received instance, and append ``note`` (one line) to the folder's :data:`INBOX_FILES`.
-    False, and nothing moved, when the folder holds that instance already."""
+    A second copy of an instance already there is removed if it is the same bytes (a CD
+    dropped twice loses nothing), and left where it is if it differs."""
     with spool_lock(spool, exclusive=False):  # the study is not closed half-way through
         dest = instance_path(spool, uids)
         if dest.exists():
-            return False
+            if not filecmp.cmp(src, dest, shallow=False):
+                return Placed.CONFLICT
+            src.unlink()
+            return Placed.SAME
         _make_dirs(spool, dest.parent)
         try:
             os.replace(src, dest)
@@ -176,7 +190,7 @@ def place_file(spool: Path, uids: InstanceUIDs, src: Path, note: str) -> bool:
             f.flush()
             os.fsync(f.fileno())
         fsync_dir(dest.parent)
-    return True
+    return Placed.MOVED
 
 
 def inbox_files(study_dir: Path) -> dict[str, str]:

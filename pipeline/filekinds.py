@@ -11,6 +11,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+from pydicom.filereader import read_file_meta_info
+from pydicom.uid import MediaStorageDirectoryStorage
+
 from pipeline.contract import InputKind
 from pipeline.errors import InputError
 
@@ -49,8 +52,17 @@ def kind_of(path: Path) -> InputKind | None:
 
 
 def is_dicomdir(path: Path) -> bool:
-    """A DICOM medium's index: PS3.10 names it DICOMDIR (CD file systems may upper-case)."""
-    return path.name.upper() == "DICOMDIR"
+    """A DICOM medium's index: PS3.10 names it DICOMDIR; a copy under another name (kept
+    beside it by a burning tool, say) is known by its file meta's SOP class."""
+    if path.name.upper() == "DICOMDIR":
+        return True
+    if kind_of(path) is not InputKind.DICOM:
+        return False
+    try:
+        meta = read_file_meta_info(path)
+    except Exception:  # noqa: BLE001 - any of pydicom's on a bad header: not an index, then
+        return False
+    return bool(meta.get("MediaStorageSOPClassUID") == MediaStorageDirectoryStorage)
 
 
 def medium_extras(files: Iterable[Path]) -> list[Path]:

@@ -36,7 +36,14 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from pipeline import observe, unpack
-from pipeline.dicom_store import INBOX_FILES, InstanceUIDs, file_identity, free_bytes, place_file
+from pipeline.dicom_store import (
+    INBOX_FILES,
+    InstanceUIDs,
+    Placed,
+    file_identity,
+    free_bytes,
+    place_file,
+)
 from pipeline.errors import InputError
 from pipeline.filekinds import is_dicomdir, kind_of, medium_extras
 from pipeline.fsutil import atomic_write_json, move_into
@@ -306,16 +313,21 @@ class InboxWatcher:
         except OSError as exc:  # left in the inbox: taken again at the next scan
             log.error("inbox: could not spool a DICOM file: %s", _said(exc))
             return
-        if not placed:
+        if placed is Placed.CONFLICT:
             self._reject(
                 path,
                 InputError(
                     f"SOP instance {uids.sop} is already among the files gathered for study "
-                    f"{uids.study}; this copy was not used"
+                    f"{uids.study}, with other content; this copy was not used"
                 ),
             )
             return
-        if uids.study not in self.studies:  # UIDs only: folder names may carry a patient's name
+        if placed is Placed.SAME:  # the same folder dropped twice, a CD copied again
+            log.info(
+                "inbox: instance %s is gathered already, byte for byte: the copy was removed",
+                uids.sop,
+            )
+        elif uids.study not in self.studies:  # UIDs only: folder names may carry a patient's name
             log.info("inbox: gathering the DICOM files of study %s", uids.study)
         self.studies.taken(uids.study, rel.parts[0])
 

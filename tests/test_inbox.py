@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
 from pydicom.fileset import FileSet
 
 from pipeline import unpack
@@ -204,6 +206,8 @@ def test_a_dicom_medium_is_its_dicom_files_and_the_rest_is_set_aside_as_one_item
     (medium / "DICOM" / "IM99999").write_bytes(b"\0" * 128 + b"DICM" + b"\xff" * 64)
     (medium / "DICOMDIR").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)
     (medium / "README.TXT").write_text("Insert the CD and run VIEWER.EXE\n")
+    # An index kept under another name, known by its SOP class (pydicom's has 3 studies).
+    shutil.copy(str(get_testdata_file("DICOMDIR")), medium / "DICOMDIR.OLD")
     (medium / "VIEWER" / "icons").mkdir(parents=True)
     (medium / "VIEWER" / "VIEWER.EXE").write_bytes(b"MZ" + b"\0" * 100)
     write_mednist_png(medium / "VIEWER" / "icons" / "logo.png", "Hand", 2)
@@ -234,7 +238,13 @@ def test_a_dicom_medium_is_its_dicom_files_and_the_rest_is_set_aside_as_one_item
     assert set(items) == {"DOE_JANE_CD", "exports"}
     aside = json.loads((items["DOE_JANE_CD"] / "error.json").read_text())
     assert aside["stage"] == "intake" and "is a DICOM medium" in aside["message"]
-    expected = ["DICOMDIR", "README.TXT", "VIEWER/VIEWER.EXE", "VIEWER/icons/logo.png"]
+    expected = [
+        "DICOMDIR",
+        "DICOMDIR.OLD",
+        "README.TXT",
+        "VIEWER/VIEWER.EXE",
+        "VIEWER/icons/logo.png",
+    ]
     assert aside["files"] == [f"DOE_JANE_CD/{name}" for name in expected]
     for name in aside["files"]:  # kept, under their paths in the inbox
         assert (items["DOE_JANE_CD"] / name).is_file(), name
@@ -244,7 +254,7 @@ def test_a_dicom_medium_is_its_dicom_files_and_the_rest_is_set_aside_as_one_item
     assert (items["exports"] / "exports" / "report.docx").read_bytes() == b"PK\3\4"
     # Logged by count: the folder's name carries the patient's.
     ours = "\n".join(r.getMessage() for r in caplog.records if r.name == "pipeline.inbox")
-    assert "DOE" not in ours and "set aside 4 file(s)" in ours
+    assert "DOE" not in ours and "set aside 5 file(s)" in ours
 
 
 def test_dicom_files_dropped_into_the_inbox_become_one_job_per_study(
@@ -252,7 +262,8 @@ def test_dicom_files_dropped_into_the_inbox_become_one_job_per_study(
 ) -> None:
     """A CT series copied from a CD (files without a suffix, in a folder) is one study job, as
     if a PACS had sent it; a single DICOM image is a study of its own; other files stay jobs
-    of their own; a second copy of an instance is refused with the reason, and kept."""
+    of their own. A second copy of an instance, byte for byte, is taken once (the folder
+    dropped twice loses nothing); one with other content is refused with the reason, and kept."""
     caplog.set_level(logging.INFO, logger="pipeline.inbox")
     settings = make_settings(tmp_path / "data", inbox={"settle_seconds": 0.1, "study_quiet_s": 0.3})
     settings.ensure_dirs()
@@ -263,6 +274,9 @@ def test_dicom_files_dropped_into_the_inbox_become_one_job_per_study(
     for k, path in enumerate(write_series(staging / "ct", ct), start=1):
         os.replace(path, cd / f"IM{k:05d}")
     shutil.copy(cd / "IM00001", cd / "IM00001 copy")
+    edited = dcmread(cd / "IM00002")
+    edited.SeriesDescription = "EDITED"  # same UIDs, other content
+    edited.save_as(cd / "IM00002 edited")
     single = new_series(slices=1)
     (xray,) = write_series(staging / "xray", single)
     write_mednist_png(staging / "hand.png", "Hand", 1)
@@ -285,16 +299,22 @@ def test_dicom_files_dropped_into_the_inbox_become_one_job_per_study(
     assert len(list((folder / ct.series_uid).glob("*.dcm"))) == 20
     # Which file each instance came from, for errors that name instances by UID.
     names = [json.loads(line)["file"] for line in (folder / INBOX_FILES).read_text().splitlines()]
-    assert sorted(names) == [f"cd/DICOM/IM{k:05d}" for k in range(1, 21)]
+    # Of the two files of instance 2, whichever was taken first is gathered.
+    twins = {"cd/DICOM/IM00002", "cd/DICOM/IM00002 edited"}
+    (kept,) = twins & set(names)
+    assert sorted(set(names) - twins) == [f"cd/DICOM/IM{k:05d}" for k in [1, *range(3, 21)]]
     xray_study = by_name[single.study_uid].study
     assert xray_study is not None and xray_study.series == {single.series_uid: 1}
     assert by_name["hand.png"].study is None and by_name["hand.png"].source == "inbox"
 
     (refused,) = settings.failed_dir.iterdir()
     error = json.loads((refused / "error.json").read_text())
-    assert error["stage"] == "intake" and error["original_name"] == "cd/DICOM/IM00001 copy"
+    (other,) = twins - {kept}
+    assert error["stage"] == "intake" and error["original_name"] == other
     assert "already among the files gathered for study" in error["message"]
-    assert (refused / "IM00001 copy").is_file()
+    assert "with other content" in error["message"]
+    assert (refused / Path(other).name).is_file()
+    assert any("byte for byte: the copy was removed" in r.getMessage() for r in caplog.records)
     # Said once per study, by UID (the folder's name may carry a patient's).
     gathering = [r.getMessage() for r in caplog.records if "gathering" in r.getMessage()]
     assert sorted(gathering) == sorted(
