@@ -15,6 +15,7 @@ the watcher never takes a half-unpacked study; the archive is removed after that
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import stat
@@ -33,6 +34,7 @@ MAX_MEMBERS = 100_000
 BOMB_RATIO = 100
 BOMB_MIN_BYTES = 100 * 2**20
 _CHUNK = 2**20
+_NAME_ERRNOS = {errno.ENAMETOOLONG, errno.EINVAL, errno.EILSEQ, errno.EEXIST, errno.ENOTDIR}
 
 
 class ArchiveError(InputError):
@@ -83,12 +85,18 @@ def plan(archive: zipfile.ZipFile, max_bytes: int) -> Plan:
                 "unpack it yourself",
                 info.filename,
             )
-        if info.filename.lower() in seen:  # a second member of that name would overwrite it
+        if info.filename in seen:  # a second member of that name would overwrite it
             raise ArchiveError("two members have the same name", info.filename)
-        seen.add(info.filename.lower())
+        seen.add(info.filename)
         members.append((info, name))
         size += info.file_size
         packed += info.compress_size
+    if not members:
+        but = " but macOS metadata" if skipped else ""
+        raise ArchiveError(f"the archive holds no files{but}")
+    folders = {str(parent) for _, name in members for parent in name.parents}
+    if clash := sorted(seen & folders):
+        raise ArchiveError("a member's name is both a file and a folder", clash[0])
     if size > max_bytes:
         raise ArchiveError(
             f"the archive would unpack to {size / 2**20:.0f} MB, more than "
@@ -112,14 +120,18 @@ def open_archive(path: Path) -> zipfile.ZipFile:
 
 
 def unpack(path: Path, archive: zipfile.ZipFile, todo: Plan) -> Path:
-    """Write ``todo``'s members into a new folder beside ``path``, named after it, and remove
-    ``path``; the folder. ArchiveError (nothing left behind) if a member cannot be read."""
+    """Write ``todo``'s members into a new folder beside ``path``, named after it, remove
+    ``path``, and return the folder. ArchiveError (nothing left behind) if a member cannot be
+    read, or its name cannot be a file's here (too long; two names one on a case-blind disk)."""
     stem = path.name[: -len(ZIP_SUFFIX)] or "archive"
     work = path.parent / f".{path.name}.unpacking"
     shutil.rmtree(work, ignore_errors=True)  # left by a crash
+    member = ""
     try:
+        work.mkdir()
         folders = {work}
         for info, name in todo.members:
+            member = info.filename
             dest = work.joinpath(*name.parts)
             dest.parent.mkdir(parents=True, exist_ok=True)
             folders.add(dest.parent)
@@ -130,6 +142,13 @@ def unpack(path: Path, archive: zipfile.ZipFile, todo: Plan) -> Path:
                 os.fsync(out.fileno())
         for folder in folders:
             fsync_dir(folder)
+    except OSError as exc:
+        shutil.rmtree(work, ignore_errors=True)
+        if exc.errno in _NAME_ERRNOS:
+            raise ArchiveError(
+                f"a member's name cannot be a file's name here ({exc.strerror})", member
+            ) from exc
+        raise  # the disk's fault (full, failing): the archive waits in the inbox
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise

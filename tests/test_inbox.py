@@ -6,6 +6,7 @@ import os
 import shutil
 import threading
 import time
+import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -346,9 +347,13 @@ def test_a_study_left_gathering_by_an_earlier_run_is_finished_by_the_watcher(
     assert job.study.completed_by == "inbox-settled"
 
 
-def _zip(path: Path, members: dict[str, bytes], **infos: zipfile.ZipInfo) -> Path:
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
-        for name, data in members.items():
+def _zip(
+    path: Path, members: dict[str, bytes] | list[tuple[str, bytes]], **infos: zipfile.ZipInfo
+) -> Path:
+    pairs = list(members.items()) if isinstance(members, dict) else members
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "Duplicate name": wanted, for a test
+        for name, data in pairs:
             z.writestr(infos.get(name, name), data)
     return path
 
@@ -429,7 +434,9 @@ def test_a_zip_dropped_into_the_inbox_is_unpacked_and_taken_as_a_dropped_folder(
 @pytest.mark.parametrize(
     ("members", "infos", "words"),
     [
-        ({"a.png": b"x", "A.PNG": b"y"}, {}, "same name"),
+        ([("a.png", b"x"), ("a.png", b"y")], {}, "same name"),
+        ({"a": b"x", "a/b.png": b"y"}, {}, "both a file and a folder"),
+        ({"__MACOSX/._a.png": b"m", ".DS_Store": b"m"}, {}, "no files but macOS metadata"),
         ({"inner.zip": b"PK"}, {}, "archive itself"),
         ({"/etc/x.png": b"x"}, {}, "outside its folder"),
         ({"link": b"/etc/passwd"}, {"link": 0o120777 << 16}, "symbolic link"),
@@ -438,7 +445,10 @@ def test_a_zip_dropped_into_the_inbox_is_unpacked_and_taken_as_a_dropped_folder(
     ],
 )
 def test_an_archive_is_refused_whole_for_what_could_harm_or_mislead(
-    tmp_path: Path, members: dict[str, bytes], infos: dict[str, int], words: str
+    tmp_path: Path,
+    members: dict[str, bytes] | list[tuple[str, bytes]],
+    infos: dict[str, int],
+    words: str,
 ) -> None:
     zinfos = {}
     for name, attr in infos.items():
@@ -467,3 +477,14 @@ def test_an_archive_with_a_damaged_member_leaves_nothing_unpacked(tmp_path: Path
             unpack.unpack(path, archive, todo)
     assert caught.value.member is not None and caught.value.member.startswith("b.png")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.zip"]  # kept; nothing beside it
+
+
+def test_an_archive_whose_member_name_cannot_be_a_file_name_leaves_nothing(
+    tmp_path: Path,
+) -> None:
+    path = _zip(tmp_path / "a.zip", {"ok.png": b"x", "n" * 300 + ".png": b"y"})
+    with zipfile.ZipFile(path) as archive:
+        todo = unpack.plan(archive, max_bytes=2**30)
+        with pytest.raises(unpack.ArchiveError, match="cannot be a file's name here"):
+            unpack.unpack(path, archive, todo)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.zip"]
