@@ -29,6 +29,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -99,17 +100,31 @@ class StabilityTracker:
         return ready
 
 
+@dataclass(frozen=True)
+class Patience:
+    """When files dropped together are complete, there being no association to release:
+    once none has come for ``quiet_s`` and no file is still being written (or settling) in
+    the inbox folders they came in (a folder copied in takes as long as it takes); files
+    written there meanwhile hold them back for ``pending_max_s`` at most (a standing drop
+    folder with steady traffic is never free of them); and ``max_wait_s`` after the first."""
+
+    quiet_s: float
+    pending_max_s: float
+    max_wait_s: float
+
+    def done(self, t: float, first: float, last: float, pending: bool) -> bool:
+        quiet = t - last
+        if quiet >= self.quiet_s and (not pending or quiet >= self.pending_max_s):
+            return True
+        return t - first >= self.max_wait_s
+
+
 class SettlingStudies:
-    """DICOM studies being gathered from the inbox. Pure bookkeeping over a clock.
+    """DICOM studies being gathered from the inbox, complete by :class:`Patience`. Pure
+    bookkeeping over a clock."""
 
-    There is no association to release: a study is complete once none of its files has been
-    taken for ``quiet_s``, and no file is pending (being written, or settling) under the
-    inbox entries its files were dropped in (a folder copied in takes as long as it takes),
-    or at the latest ``max_wait_s`` after its first file."""
-
-    def __init__(self, quiet_s: float, max_wait_s: float, clock: Clock = time.monotonic) -> None:
-        self.quiet = quiet_s
-        self.max_wait = max_wait_s
+    def __init__(self, patience: Patience, clock: Clock = time.monotonic) -> None:
+        self.patience = patience
         self.clock = clock
         # study UID -> (first taken, last taken, when received, top-level inbox entries)
         self._studies: dict[str, tuple[float, float, datetime, set[str]]] = {}
@@ -137,26 +152,27 @@ class SettlingStudies:
         t = self.clock()
         done = []
         for uid, (first, last, received, entries) in list(self._studies.items()):
-            settled = t - last >= self.quiet and not entries & pending_entries
-            if settled or t - first >= self.max_wait:
+            if self.patience.done(t, first, last, bool(entries & pending_entries)):
                 del self._studies[uid]
                 done.append((uid, received))
         return done
 
 
 class HeldFiles:
-    """Files of dropped folders that are not DICOM instances, held per top-level inbox entry
-    until the entry has settled as :class:`SettlingStudies` decides for a study. Pure
-    bookkeeping over a clock."""
+    """Files of dropped folders held per top-level inbox entry until its files are complete
+    by :class:`Patience`: the files that are not images, and on a DICOM medium its other
+    files too. Pure bookkeeping over a clock."""
 
-    def __init__(self, quiet_s: float, max_wait_s: float, clock: Clock = time.monotonic) -> None:
-        self.quiet = quiet_s
-        self.max_wait = max_wait_s
+    def __init__(self, patience: Patience, clock: Clock = time.monotonic) -> None:
+        self.patience = patience
         self.clock = clock
         self._entries: dict[str, tuple[float, float, set[Path]]] = {}  # first, last, files
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def __getitem__(self, entry: str) -> set[Path]:
+        return self._entries[entry][2] if entry in self._entries else set()
 
     def hold(self, entry: str, path: Path) -> None:
         t = self.clock()
@@ -168,8 +184,7 @@ class HeldFiles:
         t = self.clock()
         done = []
         for entry, (first, last, paths) in list(self._entries.items()):
-            settled = t - last >= self.quiet and entry not in pending_entries
-            if settled or t - first >= self.max_wait:
+            if self.patience.done(t, first, last, entry in pending_entries):
                 del self._entries[entry]
                 done.append((entry, sorted(paths)))
         return done
@@ -204,8 +219,13 @@ class InboxWatcher:
         self.inbox = settings.inbox_dir.resolve()
         self.enqueue = enqueue
         self.tracker = StabilityTracker(settings.inbox.settle_seconds)
-        self.studies = SettlingStudies(settings.inbox.study_quiet_s, settings.receiver.max_wait_s)
-        self.held = HeldFiles(settings.inbox.study_quiet_s, settings.receiver.max_wait_s)
+        patience = Patience(
+            settings.inbox.study_quiet_s,
+            max(settings.inbox.study_quiet_s, settings.receiver.quiet_period_s),
+            settings.receiver.max_wait_s,
+        )
+        self.studies = SettlingStudies(patience)
+        self.held = HeldFiles(patience)
         self.events: queue.SimpleQueue[Path] = queue.SimpleQueue()
 
     def run(self, stop: threading.Event) -> None:
@@ -284,10 +304,21 @@ class InboxWatcher:
             self._take_instance(path, uids)
             return
         rel = path.relative_to(self.inbox)
-        if len(rel.parts) > 1:  # in a dropped folder: is it a DICOM medium? Known once settled
+        # In a dropped folder, what is no image waits to be set aside with its fellows; on a
+        # DICOM medium, so do images (a viewer's icons), to be set aside with the medium.
+        if len(rel.parts) > 1 and (kind_of(path) is None or self._on_medium(path, rel.parts[0])):
             self.held.hold(rel.parts[0], path)
             return
         self._spool(path)
+
+    def _on_medium(self, path: Path, entry: str) -> bool:
+        """A DICOMDIR in the file's folder or above it, up to the entry, or held for it (an
+        image copied before the DICOMDIR is not known to be on a medium: it is a job)."""
+        if any(is_dicomdir(p) for p in self.held[entry]):
+            return True
+        top = self.inbox / entry
+        folders = [path.parent, *(p for p in path.parent.parents if p.is_relative_to(top))]
+        return any((f / name).is_file() for f in folders for name in ("DICOMDIR", "dicomdir"))
 
     def _spool(self, path: Path) -> None:
         """A job of its own."""

@@ -21,7 +21,14 @@ from pipeline.demo.dicom_series import new_series, write_series
 from pipeline.demo.synthetic import write_mednist_png
 from pipeline.dicom_store import INBOX_FILES, file_identity, place_file
 from pipeline.dicomnet.receiver import Receiver
-from pipeline.inbox import HeldFiles, InboxWatcher, SettlingStudies, StabilityTracker, ignored
+from pipeline.inbox import (
+    HeldFiles,
+    InboxWatcher,
+    Patience,
+    SettlingStudies,
+    StabilityTracker,
+    ignored,
+)
 from pipeline.jobs import Job
 from pipeline.settings import Settings
 
@@ -105,7 +112,7 @@ def test_partial_and_hidden_names_are_ignored(tmp_path: Path) -> None:
 
 def test_a_study_settles_after_its_quiet_time_unless_its_folder_is_still_being_written() -> None:
     clock = Clock()
-    studies = SettlingStudies(quiet_s=3.0, max_wait_s=100.0, clock=clock)
+    studies = SettlingStudies(Patience(3.0, 60.0, 100.0), clock)
     studies.taken("1.2.3", "cd")
     clock.t = 2.0
     studies.taken("1.2.3", "cd")  # a second file restarts the quiet time
@@ -120,9 +127,22 @@ def test_a_study_settles_after_its_quiet_time_unless_its_folder_is_still_being_w
     assert studies.due(set()) == []  # handed out once
 
 
+def test_a_standing_folder_with_steady_traffic_holds_a_study_back_a_minute_at_most() -> None:
+    """Files keep being written into the folder a study came in (other studies, exported
+    one after another): its quiet time alone cannot close it; a minute after its last file
+    does (``receiver.quiet_period_s``), not the hour of the maximum wait."""
+    clock = Clock()
+    studies = SettlingStudies(Patience(3.0, 60.0, 3600.0), clock)
+    studies.taken("1.2.3", "ct")
+    clock.t = 59.0
+    assert studies.due({"ct"}) == []
+    clock.t = 60.0
+    assert [uid for uid, _ in studies.due({"ct"})] == ["1.2.3"]
+
+
 def test_a_study_is_closed_at_the_maximum_wait_even_while_files_keep_coming() -> None:
     clock = Clock()
-    studies = SettlingStudies(quiet_s=3.0, max_wait_s=10.0, clock=clock)
+    studies = SettlingStudies(Patience(3.0, 60.0, 10.0), clock)
     for t in range(11):
         clock.t = float(t)
         studies.taken("1.2.3", "cd")
@@ -132,7 +152,7 @@ def test_a_study_is_closed_at_the_maximum_wait_even_while_files_keep_coming() ->
 
 def test_an_adopted_study_settles_from_its_adoption() -> None:
     clock = Clock()
-    studies = SettlingStudies(quiet_s=3.0, max_wait_s=100.0, clock=clock)
+    studies = SettlingStudies(Patience(3.0, 60.0, 100.0), clock)
     clock.t = 50.0
     studies.adopt("1.2.3")
     clock.t = 52.0
@@ -143,7 +163,7 @@ def test_an_adopted_study_settles_from_its_adoption() -> None:
 
 def test_a_dropped_folders_other_files_wait_until_the_folder_has_settled(tmp_path: Path) -> None:
     clock = Clock()
-    held = HeldFiles(quiet_s=3.0, max_wait_s=100.0, clock=clock)
+    held = HeldFiles(Patience(3.0, 60.0, 100.0), clock)
     held.hold("cd", tmp_path / "cd" / "DICOMDIR")
     clock.t = 2.0
     held.hold("cd", tmp_path / "cd" / "README.TXT")
