@@ -17,6 +17,8 @@ from pydicom.uid import MediaStorageDirectoryStorage
 from pipeline.contract import InputKind
 from pipeline.errors import InputError
 
+DICOMDIR = "DICOMDIR"  # PS3.10's file ID of a medium's index
+
 _SUFFIX_KINDS = {
     ".png": InputKind.IMAGE,
     ".jpg": InputKind.IMAGE,
@@ -54,7 +56,7 @@ def kind_of(path: Path) -> InputKind | None:
 def is_dicomdir(path: Path) -> bool:
     """A DICOM medium's index: PS3.10 names it DICOMDIR; a copy under another name (kept
     beside it by a burning tool, say) is known by its file meta's SOP class."""
-    if path.name.upper() == "DICOMDIR":
+    if path.name.upper() == DICOMDIR:
         return True
     if kind_of(path) is not InputKind.DICOM:
         return False

@@ -46,7 +46,7 @@ from pipeline.dicom_store import (
     place_file,
 )
 from pipeline.errors import InputError
-from pipeline.filekinds import is_dicomdir, kind_of, medium_extras
+from pipeline.filekinds import DICOMDIR, is_dicomdir, kind_of, medium_extras
 from pipeline.fsutil import atomic_write_json, move_into
 from pipeline.jobs import Job, error_record, new_job_id, now, requeue_pending, spool_file
 from pipeline.settings import Settings
@@ -167,17 +167,22 @@ class HeldFiles:
         self.patience = patience
         self.clock = clock
         self._entries: dict[str, tuple[float, float, set[Path]]] = {}  # first, last, files
+        self._media: set[str] = set()
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def __getitem__(self, entry: str) -> set[Path]:
-        return self._entries[entry][2] if entry in self._entries else set()
+    def has_dicomdir(self, entry: str) -> bool:
+        """Whether a file named DICOMDIR is held for ``entry``."""
+        return entry in self._media
 
     def hold(self, entry: str, path: Path) -> None:
         t = self.clock()
         first, _, paths = self._entries.get(entry, (t, t, set()))
-        self._entries[entry] = (first, t, paths | {path})
+        paths.add(path)
+        self._entries[entry] = (first, t, paths)
+        if path.name.upper() == DICOMDIR:
+            self._media.add(entry)
 
     def due(self, pending_entries: set[str]) -> list[tuple[str, list[Path]]]:
         """Entries settled now, with their held files (sorted); forgotten here."""
@@ -186,6 +191,7 @@ class HeldFiles:
         for entry, (first, last, paths) in list(self._entries.items()):
             if self.patience.done(t, first, last, entry in pending_entries):
                 del self._entries[entry]
+                self._media.discard(entry)
                 done.append((entry, sorted(paths)))
         return done
 
@@ -314,11 +320,11 @@ class InboxWatcher:
     def _on_medium(self, path: Path, entry: str) -> bool:
         """A DICOMDIR in the file's folder or above it, up to the entry, or held for it (an
         image copied before the DICOMDIR is not known to be on a medium: it is a job)."""
-        if any(is_dicomdir(p) for p in self.held[entry]):
+        if self.held.has_dicomdir(entry):
             return True
         top = self.inbox / entry
         folders = [path.parent, *(p for p in path.parent.parents if p.is_relative_to(top))]
-        return any((f / name).is_file() for f in folders for name in ("DICOMDIR", "dicomdir"))
+        return any((f / name).is_file() for f in folders for name in (DICOMDIR, "dicomdir"))
 
     def _spool(self, path: Path) -> None:
         """A job of its own."""
