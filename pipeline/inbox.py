@@ -172,6 +172,9 @@ class HeldFiles:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def entries(self) -> set[str]:
+        return set(self._entries)
+
     def has_dicomdir(self, entry: str) -> bool:
         """Whether a file named DICOMDIR is held for ``entry``."""
         return entry in self._media
@@ -232,6 +235,7 @@ class InboxWatcher:
         )
         self.studies = SettlingStudies(patience)
         self.held = HeldFiles(patience)
+        self.unpacked: set[Path] = set()  # folders made by unpacking: removed once emptied
         self.events: queue.SimpleQueue[Path] = queue.SimpleQueue()
 
     def run(self, stop: threading.Event) -> None:
@@ -257,6 +261,7 @@ class InboxWatcher:
                         )
                 self._close_settled()
                 self._release_held()
+                self._tidy_unpacked()
                 t = time.monotonic()
                 if t - last_scan >= self.RESCAN_S:
                     self._scan()
@@ -420,6 +425,25 @@ class InboxWatcher:
             f" ({todo.skipped} macOS metadata file(s) left out)" if todo.skipped else "",
         )
         self._scan(folder)  # its events may come before or after: taking twice is harmless
+        self.unpacked.add(folder)
+
+    def _tidy_unpacked(self) -> None:
+        """A folder the watcher made by unpacking goes once every file in it is taken (a
+        folder someone dropped stays: it may be where their export tool writes)."""
+        if not self.unpacked:
+            return
+        busy = {p.relative_to(self.inbox).parts[0] for p in self.tracker.pending()}
+        for folder in list(self.unpacked):
+            if folder.relative_to(self.inbox).parts[0] in busy | self.held.entries():
+                continue  # files still to be taken, or held to be set aside
+            self.unpacked.discard(folder)
+            for dirpath, _, filenames in os.walk(folder, topdown=False):
+                if filenames:
+                    break  # files of names never taken (*.part, say): left for the user
+                try:
+                    Path(dirpath).rmdir()
+                except OSError:
+                    break  # something came meanwhile
 
     def _release_held(self) -> None:
         if not self.held:
