@@ -28,6 +28,7 @@ import os
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -235,6 +236,7 @@ class InboxWatcher:
         )
         self.studies = SettlingStudies(patience)
         self.held = HeldFiles(patience)
+        self.copies: Counter[str] = Counter()  # study UID -> identical copies removed
         self.unpacked: set[Path] = set()  # folders made by unpacking: removed once emptied
         self.events: queue.SimpleQueue[Path] = queue.SimpleQueue()
 
@@ -365,10 +367,7 @@ class InboxWatcher:
             )
             return
         if placed is Placed.SAME:  # the same folder dropped twice, a CD copied again
-            log.info(
-                "inbox: instance %s is gathered already, byte for byte: the copy was removed",
-                uids.sop,
-            )
+            self.copies[uids.study] += 1  # said once, when the study closes
         elif uids.study not in self.studies:  # UIDs only: folder names may carry a patient's name
             log.info("inbox: gathering the DICOM files of study %s", uids.study)
         self.studies.taken(uids.study, rel.parts[0])
@@ -378,6 +377,13 @@ class InboxWatcher:
             return
         pending = {p.relative_to(self.inbox).parts[0] for p in self.tracker.pending()}
         for study_uid, received in self.studies.due(pending):
+            if copies := self.copies.pop(study_uid, 0):
+                log.info(
+                    "inbox: study %s: %d instance(s) came twice, byte for byte the same; the "
+                    "second copies were removed",
+                    study_uid,
+                    copies,
+                )
             done = Completed(study_uid, Reason.INBOX, received, None, None)
             try:
                 job = close_study(self.settings.spool_dir, done)
