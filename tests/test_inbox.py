@@ -21,16 +21,10 @@ from pipeline.demo.dicom_series import new_series, write_series
 from pipeline.demo.synthetic import write_mednist_png
 from pipeline.dicom_store import INBOX_FILES, file_identity, place_file
 from pipeline.dicomnet.receiver import Receiver
-from pipeline.inbox import (
-    HeldFiles,
-    InboxWatcher,
-    Patience,
-    SettlingStudies,
-    StabilityTracker,
-    ignored,
-)
+from pipeline.inbox import InboxWatcher, ignored
 from pipeline.jobs import Job
 from pipeline.settings import Settings
+from pipeline.settling import HeldFiles, Patience, SettlingStudies, StabilityTracker
 
 from .conftest import make_settings
 
