@@ -3,6 +3,7 @@ component functions. Errors of our own are printed as one clear message and exit
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -58,6 +59,22 @@ def _settings() -> Settings:
     logging.getLogger("pydicom").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
     return settings
+
+
+@contextlib.contextmanager
+def _collected(paths: list[Path]) -> Iterator[tuple[list[Path], list[Path]]]:
+    """The files named and under folders named, zips unpacked for the duration (as the inbox
+    unpacks them), a medium's other files apart; a zip the inbox would refuse ends the command
+    with the reason."""
+    from pipeline.filekinds import collect_unpacked
+    from pipeline.settings import InboxSettings
+    from pipeline.unpack import ArchiveError
+
+    try:
+        with collect_unpacked(paths, InboxSettings().max_unpacked_mb * 2**20) as found:
+            yield found
+    except ArchiveError as exc:
+        raise _fail(str(exc)) from None
 
 
 def _fail(message: str) -> typer.Exit:
@@ -392,39 +409,38 @@ def send(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     from pipeline.dicomnet.scu import send as send_files
-    from pipeline.filekinds import collect
 
     _quiet_pynetdicom()
-    files, extras = collect(paths)
-    if extras:  # not failures: a CD's whole copy is sent without an error for its viewer
+    with _collected(paths) as (files, extras):
+        if extras:  # not failures: a CD's whole copy is sent without an error for its viewer
+            typer.echo(
+                f"{len(extras)} file(s) of a DICOM medium that are not its images are not sent "
+                f"(its DICOMDIR, README, viewer): {', '.join(map(str, extras[:3]))}"
+                + (", …" if len(extras) > 3 else "")
+            )
+        if not files:
+            raise _fail("no files to send")
+        peer = _peer(host, port, called_aet, calling_aet, tls, tls_ca, tls_cert, tls_key)
+        with Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            transient=False,
+        ) as progress:
+            bar = progress.add_task(f"sending to {called_aet}@{host}:{port}", total=len(files))
+            started = time.perf_counter()
+            report = send_files(
+                files, peer, retries=retries, on_done=lambda _p, _ok: progress.advance(bar)
+            )
+            seconds = time.perf_counter() - started
         typer.echo(
-            f"{len(extras)} file(s) of a DICOM medium that are not its images are not sent "
-            f"(its DICOMDIR, README, viewer): {', '.join(map(str, extras[:3]))}"
-            + (", …" if len(extras) > 3 else "")
+            f"{len(report.sent)} sent, {len(report.failed)} failed "
+            f"({len(report.sent) / max(seconds, 1e-9):.0f} instances/s)"
         )
-    if not files:
-        raise _fail("no files to send")
-    peer = _peer(host, port, called_aet, calling_aet, tls, tls_ca, tls_cert, tls_key)
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        transient=False,
-    ) as progress:
-        bar = progress.add_task(f"sending to {called_aet}@{host}:{port}", total=len(files))
-        started = time.perf_counter()
-        report = send_files(
-            files, peer, retries=retries, on_done=lambda _p, _ok: progress.advance(bar)
-        )
-        seconds = time.perf_counter() - started
-    typer.echo(
-        f"{len(report.sent)} sent, {len(report.failed)} failed "
-        f"({len(report.sent) / max(seconds, 1e-9):.0f} instances/s)"
-    )
-    for path, reason in sorted(report.failed.items()):
-        typer.echo(f"  failed: {path}: {reason}", err=True)
-    raise typer.Exit(0 if report.ok else 1)
+        for path, reason in sorted(report.failed.items()):
+            typer.echo(f"  failed: {path}: {reason}", err=True)
+        raise typer.Exit(0 if report.ok else 1)
 
 
 @app.command()
@@ -650,8 +666,10 @@ def route(
     from pipeline.explain import explain_paths
 
     settings = _settings()
-    for line in explain_paths(settings.routes, paths, calling_aet, called_aet, verbose=explain):
-        typer.echo(line)
+    with _collected(paths) as (files, extras):
+        lines = explain_paths(settings.routes, files, extras, calling_aet, called_aet, explain)
+        for line in lines:
+            typer.echo(line)
 
 
 @app.command()
@@ -667,62 +685,64 @@ def infer(
     from pipeline import convert, series
     from pipeline.contract import discover_contracts
     from pipeline.dicom_store import file_identity
-    from pipeline.filekinds import collect, why_extra
+    from pipeline.filekinds import why_extra
     from pipeline.processing import Models, inbox_facts, series_input
     from pipeline.services import embedded_triton
     from pipeline.triton_client import TritonClient
 
     settings = _settings()
     settings.ensure_dirs()
-    paths, extras = collect(files)
-    dicom = {p for p in paths if p.is_file() and file_identity(p) is not None}
-    singles = [p for p in paths if p not in dicom]
-    groups, not_images = series.group_series(sorted(dicom))
-    proc = None
-    url = _triton_url(settings)
-    if url:
-        with TritonClient(url, settings.triton) as probe:
-            url = url if probe.is_ready() else None
-    if not url:
-        _check_weights(settings)
-        typer.echo("starting embedded Triton for this run ...", err=True)
-        proc, endpoints = embedded_triton.start(settings)
-        url = endpoints.url
-    models = Models(discover_contracts(settings.triton.model_repository))
-    client = TritonClient(url, settings.triton)
-    failures = 0
-    try:
-        units: list[series.SeriesGroup | Path] = [*groups, *singles]
-        for unit in units:
-            where: dict[str, object] = (
-                {"file": str(unit)}
-                if isinstance(unit, Path)
-                else {"series": unit.uid, "planes": unit.planes, "files": len(unit.paths)}
-            )
-            try:
-                if isinstance(unit, Path):
-                    image = convert.load(unit)
-                    route, chosen = models.choose(settings.routes, inbox_facts(unit, image), image)
-                else:
-                    route = models.route(settings.routes, unit.facts())
-                    image, _ = series_input(unit, models, route)
-                    chosen = models.for_route(route, image)
-                for line in _answers(image, chosen, client):
-                    typer.echo(json.dumps({**where, "route": route.name, **line}))
-            except convert.NotAnImageError as exc:
-                typer.echo(json.dumps({**where, "skipped": str(exc)}))
-            except (PipelineError, OSError) as exc:
-                failures += 1
-                typer.echo(json.dumps({**where, "error": f"{type(exc).__name__}: {exc}"}))
-        for skipped in not_images:
-            typer.echo(json.dumps({"file": skipped.name, "skipped": skipped.reason}))
-        for extra in extras:
-            typer.echo(json.dumps({"file": str(extra), "skipped": why_extra(extra)}))
-    finally:
-        client.close()
-        if proc is not None:
-            proc.stop()
-    raise typer.Exit(1 if failures else 0)
+    with _collected(files) as (paths, extras):
+        dicom = {p for p in paths if p.is_file() and file_identity(p) is not None}
+        singles = [p for p in paths if p not in dicom]
+        groups, not_images = series.group_series(sorted(dicom))
+        proc = None
+        url = _triton_url(settings)
+        if url:
+            with TritonClient(url, settings.triton) as probe:
+                url = url if probe.is_ready() else None
+        if not url:
+            _check_weights(settings)
+            typer.echo("starting embedded Triton for this run ...", err=True)
+            proc, endpoints = embedded_triton.start(settings)
+            url = endpoints.url
+        models = Models(discover_contracts(settings.triton.model_repository))
+        client = TritonClient(url, settings.triton)
+        failures = 0
+        try:
+            units: list[series.SeriesGroup | Path] = [*groups, *singles]
+            for unit in units:
+                where: dict[str, object] = (
+                    {"file": str(unit)}
+                    if isinstance(unit, Path)
+                    else {"series": unit.uid, "planes": unit.planes, "files": len(unit.paths)}
+                )
+                try:
+                    if isinstance(unit, Path):
+                        image = convert.load(unit)
+                        route, chosen = models.choose(
+                            settings.routes, inbox_facts(unit, image), image
+                        )
+                    else:
+                        route = models.route(settings.routes, unit.facts())
+                        image, _ = series_input(unit, models, route)
+                        chosen = models.for_route(route, image)
+                    for line in _answers(image, chosen, client):
+                        typer.echo(json.dumps({**where, "route": route.name, **line}))
+                except convert.NotAnImageError as exc:
+                    typer.echo(json.dumps({**where, "skipped": str(exc)}))
+                except (PipelineError, OSError) as exc:
+                    failures += 1
+                    typer.echo(json.dumps({**where, "error": f"{type(exc).__name__}: {exc}"}))
+            for skipped in not_images:
+                typer.echo(json.dumps({"file": skipped.name, "skipped": skipped.reason}))
+            for extra in extras:
+                typer.echo(json.dumps({"file": str(extra), "skipped": why_extra(extra)}))
+        finally:
+            client.close()
+            if proc is not None:
+                proc.stop()
+        raise typer.Exit(1 if failures else 0)
 
 
 def _answers(

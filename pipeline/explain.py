@@ -11,7 +11,7 @@ from pathlib import Path
 from pipeline import convert, routing, series
 from pipeline.contract import InputKind
 from pipeline.errors import PipelineError
-from pipeline.filekinds import collect, detect_kind, why_extra
+from pipeline.filekinds import detect_kind, why_extra
 from pipeline.processing import inbox_facts
 
 
@@ -33,12 +33,14 @@ def _verdicts(
 
 def explain_paths(
     routes: tuple[routing.Route, ...],
-    paths: Sequence[Path],
+    files: Sequence[Path],
+    extras: Sequence[Path] = (),
     calling_aet: str = "",
     called_aet: str = "",
     verbose: bool = True,
 ) -> Iterator[str]:
-    files, extras = collect(paths)
+    """Each series and file of ``files`` with its rule; ``extras``, a DICOM medium's other
+    files (:func:`pipeline.filekinds.collect`), named as no image to route."""
     dicom: list[Path] = []
     other: list[Path] = []
     for f in files:

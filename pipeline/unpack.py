@@ -126,6 +126,28 @@ def unpack(path: Path, archive: zipfile.ZipFile, todo: Plan) -> Path:
     stem = path.name[: -len(ZIP_SUFFIX)] or "archive"
     work = path.parent / f".{path.name}.unpacking"
     shutil.rmtree(work, ignore_errors=True)  # left by a crash
+    write_members(archive, todo, work)
+    dest = path.parent / stem
+    n = 1
+    while dest.exists():  # the same download dropped twice: both are taken
+        n += 1
+        dest = path.parent / f"{stem}-{n}"
+    work.rename(dest)
+    fsync_dir(path.parent)
+    path.unlink()
+    return dest
+
+
+def unpack_copy(path: Path, into: Path, max_bytes: int) -> Path:
+    """Unpack the zip ``path``, left as it is, into the new folder ``into`` (for ``send``,
+    ``infer`` and ``route``, which read what they are given); ArchiveError as the inbox's."""
+    with open_archive(path) as archive:
+        write_members(archive, plan(archive, max_bytes), into)
+    return into
+
+
+def write_members(archive: zipfile.ZipFile, todo: Plan, work: Path) -> None:
+    """Each member into the new folder ``work``, synced; on any error ``work`` is removed."""
     member = ""
     try:
         work.mkdir()
@@ -152,15 +174,6 @@ def unpack(path: Path, archive: zipfile.ZipFile, todo: Plan) -> Path:
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    dest = path.parent / stem
-    n = 1
-    while dest.exists():  # the same download dropped twice: both are taken
-        n += 1
-        dest = path.parent / f"{stem}-{n}"
-    work.rename(dest)
-    fsync_dir(path.parent)
-    path.unlink()
-    return dest
 
 
 def _member_bytes(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> Iterator[bytes]:

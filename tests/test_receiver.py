@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -810,8 +811,9 @@ def test_receiving_processes_killed_while_busy_are_replaced_and_studies_complete
 def test_send_retries_what_failed_until_the_receiver_is_up(
     receiver: Callable[..., Running], tmp_path: Path
 ) -> None:
-    """Sent while nobody listens yet, each file is retried until it is stored. The folder is a
-    CD's whole copy: its DICOMDIR and viewer beside the images are no failure (exit 0)."""
+    """Sent while nobody listens yet, each file is retried until it is stored. What is sent
+    is a CD's whole copy downloaded as a zip: unpacked for the sending, its DICOMDIR and viewer
+    beside the images no failure (exit 0), the zip left as it was."""
     files = write_series(tmp_path / "study", new_series(6, 16, 16))
     medium = FileSet()
     for path in files:
@@ -819,6 +821,10 @@ def test_send_retries_what_failed_until_the_receiver_is_up(
     medium.write(tmp_path / "cd")
     shutil.copy(tmp_path / "cd" / "DICOMDIR", tmp_path / "study" / "DICOMDIR")
     (tmp_path / "study" / "VIEWER.EXE").write_bytes(b"MZ" + bytes(64))
+    with zipfile.ZipFile(tmp_path / "study.zip", "w", zipfile.ZIP_DEFLATED) as z:
+        for path in sorted((tmp_path / "study").iterdir()):
+            z.write(path, f"CD/{path.name}")
+    packed = (tmp_path / "study.zip").read_bytes()
     port = free_port()
     sender = subprocess.Popen(
         [
@@ -826,7 +832,7 @@ def test_send_retries_what_failed_until_the_receiver_is_up(
             "-m",
             "pipeline",
             "send",
-            str(tmp_path / "study"),
+            str(tmp_path / "study.zip"),
             "--port",
             str(port),
             "--retries",
@@ -841,8 +847,19 @@ def test_send_retries_what_failed_until_the_receiver_is_up(
     out, err = sender.communicate(timeout=120)
     assert sender.returncode == 0, err
     assert f"{len(files)} sent, 0 failed" in out
+    assert "2 file(s) of a DICOM medium that are not its images are not sent" in out
     [task] = rx.wait_tasks(1)
     assert task["study"]["instances"] == len(files)
+    assert (tmp_path / "study.zip").read_bytes() == packed
+
+
+def test_send_refuses_a_zip_the_inbox_would_refuse(tmp_path: Path) -> None:
+    with zipfile.ZipFile(tmp_path / "slip.zip", "w") as z:
+        z.writestr("../../evil.dcm", b"x")
+    out = _cli("send", str(tmp_path / "slip.zip"), "--port", str(free_port()))
+    assert out.returncode == 2
+    assert "slip.zip: a member would be unpacked outside its folder" in out.stderr
+    assert not (tmp_path.parent / "evil.dcm").exists()
 
 
 def test_send_reports_each_failure_and_exits_non_zero(tmp_path: Path) -> None:

@@ -108,8 +108,9 @@ def test_route_explain_names_the_rule_for_each_series(tmp_path: Path) -> None:
 
 
 def test_route_passes_over_the_other_files_of_a_dicom_medium(tmp_path: Path) -> None:
-    """A CD's copy: its series is routed; its DICOMDIR, README and a viewer's icon (a PNG that
-    would be routed as a hand or a chest) are named as no image to route."""
+    """A CD's copy, as a folder and as a zip: its series is routed; its DICOMDIR, README and a
+    viewer's icon (a PNG that would be routed as a hand or a chest) are named as no image to
+    route."""
     cd = tmp_path / "cd"
     medium = FileSet()
     for path in write_series(cd / "DICOM", spec := new_series(3, 16, 16)):
@@ -119,17 +120,19 @@ def test_route_passes_over_the_other_files_of_a_dicom_medium(tmp_path: Path) -> 
     (cd / "README.TXT").write_text("run VIEWER.EXE")
     (cd / "VIEWER").mkdir()
     write_mednist_png(cd / "VIEWER" / "logo.png", "Hand", TEST_SEED_BASE + 501)
-    out = subprocess.run(
-        [sys.executable, "-m", "pipeline", "route", str(cd)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 0, out.stderr
-    assert f"series {spec.series_uid}" in out.stdout
-    assert "file logo.png" not in out.stdout
-    for name in ("DICOMDIR", "README.TXT", "logo.png"):
-        assert f"not an image to route: {name}: " in out.stdout, out.stdout
+    shutil.make_archive(str(tmp_path / "cd"), "zip", cd)  # and the same CD as a download
+    for given in (cd, tmp_path / "cd.zip"):
+        out = subprocess.run(
+            [sys.executable, "-m", "pipeline", "route", str(given)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 0, out.stderr
+        assert f"series {spec.series_uid}" in out.stdout
+        assert "file logo.png" not in out.stdout
+        for name in ("DICOMDIR", "README.TXT", "logo.png"):
+            assert f"not an image to route: {name}: " in out.stdout, out.stdout
 
 
 def test_received_study_routed_processed_and_recorded(
