@@ -62,16 +62,19 @@ def _settings() -> Settings:
 
 
 @contextlib.contextmanager
-def _collected(paths: list[Path]) -> Iterator[tuple[list[Path], list[Path]]]:
+def _collected(
+    paths: list[Path], settings: Settings | None = None
+) -> Iterator[tuple[list[Path], list[Path]]]:
     """The files named and under folders named, zips unpacked for the duration (as the inbox
     unpacks them), a medium's other files apart; a zip the inbox would refuse ends the command
-    with the reason."""
+    with the reason. ``settings``: whose ``inbox.max_unpacked_mb``, else the default's."""
     from pipeline.filekinds import collect_unpacked
     from pipeline.settings import InboxSettings
     from pipeline.unpack import ArchiveError
 
+    limit = (settings.inbox if settings else InboxSettings()).max_unpacked_mb * 2**20
     try:
-        with collect_unpacked(paths, InboxSettings().max_unpacked_mb * 2**20) as found:
+        with collect_unpacked(paths, limit) as found:
             yield found
     except ArchiveError as exc:
         raise _fail(str(exc)) from None
@@ -666,7 +669,7 @@ def route(
     from pipeline.explain import explain_paths
 
     settings = _settings()
-    with _collected(paths) as (files, extras):
+    with _collected(paths, settings) as (files, extras):
         lines = explain_paths(settings.routes, files, extras, calling_aet, called_aet, explain)
         for line in lines:
             typer.echo(line)
@@ -692,7 +695,7 @@ def infer(
 
     settings = _settings()
     settings.ensure_dirs()
-    with _collected(files) as (paths, extras):
+    with _collected(files, settings) as (paths, extras):
         dicom = {p for p in paths if p.is_file() and file_identity(p) is not None}
         singles = [p for p in paths if p not in dicom]
         groups, not_images = series.group_series(sorted(dicom))
