@@ -27,6 +27,8 @@ from pipeline.settings import Settings, load_settings
 if TYPE_CHECKING:  # imported where used: the CLI starts without torch or MONAI
     from pipeline.contract import ModelContract
     from pipeline.convert import LoadedImage
+    from pipeline.processing import Models
+    from pipeline.series import SeriesGroup
     from pipeline.triton_client import TritonClient
 
 app = typer.Typer(
@@ -685,11 +687,11 @@ def infer(
     DICOM files (named, or in folders named) are gathered into series, as the pipeline does.
 
     Uses triton.url, or a running embedded Triton, or starts one for the duration."""
-    from pipeline import convert, series
+    from pipeline import series
     from pipeline.contract import discover_contracts
     from pipeline.dicom_store import file_identity
     from pipeline.filekinds import why_extra
-    from pipeline.processing import Models, inbox_facts, series_input
+    from pipeline.processing import Models
     from pipeline.services import embedded_triton
     from pipeline.triton_client import TritonClient
 
@@ -715,28 +717,9 @@ def infer(
         try:
             units: list[series.SeriesGroup | Path] = [*groups, *singles]
             for unit in units:
-                where: dict[str, object] = (
-                    {"file": str(unit)}
-                    if isinstance(unit, Path)
-                    else {"series": unit.uid, "planes": unit.planes, "files": len(unit.paths)}
-                )
-                try:
-                    if isinstance(unit, Path):
-                        image = convert.load(unit)
-                        route, chosen = models.choose(
-                            settings.routes, inbox_facts(unit, image), image
-                        )
-                    else:
-                        route = models.route(settings.routes, unit.facts())
-                        image, _ = series_input(unit, models, route)
-                        chosen = models.for_route(route, image)
-                    for line in _answers(image, chosen, client):
-                        typer.echo(json.dumps({**where, "route": route.name, **line}))
-                except convert.NotAnImageError as exc:
-                    typer.echo(json.dumps({**where, "skipped": str(exc)}))
-                except (PipelineError, OSError) as exc:
-                    failures += 1
-                    typer.echo(json.dumps({**where, "error": f"{type(exc).__name__}: {exc}"}))
+                for line in _infer_unit(unit, settings, models, client):
+                    failures += "error" in line
+                    typer.echo(json.dumps(line))
             for skipped in not_images:
                 typer.echo(json.dumps({"file": skipped.name, "skipped": skipped.reason}))
             for extra in extras:
@@ -746,6 +729,34 @@ def infer(
             if proc is not None:
                 proc.stop()
         raise typer.Exit(1 if failures else 0)
+
+
+def _infer_unit(
+    unit: SeriesGroup | Path, settings: Settings, models: Models, client: TritonClient
+) -> Iterator[dict[str, object]]:
+    """``infer``'s lines for one series or file: an answer per model, or why there is none."""
+    from pipeline import convert
+    from pipeline.processing import inbox_facts, series_input
+
+    where: dict[str, object] = (
+        {"file": str(unit)}
+        if isinstance(unit, Path)
+        else {"series": unit.uid, "planes": unit.planes, "files": len(unit.paths)}
+    )
+    try:
+        if isinstance(unit, Path):
+            image = convert.load(unit)
+            route, chosen = models.choose(settings.routes, inbox_facts(unit, image), image)
+        else:
+            route = models.route(settings.routes, unit.facts())
+            image, _ = series_input(unit, models, route)
+            chosen = models.for_route(route, image)
+        for line in _answers(image, chosen, client):
+            yield {**where, "route": route.name, **line}
+    except convert.NotAnImageError as exc:
+        yield {**where, "skipped": str(exc)}
+    except (PipelineError, OSError) as exc:
+        yield {**where, "error": f"{type(exc).__name__}: {exc}"}
 
 
 def _answers(

@@ -11,7 +11,6 @@ threads and processes alike.
 
 from __future__ import annotations
 
-import errno
 import filecmp
 import json
 import os
@@ -28,7 +27,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import RE_VALID_UID
 
 from pipeline.errors import InputError, PipelineError
-from pipeline.fsutil import flocked, fsync_dir
+from pipeline.fsutil import flocked, fsync_dir, move
 
 INCOMING = ".incoming"
 LOCK_FILE = ".studies.lock"
@@ -174,17 +173,7 @@ def place_file(spool: Path, uids: InstanceUIDs, src: Path, note: str) -> Placed:
             src.unlink()
             return Placed.SAME
         _make_dirs(spool, dest.parent)
-        try:
-            os.replace(src, dest)
-        except OSError as exc:
-            if exc.errno != errno.EXDEV:
-                raise
-            tmp = dest.with_name(f".{dest.name}.moving")  # not *.dcm: never seen as an instance
-            shutil.copyfile(src, tmp)
-            with tmp.open("rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, dest)
-            src.unlink()
+        move(src, dest)  # across filesystems by a .moving file: never seen as an instance
         with (dest.parent.parent / INBOX_FILES).open("a") as f:
             f.write(note.rstrip("\n") + "\n")
             f.flush()

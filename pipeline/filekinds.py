@@ -74,9 +74,10 @@ def medium_extras(files: Iterable[Path]) -> list[Path]:
     """Of the files of one folder, those that are not the images of a DICOM medium: [] unless
     a DICOMDIR is among them; else the DICOMDIR and every file that is not DICOM."""
     files = list(files)
-    if not any(is_dicomdir(f) for f in files):
+    indexes = {f for f in files if is_dicomdir(f)}
+    if not indexes:
         return []
-    return [f for f in files if is_dicomdir(f) or kind_of(f) is not InputKind.DICOM]
+    return [f for f in files if f in indexes or kind_of(f) is not InputKind.DICOM]
 
 
 def why_extra(path: Path) -> str:

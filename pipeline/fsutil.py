@@ -7,6 +7,7 @@ rename itself survives a power cut.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -103,27 +104,36 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def move_into(src: Path, dest_dir: Path) -> Path:
-    """Move ``src`` (file, link or folder) into ``dest_dir`` and return its new path.
-
-    Within one filesystem this is an atomic rename; across filesystems the copy goes to a
-    temporary name first, so the destination never holds a partial copy.
-    """
+    """Move ``src`` (file, link or folder) into ``dest_dir`` and return its new path."""
     dest_dir.mkdir(parents=True, exist_ok=True)
     dest = dest_dir / src.name
+    move(src, dest)
+    fsync_dir(dest_dir)
+    return dest
+
+
+def move(src: Path, dest: Path) -> None:
+    """Rename ``src`` (file, link or folder) to ``dest``, replacing it.
+
+    Within one filesystem this is an atomic rename; across filesystems the copy goes to a
+    temporary name first (``.<name>.moving``: a dot-file, never taken for the real one), a
+    file's copy synced, so the destination never holds a partial copy.
+    """
     try:
         os.replace(src, dest)
     except OSError as exc:
-        if exc.errno != 18:  # EXDEV: different filesystems
+        if exc.errno != errno.EXDEV:
             raise
-        tmp = dest_dir / f".{src.name}.moving"
+        tmp = dest.with_name(f".{dest.name}.moving")
         if src.is_dir() and not src.is_symlink():
             shutil.copytree(src, tmp, symlinks=True)
         else:
             shutil.copy2(src, tmp, follow_symlinks=False)
+            if not tmp.is_symlink():
+                with tmp.open("rb") as f:
+                    os.fsync(f.fileno())
         os.replace(tmp, dest)
         if src.is_dir() and not src.is_symlink():
             shutil.rmtree(src)
         else:
             src.unlink()
-    fsync_dir(dest_dir)
-    return dest

@@ -27,10 +27,11 @@ import json
 import logging
 import os
 import queue
+import shutil
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
@@ -46,7 +47,7 @@ from pipeline.dicom_store import (
     place_file,
 )
 from pipeline.errors import InputError
-from pipeline.filekinds import DICOMDIR, is_dicomdir, kind_of, medium_extras
+from pipeline.filekinds import DICOMDIR, kind_of, medium_extras
 from pipeline.fsutil import atomic_write_json, move_into
 from pipeline.jobs import Job, error_record, new_job_id, now, requeue_pending, spool_file
 from pipeline.settings import Settings
@@ -117,9 +118,12 @@ class InboxWatcher:
                             "next scan",
                             type(exc).__name__,  # not its words: they may hold the path
                         )
-                self._close_settled()
-                self._release_held()
-                self._tidy_unpacked()
+                if self.studies or self.held or self.unpacked:
+                    # Top-level entries with a file still being written or settling.
+                    busy = {p.relative_to(self.inbox).parts[0] for p in self.tracker.pending()}
+                    self._close_settled(busy)
+                    self._release_held(busy)
+                    self._tidy_unpacked(busy)
                 t = time.monotonic()
                 if t - last_scan >= self.RESCAN_S:
                     self._scan()
@@ -228,11 +232,8 @@ class InboxWatcher:
             log.info("inbox: gathering the DICOM files of study %s", uids.study)
         self.studies.taken(uids.study, rel.parts[0])
 
-    def _close_settled(self) -> None:
-        if not self.studies:  # every poll: nothing to look at while no study is settling
-            return
-        pending = {p.relative_to(self.inbox).parts[0] for p in self.tracker.pending()}
-        for study_uid, received in self.studies.due(pending):
+    def _close_settled(self, busy: set[str]) -> None:
+        for study_uid, received in self.studies.due(busy):
             if copies := self.copies.pop(study_uid, 0):
                 log.info(
                     "inbox: study %s: %d instance(s) came twice, byte for byte the same; the "
@@ -289,12 +290,9 @@ class InboxWatcher:
         self._scan(folder)  # its events may come before or after: taking twice is harmless
         self.unpacked.add(folder)
 
-    def _tidy_unpacked(self) -> None:
+    def _tidy_unpacked(self, busy: set[str]) -> None:
         """A folder the watcher made by unpacking goes once every file in it is taken (a
         folder someone dropped stays: it may be where their export tool writes)."""
-        if not self.unpacked:
-            return
-        busy = {p.relative_to(self.inbox).parts[0] for p in self.tracker.pending()}
         for folder in list(self.unpacked):
             if folder.relative_to(self.inbox).parts[0] in busy | self.held.entries():
                 continue  # files still to be taken, or held to be set aside
@@ -307,16 +305,14 @@ class InboxWatcher:
                 except OSError:
                     break  # something came meanwhile
 
-    def _release_held(self) -> None:
-        if not self.held:
-            return
-        pending = {p.relative_to(self.inbox).parts[0] for p in self.tracker.pending()}
-        for entry, paths in self.held.due(pending):
+    def _release_held(self, busy: set[str]) -> None:
+        for entry, paths in self.held.due(busy):
             paths = [p for p in paths if p.is_file()]  # not moved away meanwhile by its owner
             # On a medium a DICOM file that is no instance (bad UIDs) still fails by itself,
             # with its reason.
-            aside = medium_extras(paths) or [p for p in paths if kind_of(p) is None]
-            medium = any(is_dicomdir(p) for p in aside)
+            extras = medium_extras(paths)
+            medium = bool(extras)  # the medium's own files: it has a DICOMDIR
+            aside = extras or [p for p in paths if kind_of(p) is None]
             for path in paths:
                 if path not in aside:
                     self._spool(path)
@@ -345,20 +341,13 @@ class InboxWatcher:
             f"{what}, and were set aside here: {shown} (the pipeline reads .png, .jpg, .nii, "
             ".nii.gz and DICOM image files)"
         )
-        job_id = new_job_id()
-        folder = self.settings.failed_dir / f".{job_id}"
-        for path, name in zip(paths, names, strict=True):
-            try:
-                move_into(path, (folder / name).parent)
-            except FileNotFoundError:
-                continue  # moved away meanwhile by its owner
-        folder.mkdir(parents=True, exist_ok=True)
-        record = error_record(error, "intake")
-        record["original_name"] = entry
-        record["files"] = names
-        record["received_at"] = now().isoformat()
-        atomic_write_json(folder / "error.json", record)
-        os.replace(folder, self.settings.failed_dir / job_id)
+        job_id = self._to_failed(
+            [(p, Path(n).parent) for p, n in zip(paths, names, strict=True)],
+            error,
+            {"original_name": entry, "files": names},
+        )
+        if job_id is None:
+            return
         # Counts only: file and folder names may carry a patient's name.
         log.warning(
             "inbox: set aside %d file(s) of a dropped folder that are not images as failed/%s%s",
@@ -376,18 +365,36 @@ class InboxWatcher:
     def _reject(self, path: Path, error: InputError, member: str | None = None) -> None:
         """Refused at intake: moved to failed/ with the reason, never left or dropped.
         ``member``: the archive member at fault, for error.json only (not logged)."""
-        job_id = new_job_id()
-        folder = self.settings.failed_dir / f".{job_id}"
-        folder.mkdir(parents=True)
-        move_into(path, folder)
-        record = error_record(error, "intake")
-        record["original_name"] = str(path.relative_to(self.inbox))
-        record["received_at"] = now().isoformat()
+        fields: dict[str, object] = {"original_name": str(path.relative_to(self.inbox))}
         if member is not None:
-            record["member"] = member
+            fields["member"] = member
+        if job_id := self._to_failed([(path, Path())], error, fields):
+            log.error("inbox: rejected item as failed/%s: %s", job_id, error)
+
+    def _to_failed(
+        self, moves: list[tuple[Path, Path]], error: InputError, fields: Mapping[str, object]
+    ) -> str | None:
+        """A new intake item in failed/: each path moved into its sub-folder there, and
+        error.json; the item's id. A file moved away meanwhile by its owner is passed over;
+        None, and no item, if all were."""
+        job_id = new_job_id()
+        folder = self.settings.failed_dir / f".{job_id}"  # hidden until complete
+        folder.mkdir(parents=True)
+        moved = 0
+        for path, under in moves:
+            try:
+                move_into(path, folder / under)
+                moved += 1
+            except FileNotFoundError:
+                continue
+        if not moved:
+            shutil.rmtree(folder)
+            return None
+        record = {**error_record(error, "intake"), **fields}
+        record["received_at"] = now().isoformat()
         atomic_write_json(folder / "error.json", record)
         os.replace(folder, self.settings.failed_dir / job_id)
-        log.error("inbox: rejected item as failed/%s: %s", job_id, error)
+        return job_id
 
     def _requeue(self) -> None:
         requeue_pending(self.enqueue, self.settings.spool_dir)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from pipeline.fsutil import atomic_write_in_phases
+from pipeline.fsutil import atomic_write_in_phases, move, move_into
 
 
 def _leftovers(root: Path) -> list[Path]:
@@ -44,3 +46,24 @@ def test_a_file_that_cannot_be_written_means_none_appears(tmp_path: Path) -> Non
         atomic_write_in_phases([[(good, b"dcm"), (bad, b"seg")], [(tmp_path / "ok" / "r", b"")]])
     assert not good.exists()
     assert not _leftovers(tmp_path)
+
+
+def test_a_move_across_filesystems_lands_whole_and_leaves_nothing(tmp_path: Path) -> None:
+    """The inbox may be on another disk than the spool and failed/ (a share): a file and a
+    folder moved from tmpfs arrive whole under their names, no .moving file left."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("no second filesystem (/dev/shm) here")
+    src = Path(tempfile.mkdtemp(dir=shm))
+    try:
+        (src / "scan.dcm").write_bytes(b"D" * 5000)
+        (src / "cd" / "DICOM").mkdir(parents=True)
+        (src / "cd" / "DICOM" / "IM1").write_bytes(b"I" * 300)
+        move(src / "scan.dcm", tmp_path / "1.2.3.dcm")
+        moved = move_into(src / "cd", tmp_path / "failed")
+        assert (tmp_path / "1.2.3.dcm").read_bytes() == b"D" * 5000
+        assert (moved / "DICOM" / "IM1").read_bytes() == b"I" * 300
+        assert not list(src.iterdir())
+        assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".moving")]
+    finally:
+        shutil.rmtree(src, ignore_errors=True)
