@@ -22,6 +22,7 @@ import typer
 from pipeline import observe
 from pipeline.errors import PipelineError
 from pipeline.fsutil import atomic_write_bytes
+from pipeline.routing import Priority
 from pipeline.settings import Settings, load_settings
 
 if TYPE_CHECKING:  # imported where used: the CLI starts without torch or MONAI
@@ -237,13 +238,20 @@ def triton() -> None:
 @app.command()
 def worker(
     concurrency: Annotated[int | None, typer.Option(help="Pool processes.")] = None,
+    lane: Annotated[
+        list[Priority] | None,
+        typer.Option(
+            help="Take jobs of this lane only (repeat for both; default both, urgent first): "
+            "`--lane urgent` keeps a worker free for urgent studies."
+        ),
+    ] = None,
 ) -> None:
-    """Run a Celery worker that processes queued jobs."""
+    """Run a Celery worker that processes queued jobs, urgent ones first."""
     from celery.signals import worker_ready
 
     from pipeline.dicom_check import dciodvfy_path
     from pipeline.errors import OutputError
-    from pipeline.queue import QUEUE, make_celery
+    from pipeline.queue import QUEUE, URGENT_QUEUE, make_celery, worker_queues
     from pipeline.services import embedded_redis
     from pipeline.tasks import register_tasks, wait_for_pool, warm_up_before_fork
 
@@ -284,14 +292,14 @@ def worker(
 
         threading.Thread(target=once_pool_started, name="ready", daemon=True).start()
 
-    observe.serve(settings, "worker", (observe.QueueDepth(broker, (QUEUE,)),))
+    observe.serve(settings, "worker", (observe.QueueDepth(broker, (URGENT_QUEUE, QUEUE)),))
     celery.worker_main(
         [
             "worker",
             f"--loglevel={settings.log_level}",
             f"--concurrency={settings.worker.concurrency}",
             "--pool=prefork",
-            f"--queues={QUEUE}",
+            f"--queues={worker_queues(tuple(lane or Priority))}",
             "--without-gossip",
             "--without-mingle",
             f"--hostname=pipeline-{os.getpid()}@%h",

@@ -23,8 +23,8 @@ from pipeline.dicomnet import scu, tls
 from pipeline.errors import TransientError
 from pipeline.fsutil import atomic_write_json
 from pipeline.jobs import now
-from pipeline.queue import QUEUE
-from pipeline.routing import Route
+from pipeline.queue import QUEUES
+from pipeline.routing import Priority, Route
 from pipeline.settings import Destination, Settings
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,7 @@ class Delivery(BaseModel):
     job_id: str
     destination: str
     files: list[str]
+    priority: Priority = Priority.ROUTINE  # an urgent route's results are sent ahead
 
 
 @dataclass
@@ -54,15 +55,18 @@ def offer(app: Celery, settings: Settings, job_id: str, route: Route, files: lis
         return
     names = [str(p.relative_to(settings.results_dir)) for p in files]
     for destination in route.send_to:
-        queue_delivery(app, Delivery(job_id=job_id, destination=destination, files=names))
+        delivery = Delivery(
+            job_id=job_id, destination=destination, files=names, priority=route.priority
+        )
+        queue_delivery(app, delivery)
 
 
 def queue_delivery(app: Celery, delivery: Delivery) -> None:
     try:
         app.send_task(
             DISPATCH_TASK,
-            args=[delivery.model_dump()],
-            queue=QUEUE,
+            args=[delivery.model_dump(mode="json")],
+            queue=QUEUES[delivery.priority],
             retry=True,
             retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_max": 1.0},
         )
@@ -128,6 +132,7 @@ def record_failure(settings: Settings, delivery: Delivery, reasons: dict[str, st
             "time": now().isoformat(),
             "destination": delivery.destination,
             "files": sorted(reasons),
+            "priority": delivery.priority.value,
             "job": {"id": delivery.job_id},
         },
     )

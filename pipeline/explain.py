@@ -22,7 +22,8 @@ def _verdicts(
     for rule in routes:
         failed = routing.mismatches(rule.match, facts)
         if rule is winner:
-            yield f"  -> {rule.name}: {', '.join(rule.models)}"
+            urgent = " (urgent)" if rule.priority is routing.Priority.URGENT else ""
+            yield f"  -> {rule.name}{urgent}: {', '.join(rule.models)}"
         elif verbose and failed:
             yield f"     {rule.name}: no ({'; '.join(failed)})"
         elif verbose:

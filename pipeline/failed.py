@@ -37,6 +37,7 @@ from pipeline.jobs import (
     Job,
     read_job,
 )
+from pipeline.routing import Priority
 from pipeline.settings import Settings
 
 PREVIOUS_ERROR = "previous-error.json"
@@ -119,10 +120,12 @@ def retry(
             "put a fixed copy into the inbox"
         )
     if item.kind == "send":
+        urgent = item.error.get("priority") == Priority.URGENT  # sent ahead again
         delivery = Delivery(
             job_id=str((item.error.get("job") or {}).get("id", "")),
             destination=str(item.error.get("destination", "")),
             files=list(item.error.get("files", [])),
+            priority=Priority.URGENT if urgent else Priority.ROUTINE,
         )
         send_again(delivery)  # raises TransientError when the broker cannot be reached
         shutil.rmtree(item.folder)

@@ -178,15 +178,25 @@ def read_job(folder: Path) -> Job:
     return Job.model_validate_json((folder / JOB_FILE).read_text())
 
 
-def mark_enqueued(spool: Path, job_id: str) -> None:
+def mark_enqueued(spool: Path, job_id: str, lane: str = "") -> None:
+    """The marker holds the name of the lane the job waits in (status pages show it)."""
     folder = job_dir(spool, job_id)
     try:
         # No mkdir: if a worker already finished and moved the folder away, there is nothing
         # left to mark, and recreating it would resurrect a finished job.
-        with (folder / ENQUEUED_MARKER).open("x"):
-            pass
+        with (folder / ENQUEUED_MARKER).open("x") as marker:
+            marker.write(lane)
     except (FileNotFoundError, FileExistsError):
         pass
+
+
+def queued_lane(folder: Path) -> str | None:
+    """The lane a queued job waits in ("" for a marker written before lanes); None if the job
+    is not queued."""
+    try:
+        return (folder / ENQUEUED_MARKER).read_text(errors="replace").strip()
+    except OSError:
+        return None
 
 
 def pending_jobs(spool: Path) -> Iterator[Job]:

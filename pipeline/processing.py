@@ -34,6 +34,7 @@ from pipeline.errors import (
 )
 from pipeline.fsutil import atomic_write_in_phases, move_into
 from pipeline.jobs import ENQUEUED_MARKER, REJECTED_OUTPUTS, Job, job_dir, now
+from pipeline.lanes import dicom_facts
 from pipeline.results import (
     PREVIEW_FILE,
     InputInfo,
@@ -139,14 +140,7 @@ def inbox_facts(
     if image.kind is not InputKind.DICOM:
         return SeriesFacts(kind=image.kind.value, slices=slices)  # type: ignore[arg-type]
     ds = header if header is not None else pydicom.dcmread(path, stop_before_pixels=True)
-    return SeriesFacts(
-        kind="dicom",
-        slices=slices,
-        modality=str(ds.get("Modality", "")),
-        body_part=str(ds.get("BodyPartExamined", "")),
-        series_description=str(ds.get("SeriesDescription", "")),
-        sop_class_uid=str(ds.get("SOPClassUID", "")),
-    )
+    return dicom_facts(ds, slices)
 
 
 def decide(contract: ModelContract, probabilities: np.ndarray) -> Prediction:

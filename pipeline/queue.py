@@ -4,6 +4,11 @@
 has finished, so a worker killed mid-task leaves it to be redelivered. Prefetch 1: a busy
 worker holds no queued work hostage. Producers (the watcher) only ``send_task`` by name and
 never import the task code.
+
+Two queues, two lanes (:mod:`pipeline.lanes`): ``pipeline.urgent`` for jobs an urgent route
+takes, ``pipeline`` for the rest. A worker names the urgent one first and Redis is asked for
+the queues in that order every time (kombu's ``priority`` queue order; its default rotates
+them, which would let a backlog of routine jobs take turns with urgent ones).
 """
 
 from __future__ import annotations
@@ -17,12 +22,16 @@ from kombu.exceptions import OperationalError
 from pipeline import observe
 from pipeline.fsutil import flocked
 from pipeline.jobs import ENQUEUED_MARKER, Job, job_dir, mark_enqueued, now
+from pipeline.lanes import priority_of
+from pipeline.routing import Priority
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
 
 TASK_NAME = "pipeline.process_job"
 QUEUE = "pipeline"
+URGENT_QUEUE = "pipeline.urgent"
+QUEUES: dict[Priority, str] = {Priority.URGENT: URGENT_QUEUE, Priority.ROUTINE: QUEUE}
 # Redis redelivers an unacknowledged task after this long; it must exceed the longest task
 # plus the longest retry countdown, or a slow task would run twice.
 VISIBILITY_TIMEOUT_S = 3600
@@ -61,6 +70,7 @@ def make_celery(settings: Settings, broker_url: str) -> Celery:
             "visibility_timeout": VISIBILITY_TIMEOUT_S,
             "socket_timeout": BROKER_SOCKET_TIMEOUT_S,
             "socket_connect_timeout": BROKER_CONNECT_TIMEOUT_S,
+            "queue_order_strategy": "priority",
         },
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
@@ -70,6 +80,11 @@ def make_celery(settings: Settings, broker_url: str) -> Celery:
 
 def _kib(mb: int | None) -> int | None:
     return mb * 1024 if mb is not None else None
+
+
+def worker_queues(lanes: tuple[Priority, ...] = (Priority.URGENT, Priority.ROUTINE)) -> str:
+    """The worker's ``--queues``: urgent first, whatever order the lanes were named in."""
+    return ",".join(QUEUES[p] for p in (Priority.URGENT, Priority.ROUTINE) if p in lanes)
 
 
 def enqueue(app: Celery, settings: Settings, job: Job) -> bool:
@@ -88,13 +103,14 @@ def enqueue(app: Celery, settings: Settings, job: Job) -> bool:
 def _send(app: Celery, settings: Settings, job: Job) -> bool:
     global _broker_down_until
     message = job.model_copy(update={"queued_at": now()}).model_dump(mode="json")
+    priority = priority_of(settings.routes, settings.spool_dir, job)
     started = time.monotonic()
     try:
         app.send_task(
             TASK_NAME,
             args=[message],
             task_id=job.id,
-            queue=QUEUE,
+            queue=QUEUES[priority],
             retry=True,
             retry_policy={
                 "max_retries": 2,
@@ -108,7 +124,8 @@ def _send(app: Celery, settings: Settings, job: Job) -> bool:
             _broker_down_until = time.monotonic() + BROKER_COOLDOWN_S
         log.warning("job %s stays spooled, broker unavailable: %s", job.id, exc)
         return False
-    mark_enqueued(settings.spool_dir, job.id)
-    observe.stage("queued", job=job.id, study=job.study.study_uid if job.study else "")
+    mark_enqueued(settings.spool_dir, job.id, priority)
+    study = job.study.study_uid if job.study else ""
+    observe.stage("queued", job=job.id, study=study, priority=priority.value)
     observe.count("queued", job.source)
     return True

@@ -9,11 +9,19 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Kind = Literal["dicom", "nifti", "image"]
+
+
+class Priority(StrEnum):
+    """Which queue a job waits in (:mod:`pipeline.lanes`): workers empty the urgent one first."""
+
+    ROUTINE = "routine"
+    URGENT = "urgent"
 
 
 class Match(BaseModel):
@@ -59,6 +67,12 @@ class Route(BaseModel):
         default=(),
         description="Names of `destinations` the DICOM results (SR, SEG) are sent to by "
         "C-STORE, retried with backoff while a destination is down.",
+    )
+    priority: Priority = Field(
+        default=Priority.ROUTINE,
+        description="urgent: a study or file with a series this rule matches waits in the "
+        "urgent queue, which every worker empties before the routine one (a stroke or trauma "
+        "CT ahead of a backlog), and its results are sent ahead of routine ones.",
     )
 
     @field_validator("outputs")

@@ -18,7 +18,8 @@ from typing import Any
 
 from pipeline import failed
 from pipeline.dicom_store import INCOMING
-from pipeline.jobs import ENQUEUED_MARKER, PROCESSING_MARKER, is_job_id, read_job
+from pipeline.jobs import PROCESSING_MARKER, is_job_id, queued_lane, read_job
+from pipeline.routing import Priority
 from pipeline.settings import Settings
 
 RECENT = 30  # results shown
@@ -28,7 +29,7 @@ MAX_STUDY_DIRS = 200  # newest result folders scanned for them
 @dataclass(frozen=True)
 class InFlight:
     what: str  # study UID or inbox name
-    state: str  # receiving | queued | waiting for Redis
+    state: str  # receiving | queued | queued (urgent) | processing | waiting for Redis
     age_s: float
     detail: str  # instances received, or the job id
 
@@ -109,14 +110,15 @@ def snapshot(settings: Settings, broker_url: str | None = None) -> Snapshot:
 def _queues(broker_url: str) -> tuple[str, dict[str, int]]:
     import redis
 
-    from pipeline.queue import QUEUE
+    from pipeline.queue import QUEUE, URGENT_QUEUE
     from pipeline.services import embedded_redis
 
     try:
         client = embedded_redis.client(broker_url, timeout=2.0)
         try:
             # Celery on Redis: waiting messages are a list; taken-but-unacknowledged ones a hash.
-            depth = {QUEUE: int(client.llen(QUEUE)), "unacked": int(client.hlen("unacked"))}
+            depth = {q: int(client.llen(q)) for q in (URGENT_QUEUE, QUEUE)}
+            depth["unacked"] = int(client.hlen("unacked"))
         finally:
             client.close()
     except (redis.RedisError, OSError) as exc:
@@ -142,8 +144,8 @@ def _in_flight(settings: Settings) -> list[InFlight]:
             age = now - job.received_at.timestamp()
             if (entry / PROCESSING_MARKER).exists():
                 state = "processing"
-            elif (entry / ENQUEUED_MARKER).exists():
-                state = "queued"
+            elif (lane := queued_lane(entry)) is not None:
+                state = f"queued ({lane})" if lane == Priority.URGENT else "queued"
             else:
                 state = "waiting for Redis"
             rows.append(InFlight(what, state, age, job.id))

@@ -255,7 +255,7 @@ def handle_delivery(task: Task, settings: Settings, message: dict[str, Any]) -> 
             countdown,
         )
         rest = delivery.model_copy(update={"files": outcome.pending})
-        raise task.retry(args=[rest.model_dump()], countdown=countdown)
+        raise task.retry(args=[rest.model_dump(mode="json")], countdown=countdown)
     reasons = dict.fromkeys(
         outcome.pending, f"{name} still unavailable after {retries + 1} attempts"
     )

@@ -20,8 +20,8 @@ from pipeline.failed import PREVIOUS_ERROR
 from pipeline.inbox import InboxWatcher
 from pipeline.jobs import ENQUEUED_MARKER, JOB_FILE, spool_file
 from pipeline.processing import Models, StageError, run_job
-from pipeline.queue import QUEUE, TASK_NAME
-from pipeline.routing import Match, Route
+from pipeline.queue import QUEUE, TASK_NAME, URGENT_QUEUE
+from pipeline.routing import Match, Priority, Route
 from pipeline.services import embedded_redis
 from pipeline.services.embedded_triton import TritonEndpoints
 from pipeline.settings import Settings
@@ -47,9 +47,9 @@ def _cli(settings: Settings, tmp_path: Path, *args: str) -> subprocess.Completed
     )
 
 
-def _queued(settings: Settings) -> list[dict[str, object]]:
+def _queued(settings: Settings, queue: str = QUEUE) -> list[dict[str, object]]:
     client = redis.Redis(unix_socket_path=str(embedded_redis.socket_path(settings)))
-    return [json.loads(m) for m in client.lrange(QUEUE, 0, -1)]
+    return [json.loads(m) for m in client.lrange(queue, 0, -1)]
 
 
 def test_a_failed_job_is_listed_shown_and_retried_after_the_fix(
@@ -117,6 +117,11 @@ def test_unsent_results_are_queued_again_and_intake_refusals_are_not_retried(
         job_id="20261124T000000Z-0000abcd", destination="pacs", files=["study/sr.dcm"]
     )
     record_failure(settings, unsent, {"study/sr.dcm": "pacs still unavailable after 101 attempts"})
+    # An urgent route's results: sent ahead again when retried.
+    urgent = unsent.model_copy(
+        update={"job_id": "20261124T000001Z-0000beef", "priority": Priority.URGENT}
+    )
+    record_failure(settings, urgent, {"study/sr.dcm": "pacs still unavailable after 101 attempts"})
     (tmp_path / "outside.png").write_bytes(b"x")
     (settings.inbox_dir / "link.png").symlink_to(tmp_path / "outside.png")
     InboxWatcher(settings, lambda _job: True)._take(settings.inbox_dir / "link.png")
@@ -128,10 +133,12 @@ def test_unsent_results_are_queued_again_and_intake_refusals_are_not_retried(
 
     retried = _cli(settings, tmp_path, "retry", "--all")
     assert retried.returncode == 0, retried.stderr
-    assert "sending of 1 file(s) queued" in retried.stdout
-    (message,) = _queued(settings)
-    assert message["headers"]["task"] == DISPATCH_TASK  # type: ignore[index]
-    assert not (settings.failed_dir / f"{unsent.job_id}.send-pacs").exists()
+    assert retried.stdout.count("sending of 1 file(s) queued") == 2
+    for queue, delivery in ((QUEUE, unsent), (URGENT_QUEUE, urgent)):
+        (message,) = _queued(settings, queue)
+        assert message["headers"]["task"] == DISPATCH_TASK  # type: ignore[index]
+        assert delivery.job_id in message["headers"]["argsrepr"]  # type: ignore[index]
+        assert not (settings.failed_dir / f"{delivery.job_id}.send-pacs").exists()
 
     not_retryable = _cli(settings, tmp_path, "retry", refused)
     assert not_retryable.returncode == 1 and "nothing to retry" in not_retryable.stderr

@@ -1,0 +1,245 @@
+"""Lanes: a study an urgent route takes is processed before a backlog of routine ones.
+
+The decision is tested on real spooled files; the ordering with the components as several
+machines run them: the receiver and the watcher as processes, the embedded Redis, the real
+Triton, dcmtk's storescu as the emergency department's CT, and workers that start once the
+backlog is queued.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import redis
+
+from pipeline.demo.dicom_series import new_series, write_series
+from pipeline.demo.synthetic import write_mednist_png
+from pipeline.jobs import job_dir, read_job, spool_file
+from pipeline.lanes import priority_of
+from pipeline.queue import QUEUE, URGENT_QUEUE
+from pipeline.routing import Match, Priority, Route
+from pipeline.services import embedded_redis
+from pipeline.services.embedded_triton import TritonEndpoints
+from pipeline.services.process import free_port
+from pipeline.settings import Settings
+
+from .conftest import make_settings, needs_dcmtk, spool_study, wait_for
+
+STROKE = Route(
+    name="stroke",
+    match=Match(modality=("CT",), series_description="stroke|perfusion"),
+    models=("ct_covid_classifier",),
+    priority=Priority.URGENT,
+)
+ROUTINE_CT = Route(name="ct", match=Match(modality=("CT",)), models=("ct_covid_classifier",))
+
+
+def test_a_study_is_urgent_when_any_of_its_series_an_urgent_rule_takes(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path / "data")
+    routes = (STROKE, ROUTINE_CT)
+    plain = new_series(slices=3)
+    stroke = dataclasses.replace(
+        new_series(slices=3, study_uid=plain.study_uid, series_number=2),
+        description="CT HEAD STROKE PROTOCOL",
+    )
+    write_series(tmp_path / "plain", plain)
+    write_series(tmp_path / "stroke", stroke)
+
+    both = spool_study(settings, [tmp_path / "plain", tmp_path / "stroke"])
+    assert priority_of(routes, settings.spool_dir, read_job(job_dir(settings.spool_dir, both)))
+
+    other = new_series(slices=3)
+    write_series(tmp_path / "other", other)
+    alone = read_job(job_dir(settings.spool_dir, spool_study(settings, [tmp_path / "other"])))
+    assert priority_of(routes, settings.spool_dir, alone) is Priority.ROUTINE
+    # Without an urgent rule everything is routine.
+    assert priority_of((ROUTINE_CT,), settings.spool_dir, alone) is Priority.ROUTINE
+
+
+def test_inbox_files_go_through_the_same_rules_and_unreadable_ones_wait_as_routine(
+    tmp_path: Path,
+) -> None:
+    settings = make_settings(tmp_path / "data")
+    settings.ensure_dirs()
+    big_nifti = Route(
+        name="big",
+        match=Match(kind=("nifti",), min_slices=40),
+        models=("ct_covid_classifier",),
+        priority=Priority.URGENT,
+    )
+    routes = (STROKE, big_nifti)
+
+    def lane(path: Path) -> Priority:
+        job = spool_file(path, settings.inbox_dir, settings.spool_dir)
+        return priority_of(routes, settings.spool_dir, job)
+
+    for name, slices in (("thick.nii.gz", 48), ("thin.nii.gz", 8)):
+        image = nib.Nifti1Image(np.zeros((8, 8, slices), np.float32), np.eye(4))
+        nib.save(image, settings.inbox_dir / name)
+    assert lane(settings.inbox_dir / "thick.nii.gz") is Priority.URGENT
+    assert lane(settings.inbox_dir / "thin.nii.gz") is Priority.ROUTINE
+
+    stroke = dataclasses.replace(new_series(slices=1), description="STROKE")
+    (one,) = write_series(tmp_path / "one", stroke)
+    # The same file cut short inside its header: what cannot be read does not make it urgent
+    # (nor keep it from being queued); the worker will say what is wrong with it.
+    (settings.inbox_dir / "cut.dcm").write_bytes(one.read_bytes()[:300])
+    os.replace(one, settings.inbox_dir / "stroke.dcm")
+    assert lane(settings.inbox_dir / "stroke.dcm") is Priority.URGENT
+    assert lane(settings.inbox_dir / "cut.dcm") is Priority.ROUTINE
+    (settings.inbox_dir / "broken.nii").write_bytes(b"not a nifti header")
+    assert lane(settings.inbox_dir / "broken.nii") is Priority.ROUTINE
+
+
+# --- Ordering, with real components ------------------------------------------------------
+
+ROUTES_YAML = """
+routes:
+  - name: emergency          # anything the emergency department's CT sends
+    match: {kind: [dicom], calling_aet: [ER_CT], max_slices: 1}
+    models: [mednist_classifier]
+    priority: urgent
+  - name: 2d-image
+    match: {kind: [image, dicom], max_slices: 1}
+    models: [mednist_classifier]
+"""
+
+
+def _env(
+    tmp_path: Path, settings: Settings, triton: TritonEndpoints, models: Path, port: int
+) -> dict[str, str]:
+    """Every component on ``settings``' data folder and Redis, the test's Triton and rules."""
+    (tmp_path / "config.yaml").write_text(ROUTES_YAML)
+    return {
+        **os.environ,
+        "PIPELINE_CONFIG": str(tmp_path / "config.yaml"),
+        "PIPELINE_DATA_DIR": str(settings.data_dir),
+        "PIPELINE_TRITON__URL": triton.url,
+        "PIPELINE_TRITON__MODEL_REPOSITORY": str(models),
+        "PIPELINE_INBOX__SETTLE_SECONDS": "0.5",
+        "PIPELINE_RECEIVER__HOST": "127.0.0.1",
+        "PIPELINE_RECEIVER__PORT": str(port),
+        "PIPELINE_RECEIVER__MIN_FREE_DISK_MB": "0",
+        "PIPELINE_RECEIVER__RELEASE_GRACE_S": "0.5",
+        "PIPELINE_WORKER__PREFAULT_MB": "0",
+    }
+
+
+@contextmanager
+def _component(env: dict[str, str], log: Path, *args: str) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *args],
+        env=env,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        yield proc
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+
+
+def _results(settings: Settings) -> dict[str, dict[str, Any]]:
+    """result.json documents by what they came from: a study UID, or an inbox file's name."""
+    docs = [json.loads(p.read_text()) for p in settings.results_dir.glob("**/result.json")]
+    return {d["input"].get("study_uid") or d["input"]["name"]: d for d in docs}
+
+
+def _send(port: int, folder: Path) -> None:
+    files = [str(p) for p in sorted(folder.iterdir())]
+    out = subprocess.run(
+        ["storescu", "-aet", "ER_CT", "-aec", "PIPELINE", "127.0.0.1", str(port), *files],
+        env={**os.environ, "TCP_NODELAY": "1"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+
+
+@needs_dcmtk
+def test_an_urgent_study_is_taken_before_a_routine_backlog(
+    model_repository: Path,
+    triton: TritonEndpoints,
+    redis_settings: Settings,
+    tmp_path: Path,
+) -> None:
+    settings = redis_settings
+    port = free_port()
+    env = _env(tmp_path, settings, triton, model_repository, port)
+    logs = tmp_path / "components.log"
+    broker = redis.Redis(unix_socket_path=str(embedded_redis.socket_path(settings)))
+
+    def depth() -> dict[str, int]:
+        return {q: int(broker.llen(q)) for q in (URGENT_QUEUE, QUEUE)}
+
+    urgent_studies = []
+    for n in range(3):
+        spec = new_series(slices=1)
+        write_series(tmp_path / f"er{n}", spec)
+        urgent_studies.append(spec.study_uid)
+
+    with _component(env, logs, "scp"), _component(env, logs, "watch"):
+        # No worker yet (all busy, or still starting): a backlog of six routine images...
+        for n in range(6):
+            write_mednist_png(settings.inbox_dir / f"routine-{n}.png", "Hand", n)
+        wait_for(lambda: depth()[QUEUE] == 6, 60, "six routine jobs queued")
+        # ...then the emergency CT sends a study.
+        wait_for(lambda: "DICOM receiver ready" in logs.read_text(), 60, "the receiver")
+        _send(port, tmp_path / "er0")
+        wait_for(lambda: depth() == {URGENT_QUEUE: 1, QUEUE: 6}, 60, "the urgent job queued")
+        status = subprocess.run(
+            [sys.executable, "-m", "pipeline", "status", "--json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        snap = json.loads(status.stdout)
+        assert snap["queues"][URGENT_QUEUE] == 1 and snap["queues"][QUEUE] == 6
+        states = {row["what"]: row["state"] for row in snap["in_flight"]}
+        assert states[urgent_studies[0]] == "queued (urgent)"
+        assert list(states.values()).count("queued") == 6
+
+        # A worker kept for urgent studies takes the urgent one and leaves the rest.
+        with _component(env, logs, "worker", "--concurrency", "1", "--lane", "urgent"):
+            wait_for(lambda: urgent_studies[0] in _results(settings), 180, "the urgent result")
+            wait_for(lambda: depth()[URGENT_QUEUE] == 0, 10, "the urgent queue empty")
+        assert depth()[QUEUE] == 6
+        assert list(_results(settings)) == [urgent_studies[0]]
+
+        # Two more urgent studies arrive behind the backlog; a worker for both lanes takes
+        # both first (asked in rotation, as kombu does by default, the queues would take turns:
+        # the second urgent study would wait for a routine one).
+        _send(port, tmp_path / "er1")
+        _send(port, tmp_path / "er2")
+        wait_for(lambda: depth()[URGENT_QUEUE] == 2, 60, "two more urgent jobs queued")
+        with _component(env, logs, "worker", "--concurrency", "1"):
+            wait_for(lambda: len(_results(settings)) == 9, 240, "every result")
+
+    results = _results(settings)
+    finished = {k: datetime.fromisoformat(d["timings"]["finished"]) for k, d in results.items()}
+    routine = [finished[f"routine-{n}.png"] for n in range(6)]
+    assert max(finished[u] for u in urgent_studies[1:]) < min(routine), finished
+    assert all(results[u]["input"]["route"] == "emergency" for u in urgent_studies)
+    assert {results[f"routine-{n}.png"]["input"]["route"] for n in range(6)} == {"2d-image"}
