@@ -1,6 +1,6 @@
 """Load benchmark: many studies at once through `dicom-pipeline up`, as users would send them.
 
-    python -m pipeline.bench.load [--associations 20] [--instances 100] [--files 200]
+    python -m pipeline.bench.load [--associations 20] [--instances 100] [--files 200] [--urgent]
 
 Starts ``up`` in a fresh data folder, then at the same moment opens ``--associations``
 concurrent associations (one ``dicom-pipeline send`` each, a CT study of ``--instances``
@@ -9,6 +9,11 @@ its results, and checks that nothing failed or was done twice. Prints items per 
 p50/p95 latency from the moment an item was in (the sender's last instance acknowledged, or
 the file dropped) to its last ``result.json`` on disk. Writes the figures as JSON with
 ``--json``. Needs the demo weights (``dicom-pipeline models build-demo``).
+
+``--urgent`` runs the burst twice, alternating: once an urgent study (sent by ``ER_CT`` once
+the burst is in, and taken by a rule of its own) goes through its rule's ``priority: urgent``
+lane, once the same rule is routine; it prints that study's latency in each run and their
+ratio, side by side.
 """
 
 from __future__ import annotations
@@ -29,21 +34,39 @@ from typing import Any
 
 from pipeline.demo.dicom_series import new_series, write_series
 from pipeline.demo.synthetic import MEDNIST_LABELS, write_mednist_png
+from pipeline.routing import DEFAULT_ROUTES, Match, Priority, Route
 from pipeline.services.process import free_port
+
+URGENT_AET = "ER_CT"
 
 
 def start_up(
-    work: Path, port: int, associations: int, extra_env: dict[str, str] | None = None
+    work: Path,
+    port: int,
+    associations: int,
+    extra_env: dict[str, str] | None = None,
+    urgent: Priority | None = None,
 ) -> subprocess.Popen[bytes]:
-    """`dicom-pipeline up` in ``work``, receiver on loopback ``port``, once ready."""
+    """`dicom-pipeline up` in ``work``, receiver on loopback ``port``, once ready; with
+    ``urgent``, a first rule for what ``URGENT_AET`` sends, in that lane."""
     work.mkdir(parents=True, exist_ok=True)
-    config = work / "config.yaml"
-    # Room for every association at once (the default, 16, would make some senders retry).
-    config.write_text(f"receiver: {{max_associations: {associations + 4}}}\n")
+    config: dict[str, Any] = {
+        # Room for every association at once (the default, 16, would make some senders retry).
+        "receiver": {"max_associations": associations + 5},
+    }
+    if urgent is not None:
+        emergency = Route(
+            name="emergency",
+            match=Match(kind=("dicom",), calling_aet=(URGENT_AET,)),
+            models=DEFAULT_ROUTES[0].models,
+            priority=urgent,
+        )
+        config["routes"] = [r.model_dump(mode="json") for r in (emergency, *DEFAULT_ROUTES)]
+    (work / "config.yaml").write_text(json.dumps(config))  # YAML reads JSON
     env = {
         **os.environ,
         "PIPELINE_DATA_DIR": str(work / "data"),
-        "PIPELINE_CONFIG": str(config),
+        "PIPELINE_CONFIG": str(work / "config.yaml"),
         "PIPELINE_RECEIVER__HOST": "127.0.0.1",
         "PIPELINE_RECEIVER__PORT": str(port),
         "PIPELINE_INBOX__SETTLE_SECONDS": "0.5",
@@ -67,11 +90,11 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, urgent: Priority | None = None) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="bench-load-"))
     port = free_port()
     studies = []
-    for i in range(args.associations):
+    for i in range(args.associations + (urgent is not None)):
         spec = new_series(slices=args.instances, rows=64, cols=64)
         write_series(work / "studies" / f"{i:02d}", spec, seed=i)
         studies.append(spec.study_uid)
@@ -79,17 +102,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     staging.mkdir()
     for i in range(args.files):
         write_mednist_png(staging / f"{i:03d}.png", MEDNIST_LABELS[i % 6], 10_000 + i)
-    up = start_up(work, port, args.associations)
+    up = start_up(work, port, args.associations, urgent=urgent)
     data = work / "data"
     try:
         acked: dict[str, float] = {}  # study UID or file name -> when it was in
 
-        def send(i: int) -> None:
+        def send(i: int, aet: str = "PIPELINE_SCU") -> None:
             folder = work / "studies" / f"{i:02d}"
-            done = subprocess.run(
-                [sys.executable, "-m", "pipeline", "send", str(folder), "--port", str(port)],
-                capture_output=True,
-            )
+            command = ["send", str(folder), "--port", str(port), "--calling-aet", aet]
+            done = subprocess.run([sys.executable, "-m", "pipeline", *command], capture_output=True)
             if done.returncode != 0:
                 raise RuntimeError(done.stderr.decode()[-500:])
             acked[studies[i]] = time.time()
@@ -103,6 +124,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             acked[path.name] = time.time()
         for t in senders:
             t.join()
+        if urgent is not None:  # behind the burst, which the workers are still busy with
+            send(args.associations, URGENT_AET)
         finished: dict[str, float] = {}
         deadline = time.monotonic() + args.timeout
         expected = len(studies) + args.files
@@ -133,6 +156,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ),
         "wall_s": round(wall, 1),
     }
+    if urgent is not None:
+        last = studies[-1]
+        figures["urgent_study_latency_s"] = round(finished[last] - acked[last], 2)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     return figures
@@ -159,13 +185,38 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=1800.0)
     parser.add_argument("--keep", action="store_true", help="Keep the work folder.")
     parser.add_argument("--json", type=Path, help="Also write the figures here.")
+    parser.add_argument(
+        "--urgent",
+        action="store_true",
+        help="An urgent study behind the burst, with and without its lane, alternating.",
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="With --urgent: pairs of runs.")
     args = parser.parse_args()
-    figures = run(args)
-    for key, value in figures.items():
-        print(f"{key:>22}: {value}")
+    if not args.urgent:
+        runs = {"burst": run(args)}
+    else:
+        runs = {
+            f"round {r + 1}, emergency rule {lane.value}": run(args, lane)
+            for r in range(args.rounds)
+            for lane in (Priority.URGENT, Priority.ROUTINE)
+        }
+    for name, figures in runs.items():
+        print(name)
+        for key, value in figures.items():
+            print(f"{key:>24}: {value}")
+    for r in range(args.rounds if args.urgent else 0):
+        with_lane, without = (
+            runs[f"round {r + 1}, emergency rule {lane.value}"]["urgent_study_latency_s"]
+            for lane in (Priority.URGENT, Priority.ROUTINE)
+        )
+        print(
+            f"round {r + 1}: the urgent study's latency {with_lane} s in its lane, {without} s "
+            f"as routine ({with_lane / without:.2f}x)"
+        )
     if args.json:
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
-    ok = figures["completed"] == figures["expected"] and figures["failed"] == 0
+        out = runs if args.urgent else runs["burst"]
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    ok = all(f["completed"] == f["expected"] and f["failed"] == 0 for f in runs.values())
     raise SystemExit(0 if ok else 1)
 
 
