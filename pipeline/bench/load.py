@@ -10,10 +10,10 @@ p50/p95 latency from the moment an item was in (the sender's last instance ackno
 the file dropped) to its last ``result.json`` on disk. Writes the figures as JSON with
 ``--json``. Needs the demo weights (``dicom-pipeline models build-demo``).
 
-``--urgent`` runs the burst twice, alternating: once an urgent study (sent by ``ER_CT`` once
+``--urgent`` runs the burst twice per round: once an urgent study (sent by ``ER_CT`` once
 the burst is in, and taken by a rule of its own) goes through its rule's ``priority: urgent``
-lane, once the same rule is routine; it prints that study's latency in each run and their
-ratio, side by side.
+lane, once the same rule is routine, in alternating order from round to round; it prints that
+study's latency in each run and their ratio.
 """
 
 from __future__ import annotations
@@ -195,10 +195,12 @@ def main() -> None:
     if not args.urgent:
         runs = {"burst": run(args)}
     else:
+        # Each round in the other order (urgent first, then routine first): a run's place in
+        # the sequence is not taken for the lane's cost.
         runs = {
             f"round {r + 1}, emergency rule {lane.value}": run(args, lane)
             for r in range(args.rounds)
-            for lane in (Priority.URGENT, Priority.ROUTINE)
+            for lane in (Priority.URGENT, Priority.ROUTINE)[:: 1 if r % 2 == 0 else -1]
         }
     for name, figures in runs.items():
         print(name)
