@@ -82,7 +82,7 @@ def _kib(mb: int | None) -> int | None:
     return mb * 1024 if mb is not None else None
 
 
-def worker_queues(lanes: tuple[Priority, ...] = (Priority.URGENT, Priority.ROUTINE)) -> str:
+def worker_queues(lanes: tuple[Priority, ...]) -> str:
     """The worker's ``--queues``: urgent first, whatever order the lanes were named in."""
     return ",".join(QUEUES[p] for p in (Priority.URGENT, Priority.ROUTINE) if p in lanes)
 

@@ -58,7 +58,8 @@ def test_a_study_is_urgent_when_any_of_its_series_an_urgent_rule_takes(tmp_path:
     write_series(tmp_path / "stroke", stroke)
 
     both = spool_study(settings, [tmp_path / "plain", tmp_path / "stroke"])
-    assert priority_of(routes, settings.spool_dir, read_job(job_dir(settings.spool_dir, both)))
+    job = read_job(job_dir(settings.spool_dir, both))
+    assert priority_of(routes, settings.spool_dir, job) is Priority.URGENT
 
     other = new_series(slices=3)
     write_series(tmp_path / "other", other)
