@@ -46,7 +46,11 @@ app.add_typer(failed_app, name="failed")
 
 log = logging.getLogger("pipeline")
 
-WORKER_READY = "worker.ready"  # in the run folder: the process id of a worker taking jobs
+
+def _worker_ready(lanes: tuple[Priority, ...]) -> str:
+    """In the run folder: the process id of a worker taking jobs, one file per set of lanes
+    (`up` may run a worker for both and one for the urgent lane only)."""
+    return "worker.ready" if set(lanes) == set(Priority) else f"worker-{lanes[0]}.ready"
 
 
 def _settings() -> Settings:
@@ -255,9 +259,13 @@ def worker(
     from pipeline.services import embedded_redis
     from pipeline.tasks import register_tasks, wait_for_pool, warm_up_before_fork
 
+    lanes = tuple(dict.fromkeys(lane or Priority))  # each once
+    # A worker of the urgent lane alone has an endpoint of its own: it may run beside one
+    # for both lanes on the same machine (`up`, worker.urgent_concurrency).
+    component = "urgent_worker" if lanes == (Priority.URGENT,) else "worker"
     settings = _settings()
     settings.ensure_dirs()
-    observe.prepare(settings, "worker")
+    observe.prepare(settings, component)
     url = _triton_url(settings)
     if not url:
         raise _fail(
@@ -288,18 +296,18 @@ def worker(
         def once_pool_started() -> None:
             if not wait_for_pool(settings):
                 log.warning("the worker's pool processes have not all started; ready anyway")
-            atomic_write_bytes(settings.run_dir / WORKER_READY, str(os.getpid()).encode())
+            atomic_write_bytes(settings.run_dir / _worker_ready(lanes), str(os.getpid()).encode())
 
         threading.Thread(target=once_pool_started, name="ready", daemon=True).start()
 
-    observe.serve(settings, "worker", (observe.QueueDepth(broker, (URGENT_QUEUE, QUEUE)),))
+    observe.serve(settings, component, (observe.QueueDepth(broker, (URGENT_QUEUE, QUEUE)),))
     celery.worker_main(
         [
             "worker",
             f"--loglevel={settings.log_level}",
             f"--concurrency={settings.worker.concurrency}",
             "--pool=prefork",
-            f"--queues={worker_queues(tuple(lane or Priority))}",
+            f"--queues={worker_queues(lanes)}",
             "--without-gossip",
             "--without-mingle",
             f"--hostname=pipeline-{os.getpid()}@%h",
@@ -516,6 +524,17 @@ def up() -> None:
         )
         worker_proc.start()
         procs.append(worker_proc)
+        workers = [(worker_proc, tuple(Priority))]
+        if n := settings.worker.urgent_concurrency:
+            urgent_proc = ManagedProcess(
+                "urgent worker",
+                [sys.executable, "-m", "pipeline", "worker", "--lane=urgent", f"--concurrency={n}"],
+                settings.run_dir / "logs" / "urgent-worker.log",
+                env=env,
+            )
+            urgent_proc.start()
+            procs.append(urgent_proc)
+            workers.append((urgent_proc, (Priority.URGENT,)))
         if settings.receiver.enabled:
             receiver_proc = ManagedProcess(
                 "receiver",
@@ -526,7 +545,8 @@ def up() -> None:
             receiver_proc.start()
             procs.append(receiver_proc)
             _wait_for_receiver(settings, receiver_proc)
-        _wait_for_worker(settings, worker_proc)
+        for proc, lanes in workers:
+            _wait_for_worker(settings, proc, lanes)
         watcher = threading.Thread(
             target=_run_watcher, args=(settings, stop.event), name="inbox-watcher", daemon=True
         )
@@ -579,9 +599,11 @@ def _start_web(settings: Settings, broker_url: str | None) -> str | None:
     return f"http://{host!s}:{port}/"
 
 
-def _wait_for_worker(settings: Settings, proc: Any, timeout_s: float = 300.0) -> None:
+def _wait_for_worker(
+    settings: Settings, proc: Any, lanes: tuple[Priority, ...], timeout_s: float = 300.0
+) -> None:
     """Until the worker has written its process id to the run folder: it is consuming jobs."""
-    marker = settings.run_dir / WORKER_READY
+    marker = settings.run_dir / _worker_ready(lanes)
 
     def taking_jobs() -> bool:
         try:
@@ -873,7 +895,7 @@ def status(
             r.model,
             r.label + ("" if r.lesions is None else f" ({r.lesions} lesions)"),
             f"{r.probability:.3f}",
-            f"{r.total_s:.1f} s",
+            f"{r.total_s:.1f} s" + (" (urgent)" if r.urgent else ""),
             f"{r.inference_ms:.0f} ms",
         )
     console.print(recent if snap.results else "no results yet")

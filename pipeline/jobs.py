@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pipeline.dicom_store import InvalidUIDError, check_uid
 from pipeline.errors import InputError
 from pipeline.fsutil import atomic_write_json, fsync_dir, move_into
+from pipeline.routing import Priority
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,9 @@ class Job(BaseModel):
     )
     received_at: datetime
     queued_at: datetime | None = None
+    priority: Priority | None = Field(
+        default=None, description="The lane it was queued in; None before it is queued."
+    )
     study: StudyRef | None = None
 
     @model_validator(mode="after")

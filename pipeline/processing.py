@@ -395,6 +395,7 @@ def make_result(
     )
     return Result(
         job_id=job.id,
+        priority=job.priority,
         input=info,
         model=ModelInfo(name=contract.name, version=version),
         prediction=prediction,

@@ -102,13 +102,13 @@ def enqueue(app: Celery, settings: Settings, job: Job) -> bool:
 
 def _send(app: Celery, settings: Settings, job: Job) -> bool:
     global _broker_down_until
-    message = job.model_copy(update={"queued_at": now()}).model_dump(mode="json")
     priority = priority_of(settings.routes, settings.spool_dir, job)
+    message = job.model_copy(update={"queued_at": now(), "priority": priority})
     started = time.monotonic()
     try:
         app.send_task(
             TASK_NAME,
-            args=[message],
+            args=[message.model_dump(mode="json")],
             task_id=job.id,
             queue=QUEUES[priority],
             retry=True,

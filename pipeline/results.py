@@ -15,6 +15,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from pipeline.routing import Priority
+
 PREVIEW_FILE = "preview.png"  # beside result.json
 
 
@@ -72,8 +74,11 @@ class SegmentationInfo(_Doc):
 
 
 class Result(_Doc):
-    schema_version: Literal["1.2"] = "1.2"
+    schema_version: Literal["1.3"] = "1.3"  # 1.3: priority
     job_id: str
+    # The lane its job waited in (README: Urgent studies first); None: queued by an older
+    # version, or processed without a queue (warm-up).
+    priority: Priority | None = None
     input: InputInfo
     model: ModelInfo
     prediction: Prediction
@@ -97,8 +102,10 @@ class SeriesOutcome(_Doc):
 
 
 class StudyResult(_Doc):
-    schema_version: Literal["1.1", "1.2"] = "1.2"  # 1.2: series status "superseded"
+    # 1.2: series status "superseded"; 1.3: priority
+    schema_version: Literal["1.1", "1.2", "1.3"] = "1.3"
     job_id: str  # the latest round
+    priority: Priority | None = None  # the lane the latest round waited in
     rounds: list[str]  # every round's job id, oldest first (inputs in data/archive/<id>/)
     study_uid: str
     calling_aet: str | None

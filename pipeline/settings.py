@@ -120,6 +120,15 @@ MAX_TORCH_THREADS = 8
 
 class WorkerSettings(_Section):
     concurrency: int = Field(default=2, ge=1, le=64)
+    urgent_concurrency: int = Field(
+        default=0,
+        ge=0,
+        le=64,
+        description="`up` also runs a worker of this many pool processes that takes urgent "
+        "jobs only (README: Urgent studies first), so an urgent study never waits for "
+        "routine tasks already running. 0: none; the worker takes urgent jobs first anyway. "
+        "Each pool process holds its own memory (worker.prefault_mb and more).",
+    )
     task_soft_time_limit_s: int = Field(default=540, gt=0)
     task_time_limit_s: int = Field(default=600, gt=0)
     max_retries: int = Field(
@@ -361,6 +370,14 @@ class MetricsSettings(_Section):
     receiver_port: int = Field(default=9101, ge=0, le=65535, description="0: no endpoint.")
     watcher_port: int = Field(default=9102, ge=0, le=65535, description="0: no endpoint.")
     worker_port: int = Field(default=9103, ge=0, le=65535, description="0: no endpoint.")
+    urgent_worker_port: int = Field(
+        default=9104,
+        ge=0,
+        le=65535,
+        description="A worker of the urgent lane only (`worker --lane urgent`, or `up` with "
+        "worker.urgent_concurrency): its own endpoint, beside a worker on the same machine. "
+        "0: no endpoint.",
+    )
 
 
 class WebSettings(_Section):

@@ -46,6 +46,7 @@ class ResultRow:
     probability: float
     lesions: int | None  # segmentation models only
     total_s: float  # received -> result
+    urgent: bool  # its job waited in the urgent lane
     inference_ms: float
     preview: str | None  # path under results/
 
@@ -204,6 +205,7 @@ def _row(path: Path, results: Path) -> ResultRow | None:
         probability=probability,
         lesions=len(segmentation["lesions"]) if segmentation else None,
         total_s=(finished - received).total_seconds(),
+        urgent=doc.get("priority") == Priority.URGENT,
         inference_ms=float(timings.get("inference_ms", 0.0)),
         preview=str((path.parent / preview).relative_to(results)) if preview else None,
     )

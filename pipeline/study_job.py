@@ -177,6 +177,7 @@ def _run_round(
         outcomes = [o for o in earlier.series if o.series_uid not in done] + outcomes
     doc = StudyResult(
         job_id=job.id,
+        priority=job.priority,
         rounds=[*(earlier.rounds if earlier else []), job.id],
         study_uid=study.study_uid,
         calling_aet=study.calling_aet,

@@ -74,7 +74,7 @@ def render(snap: status.Snapshot, refresh_s: int) -> str:
             + f'<td class="label">{html.escape(r.label)}</td>'
             + f'<td class="probability">{r.probability:.3f}</td>'
             + _cell("" if r.lesions is None else r.lesions)
-            + _cell(f"{r.total_s:.1f} s")
+            + _cell(f"{r.total_s:.1f} s" + (" (urgent)" if r.urgent else ""))
             + _cell(f"{r.inference_ms:.0f} ms")
             + f"<td>{img}</td></tr>"
         )

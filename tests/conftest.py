@@ -6,18 +6,22 @@ a temporary folder, Triton on loopback ports chosen free at start.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import settings as hypothesis_settings
+from prometheus_client.parser import text_string_to_metric_families
 from pydicom import dcmread
 
 from pipeline.demo.train import build_demo
@@ -179,3 +183,28 @@ def running_up(tmp_path: Path, env: dict[str, str]) -> Iterator[subprocess.Popen
             except subprocess.TimeoutExpired:
                 up.kill()
                 raise
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    """The sum of a metric's samples matching ``labels`` at a /metrics endpoint."""
+    with urllib.request.urlopen(url, timeout=10) as r:
+        text = r.read().decode()
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+def status_json(env: dict[str, str], cwd: Path) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "status", "--json"],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return dict(json.loads(done.stdout))

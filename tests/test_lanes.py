@@ -35,7 +35,16 @@ from pipeline.services.embedded_triton import TritonEndpoints
 from pipeline.services.process import free_port
 from pipeline.settings import Settings
 
-from .conftest import make_settings, needs_dcmtk, spool_study, wait_for
+from .conftest import (
+    make_settings,
+    metric,
+    needs_dcmtk,
+    running_up,
+    spool_study,
+    status_json,
+    up_env,
+    wait_for,
+)
 
 STROKE = Route(
     name="stroke",
@@ -164,10 +173,10 @@ def _results(settings: Settings) -> dict[str, dict[str, Any]]:
     return {d["input"].get("study_uid") or d["input"]["name"]: d for d in docs}
 
 
-def _send(port: int, folder: Path) -> None:
+def _send(port: int, folder: Path, aet: str = "ER_CT") -> None:
     files = [str(p) for p in sorted(folder.iterdir())]
     out = subprocess.run(
-        ["storescu", "-aet", "ER_CT", "-aec", "PIPELINE", "127.0.0.1", str(port), *files],
+        ["storescu", "-aet", aet, "-aec", "PIPELINE", "127.0.0.1", str(port), *files],
         env={**os.environ, "TCP_NODELAY": "1"},
         capture_output=True,
         text=True,
@@ -208,15 +217,7 @@ def test_an_urgent_study_is_taken_before_a_routine_backlog(
         wait_for(lambda: "DICOM receiver ready" in logs.read_text(), 60, "the receiver")
         _send(port, tmp_path / "er0")
         wait_for(lambda: depth() == {URGENT_QUEUE: 1, QUEUE: 6}, 60, "the urgent job queued")
-        status = subprocess.run(
-            [sys.executable, "-m", "pipeline", "status", "--json"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        )
-        snap = json.loads(status.stdout)
+        snap = status_json(env, tmp_path)
         assert snap["queues"][URGENT_QUEUE] == 1 and snap["queues"][QUEUE] == 6
         states = {row["what"]: row["state"] for row in snap["in_flight"]}
         assert states[urgent_studies[0]] == "queued (urgent)"
@@ -244,3 +245,93 @@ def test_an_urgent_study_is_taken_before_a_routine_backlog(
     assert max(finished[u] for u in urgent_studies[1:]) < min(routine), finished
     assert all(results[u]["input"]["route"] == "emergency" for u in urgent_studies)
     assert {results[f"routine-{n}.png"]["input"]["route"] for n in range(6)} == {"2d-image"}
+    # The lane each waited in is on record, for the department's turnaround audit.
+    assert {results[u]["priority"] for u in urgent_studies} == {"urgent"}
+    assert {results[f"routine-{n}.png"]["priority"] for n in range(6)} == {"routine"}
+    for uid in urgent_studies:
+        study = json.loads((settings.results_dir / uid / "study.json").read_text())
+        assert study["priority"] == "urgent" and study["schema_version"] == "1.3"
+    shown = {row["what"]: row["urgent"] for row in status_json(env, tmp_path)["results"]}
+    assert shown == {
+        **dict.fromkeys(urgent_studies, True),
+        **{f"routine-{n}.png": False for n in range(6)},
+    }
+
+
+def _parent(pid: int) -> int:
+    """A live process's parent's id (/proc/<pid>/stat: the field after the state)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+@needs_dcmtk
+def test_up_keeps_pool_processes_for_urgent_studies(
+    model_repository: Path, triton: TritonEndpoints, tmp_path: Path
+) -> None:
+    """With worker.urgent_concurrency, `up` runs a second worker for the urgent lane alone: an
+    urgent study sent while the routine worker is busy with a backlog of CT studies is done by
+    it, before the backlog is; the routine worker never takes it. Its metrics have their own
+    endpoint."""
+    (tmp_path / "config.yaml").write_text(
+        ROUTES_YAML
+        + """  - name: ct-volume
+    match: {kind: [dicom], modality: [CT], min_slices: 16}
+    models: [ct_lesion_segmentation]
+"""
+    )
+    port, metrics_port = free_port(), free_port()
+    env = up_env(tmp_path, model_repository, port) | {
+        "PIPELINE_TRITON__URL": triton.url,  # the test's: `up` starts none
+        "PIPELINE_WORKER__CONCURRENCY": "1",
+        "PIPELINE_WORKER__URGENT_CONCURRENCY": "1",
+        "PIPELINE_WORKER__PREFAULT_MB": "0",
+        "PIPELINE_RECEIVER__RELEASE_GRACE_S": "0.5",
+        "PIPELINE_RECEIVER__MIN_FREE_DISK_MB": "0",
+        "PIPELINE_METRICS__WORKER_PORT": "0",
+        "PIPELINE_METRICS__URGENT_WORKER_PORT": str(metrics_port),
+    }
+    backlog = []
+    for n in range(3):
+        spec = new_series(slices=96, rows=256, cols=256)
+        write_series(tmp_path / f"ct{n}", spec, seed=n)
+        backlog.append(spec.study_uid)
+    er = new_series(slices=1)
+    write_series(tmp_path / "er", er)
+    data = tmp_path / "data"
+    run = data / "run"
+    results = make_settings(data)
+
+    with running_up(tmp_path, env):
+        urgent_worker = int((run / "worker-urgent.ready").read_text())
+        worker = int((run / "worker.ready").read_text())
+        for n in range(3):
+            _send(port, tmp_path / f"ct{n}", aet="CT01")
+        wait_for(
+            lambda: any(
+                row["state"] == "processing" for row in status_json(env, tmp_path)["in_flight"]
+            ),
+            120,
+            "the routine worker busy",
+        )
+        _send(port, tmp_path / "er")
+        wait_for(lambda: len(_results(results)) == 4, 300, "every result")
+        pools = {
+            uid: _parent(doc["worker"]["pid"]) for uid, doc in _results(results).items()
+        }  # their pool processes live on while `up` runs
+        completed = metric(
+            f"http://127.0.0.1:{metrics_port}/metrics", "dicom_pipeline_jobs_completed_total"
+        )
+
+    assert pools[er.study_uid] == urgent_worker
+    assert {pools[uid] for uid in backlog} == {worker}
+    done = _results(results)
+    # It started while a routine study was being processed: it did not wait for that one.
+    at = {
+        k: {t: datetime.fromisoformat(d["timings"][t]) for t in ("started", "finished")}
+        for k, d in done.items()
+    }
+    started = at[er.study_uid]["started"]
+    assert any(at[uid]["started"] < started < at[uid]["finished"] for uid in backlog), at
+    assert done[er.study_uid]["priority"] == "urgent"
+    assert completed == 1
+    assert "urgent worker" in (tmp_path / "up.log").read_text()

@@ -14,12 +14,10 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.contract import load_contract
 from pipeline.demo.dicom_series import TEST_PATIENT_ID, TEST_PATIENT_NAME, write_volume_series
@@ -27,34 +25,9 @@ from pipeline.demo.synthetic import lesion_phantom, write_mednist_png
 from pipeline.demo.train import TEST_SEED_BASE
 from pipeline.services.process import free_port
 
-from .conftest import MODEL_REPOSITORY, running_up, up_env, wait_for
+from .conftest import MODEL_REPOSITORY, metric, running_up, status_json, up_env, wait_for
 
 pytestmark = pytest.mark.e2e
-
-
-def metric(url: str, name: str, **labels: str) -> float:
-    """The sum of a metric's samples matching ``labels`` at a /metrics endpoint."""
-    with urllib.request.urlopen(url, timeout=10) as r:
-        text = r.read().decode()
-    total = 0.0
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                total += sample.value
-    return total
-
-
-def status_json(env: dict[str, str], cwd: Path) -> dict[str, Any]:
-    done = subprocess.run(
-        [sys.executable, "-m", "pipeline", "status", "--json"],
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
-    return dict(json.loads(done.stdout))
 
 
 def browser() -> Any:
