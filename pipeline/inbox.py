@@ -18,6 +18,8 @@ README, a viewer program with its icons) is set aside together as one failed ite
 listed, instead of one failed job per file. Elsewhere an image is a job at once, and the
 files of a type the pipeline cannot read are set aside together in the same way. A zip is
 unpacked into a folder beside it (:mod:`pipeline.unpack`), then taken as a dropped folder.
+Unpacking runs on a thread of its own, one archive at a time: a CD's worth of zip does not
+hold up the files dropped beside it, nor the closing of studies.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
@@ -59,20 +62,25 @@ log = logging.getLogger(__name__)
 
 def ignored(path: Path, inbox: Path, patterns: Iterable[str]) -> bool:
     """Files being written (by name) and anything inside hidden folders are not taken."""
-    rel = path.relative_to(inbox)
-    if any(part.startswith(".") for part in rel.parts[:-1]):
-        return True
-    return any(fnmatch.fnmatch(rel.name, p) for p in patterns)
+    return in_hidden_folder(path, inbox) or any(fnmatch.fnmatch(path.name, p) for p in patterns)
+
+
+def in_hidden_folder(path: Path, inbox: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(inbox).parts[:-1])
 
 
 class _Events(FileSystemEventHandler):
-    def __init__(self, sink: queue.SimpleQueue[Path]) -> None:
+    def __init__(self, inbox: Path, sink: queue.SimpleQueue[Path]) -> None:
+        self.inbox = inbox
         self.sink = sink
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.event_type in {"created", "modified", "closed", "moved"}:
-            target = getattr(event, "dest_path", "") or event.src_path
-            self.sink.put(Path(os.fsdecode(target)))
+            path = Path(os.fsdecode(getattr(event, "dest_path", "") or event.src_path))
+            # Not even looked at: files written in hidden folders (an archive being unpacked
+            # is thousands of them, whose events would slow its unpacking down 3 times).
+            if path.is_relative_to(self.inbox) and not in_hidden_folder(path, self.inbox):
+                self.sink.put(path)
 
 
 class InboxWatcher:
@@ -95,12 +103,16 @@ class InboxWatcher:
         self.held = HeldFiles(patience)
         self.copies: Counter[str] = Counter()  # study UID -> identical copies removed
         self.unpacked: set[Path] = set()  # folders made by unpacking: removed once emptied
+        self.unpacking: dict[Path, Future[Path | None]] = {}  # archive -> its unpacked folder
+        self.stop_unpacking = threading.Event()
+        # Its thread starts with the first archive.
+        self.unpacker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inbox-unpack")
         self.events: queue.SimpleQueue[Path] = queue.SimpleQueue()
 
     def run(self, stop: threading.Event) -> None:
         self.settings.ensure_dirs()
         observer = Observer()
-        observer.schedule(_Events(self.events), str(self.inbox), recursive=True)
+        observer.schedule(_Events(self.inbox, self.events), str(self.inbox), recursive=True)
         observer.start()
         try:
             self._adopt()
@@ -109,6 +121,7 @@ class InboxWatcher:
             last_scan = last_requeue = time.monotonic()
             while not stop.is_set():
                 self._drain()
+                self._collect_unpacked()
                 for path in self.tracker.stable():
                     try:
                         self._take(path)
@@ -119,8 +132,11 @@ class InboxWatcher:
                             type(exc).__name__,  # not its words: they may hold the path
                         )
                 if self.studies or self.held or self.unpacked:
-                    # Top-level entries with a file still being written or settling.
-                    busy = {p.relative_to(self.inbox).parts[0] for p in self.tracker.pending()}
+                    # Top-level entries with a file still being written, settling or unpacked.
+                    busy = {
+                        p.relative_to(self.inbox).parts[0]
+                        for p in (*self.tracker.pending(), *self.unpacking)
+                    }
                     self._close_settled(busy)
                     self._release_held(busy)
                     self._tidy_unpacked(busy)
@@ -133,6 +149,8 @@ class InboxWatcher:
                     last_requeue = t
                 stop.wait(self.settings.inbox.poll_interval_s)
         finally:
+            self.stop_unpacking.set()  # the archive being unpacked waits for the next start
+            self.unpacker.shutdown(wait=True, cancel_futures=True)
             observer.stop()
             observer.join(timeout=5)
 
@@ -144,7 +162,7 @@ class InboxWatcher:
                 return
             if path.is_dir() and not path.is_symlink():
                 self._scan(path)
-            elif path != self.inbox and path.is_relative_to(self.inbox):
+            elif path != self.inbox:
                 self.tracker.touch(path)
 
     def _scan(self, root: Path | None = None) -> None:
@@ -171,7 +189,8 @@ class InboxWatcher:
         if not path.is_file():
             return
         if self.settings.inbox.unpack_zip and unpack.is_archive(path):
-            self._unpack(path)
+            if path not in self.unpacking:  # else offered again by a scan while unpacked
+                self.unpacking[path] = self.unpacker.submit(self._unpack, path)
             return
         if (uids := file_identity(path)) is not None:
             self._take_instance(path, uids)
@@ -260,8 +279,9 @@ class InboxWatcher:
             )
             self.enqueue(job)
 
-    def _unpack(self, path: Path) -> None:
-        """A zip becomes a folder beside it, which the watcher then sees arrive."""
+    def _unpack(self, path: Path) -> Path | None:
+        """On the unpacking thread: a zip becomes a folder beside it (returned), which the
+        watcher then takes; None if it was refused or waits in the inbox."""
         limit = self.settings.inbox.max_unpacked_mb * 2**20
         try:
             with unpack.open_archive(path) as archive:
@@ -272,23 +292,44 @@ class InboxWatcher:
                         "inbox: an archive of %d MB waits for free space to be unpacked",
                         todo.size // 2**20,
                     )
-                    return
-                folder = unpack.unpack(path, archive, todo)
+                    return None
+                folder = unpack.unpack(path, archive, todo, self.stop_unpacking)
         except unpack.ArchiveError as exc:
             self._reject(path, exc, member=exc.member)
-            return
+            return None
+        except unpack.CancelledError:
+            log.info("inbox: stopped while unpacking an archive; it is unpacked at the next start")
+            return None
         except FileNotFoundError:
-            return  # moved away meanwhile by its owner
+            return None  # moved away meanwhile by its owner
         except OSError as exc:  # left in the inbox: tried again at the next scan
             log.error("inbox: could not unpack an archive: %s", _said(exc))
-            return
+            return None
         log.info(
             "inbox: unpacked an archive into a folder of %d file(s)%s",
             len(todo.members),
             f" ({todo.skipped} macOS metadata file(s) left out)" if todo.skipped else "",
         )
-        self._scan(folder)  # its events may come before or after: taking twice is harmless
-        self.unpacked.add(folder)
+        return folder
+
+    def _collect_unpacked(self) -> None:
+        """Folders unpacking has made are taken as dropped folders."""
+        for path, future in list(self.unpacking.items()):
+            if not future.done():
+                continue
+            del self.unpacking[path]
+            try:
+                folder = future.result()
+            except Exception as exc:  # noqa: BLE001 - one archive must not stop the inbox
+                log.error(
+                    "inbox: an archive could not be unpacked (%s); it is tried again at the "
+                    "next scan",
+                    type(exc).__name__,  # not its words: they may hold the path
+                )
+                continue
+            if folder is not None:
+                self._scan(folder)  # its events may come before or after: taking twice is fine
+                self.unpacked.add(folder)
 
     def _tidy_unpacked(self, busy: set[str]) -> None:
         """A folder the watcher made by unpacking goes once every file in it is taken (a

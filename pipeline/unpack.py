@@ -10,7 +10,9 @@ with the reason) if a member would land outside its folder, is a link, is encryp
 an archive (a zip that holds itself would be unpacked forever), or if the whole would unpack to
 more than ``inbox.max_unpacked_mb`` or is packed suspiciously tightly (a zip bomb). Members are
 written into a hidden folder, synced, and the folder renamed into view only when complete, so
-the watcher never takes a half-unpacked study; the archive is removed after that.
+the watcher never takes a half-unpacked study; the archive is removed after that. Unpacking
+may be cancelled between chunks (the watcher stopping): nothing is left of it, and the archive
+waits in the inbox.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import errno
 import os
 import shutil
 import stat
+import threading
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,6 +38,10 @@ BOMB_RATIO = 100
 BOMB_MIN_BYTES = 100 * 2**20
 _CHUNK = 2**20
 _NAME_ERRNOS = {errno.ENAMETOOLONG, errno.EINVAL, errno.EILSEQ, errno.EEXIST, errno.ENOTDIR}
+
+
+class CancelledError(Exception):
+    """Unpacking stopped on request; nothing of it is left, the archive is where it was."""
 
 
 class ArchiveError(InputError):
@@ -119,14 +126,17 @@ def open_archive(path: Path) -> zipfile.ZipFile:
         raise ArchiveError(f"not a readable zip archive ({type(exc).__name__})") from exc
 
 
-def unpack(path: Path, archive: zipfile.ZipFile, todo: Plan) -> Path:
+def unpack(
+    path: Path, archive: zipfile.ZipFile, todo: Plan, cancel: threading.Event | None = None
+) -> Path:
     """Write ``todo``'s members into a new folder beside ``path``, named after it, remove
     ``path``, and return the folder. ArchiveError (nothing left behind) if a member cannot be
-    read, or its name cannot be a file's here (too long; two names one on a case-blind disk)."""
+    read, or its name cannot be a file's here (too long; two names one on a case-blind disk);
+    CancelledError, likewise, once ``cancel`` is set."""
     stem = path.name[: -len(ZIP_SUFFIX)] or "archive"
-    work = path.parent / f".{path.name}.unpacking"
+    work = work_folder(path)
     shutil.rmtree(work, ignore_errors=True)  # left by a crash
-    write_members(archive, todo, work)
+    write_members(archive, todo, work, cancel)
     dest = path.parent / stem
     n = 1
     while dest.exists():  # the same download dropped twice: both are taken
@@ -138,6 +148,11 @@ def unpack(path: Path, archive: zipfile.ZipFile, todo: Plan) -> Path:
     return dest
 
 
+def work_folder(path: Path) -> Path:
+    """Where ``path`` is being unpacked: hidden, so the watcher takes nothing of it."""
+    return path.parent / f".{path.name}.unpacking"
+
+
 def unpack_copy(path: Path, into: Path, max_bytes: int) -> Path:
     """Unpack the zip ``path``, left as it is, into the new folder ``into`` (for ``send``,
     ``infer`` and ``route``, which read what they are given); ArchiveError as the inbox's."""
@@ -146,8 +161,11 @@ def unpack_copy(path: Path, into: Path, max_bytes: int) -> Path:
     return into
 
 
-def write_members(archive: zipfile.ZipFile, todo: Plan, work: Path) -> None:
-    """Each member into the new folder ``work``, synced; on any error ``work`` is removed."""
+def write_members(
+    archive: zipfile.ZipFile, todo: Plan, work: Path, cancel: threading.Event | None = None
+) -> None:
+    """Each member into the new folder ``work``, synced; on any error, or once ``cancel`` is
+    set (CancelledError), ``work`` is removed."""
     member = ""
     try:
         work.mkdir()
@@ -159,6 +177,8 @@ def write_members(archive: zipfile.ZipFile, todo: Plan, work: Path) -> None:
             folders.add(dest.parent)
             with dest.open("xb") as out:
                 for chunk in _member_bytes(archive, info):
+                    if cancel is not None and cancel.is_set():
+                        raise CancelledError
                     out.write(chunk)
                 out.flush()
                 os.fsync(out.fileno())

@@ -503,3 +503,73 @@ def test_an_archive_whose_member_name_cannot_be_a_file_name_leaves_nothing(
         with pytest.raises(unpack.ArchiveError, match="cannot be a file's name here"):
             unpack.unpack(path, archive, todo)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.zip"]
+
+
+def _slow_zip(path: Path, members: int = 6000) -> Path:
+    """An archive that takes seconds to unpack: every member is written and synced apart
+    (random bytes, of no type the pipeline reads: set aside once unpacked)."""
+    blob = os.urandom(16 * 1024)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        for n in range(members):
+            z.writestr(f"export/part{n:05d}.bin", blob)
+    return path
+
+
+def test_files_dropped_beside_an_archive_are_taken_while_it_is_unpacked(tmp_path: Path) -> None:
+    """A large zip is unpacked on a thread of its own: a PNG dropped while it is being unpacked
+    is a job at once, not after the archive; the archive's files are then taken as usual."""
+    settings = make_settings(tmp_path / "data", inbox={"settle_seconds": 0.1, "study_quiet_s": 0.3})
+    settings.ensure_dirs()
+    archive = _slow_zip(tmp_path / "big.zip")
+    write_mednist_png(tmp_path / "hand.png", "Hand", 5)
+    work = unpack.work_folder(settings.inbox_dir / "big.zip")
+    unpacking_when_queued: dict[str, bool] = {}
+
+    def drop() -> None:
+        os.replace(archive, settings.inbox_dir / "big.zip")
+        deadline = time.monotonic() + 30
+        while not work.exists():
+            assert time.monotonic() < deadline, "unpacking never started"
+            time.sleep(0.01)
+        os.replace(tmp_path / "hand.png", settings.inbox_dir / "hand.png")
+
+    def done(jobs: list[Job]) -> bool:
+        for job in jobs:
+            unpacking_when_queued.setdefault(job.original_name, work.exists())
+        return bool(jobs) and len(list(settings.failed_dir.iterdir())) == 1
+
+    jobs = _watch(settings, done, drop, timeout=120)
+    assert {job.original_name for job in jobs} == {"hand.png"}  # offered again while unmarked
+    assert unpacking_when_queued == {"hand.png": True}  # the archive was still being unpacked
+    (aside,) = settings.failed_dir.iterdir()
+    error = json.loads((aside / "error.json").read_text())
+    assert len(error["files"]) == 6000 and error["original_name"] == "big"
+    assert not list(settings.inbox_dir.iterdir())  # archive and unpacked folder gone
+
+
+def test_a_watcher_stopped_while_unpacking_leaves_the_archive_for_its_next_start(
+    tmp_path: Path,
+) -> None:
+    """Stopping the watcher cancels the unpacking between chunks: nothing half-unpacked is
+    left, the archive stays in the inbox, and the next start unpacks it whole."""
+    settings = make_settings(tmp_path / "data", inbox={"settle_seconds": 0.1, "study_quiet_s": 0.3})
+    settings.ensure_dirs()
+    dropped = _slow_zip(tmp_path / "big.zip", members=12000)
+    os.replace(dropped, settings.inbox_dir / "big.zip")
+    work = unpack.work_folder(settings.inbox_dir / "big.zip")
+    stop = threading.Event()
+    thread = threading.Thread(target=InboxWatcher(settings, lambda _job: True).run, args=(stop,))
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not any(work.glob("export/*")):
+        assert time.monotonic() < deadline, "unpacking never started"
+        time.sleep(0.01)
+    stop.set()
+    thread.join()
+    # Neither unpacked to its end (``big/``) nor half (the hidden work folder).
+    assert sorted(p.name for p in settings.inbox_dir.iterdir()) == ["big.zip"]
+
+    _watch(settings, lambda _jobs: len(list(settings.failed_dir.iterdir())) == 1, timeout=180)
+    (aside,) = settings.failed_dir.iterdir()
+    assert len(json.loads((aside / "error.json").read_text())["files"]) == 12000
+    assert not list(settings.inbox_dir.iterdir())
