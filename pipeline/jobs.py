@@ -98,9 +98,10 @@ class Job(BaseModel):
     )
     received_at: datetime
     queued_at: datetime | None = None
-    priority: Priority | None = Field(
-        default=None, description="The lane it was queued in; None before it is queued."
-    )
+    # Never written to job.json nor sent in the task message (a worker or a watcher of the
+    # previous version, which forbids unknown keys, would refuse them during an upgrade): the
+    # worker sets it from the queue it took the job from.
+    priority: Priority | None = Field(default=None, exclude=True)
     study: StudyRef | None = None
 
     @model_validator(mode="after")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 from celery import Celery
 from kombu.exceptions import OperationalError
@@ -87,6 +88,12 @@ def worker_queues(lanes: tuple[Priority, ...]) -> str:
     return ",".join(QUEUES[p] for p in (Priority.URGENT, Priority.ROUTINE) if p in lanes)
 
 
+def lane_of(delivery_info: dict[str, Any] | None) -> Priority | None:
+    """The lane of the queue a task was taken from (Celery's ``request.delivery_info``)."""
+    queue = (delivery_info or {}).get("routing_key")
+    return next((lane for lane, name in QUEUES.items() if name == queue), None)
+
+
 def enqueue(app: Celery, settings: Settings, job: Job) -> bool:
     """Send the job's task; False (job stays spooled, retried later) when Redis is down."""
     if time.monotonic() < _broker_down_until:
@@ -102,13 +109,13 @@ def enqueue(app: Celery, settings: Settings, job: Job) -> bool:
 
 def _send(app: Celery, settings: Settings, job: Job) -> bool:
     global _broker_down_until
+    message = job.model_copy(update={"queued_at": now()}).model_dump(mode="json")
     priority = priority_of(settings.routes, settings.spool_dir, job)
-    message = job.model_copy(update={"queued_at": now(), "priority": priority})
     started = time.monotonic()
     try:
         app.send_task(
             TASK_NAME,
-            args=[message.model_dump(mode="json")],
+            args=[message],
             task_id=job.id,
             queue=QUEUES[priority],
             retry=True,

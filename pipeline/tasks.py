@@ -29,7 +29,7 @@ from pipeline.errors import TransientError
 from pipeline.jobs import PROCESSING_MARKER, Job, error_record, job_dir, now, quarantine
 from pipeline.memory import keep_freed_memory, prefault
 from pipeline.processing import Models, StageError, run_job
-from pipeline.queue import TASK_NAME
+from pipeline.queue import TASK_NAME, lane_of
 from pipeline.routing import Route
 from pipeline.series import numpy_huge_pages
 from pipeline.settings import Settings
@@ -188,6 +188,7 @@ def handle(task: Task, ctx: WorkerContext, message: dict[str, Any]) -> None:
         # A malformed message names no spool folder we could trust; log it, keep nothing.
         log.error("rejected malformed task message: %s", exc)
         return
+    job = job.model_copy(update={"priority": lane_of(task.request.delivery_info)})
 
     def send(route: Route, files: list[Path]) -> None:
         dispatch.offer(task.app, settings, job.id, route, files)
