@@ -161,7 +161,8 @@ class InboxWatcher:
             except queue.Empty:
                 return
             if path.is_dir() and not path.is_symlink():
-                self._scan(path)
+                if not path.name.startswith("."):  # a hidden one: an archive being unpacked
+                    self._scan(path)
             elif path != self.inbox:
                 self.tracker.touch(path)
 

@@ -273,9 +273,9 @@ def test_up_keeps_pool_processes_for_urgent_studies(
     model_repository: Path, triton: TritonEndpoints, tmp_path: Path
 ) -> None:
     """With worker.urgent_concurrency, `up` runs a second worker for the urgent lane alone: an
-    urgent study sent while the routine worker is busy with a backlog of CT studies is done by
-    it, before the backlog is; the routine worker never takes it. Its metrics have their own
-    endpoint."""
+    urgent study sent while the routine worker is busy with a backlog of CT studies starts in
+    its pool while a routine study is being processed; the routine worker takes none of it.
+    Its log and metrics are its own."""
     (tmp_path / "config.yaml").write_text(
         ROUTES_YAML
         + """  - name: ct-volume
@@ -303,7 +303,7 @@ def test_up_keeps_pool_processes_for_urgent_studies(
     write_series(tmp_path / "er", er)
     data = tmp_path / "data"
     run = data / "run"
-    results = make_settings(data)
+    settings = make_settings(data)
 
     with running_up(tmp_path, env):
         urgent_worker = int((run / "worker-urgent.ready").read_text())
@@ -318,9 +318,9 @@ def test_up_keeps_pool_processes_for_urgent_studies(
             "the routine worker busy",
         )
         _send(port, tmp_path / "er")
-        wait_for(lambda: len(_results(results)) == 4, 300, "every result")
+        wait_for(lambda: len(_results(settings)) == 4, 300, "every result")
         pools = {
-            uid: _parent(doc["worker"]["pid"]) for uid, doc in _results(results).items()
+            uid: _parent(doc["worker"]["pid"]) for uid, doc in _results(settings).items()
         }  # their pool processes live on while `up` runs
         completed = metric(
             f"http://127.0.0.1:{metrics_port}/metrics", "dicom_pipeline_jobs_completed_total"
@@ -328,7 +328,7 @@ def test_up_keeps_pool_processes_for_urgent_studies(
 
     assert pools[er.study_uid] == urgent_worker
     assert {pools[uid] for uid in backlog} == {worker}
-    done = _results(results)
+    done = _results(settings)
     # It started while a routine study was being processed: it did not wait for that one.
     at = {
         k: {t: datetime.fromisoformat(d["timings"][t]) for t in ("started", "finished")}
@@ -338,4 +338,4 @@ def test_up_keeps_pool_processes_for_urgent_studies(
     assert any(at[uid]["started"] < started < at[uid]["finished"] for uid in backlog), at
     assert done[er.study_uid]["priority"] == "urgent"
     assert completed == 1
-    assert "urgent worker" in (tmp_path / "up.log").read_text()
+    assert (run / "logs" / "urgent-worker.log").stat().st_size > 0
