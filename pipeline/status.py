@@ -29,7 +29,7 @@ MAX_STUDY_DIRS = 200  # newest result folders scanned for them
 @dataclass(frozen=True)
 class InFlight:
     what: str  # study UID or inbox name
-    state: str  # receiving | queued | queued (urgent) | processing | waiting for Redis
+    state: str  # receiving | queued | processing (each maybe urgent) | waiting for Redis
     age_s: float
     detail: str  # instances received, or the job id
 
@@ -143,10 +143,12 @@ def _in_flight(settings: Settings) -> list[InFlight]:
                 continue  # being made, or a crash left it half-made: start-up repairs it
             what = job.study.study_uid if job.study else job.original_name
             age = now - job.received_at.timestamp()
+            lane = queued_lane(entry)  # kept until the job is done
+            urgent = " (urgent)" if lane == Priority.URGENT else ""
             if (entry / PROCESSING_MARKER).exists():
-                state = "processing"
-            elif (lane := queued_lane(entry)) is not None:
-                state = f"queued ({lane})" if lane == Priority.URGENT else "queued"
+                state = "processing" + urgent
+            elif lane is not None:
+                state = "queued" + urgent
             else:
                 state = "waiting for Redis"
             rows.append(InFlight(what, state, age, job.id))

@@ -26,7 +26,7 @@ import redis
 
 from pipeline.demo.dicom_series import new_series, write_series
 from pipeline.demo.synthetic import write_mednist_png
-from pipeline.jobs import job_dir, read_job, spool_file
+from pipeline.jobs import PROCESSING_MARKER, job_dir, mark_enqueued, read_job, spool_file
 from pipeline.lanes import priority_of
 from pipeline.queue import QUEUE, URGENT_QUEUE
 from pipeline.routing import Match, Priority, Route
@@ -34,6 +34,7 @@ from pipeline.services import embedded_redis
 from pipeline.services.embedded_triton import TritonEndpoints
 from pipeline.services.process import free_port
 from pipeline.settings import Settings
+from pipeline.status import snapshot
 
 from .conftest import (
     make_settings,
@@ -76,6 +77,31 @@ def test_a_study_is_urgent_when_any_of_its_series_an_urgent_rule_takes(tmp_path:
     assert priority_of(routes, settings.spool_dir, alone) is Priority.ROUTINE
     # Without an urgent rule everything is routine.
     assert priority_of((ROUTINE_CT,), settings.spool_dir, alone) is Priority.ROUTINE
+
+
+def test_status_shows_the_lane_of_a_job_queued_and_processing(tmp_path: Path) -> None:
+    """`status` reads the lane from the spool: an urgent job is `queued (urgent)`, then
+    `processing (urgent)` once a worker has it; a routine one plain `queued`, `processing`."""
+    settings = make_settings(tmp_path / "data")
+    study_of, job_of = {}, {}
+    for lane in Priority:
+        spec = new_series(slices=1)
+        write_series(tmp_path / lane, spec)
+        job_of[lane] = spool_study(settings, [tmp_path / lane])
+        mark_enqueued(settings.spool_dir, job_of[lane], lane)
+        study_of[lane] = spec.study_uid
+
+    def state(lane: Priority) -> str:
+        rows = {row.what: row.state for row in snapshot(settings).in_flight}
+        return rows[study_of[lane]]
+
+    assert (state(Priority.URGENT), state(Priority.ROUTINE)) == ("queued (urgent)", "queued")
+    for job_id in job_of.values():
+        (job_dir(settings.spool_dir, job_id) / PROCESSING_MARKER).touch()
+    assert (state(Priority.URGENT), state(Priority.ROUTINE)) == (
+        "processing (urgent)",
+        "processing",
+    )
 
 
 def test_inbox_files_go_through_the_same_rules_and_unreadable_ones_wait_as_routine(
