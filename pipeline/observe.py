@@ -149,6 +149,15 @@ class _Metrics:
         self.failed = Counter(
             p + "jobs_failed_total", "Jobs moved to failed/, by stage.", ["stage"]
         )
+        # The lanes' service levels (a stroke CT's minutes against a night's backlog): alert on
+        # the urgent lane's, e.g. its 95th percentile over the last hour.
+        self.turnaround = Histogram(
+            p + "turnaround_seconds",
+            "From the first instance received (or the file dropped) to every result written, "
+            "by lane.",
+            ["priority"],
+            buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200),
+        )
         self.triton = Histogram(
             p + "triton_request_seconds",
             "Triton inference calls as the worker sees them, by model.",
@@ -181,6 +190,12 @@ def count(name: str, *labels: str, amount: float = 1.0) -> None:
         return
     metric = getattr(metrics, name)
     (metric.labels(*labels) if labels else metric).inc(amount)
+
+
+def turnaround(priority: str, seconds: float) -> None:
+    metrics = _metrics()
+    if metrics is not None:
+        metrics.turnaround.labels(priority).observe(seconds)
 
 
 def triton_call(model: str, seconds: float) -> None:

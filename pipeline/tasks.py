@@ -205,7 +205,9 @@ def handle(task: Task, ctx: WorkerContext, message: dict[str, Any]) -> None:
             return  # an earlier delivery finished it (acks are late): not done a second time
         # From the first byte received (or the file dropped) to every result written.
         total = (now() - job.received_at).total_seconds()
-        observe.stage("done", job=job.id, study=study, seconds=total)
+        lane = job.priority or "unknown"  # None only for a queue that is not one of ours
+        observe.stage("done", job=job.id, study=study, seconds=total, priority=lane)
+        observe.turnaround(lane, total)
         observe.count("completed")
     except StageError as exc:
         retries = int(task.request.retries or 0)

@@ -309,7 +309,7 @@ def test_up_keeps_pool_processes_for_urgent_studies(
     models: [ct_lesion_segmentation]
 """
     )
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port, urgent_metrics_port = free_port(), free_port(), free_port()
     env = up_env(tmp_path, model_repository, port) | {
         "PIPELINE_TRITON__URL": triton.url,  # the test's: `up` starts none
         "PIPELINE_WORKER__CONCURRENCY": "1",
@@ -317,8 +317,8 @@ def test_up_keeps_pool_processes_for_urgent_studies(
         "PIPELINE_WORKER__PREFAULT_MB": "0",
         "PIPELINE_RECEIVER__RELEASE_GRACE_S": "0.5",
         "PIPELINE_RECEIVER__MIN_FREE_DISK_MB": "0",
-        "PIPELINE_METRICS__WORKER_PORT": "0",
-        "PIPELINE_METRICS__URGENT_WORKER_PORT": str(metrics_port),
+        "PIPELINE_METRICS__WORKER_PORT": str(metrics_port),
+        "PIPELINE_METRICS__URGENT_WORKER_PORT": str(urgent_metrics_port),
     }
     backlog = []
     for n in range(3):
@@ -348,8 +348,19 @@ def test_up_keeps_pool_processes_for_urgent_studies(
         pools = {
             uid: _parent(doc["worker"]["pid"]) for uid, doc in _results(settings).items()
         }  # their pool processes live on while `up` runs
+        # Each worker's endpoint: what it did, and the lanes' turnaround for alerting.
+        counts = {
+            (endpoint, lane): metric(
+                f"http://127.0.0.1:{endpoint}/metrics",
+                "dicom_pipeline_turnaround_seconds_count",
+                priority=lane,
+            )
+            for endpoint in (metrics_port, urgent_metrics_port)
+            for lane in Priority
+        }
         completed = metric(
-            f"http://127.0.0.1:{metrics_port}/metrics", "dicom_pipeline_jobs_completed_total"
+            f"http://127.0.0.1:{urgent_metrics_port}/metrics",
+            "dicom_pipeline_jobs_completed_total",
         )
 
     assert pools[er.study_uid] == urgent_worker
@@ -364,4 +375,10 @@ def test_up_keeps_pool_processes_for_urgent_studies(
     assert any(at[uid]["started"] < started < at[uid]["finished"] for uid in backlog), at
     assert done[er.study_uid]["priority"] == "urgent"
     assert completed == 1
+    assert counts == {
+        (metrics_port, Priority.ROUTINE): 3,
+        (metrics_port, Priority.URGENT): 0,
+        (urgent_metrics_port, Priority.ROUTINE): 0,
+        (urgent_metrics_port, Priority.URGENT): 1,
+    }
     assert (run / "logs" / "urgent-worker.log").stat().st_size > 0
