@@ -1,19 +1,21 @@
 """Load benchmark: many studies at once through `dicom-pipeline up`, as users would send them.
 
-    python -m pipeline.bench.load [--associations 20] [--instances 100] [--files 200] [--urgent]
+    python -m pipeline.bench.load [--associations 20] [--instances 100] [--size 64] [--files 200]
+                                  [--urgent [--reserved]] [--rounds 1]
 
 Starts ``up`` in a fresh data folder, then at the same moment opens ``--associations``
-concurrent associations (one ``dicom-pipeline send`` each, a CT study of ``--instances``
-64x64 slices) and drops ``--files`` PNGs into the inbox. Waits until every study and file has
-its results, and checks that nothing failed or was done twice. Prints items per minute and the
-p50/p95 latency from the moment an item was in (the sender's last instance acknowledged, or
-the file dropped) to its last ``result.json`` on disk. Writes the figures as JSON with
-``--json``. Needs the demo weights (``dicom-pipeline models build-demo``).
+concurrent associations (one ``dicom-pipeline send`` each, a CT study of ``--instances`` slices
+of ``--size`` squared) and drops ``--files`` PNGs into the inbox. Waits until every study and
+file has its results, and checks that nothing failed or was done twice. Prints items per minute
+and the p50/p95 latency from the moment an item was in (the sender's last instance
+acknowledged, or the file dropped) to its last ``result.json`` on disk. Writes the figures as
+JSON with ``--json``. Needs the demo weights (``dicom-pipeline models build-demo``).
 
 ``--urgent`` runs the burst twice per round: once an urgent study (sent by ``ER_CT`` once
 the burst is in, and taken by a rule of its own) goes through its rule's ``priority: urgent``
 lane, once the same rule is routine, in alternating order from round to round; it prints that
-study's latency in each run and their ratio.
+study's latency in each run and their ratio. With ``--reserved`` both runs have the urgent
+lane, and one of them also the worker ``up`` keeps for it (``worker.urgent_concurrency: 1``).
 """
 
 from __future__ import annotations
@@ -90,19 +92,22 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def run(args: argparse.Namespace, urgent: Priority | None = None) -> dict[str, Any]:
+def run(
+    args: argparse.Namespace, urgent: Priority | None = None, reserved: bool = False
+) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="bench-load-"))
     port = free_port()
     studies = []
     for i in range(args.associations + (urgent is not None)):
-        spec = new_series(slices=args.instances, rows=64, cols=64)
+        spec = new_series(slices=args.instances, rows=args.size, cols=args.size)
         write_series(work / "studies" / f"{i:02d}", spec, seed=i)
         studies.append(spec.study_uid)
     staging = work / "staging"
     staging.mkdir()
     for i in range(args.files):
         write_mednist_png(staging / f"{i:03d}.png", MEDNIST_LABELS[i % 6], 10_000 + i)
-    up = start_up(work, port, args.associations, urgent=urgent)
+    reserve = {"PIPELINE_WORKER__URGENT_CONCURRENCY": "1"} if reserved else {}
+    up = start_up(work, port, args.associations, reserve, urgent=urgent)
     data = work / "data"
     try:
         acked: dict[str, float] = {}  # study UID or file name -> when it was in
@@ -181,6 +186,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--associations", type=int, default=20)
     parser.add_argument("--instances", type=int, default=100)
+    parser.add_argument("--size", type=int, default=64, help="Rows and columns of each slice.")
     parser.add_argument("--files", type=int, default=200)
     parser.add_argument("--timeout", type=float, default=1800.0)
     parser.add_argument("--keep", action="store_true", help="Keep the work folder.")
@@ -191,29 +197,45 @@ def main() -> None:
         help="An urgent study behind the burst, with and without its lane, alternating.",
     )
     parser.add_argument("--rounds", type=int, default=1, help="With --urgent: pairs of runs.")
+    parser.add_argument(
+        "--reserved",
+        action="store_true",
+        help="With --urgent: the urgent lane with and without a worker kept for it.",
+    )
     args = parser.parse_args()
+    # The pair each round compares, the better one first: (name, lane, worker kept for it).
+    pair = (
+        [
+            ("urgent lane, worker kept", Priority.URGENT, True),
+            ("urgent lane", Priority.URGENT, False),
+        ]
+        if args.reserved
+        else [
+            ("emergency rule urgent", Priority.URGENT, False),
+            ("emergency rule routine", Priority.ROUTINE, False),
+        ]
+    )
     if not args.urgent:
         runs = {"burst": run(args)}
     else:
-        # Each round in the other order (urgent first, then routine first): a run's place in
-        # the sequence is not taken for the lane's cost.
+        # Each round in the other order: a run's place in the sequence is not taken for the
+        # difference.
         runs = {
-            f"round {r + 1}, emergency rule {lane.value}": run(args, lane)
+            f"round {r + 1}, {name}": run(args, lane, reserved)
             for r in range(args.rounds)
-            for lane in (Priority.URGENT, Priority.ROUTINE)[:: 1 if r % 2 == 0 else -1]
+            for name, lane, reserved in pair[:: 1 if r % 2 == 0 else -1]
         }
     for name, figures in runs.items():
         print(name)
         for key, value in figures.items():
             print(f"{key:>24}: {value}")
     for r in range(args.rounds if args.urgent else 0):
-        with_lane, without = (
-            runs[f"round {r + 1}, emergency rule {lane.value}"]["urgent_study_latency_s"]
-            for lane in (Priority.URGENT, Priority.ROUTINE)
+        better, other = (
+            runs[f"round {r + 1}, {name}"]["urgent_study_latency_s"] for name, *_ in pair
         )
         print(
-            f"round {r + 1}: the urgent study's latency {with_lane} s in its lane, {without} s "
-            f"as routine ({with_lane / without:.2f}x)"
+            f"round {r + 1}: the urgent study's latency {better} s with {pair[0][0]}, {other} s "
+            f"with {pair[1][0]} ({better / other:.2f}x)"
         )
     if args.json:
         out = runs if args.urgent else runs["burst"]
