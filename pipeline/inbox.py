@@ -61,8 +61,13 @@ log = logging.getLogger(__name__)
 
 
 def ignored(path: Path, inbox: Path, patterns: Iterable[str]) -> bool:
-    """Files being written (by name) and anything inside hidden folders are not taken."""
-    return in_hidden_folder(path, inbox) or any(fnmatch.fnmatch(path.name, p) for p in patterns)
+    """Files being written (by name), anything inside hidden folders and the marker of an
+    unpacked folder (whatever the patterns say) are not taken."""
+    return (
+        path.name == unpack.MARKER
+        or in_hidden_folder(path, inbox)
+        or any(fnmatch.fnmatch(path.name, p) for p in patterns)
+    )
 
 
 def in_hidden_folder(path: Path, inbox: Path) -> bool:
@@ -169,6 +174,8 @@ class InboxWatcher:
     def _scan(self, root: Path | None = None) -> None:
         for dirpath, dirnames, filenames in os.walk(root or self.inbox):
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            if unpack.MARKER in filenames and Path(dirpath).parent == self.inbox:
+                self.unpacked.add(Path(dirpath))  # unpacked before this watcher started
             for name in filenames:
                 self.tracker.touch(Path(dirpath) / name)
             # A symlink to a folder is listed as a folder name and is not followed: take it
@@ -340,10 +347,13 @@ class InboxWatcher:
                 continue  # files still to be taken, or held to be set aside
             self.unpacked.discard(folder)
             for dirpath, _, filenames in os.walk(folder, topdown=False):
-                if filenames:
+                here = Path(dirpath)
+                if here == folder and filenames == [unpack.MARKER]:
+                    (here / unpack.MARKER).unlink(missing_ok=True)
+                elif filenames:
                     break  # files of names never taken (*.part, say): left for the user
                 try:
-                    Path(dirpath).rmdir()
+                    here.rmdir()
                 except OSError:
                     break  # something came meanwhile
 

@@ -12,7 +12,8 @@ more than ``inbox.max_unpacked_mb`` or is packed suspiciously tightly (a zip bom
 written into a hidden folder, synced, and the folder renamed into view only when complete, so
 the watcher never takes a half-unpacked study; the archive is removed after that. Unpacking
 may be cancelled between chunks (the watcher stopping): nothing is left of it, and the archive
-waits in the inbox.
+waits in the inbox. The folder carries a hidden marker file (:data:`MARKER`), so a watcher
+started after the unpacking still knows the folder as its own, to be removed once emptied.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pipeline.errors import InputError
 from pipeline.fsutil import fsync_dir
 
 ZIP_SUFFIX = ".zip"
+MARKER = ".dicom-pipeline-unpacked"  # in a folder unpacking made; never taken as a file
 MAX_MEMBERS = 100_000
 # Images deflate a few times over (a CT's air, an X-ray's border: 2-10x). Far tighter packing
 # of a large archive is a zip bomb: 200 MB of zeros packs into 200 KB, 1000x.
@@ -137,6 +139,11 @@ def unpack(
     work = work_folder(path)
     shutil.rmtree(work, ignore_errors=True)  # left by a crash
     write_members(archive, todo, work, cancel)
+    # Written before the rename, so the folder is never in view without it (the watcher may
+    # stop at any moment after the rename, before it has taken the folder's files).
+    with (work / MARKER).open("xb") as marker:
+        os.fsync(marker.fileno())
+    fsync_dir(work)
     dest = path.parent / stem
     n = 1
     while dest.exists():  # the same download dropped twice: both are taken

@@ -446,6 +446,31 @@ def test_a_zip_dropped_into_the_inbox_is_unpacked_and_taken_as_a_dropped_folder(
     assert "DOE" not in ours and "outside.png" not in ours
 
 
+def test_a_folder_unpacked_before_the_watcher_stopped_is_removed_once_taken(
+    tmp_path: Path,
+) -> None:
+    """A watcher stopped after unpacking a zip but before taking its files: the next one takes
+    the study and removes the folder, as the first would have; its marker is never a job, even
+    where ``inbox.ignore_patterns`` leaves dot-files in. A folder someone dropped stays."""
+    settings = make_settings(
+        tmp_path / "data",
+        inbox={"settle_seconds": 0.1, "study_quiet_s": 0.3, "ignore_patterns": ["*.part"]},
+    )
+    settings.ensure_dirs()
+    ct = new_series(slices=3, rows=16, cols=16)
+    members = {f"DICOM/IM{k}": p.read_bytes() for k, p in enumerate(write_series(tmp_path, ct))}
+    dropped = _zip(settings.inbox_dir / "study.zip", members)
+    with unpack.open_archive(dropped) as archive:  # as the stopped watcher had done
+        unpack.unpack(dropped, archive, unpack.plan(archive, 2**30))
+    (settings.inbox_dir / "export").mkdir()
+    write_mednist_png(settings.inbox_dir / "export" / "hand.png", "Hand", 1)
+
+    jobs = _watch(settings, lambda jobs: len(jobs) >= 2)
+    assert {job.original_name for job in jobs} == {ct.study_uid, "export/hand.png"}
+    assert not list(settings.failed_dir.iterdir())
+    assert [p.name for p in settings.inbox_dir.iterdir()] == ["export"]
+
+
 @pytest.mark.parametrize(
     ("members", "infos", "words"),
     [
