@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,10 @@ from compose_spec import PyCompose
 from typer.main import get_command
 
 from pipeline.cli import app
+from pipeline.contract import discover_contracts
 from pipeline.settings import Settings
+
+from .conftest import MODEL_REPOSITORY
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -133,3 +138,26 @@ def _settings_from_env(env: dict[str, str]) -> None:
             target = target.setdefault(part, {})
         target[parts[-1]] = value
     Settings.model_validate(nested)
+
+
+def test_weights_built_here_never_show_as_changes_to_the_checkout() -> None:
+    """`make up` trains demo weights and records them beside the weights; an operator puts real
+    weights there. Neither may be tracked or show as a change, or the next `git pull` (the
+    upgrade) stops at "your local changes would be overwritten"."""
+    if not (ROOT / ".git").exists() or shutil.which("git") is None:
+        pytest.skip("not a git checkout")
+    written = [
+        path
+        for contract in discover_contracts(MODEL_REPOSITORY).values()
+        for weights in [MODEL_REPOSITORY / contract.name / "1" / contract.weights]
+        for path in (weights, weights.with_suffix(".json"))  # as models build-demo writes them
+    ]
+    ignored = subprocess.run(
+        ["git", "check-ignore", "--stdin"],  # tracked files are never reported as ignored
+        input="\n".join(str(p.relative_to(ROOT)) for p in written),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.split()
+    assert sorted(ignored) == sorted(str(p.relative_to(ROOT)) for p in written)
