@@ -555,6 +555,9 @@ def up() -> None:
         page = _start_web(settings, env["PIPELINE_BROKER_URL"])
         rs = settings.receiver
         dicom = f"  DICOM:   AE title {rs.ae_title}, port {rs.port}\n" if rs.enabled else ""
+        if rs.enabled and rs.dicomweb_port is not None:
+            scheme = "https" if rs.tls_certificate else "http"
+            dicom += f"  STOW-RS: {scheme}://{rs.dicomweb_host}:{rs.dicomweb_port}/studies\n"
         zips = ", .zip of them" if settings.inbox.unpack_zip else ""
         if page:
             dicom += f"  status:  {page}\n"

@@ -251,6 +251,23 @@ class ReceiverSettings(_Section):
         default=None,
         description="PEM CA bundle: peers must present a certificate signed by it (mutual TLS).",
     )
+    dicomweb_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="Set (e.g. 8042; 0 picks a free port) to take studies by DICOMweb STOW-RS "
+        "too: POST /studies, as C-STORE takes them (same spool, study completion, routing, "
+        "allowed_networks and TLS). Off by default.",
+    )
+    dicomweb_host: str = Field(
+        default="127.0.0.1",
+        description="Address STOW-RS listens on: this machine only unless set (0.0.0.0 = every "
+        "interface). Requests carry no AE title: limit senders with allowed_networks and TLS "
+        "client certificates (tls_ca).",
+    )
+    dicomweb_max_request_mb: int = Field(
+        default=4096, ge=1, description="Larger STOW-RS requests are refused (413)."
+    )
     processes: int = Field(
         default=4,
         ge=1,

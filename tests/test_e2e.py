@@ -1,4 +1,5 @@
-"""End to end, as a user runs it: `dicom-pipeline up`, files dropped into the inbox, results.
+"""End to end, as a user runs it: `dicom-pipeline up`, files dropped into the inbox, studies
+sent by C-STORE and STOW-RS, results.
 
 Everything is real: the embedded redis-server, the tritonserver on CPU, a Celery worker, the
 watchdog watcher. The test owns the data folder and every process it starts.
@@ -18,6 +19,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import pytest
+from dicomweb_client import DICOMwebClient
 from pydicom import dcmread
 
 from pipeline.demo.dicom_series import write_volume_series
@@ -78,9 +80,13 @@ routes:
     models: [mednist_classifier]
 """
     )
-    with running_up(tmp_path, up_env(tmp_path, model_repository, dicom_port)) as up:
+    stow_port = free_port()
+    env = up_env(tmp_path, model_repository, dicom_port)
+    env["PIPELINE_RECEIVER__DICOMWEB_PORT"] = str(stow_port)
+    with running_up(tmp_path, env) as up:
         up_log = (tmp_path / "up.log").read_text()
         assert str((data / "inbox").resolve()) in up_log
+        assert f"STOW-RS: http://127.0.0.1:{stow_port}/studies" in up_log
         # A clean start logs no errors (the receiver's readiness probe once logged each
         # refused connection at ERROR).
         assert " ERROR " not in up_log, up_log
@@ -214,6 +220,21 @@ routes:
             finally:
                 pacs.terminate()
                 pacs.wait(10)
+
+        # A CT study stored by DICOMweb STOW-RS (a real client, as a viewer or archive sends
+        # it): the same way through, with no calling AE title.
+        hu, _, affine = lesion_phantom(TEST_SEED_BASE + 701, lesions=1)
+        web = write_volume_series(tmp_path / "web-study", hu.astype("float32"), affine)
+        client = DICOMwebClient(f"http://127.0.0.1:{stow_port}")
+        answer = client.store_instances([dcmread(p) for p in (tmp_path / "web-study").iterdir()])
+        assert len(answer.ReferencedSOPSequence) == hu.shape[2]
+        web_dir = data / "results" / web.study_uid
+        wait_for((web_dir / "study.json").exists, 180, "the STOW-RS study's results")
+        web_study = json.loads((web_dir / "study.json").read_text())
+        assert [s["status"] for s in web_study["series"]] == ["done"]
+        assert web_study["calling_aet"] is None
+        web_covid = web_dir / "ct_covid_classifier" / web.series_uid / "result.json"
+        assert json.loads(web_covid.read_text())["input"]["route"] == "ct-volume"
 
         def spooled() -> list[Path]:
             return [p for p in (data / "spool").iterdir() if not p.name.startswith(".")]

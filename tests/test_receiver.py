@@ -893,7 +893,10 @@ def test_send_reports_each_failure_and_exits_non_zero(tmp_path: Path) -> None:
     assert "README.TXT" not in out.stderr
 
 
-def test_tls_with_mutual_certificates(receiver: Callable[..., Running], tmp_path: Path) -> None:
+def mutual_tls_files(folder: Path) -> dict[str, Path]:
+    """A CA ("ca"), the receiver's certificate and key for 127.0.0.1 ("server.pem", ".key"),
+    a client's from the CA ("client.pem", ".key") and one from another CA ("rogue.pem",
+    ".key")."""
     import trustme
 
     ca, rogue_ca = trustme.CA(), trustme.CA()
@@ -909,8 +912,13 @@ def test_tls_with_mutual_certificates(receiver: Callable[..., Running], tmp_path
         ("rogue.pem", rogue.cert_chain_pems[0]),
         ("rogue.key", rogue.private_key_pem),
     ]:
-        paths[name] = tmp_path / name
+        paths[name] = folder / name
         blob.write_to_path(str(paths[name]))
+    return paths
+
+
+def test_tls_with_mutual_certificates(receiver: Callable[..., Running], tmp_path: Path) -> None:
+    paths = mutual_tls_files(tmp_path)
     rx = receiver(
         tls_certificate=paths["server.pem"],
         tls_private_key=paths["server.key"],

@@ -4,14 +4,15 @@
 
 A synthetic CT series is sent over loopback with 1 and 4 associations (the series split in
 four, four storescu processes) to storescp (one process; and ``--fork``, a process per
-association) and to ``dicom-pipeline scp`` as a user runs it, measurements interleaved so
-that drift hits all alike. Everyone runs with TCP_NODELAY=1. Beside them, "durable write"
-writes the same files as our receiver does, each fsynced with its folder before the next, from
-1 and 4 threads, without network or DICOM: the floor for any receiver that answers only once an
-instance is on disk (storescp answers before the page cache reaches the disk). Prints
-instances/s (median of the repeats) and the ratios, then the receiver's memory (RSS of its
-processes) while it takes ``--memory-instances`` more. Writes the figures as JSON with
-``--json``.
+association) and to ``dicom-pipeline scp`` as a user runs it, and to the same receiver by
+DICOMweb STOW-RS (curl posting the series as 1 and 4 concurrent multipart requests, built
+beforehand), measurements interleaved so that drift hits all alike. Everyone runs with
+TCP_NODELAY=1. Beside them, "durable write" writes the same files as our receiver does, each
+fsynced with its folder before the next, from 1 and 4 threads, without network or DICOM: the
+floor for any receiver that answers only once an instance is on disk (storescp answers before
+the page cache reaches the disk). Prints instances/s (median of the repeats) and the ratios,
+then the receiver's memory (RSS of its processes) while it takes ``--memory-instances`` more.
+Writes the figures as JSON with ``--json``.
 """
 
 from __future__ import annotations
@@ -133,6 +134,7 @@ class Ours:
     def __init__(self, work: Path, processes: int) -> None:
         self.data = work / "pipeline-data"
         self.port = free_port()
+        self.stow_port = free_port()
         settings = Settings(data_dir=self.data)
         settings.ensure_dirs()
         self.redis = embedded_redis.start(settings)
@@ -146,6 +148,7 @@ class Ours:
             "PIPELINE_RECEIVER__PROCESSES": str(processes),
             "PIPELINE_RECEIVER__RELEASE_GRACE_S": "0.5",
             "PIPELINE_RECEIVER__MIN_FREE_DISK_MB": "0",
+            "PIPELINE_RECEIVER__DICOMWEB_PORT": str(self.stow_port),
             "PIPELINE_LOG_LEVEL": "WARNING",
         }
         (work / "empty.yaml").write_text("{}\n")
@@ -181,6 +184,57 @@ class Ours:
         self.redis.stop()
 
 
+class StowCurl:
+    """The series posted to our receiver by STOW-RS: curl, one process per request, each
+    sending its share of the files as one multipart body (written beforehand)."""
+
+    BOUNDARY = "bench-boundary-7f3a"
+
+    def __init__(self, work: Path, ours: Ours, files: list[Path]) -> None:
+        self.ours = ours
+        self.bodies: dict[int, list[Path]] = {}
+        for n in (1, 4):
+            self.bodies[n] = []
+            for i in range(n):
+                body = work / f"stow-{n}-{i}.body"
+                with body.open("wb") as out:
+                    for f in files[i::n]:
+                        out.write(b"--%s\r\n" % self.BOUNDARY.encode())
+                        out.write(b"Content-Type: application/dicom\r\n\r\n")
+                        out.write(f.read_bytes())
+                        out.write(b"\r\n")
+                    out.write(b"--%s--\r\n" % self.BOUNDARY.encode())
+                self.bodies[n].append(body)
+
+    def send(self, requests: int) -> float:
+        url = f"http://127.0.0.1:{self.ours.stow_port}/studies"
+        kind = f'multipart/related; type="application/dicom"; boundary={self.BOUNDARY}'
+        t0 = time.perf_counter()
+        procs = [
+            subprocess.Popen(
+                [
+                    *("curl", "-sSf", "-o", "/dev/null", "-H", f"Content-Type: {kind}"),
+                    *("-H", "Expect:", "--data-binary", f"@{body}", url),
+                ],
+                stdout=subprocess.DEVNULL,
+            )
+            for body in self.bodies[requests]
+        ]
+        codes = [p.wait() for p in procs]
+        seconds = time.perf_counter() - t0
+        if any(codes):
+            raise RuntimeError(f"curl failed: exit codes {codes}")
+        return seconds
+
+    def clear(self) -> None:
+        self.ours.clear()
+
+    def stop(self) -> None:
+        for bodies in self.bodies.values():
+            for body in bodies:
+                body.unlink(missing_ok=True)
+
+
 def _echo(port: int) -> bool:
     try:
         return echo(Peer("127.0.0.1", port, "PIPELINE", timeout_s=5)) == 0
@@ -206,12 +260,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         write_series(series, new_series(args.instances, args.size, args.size))
     files = sorted(series.glob("*.dcm"))
     mb = sum(f.stat().st_size for f in files) / 1e6
+    ours = Ours(work, args.processes)
     targets: dict[str, Any] = {
         "storescp": Storescp(work, fork=False),
         "storescp --fork": Storescp(work, fork=True),
-        f"ours ({args.processes} proc)": Ours(work, args.processes),
+        f"ours ({args.processes} proc)": ours,
         "durable write": DurableWrite(work, files),
     }
+    if shutil.which("curl"):
+        targets["ours, STOW-RS"] = StowCurl(work, ours, files)
     rates: dict[str, dict[int, list[float]]] = {t: {1: [], 4: []} for t in targets}
     try:
         for r in range(args.repeats):
@@ -219,15 +276,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for n in (1, 4):
                     if isinstance(target, DurableWrite):
                         seconds = target.write(n)
+                    elif isinstance(target, StowCurl):
+                        seconds = target.send(n)
                     else:
                         seconds = _storescu(target.port, files, n)
                     rates[name][n].append(len(files) / seconds)
                     target.clear()
             print(f"round {r + 1}/{args.repeats} done", flush=True)
-        ours = targets[f"ours ({args.processes} proc)"]
         memory = _memory(ours, files, args.memory_instances)
     finally:
-        for target in targets.values():
+        for target in reversed(targets.values()):
             target.stop()
     medians = {t: {n: statistics.median(v) for n, v in by_n.items()} for t, by_n in rates.items()}
     result = {
@@ -266,6 +324,12 @@ def _print(result: dict[str, Any], medians: dict[str, dict[int, float]], ours: s
         print(
             f"ratio ours/{ref:<16}{medians[ours][1] / medians[ref][1]:>11.2f}x"
             f"{medians[ours][4] / medians[ref][4]:>11.2f}x"
+        )
+    if "ours, STOW-RS" in medians:
+        stow = medians["ours, STOW-RS"]
+        print(
+            f"{'ratio STOW-RS/C-STORE':<27}{stow[1] / medians[ours][1]:>11.2f}x"
+            f"{stow[4] / medians[ours][4]:>11.2f}x"
         )
     mem = result["memory_mb"]
     print(f"receiver RSS (MB) after each {result['instances']} more: {mem}")

@@ -12,6 +12,9 @@ moment (the OOM killer's SIGKILL) takes only its own pipe with it. A shared
 ``multiprocessing.Queue`` serialises its writers with a lock that a process killed in the
 middle of a write leaves held; every other process's events then stopped, and the studies
 they received completed only when adopted from the spool after the quiet period.
+
+DICOMweb STOW-RS, when configured, is served by this process too (:mod:`.stow`): its requests
+put their events straight into :attr:`Receiver.events`.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import Any
 
 from pipeline import observe
 from pipeline.dicom_store import INBOX_FILES, clean_incoming
+from pipeline.dicomnet import stow
 from pipeline.dicomnet.scp import start_server
 from pipeline.jobs import Job, now, recover_staging, requeue_pending
 from pipeline.settings import Settings
@@ -129,6 +133,10 @@ class Receiver:
             port,
             " (TLS)" if server.ssl_context else "",
         )
+        web = None
+        if self.settings.receiver.dicomweb_port is not None:
+            web = stow.start(self.settings, self.events)  # in this process: no pipe needed
+            log.info("DICOMweb STOW-RS listening on %s", web.url)
         for i in range(1, self.settings.receiver.processes):
             self.children.append(self._start_child(i, int(port)))
         self._wait_children_ready(stop)
@@ -152,6 +160,9 @@ class Receiver:
             self._stop_write.close()
             server.shutdown()
             server.server_close()
+            if web is not None:
+                web.shutdown()
+                web.server_close()
             for child in self.children:
                 child.join(timeout=10)
                 if child.is_alive():

@@ -1,0 +1,204 @@
+"""DICOMweb STOW-RS into the receiver, sent by a real DICOMweb client (dicomweb-client, as
+viewers and archives use it) and, for what no client would send, by hand over HTTP; a real
+embedded Redis behind the receiver, studies checked on disk and in the queue."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import socket
+import ssl
+from collections.abc import Callable
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+import requests
+from dicomweb_client import DICOMwebClient
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from pipeline.demo.dicom_series import TEST_PATIENT_ID, TEST_PATIENT_NAME, ct_slices, new_series
+from pipeline.services.process import free_port
+
+from .test_receiver import Running, mutual_tls_files, receiver  # noqa: F401 - the fixture
+
+FAILED = "00081198"
+STORED = "00081199"
+REASON = "00081197"
+INSTANCE = "00081155"
+
+
+def _client(rx: Running, **kwargs: Any) -> DICOMwebClient:
+    rs = rx.settings.receiver
+    scheme = "https" if rs.tls_certificate else "http"
+    return DICOMwebClient(f"{scheme}://127.0.0.1:{rs.dicomweb_port}", **kwargs)
+
+
+def _part10(ds: Dataset) -> bytes:
+    out = BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def _post(
+    rx: Running, parts: list[bytes], path: str = "/studies", content_type: str | None = None
+) -> tuple[int, Any]:
+    """A STOW-RS request built by hand: for bodies a client would not send."""
+    boundary = "b0undary-5d2c"
+    body = (
+        b"".join(
+            b"--%s\r\nContent-Type: application/dicom\r\n\r\n%s\r\n" % (boundary.encode(), p)
+            for p in parts
+        )
+        + b"--%s--\r\n" % boundary.encode()
+    )
+    conn = http.client.HTTPConnection("127.0.0.1", rx.settings.receiver.dicomweb_port, timeout=30)
+    kind = content_type or f'multipart/related; type="application/dicom"; boundary={boundary}'
+    conn.request("POST", path, body=body, headers={"Content-Type": kind})
+    reply = conn.getresponse()
+    data = reply.read()
+    conn.close()
+    is_json = reply.getheader("Content-Type") == "application/dicom+json"
+    return reply.status, json.loads(data) if is_json else data.decode()
+
+
+def _uids(doc: dict[str, Any], key: str) -> list[str]:
+    return [item[INSTANCE]["Value"][0] for item in doc.get(key, {}).get("Value", [])]
+
+
+def test_a_study_stored_by_stow_rs_is_one_queued_job_as_by_c_store(
+    receiver: Callable[..., Running],  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level("DEBUG")
+    rx = receiver(dicomweb_port=free_port())
+    spec = new_series(30, 64, 64)
+    sent = list(ct_slices(spec))
+    # 64 KiB chunks: the client streams the 30 instances (250 KB) in chunked transfer encoding.
+    answer = _client(rx, chunk_size=64 * 1024).store_instances(sent)
+
+    assert {str(ds.SOPInstanceUID) for ds in sent} == {
+        str(item.ReferencedSOPInstanceUID) for item in answer.ReferencedSOPSequence
+    }
+    assert "FailedSOPSequence" not in answer
+    [task] = rx.wait_tasks(1)
+    assert task["study"]["study_uid"] == spec.study_uid
+    assert task["study"]["instances"] == 30
+    assert task["study"]["completed_by"] == "association-released"  # the request's end
+    assert task["study"]["calling_aet"] is None  # no AE title over HTTP
+    files = rx.job_files(task)
+    assert len(files) == 30
+    for ds in sent:
+        [path] = [f for f in files if f.stem == str(ds.SOPInstanceUID)]
+        # The client sends the file meta and data set without preamble (pydicom.dcmwrite):
+        # stored whole, the rest byte for byte as sent.
+        sent_bytes = BytesIO()
+        pydicom.dcmwrite(sent_bytes, ds)
+        assert path.read_bytes() == bytes(128) + b"DICM" + sent_bytes.getvalue()
+    assert dcmread(files[0]).PatientID == TEST_PATIENT_ID
+    assert not list((rx.settings.spool_dir / ".incoming").iterdir())  # no body left behind
+    logged = caplog.text
+    assert "30 instance(s) stored, 0 refused" in logged
+    assert TEST_PATIENT_ID not in logged and str(TEST_PATIENT_NAME) not in logged
+
+
+def test_each_instance_a_request_could_not_store_is_answered_with_its_reason(
+    receiver: Callable[..., Running],  # noqa: F811
+) -> None:
+    """POST /studies/{uid}: an instance of that study is stored; one of another study (0xA900)
+    and a part that is no DICOM file (0xC000) are refused, each named; 202 for the mixture,
+    409 when nothing could be stored. The preamble of what is stored is cleared."""
+    rx = receiver(dicomweb_port=free_port())
+    ours, theirs = new_series(2, 16, 16), new_series(1, 16, 16)
+    good, second = (_part10(ds) for ds in ct_slices(ours))
+    good = b"\x7fELF" + good[4:]  # a preamble is free for any content: an executable's too
+    other = next(ct_slices(theirs))
+
+    status, doc = _post(
+        rx, [good, _part10(other), b"not a DICOM file"], path=f"/studies/{ours.study_uid}"
+    )
+    assert status == 202
+    assert _uids(doc, STORED) == [dcmread(BytesIO(good)).SOPInstanceUID]
+    failed = doc[FAILED]["Value"]
+    assert [item[REASON]["Value"][0] for item in failed] == [0xA900, 0xC000]
+    assert failed[0][INSTANCE]["Value"][0] == other.SOPInstanceUID
+    [task] = rx.wait_tasks(1)
+    assert task["study"]["study_uid"] == ours.study_uid and task["study"]["instances"] == 1
+    [stored] = rx.job_files(task)
+    assert stored.read_bytes() == bytes(128) + good[128:]  # stored with a cleared preamble
+
+    status, doc = _post(rx, [second], path=f"/studies/{theirs.study_uid}")
+    assert status == 409 and _uids(doc, STORED) == []
+    assert not (rx.settings.spool_dir / ours.study_uid).exists()  # the second slice refused
+
+
+def test_requests_that_are_not_stow_rs_are_refused_and_nothing_is_stored(
+    receiver: Callable[..., Running],  # noqa: F811
+) -> None:
+    rx = receiver(dicomweb_port=free_port(), allowed_networks=["127.0.0.0/8"])  # us: allowed
+    part = _part10(next(ct_slices(new_series(1, 16, 16))))
+    url = f"http://127.0.0.1:{rx.settings.receiver.dicomweb_port}"
+
+    assert _post(rx, [part], content_type="application/dicom")[0] == 415
+    assert _post(rx, [part], content_type='multipart/related; type="application/dicom"')[0] == 400
+    assert _post(rx, [part], path="/studies/..%2F..%2Fetc")[0] == 400
+    assert _post(rx, [part], path="/instances")[0] == 404
+    assert _post(rx, [])[0] == 400
+    assert requests.get(f"{url}/studies", timeout=30).status_code == 405
+    assert not [p for p in rx.settings.spool_dir.iterdir() if not p.name.startswith(".")]
+    assert rx.tasks() == []
+
+
+def test_a_stow_rs_request_from_an_address_not_allowed_is_refused(
+    receiver: Callable[..., Running],  # noqa: F811
+) -> None:
+    rx = receiver(dicomweb_port=free_port(), allowed_networks=["10.0.0.0/8"])
+    part = _part10(next(ct_slices(new_series(1, 16, 16))))
+    assert _post(rx, [part])[0] == 403
+    assert not [p for p in rx.settings.spool_dir.iterdir() if not p.name.startswith(".")]
+
+
+def test_stow_rs_over_tls_needs_a_client_certificate_from_the_ca(
+    receiver: Callable[..., Running],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    paths = mutual_tls_files(tmp_path)
+    rx = receiver(
+        dicomweb_port=free_port(),
+        tls_certificate=paths["server.pem"],
+        tls_private_key=paths["server.key"],
+        tls_ca=paths["ca"],
+    )
+    sent = list(ct_slices(new_series(3, 16, 16)))
+
+    def session(cert: str) -> requests.Session:
+        session = requests.Session()
+        session.trust_env = False  # REQUESTS_CA_BUNDLE, where set, would win over verify
+        session.verify = str(paths["ca"])
+        session.cert = (str(paths[f"{cert}.pem"]), str(paths[f"{cert}.key"]))
+        return session
+
+    url = f"https://127.0.0.1:{rx.settings.receiver.dicomweb_port}/studies"
+    with pytest.raises((requests.exceptions.SSLError, requests.exceptions.ConnectionError)):
+        # Not through the client: it would retry five times, backing off.
+        session("rogue").post(url, data=b"", timeout=30)
+    answer = _client(rx, session=session("client")).store_instances(sent)
+    assert len(answer.ReferencedSOPSequence) == 3
+    [task] = rx.wait_tasks(1)
+    assert task["study"]["instances"] == 3
+    context = ssl.create_default_context(cafile=str(paths["ca"]))
+    address = ("127.0.0.1", rx.settings.receiver.dicomweb_port)
+    reply = b""  # and no answer at all without a certificate: refused in the handshake
+    with (
+        contextlib.suppress(ssl.SSLError, ConnectionError),
+        context.wrap_socket(
+            socket.create_connection(address, timeout=30), server_hostname="127.0.0.1"
+        ) as s,
+    ):
+        s.sendall(b"POST /studies HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        reply = s.recv(100)
+    assert not reply.startswith(b"HTTP")
