@@ -202,3 +202,20 @@ def test_stow_rs_over_tls_needs_a_client_certificate_from_the_ca(
         s.sendall(b"POST /studies HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
         reply = s.recv(100)
     assert not reply.startswith(b"HTTP")
+
+
+def test_stow_rs_asks_to_retry_later_while_the_spool_is_below_its_watermark(
+    receiver: Callable[..., Running],  # noqa: F811
+) -> None:
+    rx = receiver(dicomweb_port=free_port(), min_free_disk_mb=10**12)  # more than any disk
+    part = _part10(next(ct_slices(new_series(1, 16, 16))))
+    body = b"--b\r\nContent-Type: application/dicom\r\n\r\n%s\r\n--b--\r\n" % part
+    url = f"http://127.0.0.1:{rx.settings.receiver.dicomweb_port}/studies"
+    headers = {"Content-Type": 'multipart/related; type="application/dicom"; boundary=b'}
+    # With its length given, and chunked (of unknown length: checked on the way).
+    for data in (body, iter([body[:100], body[100:]])):
+        reply = requests.post(url, data=data, headers=headers, timeout=30)
+        assert reply.status_code == 503 and reply.headers["Retry-After"] == "60"
+        assert "watermark" in reply.text
+    assert not [p for p in rx.settings.spool_dir.iterdir() if not p.name.startswith(".")]
+    assert not list((rx.settings.spool_dir / ".incoming").iterdir())

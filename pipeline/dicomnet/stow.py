@@ -61,6 +61,7 @@ CANNOT_STORE = 0xA701  # writing failed (as C-STORE answers it)
 NOT_THIS_STUDY = 0xA900  # an instance of another study than the one the request named
 CANNOT_UNDERSTAND = 0xC000  # not a DICOM file, or its UIDs are not valid UIDs
 _BLOCK = 1 << 20
+_SPACE_CHECK = 64 << 20  # a chunked body: free space checked every 64 MiB
 
 
 class RequestError(ValueError):
@@ -258,14 +259,10 @@ class _Handler(BaseHTTPRequestHandler):
         settings = self.server.settings
         incoming = settings.spool_dir / INCOMING
         incoming.mkdir(parents=True, exist_ok=True)
-        length = self.headers.get("Content-Length")
-        try:
-            min_free = settings.receiver.min_free_disk_mb * 2**20
-            check_space(settings.spool_dir, int(length or 0), min_free)
-        except OutOfSpaceError as exc:
-            raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE, str(exc)) from None
-        except ValueError:
-            raise RequestError(HTTPStatus.BAD_REQUEST, "Content-Length is not a number") from None
+        length = self.headers.get("Content-Length") or "0"
+        if not length.isdigit():
+            raise RequestError(HTTPStatus.BAD_REQUEST, "Content-Length is not a number")
+        self._check_space(int(length))
         body_file = incoming / f"stow-{secrets.token_hex(8)}.part"
         try:
             with body_file.open("w+b") as f:
@@ -305,10 +302,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _receive(self, dest: BinaryIO) -> int:
         """Copy the request's body to ``dest`` (Content-Length or chunked); its size."""
-        limit = self.server.settings.receiver.dicomweb_max_request_mb * 2**20
+        settings = self.server.settings
+        limit = settings.receiver.dicomweb_max_request_mb * 2**20
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
             total = 0
             while size := self._chunk_size():
+                if total // _SPACE_CHECK != (total + size) // _SPACE_CHECK:
+                    # Of unknown size until its end: the watermark is checked on the way.
+                    self._check_space(0)
                 total += size
                 if total > limit:
                     raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "the body is too large")
@@ -328,9 +329,19 @@ class _Handler(BaseHTTPRequestHandler):
     def _chunk_size(self) -> int:
         line = self.rfile.readline(1024).split(b";")[0].strip()
         try:
-            return int(line, 16)
+            size = int(line, 16)
         except ValueError:
-            raise RequestError(HTTPStatus.BAD_REQUEST, "a chunk has no size") from None
+            size = -1
+        if size < 0:
+            raise RequestError(HTTPStatus.BAD_REQUEST, "a chunk has no size")
+        return size
+
+    def _check_space(self, incoming: int) -> None:
+        settings = self.server.settings
+        try:
+            check_space(settings.spool_dir, incoming, settings.receiver.min_free_disk_mb * 2**20)
+        except OutOfSpaceError as exc:
+            raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE, str(exc)) from None
 
     def _copy(self, dest: BinaryIO, size: int) -> None:
         while size > 0:
