@@ -369,6 +369,8 @@ def scp() -> None:
         )
     except OSError as exc:  # e.g. the port is taken
         raise _fail(f"receiver cannot listen on {rs.host}:{rs.port}: {exc}") from None
+    except PipelineError as exc:  # the STOW-RS port taken
+        raise _fail(str(exc)) from None
 
 
 def _peer(

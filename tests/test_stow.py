@@ -9,6 +9,8 @@ import http.client
 import json
 import socket
 import ssl
+import subprocess
+import sys
 from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
@@ -24,7 +26,13 @@ from pydicom.dataset import Dataset
 from pipeline.demo.dicom_series import TEST_PATIENT_ID, TEST_PATIENT_NAME, ct_slices, new_series
 from pipeline.services.process import free_port
 
-from .test_receiver import Running, mutual_tls_files, receiver  # noqa: F401 - the fixture
+from .conftest import make_settings
+from .test_receiver import (  # noqa: F401 - receiver: the fixture
+    Running,
+    _scp_env,
+    mutual_tls_files,
+    receiver,
+)
 
 FAILED = "00081198"
 STORED = "00081199"
@@ -219,3 +227,21 @@ def test_stow_rs_asks_to_retry_later_while_the_spool_is_below_its_watermark(
         assert "watermark" in reply.text
     assert not [p for p in rx.settings.spool_dir.iterdir() if not p.name.startswith(".")]
     assert not list((rx.settings.spool_dir / ".incoming").iterdir())
+
+
+def test_the_receiver_names_the_stow_rs_port_it_cannot_listen_on(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path / "data")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        env = _scp_env(tmp_path, settings, free_port(), PROCESSES="1", DICOMWEB_PORT=str(busy))
+        out = subprocess.run(
+            [sys.executable, "-m", "pipeline", "scp"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert out.returncode == 2
+    assert f"error: STOW-RS cannot listen on 127.0.0.1:{busy}" in out.stderr

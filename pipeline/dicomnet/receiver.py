@@ -35,6 +35,7 @@ from pipeline import observe
 from pipeline.dicom_store import INBOX_FILES, clean_incoming
 from pipeline.dicomnet import stow
 from pipeline.dicomnet.scp import start_server
+from pipeline.errors import PipelineError
 from pipeline.jobs import Job, now, recover_staging, requeue_pending
 from pipeline.settings import Settings
 from pipeline.studies import StudyTracker, close_study, spooled_studies
@@ -134,8 +135,16 @@ class Receiver:
             " (TLS)" if server.ssl_context else "",
         )
         web = None
-        if self.settings.receiver.dicomweb_port is not None:
-            web = stow.start(self.settings, self.events)  # in this process: no pipe needed
+        rs = self.settings.receiver
+        if rs.dicomweb_port is not None:
+            try:
+                web = stow.start(self.settings, self.events)  # in this process: no pipe needed
+            except OSError as exc:  # the port taken, say: the error names it, not the DICOM one
+                server.shutdown()
+                server.server_close()
+                raise PipelineError(
+                    f"STOW-RS cannot listen on {rs.dicomweb_host}:{rs.dicomweb_port}: {exc}"
+                ) from None
             log.info("DICOMweb STOW-RS listening on %s", web.url)
         for i in range(1, self.settings.receiver.processes):
             self.children.append(self._start_child(i, int(port)))
