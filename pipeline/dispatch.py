@@ -1,4 +1,5 @@
-"""DICOM results sent to the route's destinations (PACS) by C-STORE, with nothing lost.
+"""DICOM results sent to the route's destinations, with nothing lost: a PACS by C-STORE, a
+DICOMweb service (a destination with ``url``) by STOW-RS (:mod:`pipeline.dicomnet.stow_send`).
 
 The worker hands each route's SR and SEG files to one Celery task per destination: a JSON
 message naming the files under ``results/``. The task sends them; what fails for a reason that
@@ -19,7 +20,7 @@ from celery import Celery
 from kombu.exceptions import OperationalError
 from pydantic import BaseModel, ConfigDict
 
-from pipeline.dicomnet import scu, tls
+from pipeline.dicomnet import scu, stow_send, tls
 from pipeline.errors import TransientError
 from pipeline.fsutil import atomic_write_json
 from pipeline.jobs import now
@@ -74,7 +75,20 @@ def queue_delivery(app: Celery, delivery: Delivery) -> None:
         raise TransientError(f"cannot queue the sending to {delivery.destination}: {exc}") from exc
 
 
+def stow_target(destination: Destination) -> stow_send.StowTarget:
+    assert destination.url is not None
+    context = None
+    if destination.tls_ca or destination.tls_certificate:
+        context = tls.client_context(
+            destination.tls_ca, destination.tls_certificate, destination.tls_private_key
+        )
+    return stow_send.StowTarget(
+        destination.url, destination.timeout_s, context, destination.bearer_token_file
+    )
+
+
 def peer(destination: Destination) -> scu.Peer:
+    assert destination.host and destination.port and destination.ae_title
     context = None
     if destination.tls:
         context = tls.client_context(
@@ -109,7 +123,10 @@ def deliver(settings: Settings, delivery: Delivery) -> Outcome:
             paths[path] = name
     if not paths:
         return outcome
-    report = scu.send(list(paths), peer(destination), retries=0)
+    if destination.url is not None:
+        report = stow_send.send(list(paths), stow_target(destination))
+    else:
+        report = scu.send(list(paths), peer(destination), retries=0)
     outcome.sent = [paths[p] for p in report.sent]
     for path, why in report.failed.items():
         if path in report.transient:

@@ -265,6 +265,11 @@ class ReceiverSettings(_Section):
         "interface). Requests carry no AE title: limit senders with allowed_networks and TLS "
         "client certificates (tls_ca).",
     )
+    dicomweb_bearer_token_file: Path | None = Field(
+        default=None,
+        description="If set, STOW-RS requests must carry this file's content as their bearer "
+        "token (Authorization: Bearer ...); others get 401. Read at each request.",
+    )
     dicomweb_max_request_mb: int = Field(
         default=4096, ge=1, description="Larger STOW-RS requests are refused (413)."
     )
@@ -355,12 +360,24 @@ class OutputSettings(_Section):
 
 
 class Destination(_Section):
-    """A DICOM peer (PACS) that results are sent to by C-STORE."""
+    """Where results are sent: a DICOM peer (PACS) by C-STORE, given ``host``, ``port`` and
+    ``ae_title``; or a DICOMweb service by STOW-RS, given ``url``."""
 
-    host: str = Field(min_length=1)
-    port: int = Field(ge=1, le=65535)
-    ae_title: str = Field(description="The destination's (called) AE title.")
+    host: str | None = Field(default=None, min_length=1)
+    port: int | None = Field(default=None, ge=1, le=65535)
+    ae_title: str | None = Field(default=None, description="The destination's (called) AE title.")
     calling_ae_title: str = Field(default="PIPELINE", description="Ours, as it knows us.")
+    url: str | None = Field(
+        default=None,
+        pattern=r"^https?://[^/\s]+",
+        description="A DICOMweb service's base URL (https://archive/dicomweb): results are "
+        "sent by STOW-RS to <url>/studies instead of by C-STORE.",
+    )
+    bearer_token_file: Path | None = Field(
+        default=None,
+        description="DICOMweb: a file holding an OAuth 2 bearer token, read at each sending "
+        "(whatever refreshes the token may rewrite it).",
+    )
     tls: bool = False
     tls_ca: Path | None = Field(default=None, description="CA bundle to verify the peer.")
     tls_certificate: Path | None = Field(default=None, description="Client cert (mutual TLS).")
@@ -376,8 +393,17 @@ class Destination(_Section):
 
     @field_validator("ae_title", "calling_ae_title")
     @classmethod
-    def _valid_aet(cls, v: str) -> str:
-        return _check_ae_title(v)
+    def _valid_aet(cls, v: str | None) -> str | None:
+        return v if v is None else _check_ae_title(v)
+
+    @model_validator(mode="after")
+    def _one_way(self) -> Destination:
+        dimse = (self.host, self.port, self.ae_title)
+        if self.url is None and None in dimse:
+            raise ValueError("a destination needs host, port and ae_title (C-STORE) or url")
+        if self.url is not None and dimse != (None, None, None):
+            raise ValueError("a destination has either url (STOW-RS) or host/port/ae_title")
+        return self
 
 
 class MetricsSettings(_Section):

@@ -23,8 +23,11 @@ from dicomweb_client import DICOMwebClient
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from pipeline import dispatch
 from pipeline.demo.dicom_series import TEST_PATIENT_ID, TEST_PATIENT_NAME, ct_slices, new_series
+from pipeline.dispatch import Delivery
 from pipeline.services.process import free_port
+from pipeline.settings import Settings
 
 from .conftest import make_settings
 from .test_receiver import (  # noqa: F401 - receiver: the fixture
@@ -245,3 +248,66 @@ def test_the_receiver_names_the_stow_rs_port_it_cannot_listen_on(tmp_path: Path)
         )
     assert out.returncode == 2
     assert f"error: STOW-RS cannot listen on 127.0.0.1:{busy}" in out.stderr
+
+
+def test_results_go_to_a_dicomweb_destination_by_stow_rs(
+    receiver: Callable[..., Running],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """A destination with a url: results sent by STOW-RS (here to our own receiver's STOW-RS,
+    a real service, which asks for a bearer token); a service down, or a token refused (it may
+    be refreshed), is worth a retry; a file that is not DICOM is not."""
+    tokens = tmp_path / "accepted-token"
+    tokens.write_text("secret-token\n")
+    archive = receiver(dicomweb_port=free_port(), dicomweb_bearer_token_file=tokens)
+    token = tmp_path / "token"
+    token.write_text("an-expired-token\n")
+
+    def sender(port: int) -> Settings:
+        url = f"http://127.0.0.1:{port}/"
+        destination = {"url": url, "bearer_token_file": token, "timeout_s": 10}
+        return make_settings(tmp_path / "sender", destinations={"archive": destination})
+
+    settings = sender(archive.settings.receiver.dicomweb_port or 0)
+    study = new_series(2, 16, 16)
+    folder = settings.results_dir / study.study_uid
+    folder.mkdir(parents=True)
+    names = []
+    for ds in ct_slices(study):
+        ds.save_as(folder / f"{ds.InstanceNumber}.dcm", enforce_file_format=True)
+        names.append(f"{study.study_uid}/{ds.InstanceNumber}.dcm")
+    (folder / "result.json").write_text("{}")
+    delivery = Delivery(
+        job_id="20261206T000000Z-00000000",
+        destination="archive",
+        files=[*names, f"{study.study_uid}/result.json"],
+    )
+
+    refused = dispatch.deliver(settings, delivery)
+    assert sorted(refused.pending) == sorted(names) and not refused.sent
+    assert not [p for p in archive.settings.spool_dir.iterdir() if not p.name.startswith(".")]
+
+    token.write_text("secret-token\n")  # refreshed
+    outcome = dispatch.deliver(settings, delivery)
+    assert sorted(outcome.sent) == sorted(names) and not outcome.pending
+    assert "not a readable DICOM file" in outcome.refused[f"{study.study_uid}/result.json"]
+    [task] = archive.wait_tasks(1)
+    assert task["study"]["study_uid"] == study.study_uid and task["study"]["instances"] == 2
+
+    down = dispatch.deliver(sender(free_port()), delivery.model_copy(update={"files": names}))
+    assert sorted(down.pending) == sorted(names) and not down.sent
+
+
+def test_a_full_dicomweb_destination_is_retried_later(
+    receiver: Callable[..., Running],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    full = receiver(dicomweb_port=free_port(), min_free_disk_mb=10**12)
+    url = f"http://127.0.0.1:{full.settings.receiver.dicomweb_port}"
+    settings = make_settings(tmp_path / "sender", destinations={"archive": {"url": url}})
+    ds = next(ct_slices(new_series(1, 16, 16)))
+    settings.results_dir.mkdir(parents=True)
+    ds.save_as(settings.results_dir / "sr.dcm", enforce_file_format=True)
+    delivery = Delivery(job_id="20261206T000000Z-00000000", destination="archive", files=["sr.dcm"])
+    outcome = dispatch.deliver(settings, delivery)
+    assert outcome.pending == ["sr.dcm"] and not outcome.sent and not outcome.refused

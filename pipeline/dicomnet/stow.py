@@ -213,6 +213,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self.client_address[0], self.server.networks
             ):
                 raise RequestError(HTTPStatus.FORBIDDEN, "this address may not store")
+            self._authorize()
             outcomes = self._store(study, boundary)
         except RequestError as exc:
             log.warning("STOW-RS from %s refused: %s", self.client_address[0], exc)
@@ -228,6 +229,24 @@ class _Handler(BaseHTTPRequestHandler):
             len(outcomes) - stored,
         )
         self._answer(status, body, "application/dicom+json")
+
+    def _authorize(self) -> None:
+        token_file = self.server.settings.receiver.dicomweb_bearer_token_file
+        if token_file is None:
+            return
+        try:
+            expected = token_file.read_text().strip()  # at each request: it may be rotated
+        except OSError as exc:
+            log.error("STOW-RS: cannot read the bearer token file: %s", exc)
+            raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE, "cannot check tokens") from None
+        given = self.headers.get("Authorization", "")
+        scheme, _, token = given.partition(" ")
+        if not (
+            expected
+            and scheme.lower() == "bearer"
+            and secrets.compare_digest(token.strip().encode(), expected.encode())
+        ):
+            raise RequestError(HTTPStatus.UNAUTHORIZED, "a valid bearer token is needed")
 
     def _target(self) -> str | None:
         path = self.path.split("?", 1)[0].rstrip("/")
@@ -360,6 +379,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Allow", "POST")
         if status == HTTPStatus.SERVICE_UNAVAILABLE:
             self.send_header("Retry-After", "60")
+        if status == HTTPStatus.UNAUTHORIZED:
+            self.send_header("WWW-Authenticate", 'Bearer realm="dicom-pipeline"')
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
