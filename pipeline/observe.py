@@ -135,12 +135,19 @@ class _Metrics:
             ["stage"],
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 80, 160, 320),
         )
-        self.instances = Counter(p + "instances_received_total", "C-STORE instances stored.")
+        self.instances = Counter(
+            p + "instances_received_total", "Instances stored (C-STORE and STOW-RS)."
+        )
         self.associations = Counter(
             p + "associations_total", "Associations, by outcome.", ["outcome"]
         )
         self.refused = Counter(
-            p + "instances_refused_total", "C-STORE instances refused, by status.", ["status"]
+            p + "instances_refused_total",
+            "Instances refused, by status (C-STORE) or Failure Reason (STOW-RS).",
+            ["status"],
+        )
+        self.stow_requests = Counter(
+            p + "stow_requests_total", "STOW-RS requests, by HTTP status answered.", ["status"]
         )
         self.queued = Counter(
             p + "jobs_queued_total", "Jobs sent to the queue, by source.", ["source"]
@@ -184,7 +191,8 @@ def _metrics() -> _Metrics | None:
 
 def count(name: str, *labels: str, amount: float = 1.0) -> None:
     """Increment one of the counters: ``instances``, ``refused`` (status), ``associations``
-    (outcome), ``queued`` (source), ``completed``, ``failed`` (stage)."""
+    (outcome), ``stow_requests`` (status), ``queued`` (source), ``completed``, ``failed``
+    (stage)."""
     metrics = _metrics()
     if metrics is None:
         return

@@ -20,6 +20,7 @@ import pydicom
 import pytest
 import requests
 from dicomweb_client import DICOMwebClient
+from prometheus_client import REGISTRY
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
@@ -41,6 +42,7 @@ FAILED = "00081198"
 STORED = "00081199"
 REASON = "00081197"
 INSTANCE = "00081155"
+STOW_METRIC = "dicom_pipeline_stow_requests_total"
 
 
 def _client(rx: Running, **kwargs: Any) -> DICOMwebClient:
@@ -129,10 +131,12 @@ def test_each_instance_a_request_could_not_store_is_answered_with_its_reason(
     good = b"\x7fELF" + good[4:]  # a preamble is free for any content: an executable's too
     other = next(ct_slices(theirs))
 
+    answered = REGISTRY.get_sample_value(STOW_METRIC, {"status": "202"}) or 0.0
     status, doc = _post(
         rx, [good, _part10(other), b"not a DICOM file"], path=f"/studies/{ours.study_uid}"
     )
     assert status == 202
+    assert REGISTRY.get_sample_value(STOW_METRIC, {"status": "202"}) == answered + 1
     assert _uids(doc, STORED) == [dcmread(BytesIO(good)).SOPInstanceUID]
     failed = doc[FAILED]["Value"]
     assert [item[REASON]["Value"][0] for item in failed] == [0xA900, 0xC000]

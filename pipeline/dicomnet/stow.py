@@ -371,6 +371,8 @@ class _Handler(BaseHTTPRequestHandler):
             size -= len(block)
 
     def _answer(self, status: HTTPStatus, body: bytes | str, media: str = "text/plain") -> None:
+        if self.command == "POST":
+            observe.count("stow_requests", str(int(status)))
         data = body.encode() if isinstance(body, str) else body
         self.send_response(status)
         self.send_header("Content-Type", media)
