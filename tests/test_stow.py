@@ -36,6 +36,7 @@ from .test_receiver import (  # noqa: F401 - receiver: the fixture
     _scp_env,
     mutual_tls_files,
     receiver,
+    wait_for,
 )
 
 FAILED = "00081198"
@@ -315,3 +316,26 @@ def test_a_full_dicomweb_destination_is_retried_later(
     delivery = Delivery(job_id="20261206T000000Z-00000000", destination="archive", files=["sr.dcm"])
     outcome = dispatch.deliver(settings, delivery)
     assert outcome.pending == ["sr.dcm"] and not outcome.sent and not outcome.refused
+
+
+def test_stow_rs_requests_beyond_max_associations_are_asked_to_come_back(
+    receiver: Callable[..., Running],  # noqa: F811
+) -> None:
+    rx = receiver(dicomweb_port=free_port(), max_associations=1)
+    part = _part10(next(ct_slices(new_series(1, 16, 16))))
+    address = ("127.0.0.1", rx.settings.receiver.dicomweb_port)
+    with socket.create_connection(address, timeout=30) as slow:  # a sender on a slow line
+        kind = 'multipart/related; type="application/dicom"; boundary=b'
+        slow.sendall(
+            f"POST /studies HTTP/1.1\r\nHost: x\r\nContent-Type: {kind}\r\n"
+            f"Content-Length: 100000\r\n\r\n--b\r\n".encode()
+        )
+        # Once the slow request holds the only place, another gets 503 (a request with the
+        # wrong media type, 415 otherwise, probes it without storing anything).
+        wait_for(lambda: _post(rx, [part], content_type="text/plain")[0] == 503, 10, "the 503")
+        status, text = _post(rx, [part])
+        assert status == 503 and "too many requests at once" in text
+    # The slow sender gone, its place is free again.
+    wait_for(lambda: _post(rx, [part])[0] == 200, 10, "the place to be free")
+    [task] = rx.wait_tasks(1)
+    assert task["study"]["instances"] == 1

@@ -206,7 +206,10 @@ class _Handler(BaseHTTPRequestHandler):
     do_PUT = do_DELETE = do_GET  # noqa: N815
 
     def do_POST(self) -> None:
+        slot = self.server.slots.acquire(blocking=False)
         try:
+            if not slot:  # as max_associations turns associations away: the sender retries
+                raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE, "too many requests at once")
             study = self._target()
             boundary = self._boundary()
             if self.server.networks and not _in_networks(
@@ -220,6 +223,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True  # the body may be unread
             self._answer(exc.status, str(exc))
             return
+        finally:
+            if slot:
+                self.server.slots.release()
         status, body = response(outcomes)
         stored = sum(o.failure is None for o in outcomes)
         log.info(
@@ -397,6 +403,7 @@ class StowServer(ThreadingHTTPServer):
         assert rs.dicomweb_port is not None
         self.settings = settings
         self.sink = sink
+        self.slots = threading.BoundedSemaphore(rs.max_associations)  # requests at once
         self.networks: list[Network] = [
             ipaddress.ip_network(n, strict=False) for n in rs.allowed_networks
         ]
