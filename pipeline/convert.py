@@ -149,8 +149,8 @@ def _load_dicom(path: Path) -> MetaTensor:
     except Exception as exc:  # see _PARSER_ERRORS
         raise InputError(f"not a readable DICOM image ({_reason(exc, path)})") from exc
     colour = ds.get("SamplesPerPixel", 1) > 1 or photometric == "PALETTE COLOR"
-    if pixels.ndim == 3 and pixels.shape[-1] in (3, 4) and colour:
-        pixels = pixels[..., :3].mean(axis=-1)
+    if colour and pixels.ndim in (3, 4) and pixels.shape[-1] in (3, 4):
+        pixels = pixels[..., :3].mean(axis=-1)  # one frame or several: colours last
     if pixels.ndim == 3:  # multi-frame: (frames, rows, cols) -> (cols, rows, frames) like NIfTI
         pixels = np.transpose(pixels, (2, 1, 0))
     return MetaTensor(pixels[np.newaxis])

@@ -73,6 +73,17 @@ def test_a_palette_colour_image_is_its_colours_in_grey() -> None:
     assert not np.allclose(np.asarray(image.array[0]), ds.pixel_array)
 
 
+def test_a_multi_frame_colour_image_is_a_grey_volume_of_its_frames() -> None:
+    """Two RGB frames (an ultrasound clip's kind): a volume of two grey frames, as a
+    multi-frame grey image is; the colour axis had been left in, a 5-D tensor no model takes."""
+    path = PYDICOM_FILES / "SC_rgb_rle_2frame.dcm"
+    ds = pydicom.dcmread(path)
+    image = convert.load(path)
+    assert image.spatial_dims == 3 and tuple(image.array.shape) == (1, 100, 100, 2)
+    grey = ds.pixel_array.astype(np.float32).mean(axis=-1)  # (frames, rows, cols)
+    assert np.allclose(np.asarray(image.array[0]), np.transpose(grey, (2, 1, 0)))
+
+
 def test_a_monochrome1_radiograph_is_read_as_monochrome2_shows_it() -> None:
     """MONOCHROME1 (a CR's: the lowest value is white) is inverted, so a 2D model trained on
     images where bone is bright sees bone bright."""
