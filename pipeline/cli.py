@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -28,6 +28,7 @@ from pipeline.settings import Settings, load_settings
 if TYPE_CHECKING:  # imported where used: the CLI starts without torch or MONAI
     from pipeline.contract import ModelContract
     from pipeline.convert import LoadedImage
+    from pipeline.dicomnet.scu import SendReport
     from pipeline.processing import Models
     from pipeline.series import SeriesGroup
     from pipeline.triton_client import TritonClient
@@ -427,8 +428,16 @@ def send(
     tls_ca: TlsCaOpt = None,
     tls_cert: TlsCertOpt = None,
     tls_key: TlsKeyOpt = None,
+    url: Annotated[
+        str | None,
+        typer.Option(help="A DICOMweb service's base URL: send by STOW-RS instead."),
+    ] = None,
+    token_file: Annotated[
+        Path | None, typer.Option(help="STOW-RS: a file holding the bearer token.")
+    ] = None,
 ) -> None:
-    """C-STORE files to our receiver or any PACS; exit code 1 if any file was not stored."""
+    """C-STORE files to our receiver or any PACS (or STOW-RS them to a DICOMweb service, with
+    --url); exit code 1 if any file was not stored."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     from pipeline.dicomnet.scu import send as send_files
@@ -443,7 +452,6 @@ def send(
             )
         if not files:
             raise _fail("no files to send")
-        peer = _peer(host, port, called_aet, calling_aet, tls, tls_ca, tls_cert, tls_key)
         with Progress(
             "[progress.description]{task.description}",
             BarColumn(),
@@ -451,11 +459,19 @@ def send(
             TimeRemainingColumn(),
             transient=False,
         ) as progress:
-            bar = progress.add_task(f"sending to {called_aet}@{host}:{port}", total=len(files))
             started = time.perf_counter()
-            report = send_files(
-                files, peer, retries=retries, on_done=lambda _p, _ok: progress.advance(bar)
-            )
+            if url is not None:
+                bar = progress.add_task(f"sending to {url}", total=len(files))
+                tls_files = (tls_ca, tls_cert, tls_key)
+                report = _stow_files(
+                    files, url, token_file, tls_files, retries, lambda n: progress.advance(bar, n)
+                )
+            else:
+                peer = _peer(host, port, called_aet, calling_aet, tls, tls_ca, tls_cert, tls_key)
+                bar = progress.add_task(f"sending to {called_aet}@{host}:{port}", total=len(files))
+                report = send_files(
+                    files, peer, retries=retries, on_done=lambda _p, _ok: progress.advance(bar)
+                )
             seconds = time.perf_counter() - started
         typer.echo(
             f"{len(report.sent)} sent, {len(report.failed)} failed "
@@ -464,6 +480,41 @@ def send(
         for path, reason in sorted(report.failed.items()):
             typer.echo(f"  failed: {path}: {reason}", err=True)
         raise typer.Exit(0 if report.ok else 1)
+
+
+def _stow_files(
+    files: list[Path],
+    url: str,
+    token_file: Path | None,
+    tls_files: tuple[Path | None, Path | None, Path | None],
+    retries: int,
+    advance: Callable[[int], None],
+) -> SendReport:
+    """``send --url``: STOW-RS, a request per study; what failed for a reason that may pass is
+    tried again, up to ``retries`` times, with backoff."""
+    from pipeline.dicomnet import stow_send
+    from pipeline.dicomnet.scu import SendReport
+    from pipeline.dicomnet.tls import client_context
+
+    ca, cert, key = tls_files
+    context = client_context(ca, cert, key) if ca or cert else None
+    try:
+        target = stow_send.StowTarget(url, 60.0, context, token_file)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    report = SendReport()
+    todo = list(files)
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(min(2.0**attempt, 30.0))
+        batch = stow_send.send(todo, target)
+        report.sent += batch.sent
+        todo = [p for p in batch.failed if p in batch.transient and attempt < retries]
+        report.failed.update({p: why for p, why in batch.failed.items() if p not in todo})
+        advance(len(batch.sent) + len(batch.failed) - len(todo))
+        if not todo:
+            break
+    return report
 
 
 @app.command()

@@ -25,7 +25,13 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from pipeline import dispatch
-from pipeline.demo.dicom_series import TEST_PATIENT_ID, TEST_PATIENT_NAME, ct_slices, new_series
+from pipeline.demo.dicom_series import (
+    TEST_PATIENT_ID,
+    TEST_PATIENT_NAME,
+    ct_slices,
+    new_series,
+    write_series,
+)
 from pipeline.dispatch import Delivery
 from pipeline.services.process import free_port
 from pipeline.settings import Settings
@@ -339,3 +345,38 @@ def test_stow_rs_requests_beyond_max_associations_are_asked_to_come_back(
     wait_for(lambda: _post(rx, [part])[0] == 200, 10, "the place to be free")
     [task] = rx.wait_tasks(1)
     assert task["study"]["instances"] == 1
+
+
+def test_send_with_url_stores_a_folder_by_stow_rs(
+    receiver: Callable[..., Running],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """`dicom-pipeline send --url`: a 70-slice series in two requests of up to 64 files, the
+    bearer token from --token-file; a wrong token is a failure with its reason, exit code 1."""
+    accepted = tmp_path / "accepted"
+    accepted.write_text("let-me-in")
+    rx = receiver(dicomweb_port=free_port(), dicomweb_bearer_token_file=accepted)
+    spec = new_series(70, 16, 16)
+    folder = tmp_path / "study"
+    write_series(folder, spec)
+    url = f"http://127.0.0.1:{rx.settings.receiver.dicomweb_port}"
+    wrong = tmp_path / "wrong"
+    wrong.write_text("guess")
+
+    def send(token: Path) -> subprocess.CompletedProcess[str]:
+        command = ["send", str(folder), "--url", url, "--token-file", str(token), "--retries", "0"]
+        return subprocess.run(
+            [sys.executable, "-m", "pipeline", *command],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    refused = send(wrong)
+    assert refused.returncode == 1 and "HTTP 401" in refused.stderr
+    assert "0 sent, 70 failed" in refused.stdout
+    out = send(accepted)
+    assert out.returncode == 0, out.stderr
+    assert "70 sent, 0 failed" in out.stdout
+    [task] = rx.wait_tasks(1)
+    assert task["study"]["study_uid"] == spec.study_uid and task["study"]["instances"] == 70

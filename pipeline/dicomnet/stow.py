@@ -19,6 +19,7 @@ is also an executable must not come out of the spool as one.
 
 from __future__ import annotations
 
+import contextlib
 import email.message
 import ipaddress
 import json
@@ -62,6 +63,7 @@ NOT_THIS_STUDY = 0xA900  # an instance of another study than the one the request
 CANNOT_UNDERSTAND = 0xC000  # not a DICOM file, or its UIDs are not valid UIDs
 _BLOCK = 1 << 20
 _SPACE_CHECK = 64 << 20  # a chunked body: free space checked every 64 MiB
+_DRAIN = 64 << 20  # a refused request's body is read to its end up to this size
 
 
 class RequestError(ValueError):
@@ -206,6 +208,7 @@ class _Handler(BaseHTTPRequestHandler):
     do_PUT = do_DELETE = do_GET  # noqa: N815
 
     def do_POST(self) -> None:
+        self._body_read = False
         slot = self.server.slots.acquire(blocking=False)
         try:
             if not slot:  # as max_associations turns associations away: the sender retries
@@ -220,7 +223,7 @@ class _Handler(BaseHTTPRequestHandler):
             outcomes = self._store(study, boundary)
         except RequestError as exc:
             log.warning("STOW-RS from %s refused: %s", self.client_address[0], exc)
-            self.close_connection = True  # the body may be unread
+            self._drain()
             self._answer(exc.status, str(exc))
             return
         finally:
@@ -235,6 +238,19 @@ class _Handler(BaseHTTPRequestHandler):
             len(outcomes) - stored,
         )
         self._answer(status, body, "application/dicom+json")
+
+    def _drain(self) -> None:
+        """Read the rest of a refused request's body, up to _DRAIN bytes: a client still
+        sending it when the connection closes gets a broken pipe, not the answer (a 401, a
+        503). A larger or chunked body: the connection is closed."""
+        self.close_connection = True
+        length = self.headers.get("Content-Length", "")
+        if self._body_read or not length.isdigit() or int(length) > _DRAIN:
+            return
+        with contextlib.suppress(OSError):
+            left = int(length)
+            while left > 0 and (block := self.rfile.read(min(left, _BLOCK))):
+                left -= len(block)
 
     def _authorize(self) -> None:
         token_file = self.server.settings.receiver.dicomweb_bearer_token_file
@@ -327,6 +343,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _receive(self, dest: BinaryIO) -> int:
         """Copy the request's body to ``dest`` (Content-Length or chunked); its size."""
+        self._body_read = True  # from here on, whatever fails has consumed some of it
         settings = self.server.settings
         limit = settings.receiver.dicomweb_max_request_mb * 2**20
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":

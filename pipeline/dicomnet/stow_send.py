@@ -1,23 +1,24 @@
 """Results sent by DICOMweb STOW-RS, for destinations that are a DICOMweb service (a cloud
 archive, a PACS's web gateway) rather than a DICOM node.
 
-All files go in one ``POST <url>/studies`` request, ``multipart/related;
-type="application/dicom"``, each file as it is on disk. The answer's Store Instances Response
-Module (PS3.18 Annex I) says which instances were stored; the others failed for the reason
-given. What may pass is retried by the send task like a busy PACS: no answer, a connection
-refused, 401 (a token about to be refreshed), 408, 429 and 5xx, and Failure Reasons 0xA7xx (out
-of resources). What will not pass is a refusal for good: other 4xx, or any other Failure
-Reason.
+The files of each study go in one ``POST <url>/studies`` request, ``multipart/related;
+type="application/dicom"``, each file as it is on disk, streamed. The answer's Store Instances
+Response Module (PS3.18 Annex I) says which instances were stored; the others failed for the
+reason given. What may pass is retried (by the send task, as for a busy PACS; by ``send
+--url``): no answer, a connection refused, 401 (a token about to be refreshed), 408, 429 and
+5xx, and Failure Reasons 0xA7xx (out of resources). What will not pass is a refusal for good:
+other 4xx, or any other Failure Reason.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import secrets
 import ssl
 import urllib.parse
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from pydicom import dcmread
@@ -69,43 +70,48 @@ class StowTarget:
 
 
 def send(paths: Sequence[Path], target: StowTarget) -> SendReport:
-    """One attempt at storing every file; what failed, and whether it may pass."""
+    """One attempt at storing every file, a request per study (the receiving end may take a
+    request's end as the study's, as ours does); what failed, and whether it may pass."""
     report = SendReport()
-    sops: dict[str, Path] = {}
-    parts: list[bytes] = []
+    studies: dict[str, dict[str, Path]] = {}  # study UID -> SOP Instance UID -> file
     for path in paths:
         try:
-            data = path.read_bytes()
-            sops[str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)] = path
+            ds = dcmread(path, stop_before_pixels=True)
+            studies.setdefault(str(ds.StudyInstanceUID), {})[str(ds.SOPInstanceUID)] = path
         except Exception as exc:  # noqa: BLE001 - any unreadable file is a refusal of its own
             report.failed[path] = f"not a readable DICOM file ({type(exc).__name__})"
-            continue
-        parts.append(data)
-    if not parts:
-        return report
-    # A study's results (its SRs and SEG) are a few megabytes: one body in memory.
+    for sops in studies.values():
+        _post(sops, target, report)
+    return report
+
+
+def _post(sops: dict[str, Path], target: StowTarget, report: SendReport) -> None:
     boundary = f"dicom-pipeline-{secrets.token_hex(12)}"
-    body = b"".join(
-        b"--%s\r\nContent-Type: %s\r\n\r\n%s\r\n" % (boundary.encode(), MEDIA_TYPE.encode(), p)
-        for p in parts
-    ) + (b"--%s--\r\n" % boundary.encode())
+    head = b"--%s\r\nContent-Type: %s\r\n\r\n" % (boundary.encode(), MEDIA_TYPE.encode())
+    tail = b"--%s--\r\n" % boundary.encode()
+    files = list(sops.values())
     try:
-        headers = target.headers(boundary)
+        length = sum(len(head) + f.stat().st_size + 2 for f in files) + len(tail)
+        headers = target.headers(boundary) | {"Content-Length": str(length)}
         conn = target.connection()
         try:
-            conn.request("POST", target.url.path, body=body, headers=headers)
+            # A refusal answered before the body was read breaks the pipe; the answer may
+            # still be there to read.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                # Streamed from the files: a study of gigabytes is never held in memory.
+                conn.request("POST", target.url.path, _body(files, head, tail), headers)
             reply = conn.getresponse()
             status, answer = reply.status, reply.read()
             media = (reply.getheader("Content-Type") or "").split(";")[0].strip()
         finally:
             conn.close()
     except (OSError, http.client.HTTPException) as exc:
-        _all(report, sops.values(), f"no answer from {target.url.netloc}: {exc}", transient=True)
-        return report
+        _all(report, files, f"no answer from {target.url.netloc}: {exc}", transient=True)
+        return
     if status >= 300 and status not in (409,):  # 409: per-instance reasons in the answer
         why = f"HTTP {status} from {target.url.netloc}: {answer[:200].decode(errors='replace')}"
-        _all(report, sops.values(), why, transient=status in _TRANSIENT_STATUS or status >= 500)
-        return report
+        _all(report, files, why, transient=status in _TRANSIENT_STATUS or status >= 500)
+        return
     stored, failed = _instances(answer if media.endswith("json") else b"{}")
     for sop, path in sops.items():
         if sop in stored:
@@ -120,7 +126,16 @@ def send(paths: Sequence[Path], target: StowTarget) -> SendReport:
         else:
             report.failed[path] = f"HTTP {status} from {target.url.netloc}, instance not named"
             report.transient.add(path)
-    return report
+
+
+def _body(files: list[Path], head: bytes, tail: bytes) -> Iterator[bytes]:
+    for path in files:
+        yield head
+        with path.open("rb") as f:
+            while block := f.read(1 << 20):
+                yield block
+        yield b"\r\n"
+    yield tail
 
 
 def _instances(answer: bytes) -> tuple[set[str], dict[str, int]]:
