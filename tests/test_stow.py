@@ -32,6 +32,7 @@ from pipeline.demo.dicom_series import (
     new_series,
     write_series,
 )
+from pipeline.dicomnet import stow_send
 from pipeline.dispatch import Delivery
 from pipeline.services.process import free_port
 from pipeline.settings import Settings
@@ -307,6 +308,11 @@ def test_results_go_to_a_dicomweb_destination_by_stow_rs(
 
     down = dispatch.deliver(sender(free_port()), delivery.model_copy(update={"files": names}))
     assert sorted(down.pending) == sorted(names) and not down.sent
+
+    token.unlink()  # the token's refresher late: worth a retry, and said so
+    path = settings.results_dir / names[0]
+    report = stow_send.send([path], dispatch.stow_target(settings.destinations["archive"]))
+    assert path in report.transient and "bearer token file" in report.failed[path]
 
 
 def test_a_full_dicomweb_destination_is_retried_later(

@@ -91,8 +91,13 @@ def _post(sops: dict[str, Path], target: StowTarget, report: SendReport) -> None
     tail = b"--%s--\r\n" % boundary.encode()
     files = list(sops.values())
     try:
+        headers = target.headers(boundary)
+    except OSError as exc:  # may be written by the time of the retry
+        _all(report, files, f"cannot read the bearer token file: {exc}", transient=True)
+        return
+    try:
         length = sum(len(head) + f.stat().st_size + 2 for f in files) + len(tail)
-        headers = target.headers(boundary) | {"Content-Length": str(length)}
+        headers["Content-Length"] = str(length)
         conn = target.connection()
         try:
             # A refusal answered before the body was read breaks the pipe; the answer may
