@@ -494,12 +494,9 @@ def _stow_files(
     tried again, up to ``retries`` times, with backoff."""
     from pipeline.dicomnet import stow_send
     from pipeline.dicomnet.scu import SendReport
-    from pipeline.dicomnet.tls import client_context
 
-    ca, cert, key = tls_files
-    context = client_context(ca, cert, key) if ca or cert else None
     try:
-        target = stow_send.StowTarget(url, 60.0, context, token_file)
+        target = stow_send.StowTarget(url, 60.0, tls_files, token_file)
     except ValueError as exc:
         raise _fail(str(exc)) from None
     report = SendReport()

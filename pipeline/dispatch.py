@@ -77,13 +77,9 @@ def queue_delivery(app: Celery, delivery: Delivery) -> None:
 
 def stow_target(destination: Destination) -> stow_send.StowTarget:
     assert destination.url is not None
-    context = None
-    if destination.tls_ca or destination.tls_certificate:
-        context = tls.client_context(
-            destination.tls_ca, destination.tls_certificate, destination.tls_private_key
-        )
+    tls_files = (destination.tls_ca, destination.tls_certificate, destination.tls_private_key)
     return stow_send.StowTarget(
-        destination.url, destination.timeout_s, context, destination.bearer_token_file
+        destination.url, destination.timeout_s, tls_files, destination.bearer_token_file
     )
 
 

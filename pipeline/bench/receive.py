@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.demo.dicom_series import new_series, write_series
+from pipeline.dicomnet import stow_send
 from pipeline.dicomnet.scu import Peer, echo
 from pipeline.fsutil import fsync_dir
 from pipeline.jobs import ENQUEUED_MARKER
@@ -198,12 +199,7 @@ class StowCurl:
             for i in range(n):
                 body = work / f"stow-{n}-{i}.body"
                 with body.open("wb") as out:
-                    for f in files[i::n]:
-                        out.write(b"--%s\r\n" % self.BOUNDARY.encode())
-                        out.write(b"Content-Type: application/dicom\r\n\r\n")
-                        out.write(f.read_bytes())
-                        out.write(b"\r\n")
-                    out.write(b"--%s--\r\n" % self.BOUNDARY.encode())
+                    out.writelines(stow_send.body(files[i::n], self.BOUNDARY))
                 self.bodies[n].append(body)
 
     def send(self, requests: int) -> float:
@@ -285,7 +281,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"round {r + 1}/{args.repeats} done", flush=True)
         memory = _memory(ours, files, args.memory_instances)
     finally:
-        for target in reversed(targets.values()):
+        for target in targets.values():
             target.stop()
     medians = {t: {n: statistics.median(v) for n, v in by_n.items()} for t, by_n in rates.items()}
     result = {

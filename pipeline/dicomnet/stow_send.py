@@ -16,7 +16,6 @@ import contextlib
 import http.client
 import json
 import secrets
-import ssl
 import urllib.parse
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -39,14 +38,16 @@ class StowTarget:
         self,
         url: str,
         timeout_s: float,
-        context: ssl.SSLContext | None = None,
+        tls_files: tuple[Path | None, Path | None, Path | None] = (None, None, None),
         bearer_token_file: Path | None = None,
     ) -> None:
+        """``tls_files``: for https, the CA bundle to verify the service against (the
+        system's CAs if None), and a client certificate and its key (None: no certificate)."""
         self.url = urllib.parse.urlsplit(url.rstrip("/") + "/studies")
         if self.url.scheme not in ("http", "https") or not self.url.hostname:
             raise ValueError(f"{url!r} is not an http(s) URL")
         self.timeout_s = timeout_s
-        self.context = context or (client_context(None) if self.url.scheme == "https" else None)
+        self.context = client_context(*tls_files) if self.url.scheme == "https" else None
         self.bearer_token_file = bearer_token_file
 
     def connection(self) -> http.client.HTTPConnection:
@@ -87,8 +88,6 @@ def send(paths: Sequence[Path], target: StowTarget) -> SendReport:
 
 def _post(sops: dict[str, Path], target: StowTarget, report: SendReport) -> None:
     boundary = f"dicom-pipeline-{secrets.token_hex(12)}"
-    head = b"--%s\r\nContent-Type: %s\r\n\r\n" % (boundary.encode(), MEDIA_TYPE.encode())
-    tail = b"--%s--\r\n" % boundary.encode()
     files = list(sops.values())
     try:
         headers = target.headers(boundary)
@@ -96,15 +95,14 @@ def _post(sops: dict[str, Path], target: StowTarget, report: SendReport) -> None
         _all(report, files, f"cannot read the bearer token file: {exc}", transient=True)
         return
     try:
-        length = sum(len(head) + f.stat().st_size + 2 for f in files) + len(tail)
-        headers["Content-Length"] = str(length)
+        headers["Content-Length"] = str(body_length(files, boundary))
         conn = target.connection()
         try:
             # A refusal answered before the body was read breaks the pipe; the answer may
             # still be there to read.
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 # Streamed from the files: a study of gigabytes is never held in memory.
-                conn.request("POST", target.url.path, _body(files, head, tail), headers)
+                conn.request("POST", target.url.path, body(files, boundary), headers)
             reply = conn.getresponse()
             status, answer = reply.status, reply.read()
             media = (reply.getheader("Content-Type") or "").split(";")[0].strip()
@@ -133,7 +131,15 @@ def _post(sops: dict[str, Path], target: StowTarget, report: SendReport) -> None
             report.transient.add(path)
 
 
-def _body(files: list[Path], head: bytes, tail: bytes) -> Iterator[bytes]:
+def _delimiters(boundary: str) -> tuple[bytes, bytes]:
+    """What comes before each file, and what closes the body."""
+    head = b"--%s\r\nContent-Type: %s\r\n\r\n" % (boundary.encode(), MEDIA_TYPE.encode())
+    return head, b"--%s--\r\n" % boundary.encode()
+
+
+def body(files: Sequence[Path], boundary: str) -> Iterator[bytes]:
+    """The multipart body holding ``files`` as they are on disk, read a block at a time."""
+    head, tail = _delimiters(boundary)
     for path in files:
         yield head
         with path.open("rb") as f:
@@ -141,6 +147,11 @@ def _body(files: list[Path], head: bytes, tail: bytes) -> Iterator[bytes]:
                 yield block
         yield b"\r\n"
     yield tail
+
+
+def body_length(files: Sequence[Path], boundary: str) -> int:
+    head, tail = _delimiters(boundary)
+    return sum(len(head) + f.stat().st_size + 2 for f in files) + len(tail)
 
 
 def _instances(answer: bytes) -> tuple[set[str], dict[str, int]]:
