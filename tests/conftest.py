@@ -24,14 +24,14 @@ from hypothesis import settings as hypothesis_settings
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom import dcmread
 
+from pipeline.core.instances import InstanceUIDs, store_instance
+from pipeline.core.jobs import now
+from pipeline.core.settings import Settings, TritonSettings
 from pipeline.demo.train import build_demo
-from pipeline.dicom_store import InstanceUIDs, store_instance
-from pipeline.jobs import now
-from pipeline.services import embedded_redis, embedded_triton
-from pipeline.services.embedded_triton import TritonEndpoints
-from pipeline.settings import Settings, TritonSettings
-from pipeline.studies import Completed, Reason, close_study
-from pipeline.triton_client import TritonClient
+from pipeline.inference.triton_client import TritonClient
+from pipeline.ingest.completion import Completed, Reason, close_study
+from pipeline.runtime import embedded_redis, embedded_triton
+from pipeline.runtime.embedded_triton import TritonEndpoints
 
 # Fuzzing (hypothesis): the same examples on every run by default, so a CI run is repeatable;
 # HYPOTHESIS_PROFILE=explore draws new ones, many more, to look for new failures.

@@ -16,6 +16,7 @@ import pydicom
 import pytest
 from pydicom import dcmread
 
+from pipeline.core.instances import INBOX_FILES
 from pipeline.demo.dicom_series import (
     TEST_PATIENT_ID,
     TEST_PATIENT_NAME,
@@ -24,8 +25,7 @@ from pipeline.demo.dicom_series import (
 )
 from pipeline.demo.synthetic import MEDNIST_LABELS, write_mednist_png
 from pipeline.demo.train import TEST_SEED_BASE
-from pipeline.dicom_store import INBOX_FILES
-from pipeline.services.process import descendants, free_port
+from pipeline.runtime.process import descendants, free_port
 
 from .bad_inputs import all_cases
 from .conftest import alive, running_up, up_env, wait_for

@@ -13,13 +13,13 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from pipeline.bundle import import_bundle
-from pipeline.contract import InputKind, Task, discover_contracts
-from pipeline.convert import LoadedImage
-from pipeline.errors import InputError
-from pipeline.segment import segment
-from pipeline.services import embedded_triton
-from pipeline.triton_client import TritonClient
+from pipeline.convert.images import LoadedImage
+from pipeline.core.contract import InputKind, Task, discover_contracts
+from pipeline.core.errors import InputError
+from pipeline.inference.bundle import import_bundle
+from pipeline.inference.segment import segment
+from pipeline.inference.triton_client import TritonClient
+from pipeline.runtime import embedded_triton
 
 from .conftest import make_settings
 

@@ -11,10 +11,10 @@ from monai.data import MetaTensor
 from pydicom.pixels.processing import apply_color_lut
 from torch.nn import functional
 
-from pipeline import convert
-from pipeline.contract import InputKind, discover_contracts
+from pipeline.convert import images as convert
+from pipeline.core.contract import InputKind, discover_contracts
+from pipeline.core.errors import InputError
 from pipeline.demo.synthetic import write_ct_nifti, write_mednist_png
-from pipeline.errors import InputError
 
 from .conftest import MODEL_REPOSITORY
 

@@ -18,9 +18,9 @@ import yaml
 from compose_spec import PyCompose
 from typer.main import get_command
 
-from pipeline.cli import app
-from pipeline.contract import discover_contracts
-from pipeline.settings import Settings
+from pipeline.cli.main import app
+from pipeline.core.contract import discover_contracts
+from pipeline.core.settings import Settings
 
 from .conftest import MODEL_REPOSITORY
 

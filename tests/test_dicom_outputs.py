@@ -19,7 +19,10 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
-from pipeline.contract import PRIVATE_SCHEME, discover_contracts
+from pipeline.core.contract import PRIVATE_SCHEME, discover_contracts
+from pipeline.core.errors import OutputError
+from pipeline.core.jobs import REJECTED_OUTPUTS, read_job
+from pipeline.core.settings import Settings
 from pipeline.demo.dicom_series import (
     TEST_PATIENT_ID,
     new_series,
@@ -28,16 +31,13 @@ from pipeline.demo.dicom_series import (
 )
 from pipeline.demo.synthetic import lesion_phantom
 from pipeline.demo.train import TEST_SEED_BASE
-from pipeline.dicom_check import encode_checked
-from pipeline.dispatch import Delivery, deliver, record_failure
-from pipeline.errors import OutputError
-from pipeline.jobs import REJECTED_OUTPUTS, read_job
-from pipeline.processing import Models, StageError
-from pipeline.services.embedded_triton import TritonEndpoints
-from pipeline.services.process import free_port
-from pipeline.settings import Settings
-from pipeline.study_job import run_study
-from pipeline.triton_client import TritonClient
+from pipeline.inference.triton_client import TritonClient
+from pipeline.outputs.send.dispatch import Delivery, deliver, record_failure
+from pipeline.outputs.validation import encode_checked
+from pipeline.runtime.embedded_triton import TritonEndpoints
+from pipeline.runtime.process import free_port
+from pipeline.studies.file_job import Models, StageError
+from pipeline.studies.study_job import run_study
 
 from .conftest import MODEL_REPOSITORY, make_settings, needs_dcmtk, spool_study
 
@@ -360,9 +360,9 @@ def test_an_input_without_dicom_identity_gets_an_sr_of_its_own(
 ) -> None:
     """A PNG has no patient or study: the SR stands in a study of its own, patient unknown,
     its label in the private coding scheme."""
+    from pipeline.core.jobs import spool_file
     from pipeline.demo.synthetic import write_mednist_png
-    from pipeline.jobs import spool_file
-    from pipeline.processing import run_job
+    from pipeline.studies.file_job import run_job
 
     settings = _settings(tmp_path)
     settings.ensure_dirs()

@@ -22,6 +22,7 @@ import pytest
 from dicomweb_client import DICOMwebClient
 from pydicom import dcmread
 
+from pipeline.core.settings import Settings
 from pipeline.demo.dicom_series import write_volume_series
 from pipeline.demo.synthetic import (
     MEDNIST_LABELS,
@@ -30,10 +31,9 @@ from pipeline.demo.synthetic import (
     write_mednist_png,
 )
 from pipeline.demo.train import TEST_SEED_BASE
-from pipeline.queue import make_celery
-from pipeline.services import embedded_redis
-from pipeline.services.process import descendants, free_port
-from pipeline.settings import Settings
+from pipeline.runtime import embedded_redis
+from pipeline.runtime.process import descendants, free_port
+from pipeline.tasks.app import make_celery
 
 from .conftest import alive, running_up, up_env, wait_for
 

@@ -12,21 +12,21 @@ from pathlib import Path
 
 import redis
 
-from pipeline.contract import discover_contracts
+from pipeline.core.contract import discover_contracts
+from pipeline.core.jobs import ENQUEUED_MARKER, JOB_FILE, spool_file
+from pipeline.core.routing import Match, Priority, Route
+from pipeline.core.settings import Settings
 from pipeline.demo.synthetic import write_mednist_png
 from pipeline.demo.train import TEST_SEED_BASE
-from pipeline.dispatch import DISPATCH_TASK, Delivery, record_failure
-from pipeline.failed import PREVIOUS_ERROR
-from pipeline.inbox import InboxWatcher
-from pipeline.jobs import ENQUEUED_MARKER, JOB_FILE, spool_file
-from pipeline.processing import Models, StageError, run_job
-from pipeline.queue import QUEUE, TASK_NAME, URGENT_QUEUE
-from pipeline.routing import Match, Priority, Route
-from pipeline.services import embedded_redis
-from pipeline.services.embedded_triton import TritonEndpoints
-from pipeline.settings import Settings
-from pipeline.tasks import fail_job
-from pipeline.triton_client import TritonClient
+from pipeline.inference.triton_client import TritonClient
+from pipeline.ingest.inbox import InboxWatcher
+from pipeline.ops.failed import PREVIOUS_ERROR
+from pipeline.outputs.send.dispatch import DISPATCH_TASK, Delivery, record_failure
+from pipeline.runtime import embedded_redis
+from pipeline.runtime.embedded_triton import TritonEndpoints
+from pipeline.studies.file_job import Models, StageError, run_job
+from pipeline.tasks.app import QUEUE, TASK_NAME, URGENT_QUEUE
+from pipeline.tasks.worker import fail_job
 
 from .conftest import MODEL_REPOSITORY, make_settings
 

@@ -19,16 +19,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.contract import discover_contracts
+from pipeline.core.contract import discover_contracts
+from pipeline.core.errors import TransientError
+from pipeline.core.jobs import spool_file
 from pipeline.demo.dicom_series import write_volume_series
 from pipeline.demo.synthetic import ct_volume, lesion_phantom, write_mednist_png
 from pipeline.demo.train import TEST_SEED_BASE
-from pipeline.errors import TransientError
-from pipeline.jobs import spool_file
-from pipeline.processing import Models, StageError, run_job
-from pipeline.services.embedded_triton import TritonEndpoints
-from pipeline.services.process import descendants, free_port
-from pipeline.triton_client import TritonClient
+from pipeline.inference.triton_client import TritonClient
+from pipeline.runtime.embedded_triton import TritonEndpoints
+from pipeline.runtime.process import descendants, free_port
+from pipeline.studies.file_job import Models, StageError, run_job
 
 from .conftest import MODEL_REPOSITORY, make_settings, running_up, up_env, wait_for
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.fsutil import atomic_write_in_phases, move, move_into
+from pipeline.core.fsutil import atomic_write_in_phases, move, move_into
 
 
 def _leftovers(root: Path) -> list[Path]:

@@ -11,8 +11,9 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline import convert, series
-from pipeline.errors import InputError
+from pipeline.convert import images as convert
+from pipeline.convert import series
+from pipeline.core.errors import InputError
 
 from .bad_inputs import good_nifti, good_png, good_slice
 

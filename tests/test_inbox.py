@@ -16,15 +16,15 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.fileset import FileSet
 
-from pipeline import unpack
+from pipeline.core.instances import INBOX_FILES, file_identity, place_file
+from pipeline.core.jobs import Job
+from pipeline.core.settings import Settings
 from pipeline.demo.dicom_series import new_series, write_series
 from pipeline.demo.synthetic import write_mednist_png
-from pipeline.dicom_store import INBOX_FILES, file_identity, place_file
-from pipeline.dicomnet.receiver import Receiver
-from pipeline.inbox import InboxWatcher, ignored
-from pipeline.jobs import Job
-from pipeline.settings import Settings
-from pipeline.settling import HeldFiles, Patience, SettlingStudies, StabilityTracker
+from pipeline.ingest import unpack
+from pipeline.ingest.inbox import InboxWatcher, ignored
+from pipeline.ingest.receiver import Receiver
+from pipeline.ingest.settling import HeldFiles, Patience, SettlingStudies, StabilityTracker
 
 from .conftest import make_settings
 
@@ -209,7 +209,7 @@ def test_a_dicom_medium_is_its_dicom_files_and_the_rest_is_set_aside_as_one_item
     failed job each nor icons classified as hands and chests. A broken DICOM file on it still
     fails by itself, with its own reason. In a folder without a DICOMDIR a PNG is a job and
     what the pipeline cannot read is set aside together."""
-    caplog.set_level(logging.INFO, logger="pipeline.inbox")
+    caplog.set_level(logging.INFO, logger="pipeline.ingest.inbox")
     settings = make_settings(tmp_path / "data", inbox={"settle_seconds": 0.1, "study_quiet_s": 0.3})
     settings.ensure_dirs()
     staging = tmp_path / "staging"
@@ -269,7 +269,7 @@ def test_a_dicom_medium_is_its_dicom_files_and_the_rest_is_set_aside_as_one_item
     assert "of no type the pipeline reads" in other["message"]
     assert (items["exports"] / "exports" / "report.docx").read_bytes() == b"PK\3\4"
     # Logged by count: the folder's name carries the patient's.
-    ours = "\n".join(r.getMessage() for r in caplog.records if r.name == "pipeline.inbox")
+    ours = "\n".join(r.getMessage() for r in caplog.records if r.name == "pipeline.ingest.inbox")
     assert "DOE" not in ours and "set aside 5 file(s)" in ours
 
 
@@ -280,7 +280,7 @@ def test_dicom_files_dropped_into_the_inbox_become_one_job_per_study(
     if a PACS had sent it; a single DICOM image is a study of its own; other files stay jobs
     of their own. A second copy of an instance, byte for byte, is taken once (the folder
     dropped twice loses nothing); one with other content is refused with the reason, and kept."""
-    caplog.set_level(logging.INFO, logger="pipeline.inbox")
+    caplog.set_level(logging.INFO, logger="pipeline.ingest.inbox")
     settings = make_settings(tmp_path / "data", inbox={"settle_seconds": 0.1, "study_quiet_s": 0.3})
     settings.ensure_dirs()
     staging = tmp_path / "staging"
@@ -381,7 +381,7 @@ def test_a_zip_dropped_into_the_inbox_is_unpacked_and_taken_as_a_dropped_folder(
     DICOMDIR and README set aside; a zip of a picture is the picture's job; a damaged zip, one
     that would write outside its folder and a zip bomb are refused whole, kept in failed/ with
     the reason, nothing of them unpacked."""
-    caplog.set_level(logging.INFO, logger="pipeline.inbox")
+    caplog.set_level(logging.INFO, logger="pipeline.ingest.inbox")
     settings = make_settings(tmp_path / "data", inbox={"settle_seconds": 0.1, "study_quiet_s": 0.3})
     settings.ensure_dirs()
     staging = tmp_path / "staging"
@@ -441,7 +441,7 @@ def test_a_zip_dropped_into_the_inbox_is_unpacked_and_taken_as_a_dropped_folder(
     slip_error = json.loads((failed["slip.zip"] / "error.json").read_text())
     assert slip_error["member"] == "../../outside.png"
     assert not (tmp_path / "outside.png").exists()
-    ours = "\n".join(r.getMessage() for r in caplog.records if r.name == "pipeline.inbox")
+    ours = "\n".join(r.getMessage() for r in caplog.records if r.name == "pipeline.ingest.inbox")
     assert "unpacked an archive into a folder of 6 file(s) (5 macOS metadata" in ours, ours
     assert "DOE" not in ours and "outside.png" not in ours
 

@@ -24,17 +24,17 @@ import nibabel as nib
 import numpy as np
 import redis
 
+from pipeline.core.jobs import PROCESSING_MARKER, job_dir, mark_enqueued, read_job, spool_file
+from pipeline.core.routing import Match, Priority, Route
+from pipeline.core.settings import Settings
 from pipeline.demo.dicom_series import new_series, write_series
 from pipeline.demo.synthetic import write_mednist_png
-from pipeline.jobs import PROCESSING_MARKER, job_dir, mark_enqueued, read_job, spool_file
-from pipeline.lanes import priority_of
-from pipeline.queue import QUEUE, URGENT_QUEUE
-from pipeline.routing import Match, Priority, Route
-from pipeline.services import embedded_redis
-from pipeline.services.embedded_triton import TritonEndpoints
-from pipeline.services.process import free_port
-from pipeline.settings import Settings
-from pipeline.status import snapshot
+from pipeline.ops.status import snapshot
+from pipeline.runtime import embedded_redis
+from pipeline.runtime.embedded_triton import TritonEndpoints
+from pipeline.runtime.process import free_port
+from pipeline.tasks.app import QUEUE, URGENT_QUEUE
+from pipeline.tasks.lanes import priority_of
 
 from .conftest import (
     make_settings,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pipeline.demo.synthetic import write_mednist_png
 from pipeline.demo.train import TEST_SEED_BASE
-from pipeline.services.process import free_port
+from pipeline.runtime.process import free_port
 
 from .conftest import running_up, up_env, wait_for
 
@@ -21,8 +21,8 @@ from .conftest import running_up, up_env, wait_for
 _PROBE = """
 import resource, sys
 import numpy as np
-from pipeline.memory import keep_freed_memory
-from pipeline.series import numpy_huge_pages
+from pipeline.tasks.memory import keep_freed_memory
+from pipeline.convert.series import numpy_huge_pages
 numpy_huge_pages(False)
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
@@ -39,8 +39,8 @@ PAGES = (64 << 20) // 4096
 _FIRST = """
 import resource, sys
 import numpy as np
-from pipeline.memory import keep_freed_memory, prefault
-from pipeline.series import numpy_huge_pages
+from pipeline.tasks.memory import keep_freed_memory, prefault
+from pipeline.convert.series import numpy_huge_pages
 numpy_huge_pages(False)
 assert keep_freed_memory()
 if sys.argv[1] == "prefault":

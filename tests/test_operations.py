@@ -19,11 +19,11 @@ from typing import Any
 
 import pytest
 
-from pipeline.contract import load_contract
+from pipeline.core.contract import load_contract
 from pipeline.demo.dicom_series import TEST_PATIENT_ID, TEST_PATIENT_NAME, write_volume_series
 from pipeline.demo.synthetic import lesion_phantom, write_mednist_png
 from pipeline.demo.train import TEST_SEED_BASE
-from pipeline.services.process import free_port
+from pipeline.runtime.process import free_port
 
 from .conftest import MODEL_REPOSITORY, metric, running_up, status_json, up_env, wait_for
 

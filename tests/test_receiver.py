@@ -33,6 +33,8 @@ from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 
+from pipeline.core.jobs import ENQUEUED_MARKER, STUDY_FOLDER
+from pipeline.core.settings import Settings
 from pipeline.demo.dicom_series import (
     TEST_PATIENT_ID,
     TEST_PATIENT_NAME,
@@ -41,14 +43,12 @@ from pipeline.demo.dicom_series import (
     new_uid,
     write_series,
 )
-from pipeline.dicomnet import polling
-from pipeline.dicomnet.receiver import Receiver
-from pipeline.dicomnet.scu import Peer, answers_only, echo, send
-from pipeline.jobs import ENQUEUED_MARKER, STUDY_FOLDER
-from pipeline.queue import QUEUE, enqueue, make_celery
-from pipeline.services import embedded_redis
-from pipeline.services.process import ManagedProcess, descendants, free_port
-from pipeline.settings import Settings
+from pipeline.ingest.dimse import polling
+from pipeline.ingest.receiver import Receiver
+from pipeline.outputs.send.scu import Peer, answers_only, echo, send
+from pipeline.runtime import embedded_redis
+from pipeline.runtime.process import ManagedProcess, descendants, free_port
+from pipeline.tasks.app import QUEUE, enqueue, make_celery
 
 from .conftest import make_settings, needs_dcmtk
 
@@ -432,7 +432,7 @@ def test_the_file_meta_is_written_as_pynetdicom_encodes_it(
 ) -> None:
     from pynetdicom.dsutils import create_file_meta, encode_file_meta
 
-    from pipeline.dicomnet.scp import file_meta_header
+    from pipeline.ingest.scp import file_meta_header
 
     expected = encode_file_meta(
         create_file_meta(

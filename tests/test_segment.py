@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from pipeline.contract import ModelContract, load_contract
-from pipeline.segment import label_lesions, transposed
+from pipeline.core.contract import ModelContract, load_contract
+from pipeline.inference.segment import label_lesions, transposed
 
 from .conftest import MODEL_REPOSITORY
 

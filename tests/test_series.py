@@ -1,4 +1,4 @@
-"""Series to volume, against references built independently of pipeline/series.py.
+"""Series to volume, against references built independently of pipeline/convert/series.py.
 
 The reference series are written here from a known volume and a known voxel-to-RAS affine in
 nibabel's conventions; the DICOM tags are derived from that affine by the standard (PS3.3
@@ -26,8 +26,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from pipeline.errors import InputError
-from pipeline.series import group_series, load_series
+from pipeline.convert.series import group_series, load_series
+from pipeline.core.errors import InputError
 
 LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"

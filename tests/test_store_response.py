@@ -7,7 +7,7 @@ from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 
 from pipeline.demo.dicom_series import new_uid
-from pipeline.dicomnet.store_response import StoreResponse, encode_plain
+from pipeline.ingest.dimse.store_response import StoreResponse, encode_plain
 
 CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 

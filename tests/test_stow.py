@@ -24,7 +24,7 @@ from prometheus_client import REGISTRY
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from pipeline import dispatch
+from pipeline.core.settings import Settings
 from pipeline.demo.dicom_series import (
     TEST_PATIENT_ID,
     TEST_PATIENT_NAME,
@@ -32,10 +32,10 @@ from pipeline.demo.dicom_series import (
     new_series,
     write_series,
 )
-from pipeline.dicomnet import stow_send
-from pipeline.dispatch import Delivery
-from pipeline.services.process import free_port
-from pipeline.settings import Settings
+from pipeline.outputs.send import dispatch
+from pipeline.outputs.send import stow as stow_send
+from pipeline.outputs.send.dispatch import Delivery
+from pipeline.runtime.process import free_port
 
 from .conftest import make_settings
 from .test_receiver import (  # noqa: F401 - receiver: the fixture

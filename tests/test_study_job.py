@@ -17,17 +17,17 @@ import pytest
 from pydantic import ValidationError
 from pydicom.fileset import FileSet
 
-from pipeline.contract import discover_contracts
+from pipeline.core.contract import discover_contracts
+from pipeline.core.jobs import JOB_FILE, Job
+from pipeline.core.routing import DEFAULT_ROUTES, Match, Route, SeriesFacts, decide, mismatches
+from pipeline.core.settings import Settings
 from pipeline.demo.dicom_series import new_series, write_series, write_volume_series
 from pipeline.demo.synthetic import ct_volume, write_mednist_png
 from pipeline.demo.train import TEST_SEED_BASE
-from pipeline.jobs import JOB_FILE, Job
-from pipeline.processing import Models, StageError
-from pipeline.routing import DEFAULT_ROUTES, Match, Route, SeriesFacts, decide, mismatches
-from pipeline.services.embedded_triton import TritonEndpoints
-from pipeline.settings import Settings
-from pipeline.study_job import run_study
-from pipeline.triton_client import TritonClient
+from pipeline.inference.triton_client import TritonClient
+from pipeline.runtime.embedded_triton import TritonEndpoints
+from pipeline.studies.file_job import Models, StageError
+from pipeline.studies.study_job import run_study
 
 from .conftest import MODEL_REPOSITORY, make_settings, spool_study, store_files
 
@@ -141,7 +141,7 @@ def test_received_study_routed_processed_and_recorded(
     folders, study_uid, ct_series, mr_series = _study_with_ct_and_an_unrouted_series(tmp_path)
     settings = make_settings(tmp_path / "data", triton={"model_repository": MODEL_REPOSITORY})
     job_id = spool_study(settings, folders)
-    from pipeline.jobs import read_job
+    from pipeline.core.jobs import read_job
 
     job = read_job(settings.spool_dir / job_id)
     models = Models(discover_contracts(MODEL_REPOSITORY))
@@ -174,7 +174,7 @@ def test_a_broken_series_fails_the_job_but_not_the_other_series(
     paths = write_series(tmp_path / "gap", broken)
     paths[10].unlink()  # a missing slice
     settings = make_settings(tmp_path / "data", triton={"model_repository": MODEL_REPOSITORY})
-    from pipeline.jobs import read_job
+    from pipeline.core.jobs import read_job
 
     job = read_job(settings.spool_dir / spool_study(settings, [*folders, tmp_path / "gap"]))
     client = new_client(triton.grpc, settings.triton)
@@ -194,8 +194,8 @@ def test_lesion_phantom_segmented_through_triton_matches_its_ground_truth(
 ) -> None:
     import nibabel as nib
 
+    from pipeline.core.jobs import read_job
     from pipeline.demo.synthetic import lesion_phantom
-    from pipeline.jobs import read_job
 
     hu, truth, affine = lesion_phantom(TEST_SEED_BASE + 600, lesions=3)
     spec = write_volume_series(tmp_path / "ct", hu.astype(np.float32), affine)
@@ -227,7 +227,7 @@ def test_a_late_instance_joins_its_series_from_the_earlier_round(
 ) -> None:
     """A new round (instances that came after the study was handed over) is processed with
     the series' earlier instances, not alone; series it does not touch keep their results."""
-    from pipeline.jobs import read_job
+    from pipeline.core.jobs import read_job
 
     folders, study_uid, ct_series, mr_series = _study_with_ct_and_an_unrouted_series(tmp_path)
     ct_files = sorted(folders[0].iterdir())
@@ -269,7 +269,7 @@ def test_an_early_round_alone_writes_its_results_only_after_its_hold_time(
 ) -> None:
     """Early start: processing begins at the association's release, results wait for the
     end of the grace period (here longer than the processing)."""
-    from pipeline.jobs import read_job
+    from pipeline.core.jobs import read_job
 
     folders, study_uid, ct_series, _ = _study_with_ct_and_an_unrouted_series(tmp_path)
     settings = make_settings(tmp_path / "data", triton={"model_repository": MODEL_REPOSITORY})
@@ -292,8 +292,8 @@ def test_an_early_round_yields_to_instances_that_came_during_its_hold(
     """More of the study arrives while an early round is being processed: that round writes
     no result (none partial reaches results or the PACS), and the next round processes its
     series together with the new instances, as if all had come within the grace period."""
-    from pipeline.jobs import read_job
-    from pipeline.studies import Completed, Reason, close_study
+    from pipeline.core.jobs import read_job
+    from pipeline.ingest.completion import Completed, Reason, close_study
 
     folders, study_uid, ct_series, mr_series = _study_with_ct_and_an_unrouted_series(tmp_path)
     ct_files = sorted(folders[0].iterdir())
@@ -340,7 +340,7 @@ def test_two_rounds_of_one_study_processed_at_once_are_both_recorded(
     study.json lists both rounds and every series, whichever finishes last."""
     import threading
 
-    from pipeline.jobs import read_job
+    from pipeline.core.jobs import read_job
 
     folders, study_uid, ct_series, mr_series = _study_with_ct_and_an_unrouted_series(tmp_path)
     settings = make_settings(tmp_path / "data", triton={"model_repository": MODEL_REPOSITORY})

@@ -22,8 +22,10 @@ import tritonclient.grpc as grpcclient
 from monai.data import MetaTensor
 from pydicom.fileset import FileSet
 
-from pipeline import convert
-from pipeline.contract import InputKind, discover_contracts
+from pipeline.convert import images as convert
+from pipeline.core.contract import InputKind, discover_contracts
+from pipeline.core.errors import InputError, ModelNotFoundError
+from pipeline.core.settings import TritonSettings
 from pipeline.demo.dicom_series import new_series, write_series, write_volume_series
 from pipeline.demo.synthetic import (
     MEDNIST_LABELS,
@@ -32,12 +34,10 @@ from pipeline.demo.synthetic import (
     write_mednist_png,
 )
 from pipeline.demo.train import TEST_SEED_BASE
-from pipeline.errors import InputError, ModelNotFoundError
-from pipeline.processing import decide
-from pipeline.segment import segment
-from pipeline.services.embedded_triton import TritonEndpoints
-from pipeline.settings import TritonSettings
-from pipeline.triton_client import TritonClient
+from pipeline.inference.segment import segment
+from pipeline.inference.triton_client import TritonClient
+from pipeline.runtime.embedded_triton import TritonEndpoints
+from pipeline.studies.file_job import decide
 
 from .conftest import MODEL_REPOSITORY
 

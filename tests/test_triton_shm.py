@@ -11,11 +11,11 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.utils.shared_memory as shm
 
-from pipeline import triton_shm
-from pipeline.contract import discover_contracts
-from pipeline.services.embedded_triton import TritonEndpoints
-from pipeline.settings import TritonSettings
-from pipeline.triton_client import TritonClient
+from pipeline.core.contract import discover_contracts
+from pipeline.core.settings import TritonSettings
+from pipeline.inference import shm as triton_shm
+from pipeline.inference.triton_client import TritonClient
+from pipeline.runtime.embedded_triton import TritonEndpoints
 
 from .conftest import MODEL_REPOSITORY
 
@@ -99,9 +99,9 @@ def test_regions_of_a_killed_worker_are_dropped_by_the_next_client(
     killed = f"""
 import os, pathlib
 import numpy as np
-from pipeline.contract import discover_contracts
-from pipeline.settings import TritonSettings
-from pipeline.triton_client import TritonClient
+from pipeline.core.contract import discover_contracts
+from pipeline.core.settings import TritonSettings
+from pipeline.inference.triton_client import TritonClient
 lesion = discover_contracts(pathlib.Path({str(MODEL_REPOSITORY)!r}))["ct_lesion_segmentation"]
 client = TritonClient({triton.grpc!r}, TritonSettings())
 client.infer(lesion, np.zeros((2, 1, 48, 48, 48), np.float32))

@@ -10,11 +10,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pipeline import failed
-from pipeline.dispatch import Delivery
-from pipeline.jobs import Job, read_job, spool_file
-from pipeline.settings import Settings
-from pipeline.study_job import _earlier_round
+from pipeline.core.jobs import Job, read_job, spool_file
+from pipeline.core.settings import Settings
+from pipeline.ops import failed
+from pipeline.outputs.send.dispatch import Delivery
+from pipeline.studies.study_job import _earlier_round
 
 from .conftest import make_settings
 

@@ -1,5 +1,5 @@
 """The worker's warm-up: each pool process runs a study's steps once, without Triton, before
-its first job (pipeline.warmup)."""
+its first job (pipeline.tasks.warmup)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.contract import discover_contracts
-from pipeline.warmup import warm_up
+from pipeline.core.contract import discover_contracts
+from pipeline.tasks.warmup import warm_up
 
 from .conftest import MODEL_REPOSITORY
 

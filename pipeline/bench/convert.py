@@ -1,4 +1,4 @@
-"""Series-to-volume benchmark: pydicom's raw read against ``pipeline.series.load_series``.
+"""Series-to-volume benchmark: pydicom's raw read against ``pipeline.convert.series.load_series``.
 
     python -m pipeline.bench.convert [--instances 500] [--size 512] [--repeats 9]
 
@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 from pydicom import dcmread
 
+from pipeline.convert.series import load_series, numpy_huge_pages
 from pipeline.demo.dicom_series import new_series, write_series
-from pipeline.series import load_series, numpy_huge_pages
 
 
 def raw_read(paths: list[Path]) -> np.ndarray:

@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.bench.load import percentile, start_up
+from pipeline.core.filekinds import collect
 from pipeline.demo.dicom_series import new_series, write_series
-from pipeline.dicomnet import scu
-from pipeline.filekinds import collect
-from pipeline.services.process import free_port
+from pipeline.outputs.send import scu
+from pipeline.runtime.process import free_port
 
 
 def _send(folder: Path, port: int) -> float:

@@ -39,12 +39,12 @@ import numpy as np
 import torch
 import tritonclient.http as httpclient
 
-from pipeline.contract import ModelContract, discover_contracts
-from pipeline.services import embedded_triton
+from pipeline.core.contract import ModelContract, discover_contracts
+from pipeline.core.settings import Settings
+from pipeline.inference.triton_client import TritonClient
+from pipeline.runtime import embedded_triton
 from pipeline.serving.activation import probabilities
 from pipeline.serving.window import infer_volume, served_volume
-from pipeline.settings import Settings
-from pipeline.triton_client import TritonClient
 
 MODELS = ("mednist_classifier", "ct_lesion_segmentation")
 
@@ -150,7 +150,7 @@ def _triton_volume(
     volume: np.ndarray,
     runs_on: str,
 ) -> Callable[[], int]:
-    """The pipeline's segmentation path (:func:`pipeline.segment.segment` without the
+    """The pipeline's segmentation path (:func:`pipeline.inference.segment.segment` without the
     preprocessing and labelling): patches from the worker, or the volume in one request."""
     client = clients.enter_context(TritonClient(url, settings.triton))
     roi = contract.input.shape[1:]
@@ -213,7 +213,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     }
     # The direct runs get torch's default threads, as Triton's python backend does. The
-    # pipeline's client runs in a worker pool process with one torch thread (pipeline.tasks):
+    # pipeline's client runs in a worker pool process with one torch thread (pipeline.tasks.worker):
     # here too, or the float16 answers' conversion would wake torch's other threads, which spin
     # after it while the server computes (8 ms of a core per 3D batch of 16: 0.85x against
     # 0.92x, side by side).

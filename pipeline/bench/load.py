@@ -34,10 +34,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.routing import DEFAULT_ROUTES, Match, Priority, Route
 from pipeline.demo.dicom_series import new_series, write_series
 from pipeline.demo.synthetic import MEDNIST_LABELS, write_mednist_png
-from pipeline.routing import DEFAULT_ROUTES, Match, Priority, Route
-from pipeline.services.process import free_port
+from pipeline.runtime.process import free_port
 
 URGENT_AET = "ER_CT"
 

@@ -32,14 +32,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.fsutil import fsync_dir
+from pipeline.core.jobs import ENQUEUED_MARKER
+from pipeline.core.settings import Settings
 from pipeline.demo.dicom_series import new_series, write_series
-from pipeline.dicomnet import stow_send
-from pipeline.dicomnet.scu import Peer, echo
-from pipeline.fsutil import fsync_dir
-from pipeline.jobs import ENQUEUED_MARKER
-from pipeline.services import embedded_redis
-from pipeline.services.process import descendants, free_port
-from pipeline.settings import Settings
+from pipeline.outputs.send import stow as stow_send
+from pipeline.outputs.send.scu import Peer, echo
+from pipeline.runtime import embedded_redis
+from pipeline.runtime.process import descendants, free_port
 
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 

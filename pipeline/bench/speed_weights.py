@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.contract import discover_contracts
+from pipeline.core.contract import discover_contracts
+from pipeline.core.fsutil import atomic_write_bytes
 from pipeline.demo.nets import SmallCT3DNet, lesion_net, mednist_net
-from pipeline.fsutil import atomic_write_bytes
 
 UNTRAINED = "untrained, for speed measurements only"
 

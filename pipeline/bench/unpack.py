@@ -29,12 +29,12 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from pipeline import unpack
+from pipeline.core.jobs import Job
+from pipeline.core.settings import Settings
 from pipeline.demo.dicom_series import new_series, write_series
 from pipeline.demo.synthetic import write_mednist_png
-from pipeline.inbox import InboxWatcher
-from pipeline.jobs import Job
-from pipeline.settings import Settings
+from pipeline.ingest import unpack
+from pipeline.ingest.inbox import InboxWatcher
 
 
 def ours(archive_path: Path) -> None:

@@ -10,7 +10,7 @@ import torch
 from monai.networks.nets import DenseNet121, UNet
 from torch import nn
 
-from pipeline.contract import ModelContract
+from pipeline.core.contract import ModelContract
 
 
 class SmallCT3DNet(nn.Module):

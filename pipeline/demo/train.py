@@ -21,8 +21,9 @@ from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from torch import nn
 
-from pipeline.contract import ModelContract, load_contract
-from pipeline.convert import load, preprocessor, to_model_input
+from pipeline.convert.images import load, preprocessor, to_model_input
+from pipeline.core.contract import ModelContract, load_contract
+from pipeline.core.fsutil import atomic_write_bytes, atomic_write_json
 from pipeline.demo.nets import SmallCT3DNet, lesion_net, mednist_net
 from pipeline.demo.synthetic import (
     MEDNIST_LABELS,
@@ -30,7 +31,6 @@ from pipeline.demo.synthetic import (
     write_ct_nifti,
     write_mednist_png,
 )
-from pipeline.fsutil import atomic_write_bytes, atomic_write_json
 
 Progress = Callable[[str], None]
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.contract import Activation, ModelContract
+from pipeline.core.contract import Activation, ModelContract
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 

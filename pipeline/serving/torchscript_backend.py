@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
-from pipeline.contract import MAX_VOXELS, Task, load_contract
+from pipeline.core.contract import MAX_VOXELS, Task, load_contract
 from pipeline.serving.activation import probabilities as served_probabilities
 
 

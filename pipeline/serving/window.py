@@ -15,7 +15,7 @@ import torch
 from monai.data.utils import dense_patch_slices
 from monai.inferers import sliding_window_inference
 
-from pipeline.contract import ModelContract, SlidingWindow
+from pipeline.core.contract import ModelContract, SlidingWindow
 from pipeline.serving.activation import DTYPES, probabilities
 
 

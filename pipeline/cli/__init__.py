@@ -1,0 +1,1 @@
+"""The `dicom-pipeline` command line: one module per command group, thin wrappers."""

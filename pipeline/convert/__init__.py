@@ -1,0 +1,1 @@
+"""Images and DICOM series to tensors and volumes, and their preprocessing."""

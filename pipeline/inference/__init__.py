@@ -1,0 +1,1 @@
+"""Models served by Triton: the client, shared memory, segmentation, bundle import."""

@@ -1,0 +1,1 @@
+"""pynetdicom's internals, patched for speed: imported by the SCP alone."""

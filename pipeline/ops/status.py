@@ -1,0 +1,213 @@
+"""What the pipeline is doing now, read from the data folder and Redis: for `dicom-pipeline
+status` and the web status page.
+
+Everything here reads; nothing changes a file. The folders are the truth (a study being
+received is a spool folder, a queued job a job folder, a result a result.json, a failure a
+folder under failed/), so the view is right even when a component is down.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pipeline.core.instances import INCOMING
+from pipeline.core.jobs import PROCESSING_MARKER, is_job_id, queued_lane, read_job
+from pipeline.core.routing import Priority
+from pipeline.core.settings import Settings
+from pipeline.ops import failed
+
+RECENT = 30  # results shown
+MAX_STUDY_DIRS = 200  # newest result folders scanned for them
+
+
+@dataclass(frozen=True)
+class InFlight:
+    what: str  # study UID or inbox name
+    state: str  # receiving | queued | processing (each maybe urgent) | waiting for Redis
+    age_s: float
+    detail: str  # instances received, or the job id
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    finished: datetime
+    job_id: str
+    source: str
+    what: str  # study UID (DICOM) or the inbox name
+    series_uid: str
+    model: str
+    label: str
+    probability: float
+    lesions: int | None  # segmentation models only
+    total_s: float  # received -> result
+    urgent: bool  # its job waited in the urgent lane
+    inference_ms: float
+    preview: str | None  # path under results/
+
+
+@dataclass(frozen=True)
+class FailedRow:
+    id: str
+    kind: str
+    when: str
+    what: str
+    stage: str
+    error: str
+
+
+@dataclass
+class Snapshot:
+    taken: datetime
+    broker: str  # "ok" or why not
+    queues: dict[str, int] = field(default_factory=dict)
+    in_flight: list[InFlight] = field(default_factory=list)
+    results: list[ResultRow] = field(default_factory=list)
+    failed: list[FailedRow] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        def plain(rows: list[Any]) -> list[dict[str, Any]]:
+            return [{k: _jsonable(v) for k, v in vars(r).items()} for r in rows]
+
+        return {
+            "taken": self.taken.isoformat(),
+            "broker": self.broker,
+            "queues": self.queues,
+            "in_flight": plain(self.in_flight),
+            "results": plain(self.results),
+            "failed": plain(self.failed),
+        }
+
+
+def _jsonable(v: Any) -> Any:
+    return v.isoformat() if isinstance(v, datetime) else v
+
+
+def snapshot(settings: Settings, broker_url: str | None = None) -> Snapshot:
+    snap = Snapshot(taken=datetime.now(UTC), broker="not asked")
+    if broker_url:
+        snap.broker, snap.queues = _queues(broker_url)
+    snap.in_flight = _in_flight(settings)
+    snap.results = recent_results(settings)
+    snap.failed = [
+        FailedRow(
+            id=item.id,
+            kind=item.kind,
+            when=item.when,
+            what=item.what,
+            stage=str(item.error.get("stage", "")),
+            error=str(item.error.get("message") or item.error.get("error") or ""),
+        )
+        for item in reversed(failed.items(settings))
+    ]
+    return snap
+
+
+def _queues(broker_url: str) -> tuple[str, dict[str, int]]:
+    import redis
+
+    from pipeline.runtime import embedded_redis
+    from pipeline.tasks.app import QUEUE, URGENT_QUEUE
+
+    try:
+        client = embedded_redis.client(broker_url, timeout=2.0)
+        try:
+            # Celery on Redis: waiting messages are a list; taken-but-unacknowledged ones a hash.
+            depth = {q: int(client.llen(q)) for q in (URGENT_QUEUE, QUEUE)}
+            depth["unacked"] = int(client.hlen("unacked"))
+        finally:
+            client.close()
+    except (redis.RedisError, OSError) as exc:
+        return f"unreachable ({type(exc).__name__})", {}
+    return "ok", depth
+
+
+def _in_flight(settings: Settings) -> list[InFlight]:
+    rows: list[InFlight] = []
+    spool = settings.spool_dir
+    if not spool.is_dir():
+        return rows
+    now = time.time()
+    for entry in sorted(spool.iterdir()):
+        if entry.name.startswith(".") or entry.name == INCOMING or not entry.is_dir():
+            continue
+        if is_job_id(entry.name):
+            try:
+                job = read_job(entry)
+            except (OSError, ValueError):
+                continue  # being made, or a crash left it half-made: start-up repairs it
+            what = job.study.study_uid if job.study else job.original_name
+            age = now - job.received_at.timestamp()
+            lane = queued_lane(entry)  # kept until the job is done
+            urgent = " (urgent)" if lane == Priority.URGENT else ""
+            if (entry / PROCESSING_MARKER).exists():
+                state = "processing" + urgent
+            elif lane is not None:
+                state = "queued" + urgent
+            else:
+                state = "waiting for Redis"
+            rows.append(InFlight(what, state, age, job.id))
+        else:  # a study still being received: <StudyUID>/<SeriesUID>/<SOP>.dcm
+            try:
+                files = list(entry.rglob("*.dcm"))
+                newest = max((p.stat().st_mtime for p in files), default=entry.stat().st_mtime)
+            except OSError:
+                continue  # handed over (renamed into a job) while we looked
+            rows.append(InFlight(entry.name, "receiving", now - newest, f"{len(files)} instances"))
+    return rows
+
+
+def recent_results(settings: Settings, limit: int = RECENT) -> list[ResultRow]:
+    results = settings.results_dir
+    if not results.is_dir():
+        return []
+    dated = []
+    for e in os.scandir(results):
+        if e.is_dir() and not e.name.startswith("."):
+            try:
+                dated.append((e.stat().st_mtime, e.path))
+            except OSError:
+                continue  # pruned while we looked
+    folders = [path for _, path in sorted(dated, reverse=True)[:MAX_STUDY_DIRS]]
+    rows = []
+    for folder in folders:
+        for path in Path(folder).rglob("result.json"):
+            row = _row(path, results)
+            if row is not None:
+                rows.append(row)
+    rows.sort(key=lambda r: r.finished, reverse=True)
+    return rows[:limit]
+
+
+def _row(path: Path, results: Path) -> ResultRow | None:
+    try:
+        doc = json.loads(path.read_text())
+        timings, prediction, source = doc["timings"], doc["prediction"], doc["input"]
+        finished = datetime.fromisoformat(timings["finished"])
+        received = datetime.fromisoformat(timings["received"])
+        label = str(prediction["label"])
+        probability = float(prediction["probabilities"].get(label, 0.0))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # being replaced, or an older schema: not shown rather than guessed
+    segmentation = doc.get("segmentation") or None
+    preview = doc.get("preview")
+    return ResultRow(
+        finished=finished,
+        job_id=str(doc.get("job_id", "")),
+        source=str(source.get("source", "")),
+        what=str(source.get("study_uid") or source.get("name") or ""),
+        series_uid=str(source.get("series_uid") or ""),
+        model=str(doc.get("model", {}).get("name", "")),
+        label=label,
+        probability=probability,
+        lesions=len(segmentation["lesions"]) if segmentation else None,
+        total_s=(finished - received).total_seconds(),
+        urgent=doc.get("priority") == Priority.URGENT,
+        inference_ms=float(timings.get("inference_ms", 0.0)),
+        preview=str((path.parent / preview).relative_to(results)) if preview else None,
+    )

@@ -1,0 +1,1 @@
+"""Results to destinations: dispatch, C-STORE (SCU) and STOW-RS senders."""

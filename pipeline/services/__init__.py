@@ -1,1 +1,0 @@
-"""The embedded default services (Redis, Triton) and the child-process supervision they share."""

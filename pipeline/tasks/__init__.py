@@ -1,0 +1,1 @@
+"""Celery: the app, enqueueing, lanes, the worker's tasks, warm-up and memory."""
