@@ -25,11 +25,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydicom import dcmread
 
 from pipeline.core.instances import InstanceUIDs, store_instance
-from pipeline.core.jobs import now
+from pipeline.core.jobs import Job, Reason, now
+from pipeline.core.routing import Priority
 from pipeline.core.settings import Settings, TritonSettings
 from pipeline.demo.train import build_demo
 from pipeline.inference.triton_client import TritonClient
-from pipeline.ingest.completion import Completed, Reason, close_study
+from pipeline.ingest.completion import Completed, close_study
+from pipeline.ingest.handover import Producer
 from pipeline.runtime import embedded_redis, embedded_triton
 from pipeline.runtime.embedded_triton import TritonEndpoints
 
@@ -100,6 +102,17 @@ def redis_settings(tmp_path: Path) -> Iterator[Settings]:
     proc = embedded_redis.start(settings)
     yield settings
     proc.stop()
+
+
+def recording_producer(settings: Settings, jobs: list[Job] | None = None) -> Producer:
+    """Intake's own producer, its tasks sent into ``jobs`` (no broker): what it queued."""
+    queued = jobs if jobs is not None else []
+
+    def send(job: Job) -> Priority:
+        queued.append(job)
+        return Priority.ROUTINE
+
+    return Producer(settings.spool_dir, send)
 
 
 def store_files(settings: Settings, folders: list[Path]) -> str:

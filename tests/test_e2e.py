@@ -31,8 +31,8 @@ from pipeline.demo.synthetic import (
     write_mednist_png,
 )
 from pipeline.demo.train import TEST_SEED_BASE
-from pipeline.runtime import embedded_redis
 from pipeline.runtime.process import descendants, free_port
+from pipeline.tasks import broker
 from pipeline.tasks.app import make_celery
 
 from .conftest import alive, running_up, up_env, wait_for
@@ -50,7 +50,7 @@ def _by_input_name(root: Path, pattern: str, section: str) -> dict[str, dict[str
 def _worker_pings(data: Path) -> list[dict[str, Any]]:
     """The answers of the workers on ``data``'s embedded Redis to a Celery ping."""
     settings = Settings(data_dir=data)
-    app = make_celery(settings, embedded_redis.broker_url(settings))
+    app = make_celery(settings, broker.broker_url(settings))
     try:
         return list(app.control.ping(timeout=2.0))
     finally:

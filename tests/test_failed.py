@@ -21,14 +21,14 @@ from pipeline.demo.train import TEST_SEED_BASE
 from pipeline.inference.triton_client import TritonClient
 from pipeline.ingest.inbox import InboxWatcher
 from pipeline.ops.failed import PREVIOUS_ERROR
-from pipeline.outputs.send.dispatch import DISPATCH_TASK, Delivery, record_failure
-from pipeline.runtime import embedded_redis
+from pipeline.outputs.send.dispatch import Delivery, record_failure
 from pipeline.runtime.embedded_triton import TritonEndpoints
 from pipeline.studies.file_job import Models, StageError, run_job
-from pipeline.tasks.app import QUEUE, TASK_NAME, URGENT_QUEUE
+from pipeline.tasks import broker
+from pipeline.tasks.app import DISPATCH_TASK, QUEUE, TASK_NAME, URGENT_QUEUE
 from pipeline.tasks.worker import fail_job
 
-from .conftest import MODEL_REPOSITORY, make_settings
+from .conftest import MODEL_REPOSITORY, make_settings, recording_producer
 
 
 def _cli(settings: Settings, tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -48,7 +48,7 @@ def _cli(settings: Settings, tmp_path: Path, *args: str) -> subprocess.Completed
 
 
 def _queued(settings: Settings, queue: str = QUEUE) -> list[dict[str, object]]:
-    client = redis.Redis(unix_socket_path=str(embedded_redis.socket_path(settings)))
+    client = redis.Redis(unix_socket_path=str(broker.socket_path(settings)))
     return [json.loads(m) for m in client.lrange(queue, 0, -1)]
 
 
@@ -124,7 +124,7 @@ def test_unsent_results_are_queued_again_and_intake_refusals_are_not_retried(
     record_failure(settings, urgent, {"study/sr.dcm": "pacs still unavailable after 101 attempts"})
     (tmp_path / "outside.png").write_bytes(b"x")
     (settings.inbox_dir / "link.png").symlink_to(tmp_path / "outside.png")
-    InboxWatcher(settings, lambda _job: True)._take(settings.inbox_dir / "link.png")
+    InboxWatcher(settings, recording_producer(settings))._take(settings.inbox_dir / "link.png")
     (refused,) = [p.name for p in settings.failed_dir.iterdir() if ".send-" not in p.name]
 
     listed = _cli(settings, tmp_path, "list")

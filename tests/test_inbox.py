@@ -26,7 +26,7 @@ from pipeline.ingest.inbox import InboxWatcher, ignored
 from pipeline.ingest.receiver import Receiver
 from pipeline.ingest.settling import HeldFiles, Patience, SettlingStudies, StabilityTracker
 
-from .conftest import make_settings
+from .conftest import make_settings, recording_producer
 
 
 class Clock:
@@ -180,13 +180,9 @@ def _watch(
     """Run the watcher on its own thread, ``drop`` files while it runs, until ``done(jobs)``
     and a second more (nothing more may come); the jobs it queued."""
     jobs: list[Job] = []
-
-    def enqueue(job: Job) -> bool:
-        jobs.append(job)
-        return True
-
     stop = threading.Event()
-    thread = threading.Thread(target=InboxWatcher(settings, enqueue).run, args=(stop,))
+    watcher = InboxWatcher(settings, recording_producer(settings, jobs))
+    thread = threading.Thread(target=watcher.run, args=(stop,))
     thread.start()
     try:
         drop()
@@ -354,7 +350,7 @@ def test_a_study_left_gathering_by_an_earlier_run_is_finished_by_the_watcher(
         assert uids is not None
         assert place_file(settings.spool_dir, uids, path, json.dumps({"file": path.name}))
 
-    receiver = Receiver(settings, lambda _job: True)
+    receiver = Receiver(settings, recording_producer(settings))
     receiver._adopt()
     assert spec.study_uid not in receiver.tracker
 
@@ -583,7 +579,8 @@ def test_a_watcher_stopped_while_unpacking_leaves_the_archive_for_its_next_start
     os.replace(dropped, settings.inbox_dir / "big.zip")
     work = unpack.work_folder(settings.inbox_dir / "big.zip")
     stop = threading.Event()
-    thread = threading.Thread(target=InboxWatcher(settings, lambda _job: True).run, args=(stop,))
+    watcher = InboxWatcher(settings, recording_producer(settings))
+    thread = threading.Thread(target=watcher.run, args=(stop,))
     thread.start()
     deadline = time.monotonic() + 30
     while not any(work.glob("export/*")):

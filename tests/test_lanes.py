@@ -30,9 +30,9 @@ from pipeline.core.settings import Settings
 from pipeline.demo.dicom_series import new_series, write_series
 from pipeline.demo.synthetic import write_mednist_png
 from pipeline.ops.status import snapshot
-from pipeline.runtime import embedded_redis
 from pipeline.runtime.embedded_triton import TritonEndpoints
 from pipeline.runtime.process import free_port
+from pipeline.tasks import broker
 from pipeline.tasks.app import QUEUE, URGENT_QUEUE
 from pipeline.tasks.lanes import priority_of
 
@@ -223,10 +223,10 @@ def test_an_urgent_study_is_taken_before_a_routine_backlog(
     port = free_port()
     env = _env(tmp_path, settings, triton, model_repository, port)
     logs = tmp_path / "components.log"
-    broker = redis.Redis(unix_socket_path=str(embedded_redis.socket_path(settings)))
+    queues = redis.Redis(unix_socket_path=str(broker.socket_path(settings)))
 
     def depth() -> dict[str, int]:
-        return {q: int(broker.llen(q)) for q in (URGENT_QUEUE, QUEUE)}
+        return {q: int(queues.llen(q)) for q in (URGENT_QUEUE, QUEUE)}
 
     urgent_studies = []
     for n in range(3):

@@ -17,7 +17,9 @@ from pipeline.ingest.inbox import InboxWatcher
 from pipeline.runtime import embedded_redis
 from pipeline.runtime.embedded_triton import TritonEndpoints
 from pipeline.runtime.process import free_port
-from pipeline.tasks.app import QUEUE, TASK_NAME, enqueue, make_celery
+from pipeline.tasks import broker
+from pipeline.tasks.app import QUEUE, TASK_NAME, make_celery
+from pipeline.tasks.enqueue import producer
 from pipeline.tasks.worker import register_tasks
 
 from .conftest import MODEL_REPOSITORY, make_settings
@@ -32,20 +34,20 @@ def _drop(settings: Settings, name: str = "scan.png") -> Path:
 def test_job_waits_in_spool_while_redis_is_down_and_is_queued_when_back(tmp_path: Path) -> None:
     settings = make_settings(tmp_path / "data")
     settings.ensure_dirs()
-    url = embedded_redis.broker_url(settings)
+    url = broker.broker_url(settings)
     app = make_celery(settings, url)
     job = spool_file(_drop(settings), settings.inbox_dir, settings.spool_dir)
 
-    assert not enqueue(app, settings, job)  # no Redis yet
+    assert not producer(settings, app).enqueue(job)  # no Redis yet
     assert [j.id for j in pending_jobs(settings.spool_dir)] == [job.id]
 
     proc = embedded_redis.start(settings)
     try:
         # What the watcher does every few seconds and at start-up.
-        InboxWatcher(settings, lambda j: enqueue(app, settings, j))._requeue()
+        InboxWatcher(settings, producer(settings, app))._requeue()
         assert (settings.spool_dir / job.id / ENQUEUED_MARKER).exists()
         assert list(pending_jobs(settings.spool_dir)) == []
-        client = redis.Redis(unix_socket_path=str(embedded_redis.socket_path(settings)))
+        client = redis.Redis(unix_socket_path=str(broker.socket_path(settings)))
         messages = client.lrange(QUEUE, 0, -1)
         assert len(messages) == 1
         envelope = json.loads(messages[0])
@@ -101,16 +103,16 @@ def test_a_redis_password_is_honoured_and_never_shown(tmp_path: Path) -> None:
     server = ManagedProcess("redis", argv, tmp_path / "redis.log")
     server.start()
     try:
-        server.wait_ready(lambda: embedded_redis.ping(f"redis://:s3cret-pw@127.0.0.1:{port}/7"), 30)
+        server.wait_ready(lambda: broker.ping(f"redis://:s3cret-pw@127.0.0.1:{port}/7"), 30)
         wrong = make_settings(tmp_path / "data", broker_url=f"redis://:nope@127.0.0.1:{port}/7")
         wrong.ensure_dirs()
         job = spool_file(_drop(wrong), wrong.inbox_dir, wrong.spool_dir)
-        assert not enqueue(make_celery(wrong, embedded_redis.broker_url(wrong)), wrong, job)
+        assert not producer(wrong).enqueue(job)
         assert [j.id for j in pending_jobs(wrong.spool_dir)] == [job.id]  # kept, not lost
         right = make_settings(
             tmp_path / "data", broker_url=f"redis://:s3cret-pw@127.0.0.1:{port}/7"
         )
-        assert enqueue(make_celery(right, embedded_redis.broker_url(right)), right, job)
+        assert producer(right).enqueue(job)
         client = redis.Redis(host="127.0.0.1", port=port, db=7, password="s3cret-pw")
         assert client.llen(QUEUE) == 1
         assert "s3cret-pw" not in json.dumps(right.masked())

@@ -48,7 +48,9 @@ from pipeline.ingest.receiver import Receiver
 from pipeline.outputs.send.scu import Peer, answers_only, echo, send
 from pipeline.runtime import embedded_redis
 from pipeline.runtime.process import ManagedProcess, descendants, free_port
-from pipeline.tasks.app import QUEUE, enqueue, make_celery
+from pipeline.tasks import broker
+from pipeline.tasks.app import QUEUE
+from pipeline.tasks.enqueue import producer
 
 from .conftest import make_settings, needs_dcmtk
 
@@ -89,7 +91,7 @@ class Running:
 
     def tasks(self) -> list[dict[str, Any]]:
         """The job messages queued in Redis, oldest first."""
-        client = redis.Redis(unix_socket_path=str(embedded_redis.socket_path(self.settings)))
+        client = redis.Redis(unix_socket_path=str(broker.socket_path(self.settings)))
         try:
             raw = client.lrange(QUEUE, 0, -1)
         except redis.ConnectionError:
@@ -128,8 +130,7 @@ def receiver(tmp_path: Path) -> Iterator[Callable[..., Running]]:
         settings.ensure_dirs()
         if with_redis:
             redis_procs.append(embedded_redis.start(settings))
-        celery = make_celery(settings, embedded_redis.broker_url(settings))
-        rx = Receiver(settings, lambda job: enqueue(celery, settings, job))
+        rx = Receiver(settings, producer(settings))
         running = Running(settings, options["port"])
         ready = threading.Event()
         running.thread = threading.Thread(
@@ -646,7 +647,7 @@ def _scp_env(tmp_path: Path, settings: Settings, port: int, **receiver: str) -> 
         **os.environ,
         "PIPELINE_CONFIG": str(tmp_path / "none.yaml"),
         "PIPELINE_DATA_DIR": str(settings.data_dir),
-        "PIPELINE_BROKER_URL": embedded_redis.broker_url(settings),
+        "PIPELINE_BROKER_URL": broker.broker_url(settings),
     }
     receiver = {
         "HOST": "127.0.0.1",

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.core.cpus import usable_cores
 from pipeline.core.errors import ConfigError
 from pipeline.core.settings import MAX_TORCH_THREADS, load_settings, mask_url
-from pipeline.runtime.process import usable_cores
 
 
 def _config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str) -> None:
@@ -131,7 +131,7 @@ def test_a_cpu_limit_caps_the_cores_the_worker_counts() -> None:
         (group / "cpu.cfs_quota_us").write_text("50000")  # half a CPU, rounded up to one
         code = (
             f"import os; open({str(group / 'cgroup.procs')!r}, 'w').write(str(os.getpid()));"
-            "from pipeline.runtime.process import usable_cores; print(usable_cores())"
+            "from pipeline.core.cpus import usable_cores; print(usable_cores())"
         )
         done = subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True, timeout=60

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.core.instances import InstanceUIDs, InvalidUIDError, check_uid, store_instance
-from pipeline.core.jobs import STUDY_FOLDER, now, read_job, recover_staging
-from pipeline.ingest.completion import Completed, Reason, StudyTracker, close_study, spooled_studies
+from pipeline.core.jobs import STUDY_FOLDER, Reason, now, read_job, recover_staging
+from pipeline.ingest.completion import Completed, StudyTracker, close_study, spooled_studies
 
 
 class Clock:

@@ -292,8 +292,8 @@ def test_an_early_round_yields_to_instances_that_came_during_its_hold(
     """More of the study arrives while an early round is being processed: that round writes
     no result (none partial reaches results or the PACS), and the next round processes its
     series together with the new instances, as if all had come within the grace period."""
-    from pipeline.core.jobs import read_job
-    from pipeline.ingest.completion import Completed, Reason, close_study
+    from pipeline.core.jobs import Reason, read_job
+    from pipeline.ingest.completion import Completed, close_study
 
     folders, study_uid, ct_series, mr_series = _study_with_ct_and_an_unrouted_series(tmp_path)
     ct_files = sorted(folders[0].iterdir())

@@ -40,6 +40,7 @@ from pipeline.outputs.send import stow as stow_send
 from pipeline.outputs.send.scu import Peer, echo
 from pipeline.runtime import embedded_redis
 from pipeline.runtime.process import descendants, free_port
+from pipeline.tasks import broker
 
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 
@@ -143,7 +144,7 @@ class Ours:
             **ENV,
             "PIPELINE_CONFIG": str(work / "empty.yaml"),
             "PIPELINE_DATA_DIR": str(self.data),
-            "PIPELINE_BROKER_URL": embedded_redis.broker_url(settings),
+            "PIPELINE_BROKER_URL": broker.broker_url(settings),
             "PIPELINE_RECEIVER__HOST": "127.0.0.1",
             "PIPELINE_RECEIVER__PORT": str(self.port),
             "PIPELINE_RECEIVER__PROCESSES": str(processes),

@@ -30,10 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.jobs import Job
+from pipeline.core.routing import Priority
 from pipeline.core.settings import Settings
 from pipeline.demo.dicom_series import new_series, write_series
 from pipeline.demo.synthetic import write_mednist_png
 from pipeline.ingest import unpack
+from pipeline.ingest.handover import Producer
 from pipeline.ingest.inbox import InboxWatcher
 
 
@@ -119,12 +121,13 @@ def _in_watcher(root: Path, n: int, archive_path: Path) -> dict[str, float]:
     write_mednist_png(root / "hand.png", "Hand", n)
     queued: dict[str, float] = {}
 
-    def enqueue(job: Job) -> bool:
+    def send(job: Job) -> Priority:
         queued.setdefault(job.original_name, time.perf_counter())
-        return True
+        return Priority.ROUTINE
 
     stop = threading.Event()
-    watcher = threading.Thread(target=InboxWatcher(settings, enqueue).run, args=(stop,))
+    producer = Producer(settings.spool_dir, send)
+    watcher = threading.Thread(target=InboxWatcher(settings, producer).run, args=(stop,))
     watcher.start()
     try:
         dropped = settings.inbox_dir / archive_path.name

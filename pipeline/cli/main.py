@@ -24,6 +24,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.fsutil import atomic_write_bytes
 from pipeline.core.routing import Priority
 from pipeline.core.settings import Settings, load_settings
+from pipeline.ops import metrics
 
 if TYPE_CHECKING:  # imported where used: the CLI starts without torch or MONAI
     from pipeline.convert.images import LoadedImage
@@ -76,9 +77,8 @@ def _collected(
     """The files named and under folders named, zips unpacked for the duration (as the inbox
     unpacks them), a medium's other files apart; a zip the inbox would refuse ends the command
     with the reason. ``settings``: whose ``inbox.max_unpacked_mb``, else the default's."""
-    from pipeline.core.filekinds import collect_unpacked
     from pipeline.core.settings import InboxSettings
-    from pipeline.ingest.unpack import ArchiveError
+    from pipeline.ingest.unpack import ArchiveError, collect_unpacked
 
     limit = (settings.inbox if settings else InboxSettings()).max_unpacked_mb * 2**20
     try:
@@ -213,13 +213,14 @@ def models_import_bundle(
 def redis() -> None:
     """Run the embedded Redis in the foreground (for a broker on this machine only)."""
     from pipeline.runtime import embedded_redis
+    from pipeline.tasks import broker
 
     settings = _settings()
     settings.ensure_dirs()
     if settings.broker_url is not None:
         raise _fail("broker_url is configured; the embedded Redis is for when it is not")
     proc = embedded_redis.start(settings)
-    typer.echo(f"redis ready at {embedded_redis.broker_url(settings)}")
+    typer.echo(f"redis ready at {broker.broker_url(settings)}")
     _wait_until_stopped([proc])
 
 
@@ -256,7 +257,7 @@ def worker(
 
     from pipeline.core.errors import OutputError
     from pipeline.outputs.validation import dciodvfy_path
-    from pipeline.runtime import embedded_redis
+    from pipeline.tasks import broker
     from pipeline.tasks.app import QUEUE, URGENT_QUEUE, make_celery, worker_queues
     from pipeline.tasks.worker import register_tasks, wait_for_pool, warm_up_before_fork
 
@@ -266,7 +267,7 @@ def worker(
     component = "urgent_worker" if lanes == (Priority.URGENT,) else "worker"
     settings = _settings()
     settings.ensure_dirs()
-    observe.prepare(settings, component)
+    metrics.prepare(settings, component)
     url = _triton_url(settings)
     if not url:
         raise _fail(
@@ -285,8 +286,8 @@ def worker(
             "note: dciodvfy not installed: DICOM outputs are checked by pydicom's strict "
             "read-back instead (value representations only, not the IOD)"
         )
-    broker = embedded_redis.broker_url(settings)
-    celery = make_celery(settings, broker)
+    broker_url = broker.broker_url(settings)
+    celery = make_celery(settings, broker_url)
     warm_up_before_fork(register_tasks(celery, settings, url))
 
     @worker_ready.connect(weak=False)  # type: ignore[untyped-decorator]
@@ -301,7 +302,7 @@ def worker(
 
         threading.Thread(target=once_pool_started, name="ready", daemon=True).start()
 
-    observe.serve(settings, component, (observe.QueueDepth(broker, (URGENT_QUEUE, QUEUE)),))
+    metrics.serve(settings, component, (metrics.QueueDepth(broker_url, (URGENT_QUEUE, QUEUE)),))
     celery.worker_main(
         [
             "worker",
@@ -322,8 +323,8 @@ def watch() -> None:
     settings = _settings()
     settings.ensure_dirs()
     stop = _StopOnSignal()
-    observe.prepare(settings, "watcher")
-    observe.serve(settings, "watcher")
+    metrics.prepare(settings, "watcher")
+    metrics.serve(settings, "watcher")
     _start_retention(settings, stop.event)
     _run_watcher(settings, stop.event)
 
@@ -338,11 +339,9 @@ def _start_retention(settings: Settings, stop: threading.Event) -> None:
 
 def _run_watcher(settings: Settings, stop: threading.Event) -> None:
     from pipeline.ingest.inbox import InboxWatcher
-    from pipeline.runtime import embedded_redis
-    from pipeline.tasks.app import enqueue, make_celery
+    from pipeline.tasks.enqueue import producer
 
-    celery = make_celery(settings, embedded_redis.broker_url(settings))
-    watcher = InboxWatcher(settings, lambda job: enqueue(celery, settings, job))
+    watcher = InboxWatcher(settings, producer(settings))
     watcher.run(stop)
 
 
@@ -350,16 +349,14 @@ def _run_watcher(settings: Settings, stop: threading.Event) -> None:
 def scp() -> None:
     """Run the DICOM receiver (C-ECHO, C-STORE, MPPS): complete studies become queued jobs."""
     from pipeline.ingest.receiver import Receiver
-    from pipeline.runtime import embedded_redis
-    from pipeline.tasks.app import enqueue, make_celery
+    from pipeline.tasks.enqueue import producer
 
     settings = _settings()
     settings.ensure_dirs()
     stop = _StopOnSignal()
-    observe.prepare(settings, "receiver")
-    observe.serve(settings, "receiver")
-    celery = make_celery(settings, embedded_redis.broker_url(settings))
-    receiver = Receiver(settings, lambda job: enqueue(celery, settings, job))
+    metrics.prepare(settings, "receiver")
+    metrics.serve(settings, "receiver")
+    receiver = Receiver(settings, producer(settings))
     rs = settings.receiver
     try:
         receiver.run(
@@ -547,19 +544,20 @@ def up() -> None:
     from pipeline.runtime import embedded_redis, embedded_triton
     from pipeline.runtime.process import ManagedProcess
     from pipeline.tasks import app as queue  # noqa: F401
+    from pipeline.tasks import broker
 
     settings = _settings()
     settings.ensure_dirs()
     stop = _StopOnSignal()
     procs: list[ManagedProcess] = []
     env = dict(os.environ)
-    observe.prepare(settings, "watcher")  # the watcher runs in this process
-    observe.serve(settings, "watcher")
+    metrics.prepare(settings, "watcher")  # the watcher runs in this process
+    metrics.serve(settings, "watcher")
     try:
         if settings.broker_url is None:
             typer.echo("starting embedded Redis ...")
             procs.append(embedded_redis.start(settings))
-        env["PIPELINE_BROKER_URL"] = embedded_redis.broker_url(settings)
+        env["PIPELINE_BROKER_URL"] = broker.broker_url(settings)
         if not settings.triton.url:
             _check_weights(settings)
             typer.echo("starting embedded Triton (CPU; loading models takes a while) ...")
@@ -916,10 +914,10 @@ def status(
     from rich.table import Table
 
     from pipeline.ops import status as status_mod
-    from pipeline.runtime import embedded_redis
+    from pipeline.tasks import broker
 
     settings = _settings()
-    snap = status_mod.snapshot(settings, embedded_redis.broker_url(settings))
+    snap = status_mod.snapshot(settings, broker.broker_url(settings))
     if as_json:
         typer.echo(json.dumps(snap.as_json(), indent=2))
         return
@@ -961,13 +959,13 @@ def status(
 @app.command()
 def web() -> None:
     """Serve the read-only status page (also part of `up`) until Ctrl-C."""
-    from pipeline.runtime import embedded_redis
+    from pipeline.tasks import broker
 
     settings = _settings()
     stop = _StopOnSignal()
     page = _start_web(
         settings.model_copy(update={"web": settings.web.model_copy(update={"enabled": True})}),
-        embedded_redis.broker_url(settings),
+        broker.broker_url(settings),
     )
     if page is None:
         raise _fail(f"cannot listen on {settings.web.host}:{settings.web.port}")
@@ -1035,22 +1033,21 @@ def failed_retry(
 ) -> None:
     """Retry failed items after a fix: jobs go back to the spool and are queued, unsent
     results are queued for sending again."""
-    from pipeline.core.jobs import Job
     from pipeline.ops import failed
-    from pipeline.outputs.send import dispatch
-    from pipeline.runtime import embedded_redis
-    from pipeline.tasks.app import enqueue, make_celery
+    from pipeline.outputs.send.dispatch import Delivery
+    from pipeline.tasks import broker
+    from pipeline.tasks.app import make_celery
+    from pipeline.tasks.enqueue import producer, queue_delivery
 
     if not item_ids and not all_items:
         raise _fail("name the items to retry, or --all")
     settings = _settings()
-    celery = make_celery(settings, embedded_redis.broker_url(settings))
+    celery = make_celery(settings, broker.broker_url(settings))
 
-    def send_again(delivery: dispatch.Delivery) -> None:
-        dispatch.queue_delivery(celery, delivery)
+    def send_again(delivery: Delivery) -> None:
+        queue_delivery(celery, delivery)
 
-    def queue(job: Job) -> bool:
-        return enqueue(celery, settings, job)
+    queue = producer(settings, celery).enqueue
 
     outcomes: list[tuple[str, bool]] = []
     if all_items:

@@ -50,3 +50,8 @@ class OutputError(PermanentError):
 
 class DeliveryError(PermanentError):
     """A destination refused the results for good (rejected association, failure status)."""
+
+
+class BrokerUnavailableError(TransientError):
+    """The broker (Redis) did not take a task: the job waits in the spool and is offered
+    again."""

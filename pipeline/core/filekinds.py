@@ -8,9 +8,7 @@ The inbox watcher, ``send``, ``infer`` and ``route`` all tell them apart by this
 
 from __future__ import annotations
 
-import tempfile
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from pathlib import Path
 
 from pydicom.filereader import read_file_meta_info
@@ -18,7 +16,6 @@ from pydicom.uid import MediaStorageDirectoryStorage
 
 from pipeline.core.contract import InputKind
 from pipeline.core.errors import InputError
-from pipeline.ingest import unpack
 
 DICOMDIR = "DICOMDIR"  # PS3.10's file ID of a medium's index
 
@@ -106,25 +103,3 @@ def collect(paths: Iterable[Path]) -> tuple[list[Path], list[Path]]:
         else:
             out.append(p)
     return out, extras
-
-
-@contextmanager
-def collect_unpacked(
-    paths: Iterable[Path], max_unpacked_bytes: int
-) -> Iterator[tuple[list[Path], list[Path]]]:
-    """:func:`collect`, each zip named unpacked into a temporary folder (as the inbox would
-    unpack it, the zip left as it is) for the duration; ArchiveError, naming the zip, for one
-    the inbox would refuse."""
-    with tempfile.TemporaryDirectory(prefix="dicom-pipeline-unzip-") as tmp:
-        opened: list[Path] = []
-        for i, p in enumerate(paths):
-            if not (p.is_file() and unpack.is_archive(p)):
-                opened.append(p)
-                continue
-            try:
-                opened.append(
-                    unpack.unpack_copy(p, Path(tmp) / f"{i}-{p.stem}", max_unpacked_bytes)
-                )
-            except unpack.ArchiveError as exc:
-                raise unpack.ArchiveError(f"{p}: {exc}", exc.member) from exc
-        yield collect(opened)

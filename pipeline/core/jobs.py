@@ -15,6 +15,7 @@ import re
 import secrets
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Literal
 
@@ -51,6 +52,17 @@ def check_job_id(job_id: str) -> str:
 
 
 STUDY_FOLDER = "study"
+
+
+class Reason(StrEnum):
+    """Why a study was taken as complete (:mod:`pipeline.ingest.completion`): its
+    ``completed_by``."""
+
+    RELEASED = "association-released"
+    MPPS = "mpps-completed"
+    QUIET = "quiet-period"
+    MAX_WAIT = "max-wait"
+    INBOX = "inbox-settled"  # DICOM files dropped into the inbox (pipeline.ingest.inbox)
 
 
 class StudyRef(BaseModel):

@@ -5,9 +5,9 @@ log line from the ``pipeline.stage`` logger carrying the study UID, the job id a
 duration, never patient data; with ``log_format: json`` each line is a JSON object. The same
 call feeds the metrics (README: Metrics lists their names).
 
-Components that fork (the worker's pool, several receiving processes) count in Prometheus'
-multiprocess mode: ``PROMETHEUS_MULTIPROC_DIR`` must be set before ``prometheus_client`` is first
-imported, so :func:`prepare` runs at the start of each command and this module imports it lazily.
+Components that fork count in Prometheus' multiprocess mode, whose folder must be named before
+``prometheus_client`` is first imported (:func:`pipeline.ops.metrics.prepare`): this module
+imports it lazily. The endpoints are :mod:`pipeline.ops.metrics`'.
 """
 
 from __future__ import annotations
@@ -15,11 +15,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import shutil
 import threading
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from pipeline.core.settings import Settings
@@ -80,47 +77,6 @@ def stage(
     metrics.stages.labels(name).inc()
     if seconds is not None:
         metrics.stage_seconds.labels(name).observe(seconds)
-
-
-def prepare(settings: Settings, component: str) -> Path:
-    """Before anything imports prometheus_client in this process: a fresh multiprocess
-    directory for this run of the component, inherited by the processes it forks. Named
-    after the process, so a second worker on the same data folder keeps its own counts;
-    folders of processes that are gone are removed."""
-    root = settings.run_dir / "metrics"
-    root.mkdir(parents=True, exist_ok=True)
-    for old in root.glob(f"{component}-*"):
-        pid = old.name.rsplit("-", 1)[1]
-        if not (pid.isdigit() and Path(f"/proc/{pid}").exists()):
-            shutil.rmtree(old, ignore_errors=True)
-    folder = root / f"{component}-{os.getpid()}"
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir()
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
-    return folder
-
-
-def serve(settings: Settings, component: str, collectors: tuple[Any, ...] = ()) -> int | None:
-    """The component's /metrics endpoint (all its processes together), or None when its port
-    is 0 or taken: metrics never stop a service."""
-    port = int(getattr(settings.metrics, f"{component}_port"))
-    if port == 0:
-        return None
-    from prometheus_client import CollectorRegistry, start_http_server
-    from prometheus_client.multiprocess import MultiProcessCollector
-
-    registry = CollectorRegistry()
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-    for collector in collectors:
-        registry.register(collector)
-    try:
-        start_http_server(port, addr=settings.metrics.host, registry=registry)
-    except OSError as exc:
-        log.warning("%s metrics endpoint not started on port %d: %s", component, port, exc)
-        return None
-    log.info("%s metrics on http://%s:%d/metrics", component, settings.metrics.host, port)
-    return port
 
 
 class _Metrics:
@@ -210,29 +166,3 @@ def triton_call(model: str, seconds: float) -> None:
     metrics = _metrics()
     if metrics is not None:
         metrics.triton.labels(model).observe(seconds)
-
-
-class QueueDepth:
-    """A collector reading the queues' lengths from Redis when scraped (the worker's endpoint)."""
-
-    def __init__(self, broker_url: str, queues: tuple[str, ...]) -> None:
-        self.broker_url = broker_url
-        self.queues = queues
-
-    def collect(self) -> Any:
-        import redis
-        from prometheus_client.core import GaugeMetricFamily
-
-        from pipeline.runtime import embedded_redis
-
-        family = GaugeMetricFamily(
-            "dicom_pipeline_queue_depth", "Messages waiting in the queue.", labels=["queue"]
-        )
-        try:
-            client = embedded_redis.client(self.broker_url, timeout=2.0)
-            for queue in self.queues:
-                family.add_metric([queue], float(client.llen(queue)))
-            client.close()
-        except (redis.RedisError, OSError) as exc:
-            log.warning("queue depth not read: %s", type(exc).__name__)
-        yield family

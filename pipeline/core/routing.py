@@ -10,9 +10,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 Kind = Literal["dicom", "nifti", "image"]
 
@@ -162,3 +165,17 @@ def decide(routes: tuple[Route, ...], facts: SeriesFacts) -> Decision:
             return decision
         decision.why_not[route.name] = failed
     return decision
+
+
+def dicom_facts(ds: Dataset, slices: int, calling: str = "", called: str = "") -> SeriesFacts:
+    """What routing looks at in a DICOM header (the worker's inbox files share it)."""
+    return SeriesFacts(
+        kind="dicom",
+        slices=slices,
+        modality=str(ds.get("Modality", "")),
+        body_part=str(ds.get("BodyPartExamined", "")),
+        series_description=str(ds.get("SeriesDescription", "")),
+        sop_class_uid=str(ds.get("SOPClassUID", "")),
+        calling_aet=calling,
+        called_aet=called,
+    )

@@ -31,9 +31,9 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from pipeline.core.cpus import usable_cores
 from pipeline.core.errors import ConfigError
 from pipeline.core.routing import DEFAULT_ROUTES, Route
-from pipeline.runtime.process import usable_cores
 
 DEFAULT_CONFIG_FILE = Path("config/pipeline.yaml")
 CONFIG_ENV_VAR = "PIPELINE_CONFIG"

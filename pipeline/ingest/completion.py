@@ -24,12 +24,11 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from enum import StrEnum
 from pathlib import Path
 
 from pipeline.core.fsutil import atomic_write_json, fsync_dir
 from pipeline.core.instances import SUFFIX, InvalidUIDError, check_uid, spool_lock
-from pipeline.core.jobs import JOB_FILE, STUDY_FOLDER, Job, StudyRef, new_job_id, now
+from pipeline.core.jobs import JOB_FILE, STUDY_FOLDER, Job, Reason, StudyRef, new_job_id, now
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +36,6 @@ log = logging.getLogger(__name__)
 LATE_RELEASE_S = 10.0
 
 Clock = Callable[[], float]
-
-
-class Reason(StrEnum):
-    RELEASED = "association-released"
-    MPPS = "mpps-completed"
-    QUIET = "quiet-period"
-    MAX_WAIT = "max-wait"
-    INBOX = "inbox-settled"  # DICOM files dropped into the inbox (pipeline.ingest.inbox)
 
 
 @dataclass

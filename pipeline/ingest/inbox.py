@@ -33,14 +33,13 @@ import shutil
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from pipeline.core import observe
 from pipeline.core.errors import InputError
 from pipeline.core.filekinds import DICOMDIR, kind_of, medium_extras
 from pipeline.core.fsutil import atomic_write_json, move_into
@@ -52,10 +51,17 @@ from pipeline.core.instances import (
     free_bytes,
     place_file,
 )
-from pipeline.core.jobs import Job, error_record, new_job_id, now, requeue_pending, spool_file
+from pipeline.core.jobs import (
+    Reason,
+    error_record,
+    new_job_id,
+    now,
+    spool_file,
+)
 from pipeline.core.settings import Settings
 from pipeline.ingest import unpack
-from pipeline.ingest.completion import Completed, Reason, close_study, spooled_studies
+from pipeline.ingest.completion import Completed, spooled_studies
+from pipeline.ingest.handover import Producer
 from pipeline.ingest.settling import HeldFiles, Patience, SettlingStudies, StabilityTracker
 
 log = logging.getLogger(__name__)
@@ -90,15 +96,15 @@ class _Events(FileSystemEventHandler):
 
 
 class InboxWatcher:
-    """Runs in one thread until ``stop`` is set; hands jobs to ``enqueue``."""
+    """Runs in one thread until ``stop`` is set; hands jobs to ``producer``."""
 
     RESCAN_S = 30.0  # safety net for events lost by the OS (e.g. on network filesystems)
     REQUEUE_S = 5.0  # how often spooled-but-unqueued jobs are offered to the broker again
 
-    def __init__(self, settings: Settings, enqueue: Callable[[Job], bool]) -> None:
+    def __init__(self, settings: Settings, producer: Producer) -> None:
         self.settings = settings
         self.inbox = settings.inbox_dir.resolve()
-        self.enqueue = enqueue
+        self.producer = producer
         self.tracker = StabilityTracker(settings.inbox.settle_seconds)
         patience = Patience(
             settings.inbox.study_quiet_s,
@@ -232,7 +238,7 @@ class InboxWatcher:
             job.id,
             (self.settings.spool_dir / job.id / job.input_file).stat().st_size,
         )
-        self.enqueue(job)
+        self.producer.enqueue(job)
 
     def _take_instance(self, path: Path, uids: InstanceUIDs) -> None:
         """Into its study folder in the spool; the study is queued once it has settled."""
@@ -269,24 +275,11 @@ class InboxWatcher:
                     study_uid,
                     copies,
                 )
-            done = Completed(study_uid, Reason.INBOX, received, None, None)
+            # None if closed meanwhile by the receiver, which adopts spooled studies.
             try:
-                job = close_study(self.settings.spool_dir, done)
+                self.producer.close(Completed(study_uid, Reason.INBOX, received, None, None))
             except OSError as exc:  # left in the spool: adopted again at the next start
                 log.error("inbox: study %s could not be closed: %s", study_uid, exc)
-                continue
-            if job is None or job.study is None:
-                continue  # closed meanwhile by the receiver, which adopts spooled studies
-            observe.stage(
-                "received",
-                job=job.id,
-                study=study_uid,
-                seconds=(now() - received).total_seconds(),
-                completed_by=done.reason.value,
-                instances=job.study.instances,
-                series=len(job.study.series),
-            )
-            self.enqueue(job)
 
     def _unpack(self, path: Path) -> Path | None:
         """On the unpacking thread: a zip becomes a folder beside it (returned), which the
@@ -450,7 +443,7 @@ class InboxWatcher:
         return job_id
 
     def _requeue(self) -> None:
-        requeue_pending(self.enqueue, self.settings.spool_dir)
+        self.producer.requeue_pending()
 
 
 def _said(exc: OSError) -> str:

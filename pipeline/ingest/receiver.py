@@ -35,10 +35,12 @@ from typing import Any
 from pipeline.core import observe
 from pipeline.core.errors import PipelineError
 from pipeline.core.instances import INBOX_FILES, clean_incoming
-from pipeline.core.jobs import Job, now, recover_staging, requeue_pending
+from pipeline.core.jobs import recover_staging
 from pipeline.core.settings import Settings
 from pipeline.ingest import stow
-from pipeline.ingest.completion import StudyTracker, close_study, spooled_studies
+from pipeline.ingest.completion import StudyTracker, spooled_studies
+from pipeline.ingest.events import Closed, Event, MppsCompleted, Ready, Released, Stored
+from pipeline.ingest.handover import Producer
 from pipeline.ingest.scp import start_server
 
 log = logging.getLogger(__name__)
@@ -53,11 +55,11 @@ class _PipeSink:
         self._conn = conn
         self._lock = threading.Lock()
 
-    def put(self, item: tuple[Any, ...]) -> None:
+    def put(self, event: Event) -> None:
         # OSError: the parent is gone, and this process follows it within a second; what it
         # stored meanwhile is in the spool, adopted when the receiver starts again.
         with self._lock, contextlib.suppress(OSError):
-            self._conn.send(item)
+            self._conn.send(event)
 
 
 def _serve_child(settings: Settings, port: int, conn: Connection, stop: Any) -> None:
@@ -73,7 +75,7 @@ def _serve_child(settings: Settings, port: int, conn: Connection, stop: Any) -> 
     parent = os.getppid()
     events = _PipeSink(conn)
     server = start_server(settings, events, port=port)
-    events.put(("ready", os.getpid()))
+    events.put(Ready(os.getpid()))
     try:
         # Exit with the parent: a receiver nobody reads events from must not take instances.
         # The parent never writes: readable means its end is closed.
@@ -85,17 +87,17 @@ def _serve_child(settings: Settings, port: int, conn: Connection, stop: Any) -> 
 
 
 class Receiver:
-    def __init__(self, settings: Settings, enqueue: Callable[[Job], bool]) -> None:
+    def __init__(self, settings: Settings, producer: Producer) -> None:
         rs = settings.receiver
         self.settings = settings
         self.spool = settings.spool_dir
-        self.enqueue = enqueue
+        self.producer = producer
         self._mp = multiprocessing.get_context("spawn")
         # The children's stop signal: they see end-of-file once this end is closed.
         self._stop_read, self._stop_write = self._mp.Pipe(duplex=False)
         # Every process's events, the parent's own handlers' and (through a reader thread
         # each) the further processes'.
-        self.events: queue.Queue[tuple[Any, ...]] = queue.Queue()
+        self.events: queue.Queue[Event] = queue.Queue()
         self.children: list[Any] = []
         self.tracker = StudyTracker(
             rs.release_grace_s, rs.quiet_period_s, rs.max_wait_s, early_start=rs.early_start
@@ -108,7 +110,7 @@ class Receiver:
         if removed := clean_incoming(self.spool):
             log.warning("removed %d partial instance write(s) left by a crash", removed)
         self._adopt()
-        requeue_pending(self.enqueue, self.spool)
+        self.producer.requeue_pending()
 
     def _adopt(self) -> None:
         for study_uid, sops in spooled_studies(self.spool):
@@ -161,7 +163,7 @@ class Receiver:
                     self._restart_dead_children(int(port))
                 t = time.monotonic()
                 if t - last_requeue >= REQUEUE_S:
-                    requeue_pending(self.enqueue, self.spool)
+                    self.producer.requeue_pending()
                     last_requeue = t
                 if t - last_adopt >= self.settings.receiver.quiet_period_s:
                     self._adopt()  # a safety net for events lost with a crashed process
@@ -189,7 +191,7 @@ class Receiver:
                 item = self.events.get(timeout=0.5)
             except queue.Empty:
                 continue
-            if item[0] == "ready":
+            if isinstance(item, Ready):
                 waiting -= 1
             else:
                 self._apply(item)
@@ -238,36 +240,23 @@ class Receiver:
             except queue.Empty:
                 return
 
-    def _apply(self, item: tuple[Any, ...]) -> None:
-        kind = item[0]
-        if kind == "stored":
-            _, study, sop, assoc, calling, called = item
-            self.tracker.stored(study, sop, assoc, calling, called)
-        elif kind == "released":
-            self.tracker.released(item[1])
-        elif kind == "closed":
-            self.tracker.aborted(item[1])
-        elif kind == "mpps":
-            self.tracker.mpps_completed(item[1], frozenset(item[2]))
+    def _apply(self, event: Event) -> None:
+        match event:
+            case Stored(study, sop, assoc, calling, called):
+                self.tracker.stored(study, sop, assoc, calling, called)
+            case Released(assoc):
+                self.tracker.released(assoc)
+            case Closed(assoc):
+                self.tracker.aborted(assoc)
+            case MppsCompleted(study, sops):
+                self.tracker.mpps_completed(study, sops)
+            case Ready():
+                pass  # a receiving process restarted after a crash
 
     def _close_due(self) -> None:
         for done in self.tracker.due():
             try:
-                job = close_study(self.spool, done)
+                self.producer.close(done)
             except OSError as exc:
                 # Left in the spool: adopted again and retried after the quiet period.
                 log.error("study %s: could not close: %s", done.study_uid, exc)
-                continue
-            if job is None or job.study is None:
-                continue
-            observe.stage(
-                "received",
-                job=job.id,
-                study=done.study_uid,
-                seconds=(now() - job.received_at).total_seconds(),
-                completed_by=done.reason.value,
-                instances=job.study.instances,
-                series=len(job.study.series),
-                calling_aet=done.calling_aet or "?",
-            )
-            self.enqueue(job)

@@ -2,16 +2,15 @@
 
 The pynetdicom handlers are thin: they translate events into calls of
 :mod:`pipeline.core.instances` and :mod:`pipeline.ingest.mpps` and translate errors into DICOM
-statuses.
-What they learn (instance stored, association released or broken, MPPS closed) goes as a small
-tuple to an event sink; :class:`pipeline.ingest.receiver.Receiver` reads it and decides when a
-study is complete. Handlers run in association threads, possibly in several processes, so they
-share nothing but the spool on disk and the sink.
+statuses. What they learn (instance stored, association released or broken, MPPS closed) goes
+as an event (:mod:`pipeline.ingest.events`) to an event sink;
+:class:`pipeline.ingest.receiver.Receiver` reads it and decides when a study is complete.
+Handlers run in association threads, possibly in several processes, so they share nothing but
+the spool on disk and the sink.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import socket
@@ -19,7 +18,7 @@ import ssl
 import struct
 import threading
 from io import BytesIO
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
@@ -58,7 +57,9 @@ from pipeline.core.instances import InvalidUIDError, OutOfSpaceError, identify, 
 from pipeline.core.settings import Settings
 from pipeline.core.tls import server_context
 from pipeline.ingest import mpps
+from pipeline.ingest.access import AllowedNetworks
 from pipeline.ingest.dimse import polling, store_response
+from pipeline.ingest.events import Closed, EventSink, MppsCompleted, Released, Stored
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +92,6 @@ CANNOT_UNDERSTAND = 0xC210  # the data set could not be decoded
 INVALID_UID = 0xC220  # Study/Series/SOP Instance UID missing or invalid: nothing written
 
 
-class EventSink(Protocol):
-    def put(self, item: tuple[Any, ...]) -> None: ...
-
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
 def _called_aet(event: Event) -> str:
     """The AE title the sender addressed (we accept any; routing may use it)."""
     rq = event.assoc.requestor.primitive
@@ -118,9 +112,7 @@ class Handlers:
         self.sink = sink
         self.min_free = rs.min_free_disk_mb * 2**20
         self.calling_aets = set(rs.allowed_calling_aets)
-        self.networks: list[Network] = [
-            ipaddress.ip_network(n, strict=False) for n in rs.allowed_networks
-        ]
+        self.networks = AllowedNetworks(rs.allowed_networks)
         self._lock = threading.Lock()
         self._counts: dict[str, list[int]] = {}  # association -> [stored, refused]
 
@@ -148,7 +140,7 @@ class Handlers:
             assoc.acse.send_reject(0x01, 0x01, 0x03)
             assoc.kill()
             observe.count("associations", "rejected")
-        elif self.networks and not _in_networks(address, self.networks):
+        elif not self.networks.admit(address):
             log.warning("association from %s (%s) rejected: address not allowed", calling, address)
             # rejected-permanent, service-user, no-reason-given: there is no code for addresses
             assoc.acse.send_reject(0x01, 0x01, 0x01)
@@ -158,12 +150,12 @@ class Handlers:
             observe.count("associations", "accepted")
 
     def on_released(self, event: Event) -> None:
-        self.sink.put(("released", _assoc_key(event)))
+        self.sink.put(Released(_assoc_key(event)))
 
     def on_broken(self, event: Event) -> None:
         """Abort or connection closed (a no-op for the tracker after a release)."""
         key = _assoc_key(event)
-        self.sink.put(("closed", key))
+        self.sink.put(Closed(key))
         with self._lock:
             counts = self._counts.pop(key, None)
         if counts is not None:
@@ -201,7 +193,7 @@ class Handlers:
         except OSError as exc:
             return self._refused(key, CANNOT_STORE, f"C-STORE from {calling}: write failed: {exc}")
         called = _called_aet(event)
-        self.sink.put(("stored", uids.study, uids.sop, key, calling, called))
+        self.sink.put(Stored(uids.study, uids.sop, key, calling, called))
         with self._lock:
             self._counts.setdefault(key, [0, 0])[0] += 1
         observe.count("instances")
@@ -245,7 +237,7 @@ class Handlers:
         if closed is not None:
             log.info("MPPS %s %s, %d instance(s) listed", uid, closed.status, len(closed.sop_uids))
             if closed.status == mpps.COMPLETED:
-                self.sink.put(("mpps", closed.study_uid, tuple(sorted(closed.sop_uids))))
+                self.sink.put(MppsCompleted(closed.study_uid, frozenset(closed.sop_uids)))
         return SUCCESS, modifications
 
 
@@ -309,16 +301,6 @@ def _short_element(element: int, vr: bytes, value: bytes, pad: bytes) -> bytes:
 def _received(event: Event) -> BytesIO:
     """The C-STORE data set as the sender encoded it, in pynetdicom's buffer."""
     return cast(BytesIO, cast(C_STORE, event.request).DataSet)
-
-
-def _in_networks(address: str, networks: list[Network]) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return any(ip in net for net in networks)
 
 
 class _Server(ThreadedAssociationServer):

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import email.message
-import ipaddress
 import json
 import logging
 import mmap
@@ -51,7 +50,8 @@ from pipeline.core.instances import (
 )
 from pipeline.core.settings import Settings
 from pipeline.core.tls import server_context
-from pipeline.ingest.scp import EventSink, Network, _in_networks
+from pipeline.ingest.access import AllowedNetworks
+from pipeline.ingest.events import EventSink, Released, Stored
 
 log = logging.getLogger(__name__)
 
@@ -215,9 +215,7 @@ class _Handler(BaseHTTPRequestHandler):
                 raise RequestError(HTTPStatus.SERVICE_UNAVAILABLE, "too many requests at once")
             study = self._target()
             boundary = self._boundary()
-            if self.server.networks and not _in_networks(
-                self.client_address[0], self.server.networks
-            ):
+            if not self.server.networks.admit(self.client_address[0]):
                 raise RequestError(HTTPStatus.FORBIDDEN, "this address may not store")
             self._authorize()
             outcomes = self._store(study, boundary)
@@ -333,12 +331,12 @@ class _Handler(BaseHTTPRequestHandler):
                 outcome, stored_in = store_part(self.server.settings, body[start:end], study)
                 outcomes.append(outcome)
                 if stored_in is not None:
-                    sink.put(("stored", stored_in, outcome.sop_instance, key, None, called))
+                    sink.put(Stored(stored_in, outcome.sop_instance, key, None, called))
                     observe.count("instances")
                 else:
                     observe.count("refused", f"0x{outcome.failure:04X}")
         finally:
-            sink.put(("released", key))  # what was stored completes as after an association
+            sink.put(Released(key))  # what was stored completes as after an association
         return outcomes
 
     def _receive(self, dest: BinaryIO) -> int:
@@ -421,9 +419,7 @@ class StowServer(ThreadingHTTPServer):
         self.settings = settings
         self.sink = sink
         self.slots = threading.BoundedSemaphore(rs.max_associations)  # requests at once
-        self.networks: list[Network] = [
-            ipaddress.ip_network(n, strict=False) for n in rs.allowed_networks
-        ]
+        self.networks = AllowedNetworks(rs.allowed_networks)
         self.ssl_context = None
         if rs.tls_certificate is not None and rs.tls_private_key is not None:
             self.ssl_context = server_context(rs.tls_certificate, rs.tls_private_key, rs.tls_ca)

@@ -22,13 +22,16 @@ import errno
 import os
 import shutil
 import stat
+import tempfile
 import threading
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePath, PurePosixPath
 
 from pipeline.core.errors import InputError
+from pipeline.core.filekinds import collect
 from pipeline.core.fsutil import fsync_dir
 
 ZIP_SUFFIX = ".zip"
@@ -217,3 +220,23 @@ def _member_bytes(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> Iterator[b
             "way not supported)",
             f"{info.filename}: {exc}",
         ) from exc
+
+
+@contextmanager
+def collect_unpacked(
+    paths: Iterable[Path], max_unpacked_bytes: int
+) -> Iterator[tuple[list[Path], list[Path]]]:
+    """:func:`collect`, each zip named unpacked into a temporary folder (as the inbox would
+    unpack it, the zip left as it is) for the duration; ArchiveError, naming the zip, for one
+    the inbox would refuse."""
+    with tempfile.TemporaryDirectory(prefix="dicom-pipeline-unzip-") as tmp:
+        opened: list[Path] = []
+        for i, p in enumerate(paths):
+            if not (p.is_file() and is_archive(p)):
+                opened.append(p)
+                continue
+            try:
+                opened.append(unpack_copy(p, Path(tmp) / f"{i}-{p.stem}", max_unpacked_bytes))
+            except ArchiveError as exc:
+                raise ArchiveError(f"{p}: {exc}", exc.member) from exc
+        yield collect(opened)

@@ -111,11 +111,11 @@ def snapshot(settings: Settings, broker_url: str | None = None) -> Snapshot:
 def _queues(broker_url: str) -> tuple[str, dict[str, int]]:
     import redis
 
-    from pipeline.runtime import embedded_redis
+    from pipeline.tasks import broker
     from pipeline.tasks.app import QUEUE, URGENT_QUEUE
 
     try:
-        client = embedded_redis.client(broker_url, timeout=2.0)
+        client = broker.client(broker_url, timeout=2.0)
         try:
             # Celery on Redis: waiting messages are a list; taken-but-unacknowledged ones a hash.
             depth = {q: int(client.llen(q)) for q in (URGENT_QUEUE, QUEUE)}

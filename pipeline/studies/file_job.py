@@ -45,13 +45,12 @@ from pipeline.core.results import (
     Timings,
     WorkerInfo,
 )
-from pipeline.core.routing import Route, SeriesFacts
+from pipeline.core.routing import Route, SeriesFacts, dicom_facts
 from pipeline.core.settings import Settings
 from pipeline.inference.segment import Segmentation, segment, transposed
 from pipeline.inference.triton_client import TritonClient
 from pipeline.outputs import preview
 from pipeline.outputs.sr import DicomOutputs, Sources, make_dicom
-from pipeline.tasks.lanes import dicom_facts
 
 log = logging.getLogger(__name__)
 

@@ -35,11 +35,10 @@ from pipeline.core.contract import Task
 from pipeline.core.errors import InputError, PermanentError, PipelineError, TransientError
 from pipeline.core.fsutil import flocked
 from pipeline.core.instances import SUFFIX, inbox_files
-from pipeline.core.jobs import STUDY_FOLDER, Job, is_job_id, job_dir, now, read_job
+from pipeline.core.jobs import STUDY_FOLDER, Job, Reason, is_job_id, job_dir, now, read_job
 from pipeline.core.results import InputInfo, SeriesOutcome, StudyResult
 from pipeline.core.settings import Settings
 from pipeline.inference.triton_client import TritonClient
-from pipeline.ingest.completion import Reason
 from pipeline.studies.file_job import (
     Dispatch,
     Models,

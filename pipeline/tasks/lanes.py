@@ -24,7 +24,7 @@ from pipeline.core.contract import InputKind
 from pipeline.core.filekinds import kind_of
 from pipeline.core.instances import SUFFIX
 from pipeline.core.jobs import Job, job_dir
-from pipeline.core.routing import Priority, Route, SeriesFacts, decide
+from pipeline.core.routing import Priority, Route, SeriesFacts, decide, dicom_facts
 
 log = logging.getLogger(__name__)
 
@@ -58,20 +58,6 @@ def job_facts(path: Path, job: Job) -> Iterator[SeriesFacts]:
         yield SeriesFacts(kind="nifti", slices=slices)
     elif kind is InputKind.DICOM and (ds := _header(path)) is not None:
         yield dicom_facts(ds, _frames(ds))
-
-
-def dicom_facts(ds: Dataset, slices: int, calling: str = "", called: str = "") -> SeriesFacts:
-    """What routing looks at in a DICOM header (the worker's inbox files share it)."""
-    return SeriesFacts(
-        kind="dicom",
-        slices=slices,
-        modality=str(ds.get("Modality", "")),
-        body_part=str(ds.get("BodyPartExamined", "")),
-        series_description=str(ds.get("SeriesDescription", "")),
-        sop_class_uid=str(ds.get("SOPClassUID", "")),
-        calling_aet=calling,
-        called_aet=called,
-    )
 
 
 def _listing(folder: Path, pattern: str = "*") -> list[Path]:

@@ -31,10 +31,10 @@ from pipeline.core.routing import Route
 from pipeline.core.settings import Settings
 from pipeline.inference.triton_client import TritonClient
 from pipeline.outputs.send import dispatch
-from pipeline.outputs.send.dispatch import DISPATCH_TASK
 from pipeline.studies.file_job import Models, StageError, run_job
 from pipeline.studies.study_job import run_study
-from pipeline.tasks.app import TASK_NAME, lane_of
+from pipeline.tasks.app import DISPATCH_TASK, TASK_NAME, lane_of
+from pipeline.tasks.enqueue import offer
 from pipeline.tasks.memory import keep_freed_memory, prefault
 from pipeline.tasks.warmup import warm_up
 
@@ -192,7 +192,7 @@ def handle(task: Task, ctx: WorkerContext, message: dict[str, Any]) -> None:
     job = job.model_copy(update={"priority": lane_of(task.request.delivery_info)})
 
     def send(route: Route, files: list[Path]) -> None:
-        dispatch.offer(task.app, settings, job.id, route, files)
+        offer(task.app, settings, job.id, route, files)
 
     study = job.study.study_uid if job.study else ""
     with contextlib.suppress(OSError):  # for status pages only; gone once the job is done

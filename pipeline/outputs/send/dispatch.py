@@ -1,13 +1,14 @@
 """DICOM results sent to the route's destinations, with nothing lost: a PACS by C-STORE, a
 DICOMweb service (a destination with ``url``) by STOW-RS (:mod:`pipeline.outputs.send.stow`).
 
-The worker hands each route's SR and SEG files to one Celery task per destination: a JSON
-message naming the files under ``results/``. The task sends them; what fails for a reason that
-may pass (destination down or busy, no answer) is retried with exponential backoff and full
-jitter, only the files not yet accepted, up to the destination's ``max_retries``. The files
-stay in results throughout. A refusal for good (association rejected permanently, a failure
-status) or retries run out end in ``data/failed/<job>.send-<destination>/error.json``, naming
-the files, which are still in results to be sent again.
+The worker hands each route's SR and SEG files to one Celery task per destination
+(:func:`pipeline.tasks.enqueue.offer`): a JSON message naming the files under ``results/``.
+The task sends them; what fails for a reason that may pass (destination down or busy, no
+answer) is retried with exponential backoff and full jitter, only the files not yet accepted,
+up to the destination's ``max_retries``. The files stay in results throughout. A refusal for
+good (association rejected permanently, a failure status) or retries run out end in
+``data/failed/<job>.send-<destination>/error.json``, naming the files, which are still in
+results to be sent again.
 """
 
 from __future__ import annotations
@@ -16,23 +17,17 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from celery import Celery
-from kombu.exceptions import OperationalError
 from pydantic import BaseModel, ConfigDict
 
 from pipeline.core import tls
-from pipeline.core.errors import TransientError
 from pipeline.core.fsutil import atomic_write_json
 from pipeline.core.jobs import now
-from pipeline.core.routing import Priority, Route
+from pipeline.core.routing import Priority
 from pipeline.core.settings import Destination, Settings
 from pipeline.outputs.send import scu
 from pipeline.outputs.send import stow as stow_send
-from pipeline.tasks.app import QUEUES
 
 log = logging.getLogger(__name__)
-
-DISPATCH_TASK = "pipeline.dispatch"
 
 
 class Delivery(BaseModel):
@@ -50,31 +45,6 @@ class Outcome:
     sent: list[str] = field(default_factory=list)
     pending: list[str] = field(default_factory=list)  # to retry: the failure may pass
     refused: dict[str, str] = field(default_factory=dict)  # for good, with the reason
-
-
-def offer(app: Celery, settings: Settings, job_id: str, route: Route, files: list[Path]) -> None:
-    """Queue the sending of ``files`` to each of the route's destinations."""
-    if not files:
-        return
-    names = [str(p.relative_to(settings.results_dir)) for p in files]
-    for destination in route.send_to:
-        delivery = Delivery(
-            job_id=job_id, destination=destination, files=names, priority=route.priority
-        )
-        queue_delivery(app, delivery)
-
-
-def queue_delivery(app: Celery, delivery: Delivery) -> None:
-    try:
-        app.send_task(
-            DISPATCH_TASK,
-            args=[delivery.model_dump(mode="json")],
-            queue=QUEUES[delivery.priority],
-            retry=True,
-            retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_max": 1.0},
-        )
-    except (OperationalError, OSError) as exc:
-        raise TransientError(f"cannot queue the sending to {delivery.destination}: {exc}") from exc
 
 
 def stow_target(destination: Destination) -> stow_send.StowTarget:
