@@ -11,8 +11,8 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pipeline.convert import grouping, series
 from pipeline.convert import images as convert
-from pipeline.convert import series
 from pipeline.core.errors import InputError
 
 from .bad_inputs import good_nifti, good_png, good_slice
@@ -90,7 +90,7 @@ def test_a_mutated_slice_never_breaks_series_loading(
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_series(Path(tmp), new_series(slices=4, rows=16, cols=16))
         paths[victim].write_bytes(_mutate(paths[victim].read_bytes(), changes, cut))
-        groups, _skipped = series.group_series(paths)
+        groups, _skipped = grouping.group_series(paths)
         for group in groups:
             try:
                 volume = series.load_series(group.paths)

@@ -26,7 +26,8 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from pipeline.convert.series import group_series, load_series
+from pipeline.convert.grouping import group_series
+from pipeline.convert.series import load_series
 from pipeline.core.errors import InputError
 
 LPS = np.diag([-1.0, -1.0, 1.0, 1.0])

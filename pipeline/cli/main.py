@@ -27,8 +27,8 @@ from pipeline.core.settings import Settings, load_settings
 from pipeline.ops import metrics
 
 if TYPE_CHECKING:  # imported where used: the CLI starts without torch or MONAI
+    from pipeline.convert.grouping import SeriesGroup
     from pipeline.convert.images import LoadedImage
-    from pipeline.convert.series import SeriesGroup
     from pipeline.core.contract import ModelContract
     from pipeline.inference.triton_client import TritonClient
     from pipeline.outputs.send.scu import SendReport
@@ -768,7 +768,7 @@ def infer(
     DICOM files (named, or in folders named) are gathered into series, as the pipeline does.
 
     Uses triton.url, or a running embedded Triton, or starts one for the duration."""
-    from pipeline.convert import series
+    from pipeline.convert import grouping
     from pipeline.core.contract import discover_contracts
     from pipeline.core.filekinds import why_extra
     from pipeline.core.instances import file_identity
@@ -781,7 +781,7 @@ def infer(
     with _collected(files, settings) as (paths, extras):
         dicom = {p for p in paths if p.is_file() and file_identity(p) is not None}
         singles = [p for p in paths if p not in dicom]
-        groups, not_images = series.group_series(sorted(dicom))
+        groups, not_images = grouping.group_series(sorted(dicom))
         proc = None
         url = _triton_url(settings)
         if url:
@@ -796,7 +796,7 @@ def infer(
         client = TritonClient(url, settings.triton)
         failures = 0
         try:
-            units: list[series.SeriesGroup | Path] = [*groups, *singles]
+            units: list[grouping.SeriesGroup | Path] = [*groups, *singles]
             for unit in units:
                 for line in _infer_unit(unit, settings, models, client):
                     failures += "error" in line

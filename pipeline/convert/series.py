@@ -12,8 +12,8 @@ The volume is float32, indexed (column, row, plane), with a RAS affine (nibabel 
 conventions: DICOM's LPS with x and y negated). Uncompressed pixel data is read with
 ``np.frombuffer`` straight into the volume; compressed data goes through pydicom's decoders.
 Each plane is converted into the volume as soon as its file is read (:class:`_Filler`);
-:func:`group_series` lists a series' files in position order, so the planes land where they
-belong and need no reordering.
+:func:`~pipeline.convert.grouping.group_series` lists a series' files in position order, so the
+planes land where they belong and need no reordering.
 """
 
 from __future__ import annotations
@@ -28,20 +28,14 @@ from typing import Any
 
 import numpy as np
 from pydicom import dcmread
-from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 
+from pipeline.convert.headers import HeaderValues, Skipped, float_values, skip_reason
 from pipeline.convert.images import MAX_VOXELS, check_pixel_description
 from pipeline.core.errors import InputError
-from pipeline.core.routing import SeriesFacts
 
 # Relative tolerance on the spacing between planes, and on their direction.
 SPACING_TOLERANCE = 0.01
-# SOP classes that carry pixel data but are not images of the patient to infer on.
-_NOT_IMAGES = {
-    "1.2.840.10008.5.1.4.1.1.66.4": "segmentation",
-    "1.2.840.10008.5.1.4.1.1.481.2": "RT dose",
-}
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
@@ -56,12 +50,6 @@ def numpy_huge_pages(enabled: bool) -> bool:
     from numpy.core import multiarray
 
     return bool(multiarray._set_madvise_hugepage(enabled))  # type: ignore[attr-defined]
-
-
-@dataclass(frozen=True)
-class Skipped:
-    name: str
-    reason: str
 
 
 @dataclass
@@ -97,63 +85,7 @@ class _Plane:
     intercept: float
 
 
-def _floats(value: Any, n: int, what: str) -> np.ndarray:
-    try:
-        out = np.array([float(v) for v in value], dtype=np.float64)
-    except (TypeError, ValueError):
-        out = np.zeros(0)
-    if out.shape != (n,) or not np.all(np.isfinite(out)):
-        raise InputError(f"{what} is missing or malformed")
-    return out
-
-
-class _Values:
-    """Element values of one series' files, each distinct raw value converted once.
-
-    Most elements (orientation, spacing, sizes, rescale, classes) are the same in every slice,
-    and pydicom's conversion of a value costs more than reading it; this keeps the read close
-    to a raw read. Positions are parsed straight from their bytes."""
-
-    def __init__(self) -> None:
-        self._memo: dict[tuple[Any, ...], Any] = {}
-
-    def get(self, ds: Dataset, keyword: str, default: Any = None) -> Any:
-        tag = tag_for_keyword(keyword)
-        elem = ds.get_item(tag) if tag is not None else None
-        if tag is None or elem is None:
-            return default
-        raw = elem.value
-        if not isinstance(raw, bytes):  # converted already
-            return raw
-        key = (tag, raw, ds.original_encoding)
-        if key not in self._memo:
-            self._memo[key] = ds[tag].value
-        return self._memo[key]
-
-    def floats(self, ds: Dataset, keyword: str, n: int) -> np.ndarray:
-        tag = tag_for_keyword(keyword)
-        elem = ds.get_item(tag) if tag is not None else None
-        raw = elem.value if elem is not None else None
-        if isinstance(raw, bytes):  # a decimal string: "x\\y\\z", ASCII in any syntax
-            try:
-                return _floats(raw.split(b"\\"), n, keyword)
-            except InputError:
-                pass  # odd bytes: let pydicom say what they are
-        return _floats(ds.get(keyword), n, keyword)
-
-
-def _skip_reason(ds: Dataset, values: _Values) -> str | None:
-    if "PixelData" not in ds:
-        return "no pixel data (not an image)"
-    if reason := _NOT_IMAGES.get(str(values.get(ds, "SOPClassUID", ""))):
-        return reason
-    image_type = [str(v).upper() for v in values.get(ds, "ImageType", None) or []]
-    if "LOCALIZER" in image_type:
-        return "localizer"
-    return None
-
-
-def _planes(ds: Dataset, values: _Values) -> list[_Plane]:
+def _planes(ds: Dataset, values: HeaderValues) -> list[_Plane]:
     frames = int(values.get(ds, "NumberOfFrames", 1) or 1)
     if "PerFrameFunctionalGroupsSequence" not in ds:
         if frames != 1:
@@ -186,9 +118,11 @@ def _planes(ds: Dataset, values: _Values) -> list[_Plane]:
             _Plane(
                 ds,
                 i,
-                _floats(position[0].get("ImagePositionPatient"), 3, "ImagePositionPatient"),
-                _floats(orient[0].get("ImageOrientationPatient"), 6, "ImageOrientationPatient"),
-                tuple(_floats(measures[0].get("PixelSpacing"), 2, "PixelSpacing")),
+                float_values(position[0].get("ImagePositionPatient"), 3, "ImagePositionPatient"),
+                float_values(
+                    orient[0].get("ImageOrientationPatient"), 6, "ImageOrientationPatient"
+                ),
+                tuple(float_values(measures[0].get("PixelSpacing"), 2, "PixelSpacing")),
                 float(vt.get("RescaleSlope", 1) or 1),
                 float(vt.get("RescaleIntercept", 0) or 0),
             )
@@ -198,7 +132,7 @@ def _planes(ds: Dataset, values: _Values) -> list[_Plane]:
     return planes
 
 
-def _raw_dtype(ds: Dataset, values: _Values) -> np.dtype[Any] | None:
+def _raw_dtype(ds: Dataset, values: HeaderValues) -> np.dtype[Any] | None:
     """The dtype to read uncompressed pixel data without decoding, or None to decode."""
     meta = getattr(ds, "file_meta", None)
     ts = meta.get("TransferSyntaxUID") if meta is not None else None
@@ -214,7 +148,7 @@ def _raw_dtype(ds: Dataset, values: _Values) -> np.dtype[Any] | None:
     return np.dtype(f"{order}{kind}{bits // 8}")
 
 
-def _pixels(plane: _Plane, cache: dict[int, np.ndarray], values: _Values) -> np.ndarray:
+def _pixels(plane: _Plane, cache: dict[int, np.ndarray], values: HeaderValues) -> np.ndarray:
     ds = plane.ds
     rows, cols = int(values.get(ds, "Rows")), int(values.get(ds, "Columns"))
     dtype = _raw_dtype(ds, values)
@@ -252,7 +186,7 @@ class _Filler:
     converting while the next files were read was slower on 2 cores: the GIL went back and
     forth between the two.)"""
 
-    def __init__(self, files: int, values: _Values) -> None:
+    def __init__(self, files: int, values: HeaderValues) -> None:
         self.files = files
         self.zyx = np.empty((0, 0, 0), dtype=np.float32)
         self.count = 0
@@ -314,7 +248,7 @@ def load_series(paths: Iterable[Path]) -> Volume:
     """Read the files of one series (in any order; fastest in position order, as
     :func:`group_series` lists them) into a Volume; InputError says why not."""
     paths = list(paths)
-    values = _Values()
+    values = HeaderValues()
     filler = _Filler(len(paths), values)
     with _collection_paused():
         planes, skipped, series_uid, modality = _read(paths, values, filler)
@@ -328,7 +262,7 @@ def load_series(paths: Iterable[Path]) -> Volume:
 
 
 def _read(
-    paths: list[Path], values: _Values, filler: _Filler
+    paths: list[Path], values: HeaderValues, filler: _Filler
 ) -> tuple[list[_Plane], list[Skipped], str, str]:
     """Each file's planes, handed to the filler as they come; and what was skipped, why."""
     planes: list[_Plane] = []
@@ -341,7 +275,7 @@ def _read(
             skipped.append(Skipped(path.name, f"not readable DICOM: {type(exc).__name__}: {exc}"))
             continue
         try:
-            if reason := _skip_reason(ds, values):
+            if reason := skip_reason(ds, values):
                 skipped.append(Skipped(path.name, reason))
                 continue
             uid = str(values.get(ds, "SeriesInstanceUID", ""))
@@ -370,7 +304,7 @@ def _assemble(
     series_uid: str,
     modality: str,
     skipped: list[Skipped],
-    values: _Values,
+    values: HeaderValues,
     filler: _Filler,
 ) -> Volume:
     first = planes[0]
@@ -435,95 +369,3 @@ def _step(ordered: Sequence[_Plane], normal: np.ndarray) -> tuple[np.ndarray, fl
     cos = abs(float(step @ normal)) / size
     tilt = float(np.degrees(np.arccos(min(1.0, cos))))
     return step, tilt
-
-
-@dataclass
-class SeriesGroup:
-    """One series' files and the header facts routing looks at (read without pixel data)."""
-
-    uid: str
-    paths: list[Path]
-    modality: str
-    body_part: str
-    description: str
-    sop_class: str
-    planes: int
-    rows: int = 0
-    cols: int = 0
-
-    def facts(self, calling_aet: str = "", called_aet: str = "") -> SeriesFacts:
-        """What routing rules look at, with the AE titles the study came with."""
-        return SeriesFacts(
-            kind="dicom",
-            slices=self.planes,
-            modality=self.modality,
-            body_part=self.body_part,
-            series_description=self.description,
-            sop_class_uid=self.sop_class,
-            calling_aet=calling_aet,
-            called_aet=called_aet,
-        )
-
-
-def _position(ds: Dataset, values: _Values) -> float | None:
-    """A single-frame image's position along its slice normal, if its header has one."""
-    try:  # values.floats says InputError for a missing or malformed value alike
-        orient = values.floats(ds, "ImageOrientationPatient", 6)
-        return float(
-            values.floats(ds, "ImagePositionPatient", 3) @ np.cross(orient[:3], orient[3:])
-        )
-    except InputError:
-        return None
-
-
-def group_series(paths: Iterable[Path]) -> tuple[list[SeriesGroup], list[Skipped]]:
-    """Files grouped by SeriesInstanceUID, images only; the rest reported with a reason.
-
-    A series' files are listed in position order where every file has a position (single-frame
-    images): :func:`load_series` then puts each plane in place as it reads it. The order is only
-    a hint for speed; load_series checks and orders the planes itself."""
-    groups: dict[str, SeriesGroup] = {}
-    positions: dict[str, list[float | None]] = {}
-    skipped: list[Skipped] = []
-    values = _Values()
-    seen: set[str] = set()
-    for path in sorted(paths):
-        try:
-            # Large values (the pixel data) are deferred: seen as present, never read here.
-            ds = dcmread(path, defer_size=4096)
-            sop = str(ds.get("SOPInstanceUID", ""))
-            uid = str(ds.get("SeriesInstanceUID", ""))
-        except Exception as exc:  # noqa: BLE001 - pydicom raises many types on malformed files
-            skipped.append(Skipped(path.name, f"not readable DICOM: {type(exc).__name__}: {exc}"))
-            continue
-        reason = "a second copy of an instance" if sop and sop in seen else None
-        seen.add(sop)
-        try:
-            reason = reason or _skip_reason(ds, values)
-            frames = int(ds.get("NumberOfFrames", 1) or 1)
-            group = groups.get(uid) or SeriesGroup(
-                uid=uid,
-                paths=[],
-                modality=str(ds.get("Modality", "")),
-                body_part=str(ds.get("BodyPartExamined", "")),
-                description=str(ds.get("SeriesDescription", "")),
-                sop_class=str(ds.get("SOPClassUID", "")),
-                planes=0,
-                rows=int(ds.get("Rows", 0) or 0),
-                cols=int(ds.get("Columns", 0) or 0),
-            )
-        except Exception as exc:  # noqa: BLE001 - values their VR allows but we cannot use
-            reason = f"unusable header: {type(exc).__name__}: {exc}"
-        if reason is not None:
-            skipped.append(Skipped(path.name, reason))
-            continue
-        groups[uid] = group
-        group.paths.append(path)
-        group.planes += frames
-        positions.setdefault(uid, []).append(_position(ds, values) if frames == 1 else None)
-    for uid, group in groups.items():
-        keys = [k for k in positions[uid] if k is not None]
-        if len(keys) == len(group.paths):
-            ranked = sorted(range(len(keys)), key=keys.__getitem__)
-            group.paths = [group.paths[i] for i in ranked]
-    return list(groups.values()), skipped

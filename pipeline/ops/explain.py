@@ -8,8 +8,8 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from pipeline.convert import grouping
 from pipeline.convert import images as convert
-from pipeline.convert import series
 from pipeline.core import routing
 from pipeline.core.contract import InputKind
 from pipeline.core.errors import PipelineError
@@ -51,7 +51,7 @@ def explain_paths(
         with contextlib.suppress(PipelineError):
             kind = detect_kind(f)
         (other if kind in (InputKind.IMAGE, InputKind.NIFTI) else dicom).append(f)
-    groups, skipped = series.group_series(dicom)
+    groups, skipped = grouping.group_series(dicom)
     for g in groups:
         facts = g.facts(calling_aet, called_aet)
         yield (

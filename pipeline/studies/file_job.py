@@ -22,8 +22,8 @@ import numpy as np
 import pydicom
 from monai.data import MetaTensor
 
+from pipeline.convert import grouping, series
 from pipeline.convert import images as convert
-from pipeline.convert import series
 from pipeline.core import observe, routing
 from pipeline.core.contract import Activation, InputKind, ModelContract, Task
 from pipeline.core.errors import (
@@ -109,7 +109,7 @@ class Models:
 
 
 def series_input(
-    group: series.SeriesGroup, models: Models, route: Route
+    group: grouping.SeriesGroup, models: Models, route: Route
 ) -> tuple[convert.LoadedImage, Sources]:
     """A series as its route's models take it, and its source instances: a volume; or, for one
     image routed to a 2D model (an X-ray, an ultrasound frame, a secondary capture, a single

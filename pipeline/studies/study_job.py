@@ -28,7 +28,7 @@ from contextlib import AbstractContextManager
 from datetime import datetime
 from pathlib import Path
 
-from pipeline.convert import series
+from pipeline.convert import grouping
 from pipeline.convert.images import MAX_VOXELS, Preprocessing
 from pipeline.core import observe, routing
 from pipeline.core.contract import Task
@@ -101,7 +101,7 @@ def _run_round(
         if earlier is not None:  # and those an earlier round left to this one
             touched |= {o.series_uid for o in earlier.series if o.status == "superseded"}
         merged = _earlier_instances(settings, earlier, touched) | current  # newest wins
-        groups, not_images = series.group_series(merged.values())
+        groups, not_images = grouping.group_series(merged.values())
         names = inbox_files(study_dir) if study.completed_by == Reason.INBOX else {}
     except OSError as exc:
         raise StageError("load", TransientError(f"cannot read the study: {exc}")) from exc
@@ -289,7 +289,7 @@ def _earlier_instances(
 
 def _series_results(
     job: Job,
-    group: series.SeriesGroup,
+    group: grouping.SeriesGroup,
     route: routing.Route,
     settings: Settings,
     models: Models,
