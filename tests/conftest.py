@@ -27,7 +27,8 @@ from pydicom import dcmread
 from pipeline.core.instances import InstanceUIDs, store_instance
 from pipeline.core.jobs import Job, Reason, now
 from pipeline.core.routing import Priority
-from pipeline.core.settings import Settings, TritonSettings
+from pipeline.core.sections import TritonSettings
+from pipeline.core.settings import Settings
 from pipeline.demo.train import build_demo
 from pipeline.inference.triton_client import TritonClient
 from pipeline.ingest.completion import Completed, close_study

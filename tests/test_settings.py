@@ -10,7 +10,8 @@ import pytest
 
 from pipeline.core.cpus import usable_cores
 from pipeline.core.errors import ConfigError
-from pipeline.core.settings import MAX_TORCH_THREADS, load_settings, mask_url
+from pipeline.core.sections import MAX_TORCH_THREADS
+from pipeline.core.settings import load_settings, mask_url
 
 
 def _config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str) -> None:

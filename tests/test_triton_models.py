@@ -25,7 +25,7 @@ from pydicom.fileset import FileSet
 from pipeline.convert import images as convert
 from pipeline.core.contract import InputKind, discover_contracts
 from pipeline.core.errors import InputError, ModelNotFoundError
-from pipeline.core.settings import TritonSettings
+from pipeline.core.sections import TritonSettings
 from pipeline.demo.dicom_series import new_series, write_series, write_volume_series
 from pipeline.demo.synthetic import (
     MEDNIST_LABELS,

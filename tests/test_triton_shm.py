@@ -12,7 +12,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.utils.shared_memory as shm
 
 from pipeline.core.contract import discover_contracts
-from pipeline.core.settings import TritonSettings
+from pipeline.core.sections import TritonSettings
 from pipeline.inference import shm as triton_shm
 from pipeline.inference.triton_client import TritonClient
 from pipeline.runtime.embedded_triton import TritonEndpoints
@@ -100,7 +100,7 @@ def test_regions_of_a_killed_worker_are_dropped_by_the_next_client(
 import os, pathlib
 import numpy as np
 from pipeline.core.contract import discover_contracts
-from pipeline.core.settings import TritonSettings
+from pipeline.core.sections import TritonSettings
 from pipeline.inference.triton_client import TritonClient
 lesion = discover_contracts(pathlib.Path({str(MODEL_REPOSITORY)!r}))["ct_lesion_segmentation"]
 client = TritonClient({triton.grpc!r}, TritonSettings())

@@ -77,7 +77,7 @@ def _collected(
     """The files named and under folders named, zips unpacked for the duration (as the inbox
     unpacks them), a medium's other files apart; a zip the inbox would refuse ends the command
     with the reason. ``settings``: whose ``inbox.max_unpacked_mb``, else the default's."""
-    from pipeline.core.settings import InboxSettings
+    from pipeline.core.sections import InboxSettings
     from pipeline.ingest.unpack import ArchiveError, collect_unpacked
 
     limit = (settings.inbox if settings else InboxSettings()).max_unpacked_mb * 2**20

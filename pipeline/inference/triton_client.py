@@ -21,7 +21,7 @@ from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 from pipeline.core import observe
 from pipeline.core.contract import ModelContract
 from pipeline.core.errors import InputError, ModelNotFoundError, ModelOutputError, TransientError
-from pipeline.core.settings import TritonSettings
+from pipeline.core.sections import TritonSettings
 from pipeline.inference import shm as triton_shm
 
 log = logging.getLogger(__name__)

@@ -22,8 +22,9 @@ from pydantic import BaseModel, ConfigDict
 from pipeline.core import tls
 from pipeline.core.fsutil import atomic_write_json
 from pipeline.core.jobs import now
+from pipeline.core.network_settings import Destination
 from pipeline.core.routing import Priority
-from pipeline.core.settings import Destination, Settings
+from pipeline.core.settings import Settings
 from pipeline.outputs.send import scu
 from pipeline.outputs.send import stow as stow_send
 
