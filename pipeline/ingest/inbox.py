@@ -29,11 +29,10 @@ import json
 import logging
 import os
 import queue
-import shutil
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -42,7 +41,6 @@ from watchdog.observers import Observer
 
 from pipeline.core.errors import InputError
 from pipeline.core.filekinds import DICOMDIR, kind_of, medium_extras
-from pipeline.core.fsutil import atomic_write_json, move_into
 from pipeline.core.instances import (
     INBOX_FILES,
     InstanceUIDs,
@@ -53,15 +51,13 @@ from pipeline.core.instances import (
 )
 from pipeline.core.jobs import (
     Reason,
-    error_record,
-    new_job_id,
-    now,
     spool_file,
 )
 from pipeline.core.settings import Settings
 from pipeline.ingest import unpack
 from pipeline.ingest.completion import Completed, spooled_studies
 from pipeline.ingest.handover import Producer
+from pipeline.ingest.intake_failures import IntakeFailures
 from pipeline.ingest.settling import HeldFiles, Patience, SettlingStudies, StabilityTracker
 
 log = logging.getLogger(__name__)
@@ -105,6 +101,7 @@ class InboxWatcher:
         self.settings = settings
         self.inbox = settings.inbox_dir.resolve()
         self.producer = producer
+        self.failures = IntakeFailures(settings.failed_dir, self.inbox)
         self.tracker = StabilityTracker(settings.inbox.settle_seconds)
         patience = Patience(
             settings.inbox.study_quiet_s,
@@ -372,27 +369,7 @@ class InboxWatcher:
                 )
 
     def _set_aside(self, entry: str, paths: list[Path], medium: bool) -> None:
-        """Files of a dropped folder that are not images: one failed item for all of them,
-        kept under their paths in the inbox, with what they are."""
-        names = [str(p.relative_to(self.inbox)) for p in paths]
-        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-        if medium:
-            what = (
-                f"folder {entry!r} is a DICOM medium (it has a DICOMDIR): its DICOM files "
-                f"went into their studies; its other {len(paths)} file(s) are not images"
-            )
-        else:
-            what = f"{len(paths)} file(s) in folder {entry!r} are of no type the pipeline reads"
-        error = InputError(
-            f"{what}, and were set aside here: {shown} (the pipeline reads .png, .jpg, .nii, "
-            ".nii.gz and DICOM image files)"
-        )
-        job_id = self._to_failed(
-            [(p, Path(n).parent) for p, n in zip(paths, names, strict=True)],
-            error,
-            {"original_name": entry, "files": names},
-        )
-        if job_id is None:
+        if (job_id := self.failures.set_aside(entry, paths, medium)) is None:
             return
         # Counts only: file and folder names may carry a patient's name.
         log.warning(
@@ -409,38 +386,8 @@ class InboxWatcher:
                 self.studies.adopt(study_uid)
 
     def _reject(self, path: Path, error: InputError, member: str | None = None) -> None:
-        """Refused at intake: moved to failed/ with the reason, never left or dropped.
-        ``member``: the archive member at fault, for error.json only (not logged)."""
-        fields: dict[str, object] = {"original_name": str(path.relative_to(self.inbox))}
-        if member is not None:
-            fields["member"] = member
-        if job_id := self._to_failed([(path, Path())], error, fields):
+        if job_id := self.failures.reject(path, error, member):
             log.error("inbox: rejected item as failed/%s: %s", job_id, error)
-
-    def _to_failed(
-        self, moves: list[tuple[Path, Path]], error: InputError, fields: Mapping[str, object]
-    ) -> str | None:
-        """A new intake item in failed/: each path moved into its sub-folder there, and
-        error.json; the item's id. A file moved away meanwhile by its owner is passed over;
-        None, and no item, if all were."""
-        job_id = new_job_id()
-        folder = self.settings.failed_dir / f".{job_id}"  # hidden until complete
-        folder.mkdir(parents=True)
-        moved = 0
-        for path, under in moves:
-            try:
-                move_into(path, folder / under)
-                moved += 1
-            except FileNotFoundError:
-                continue
-        if not moved:
-            shutil.rmtree(folder)
-            return None
-        record = {**error_record(error, "intake"), **fields}
-        record["received_at"] = now().isoformat()
-        atomic_write_json(folder / "error.json", record)
-        os.replace(folder, self.settings.failed_dir / job_id)
-        return job_id
 
     def _requeue(self) -> None:
         self.producer.requeue_pending()
