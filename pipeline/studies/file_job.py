@@ -50,7 +50,8 @@ from pipeline.core.settings import Settings
 from pipeline.inference.segment import Segmentation, segment, transposed
 from pipeline.inference.triton_client import TritonClient
 from pipeline.outputs import preview
-from pipeline.outputs.sr import DicomOutputs, Sources, make_dicom
+from pipeline.outputs.dicom import DicomOutputs, make_dicom
+from pipeline.outputs.sources import Sources
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,8 @@ from pipeline.core.results import (
 )
 from pipeline.demo.dicom_series import new_series, write_series
 from pipeline.inference.segment import label_lesions
-from pipeline.outputs.sr import DicomOutputs, Sources, make_dicom
+from pipeline.outputs.dicom import DicomOutputs, make_dicom
+from pipeline.outputs.sources import Sources
 from pipeline.outputs.validation import IodCheck
 
 
