@@ -115,33 +115,7 @@ def import_bundle(bundle: Path, repository: Path, name: str | None = None) -> Mo
     if not weights.is_file():
         raise InputError("bundle has no models/model.ts (TorchScript weights)")
     name = name or str(meta.get("name", bundle.name)).strip().lower().replace(" ", "_")
-    fmt = meta.get("network_data_format", {})
-    image = fmt.get("inputs", {}).get("image", {})
-    pred = fmt.get("outputs", {}).get("pred", {})
-    channel_def = pred.get("channel_def") or {}
-    labels = [str(channel_def[k]) for k in sorted(channel_def, key=int)]
-    inferer = inference.get("inferer", {})
-    roi = inferer.get("roi_size") or image.get("spatial_shape")
-    if not roi or not labels:
-        raise InputError("bundle metadata lacks the ROI size or the output channel_def")
-    channels = int(image.get("num_channels", 1))
-    contract_data = {
-        "name": name,
-        "description": str(meta.get("description", "")).strip(),
-        "task": "segmentation",
-        "spatial_dims": len(roi),
-        "accepts": ["nifti", "dicom"],
-        "input": {"name": "INPUT__0", "shape": [channels, *roi]},
-        "output": {"name": "PROBABILITIES", "shape": [len(labels), *roi]},
-        "activation": "softmax",
-        "labels": labels,
-        "preprocessing": _preprocessing(inference),
-        "sliding_window": {
-            "overlap": float(inferer.get("overlap", 0.25)),
-            "batch_size": int(inferer.get("sw_batch_size", 4)),
-        },
-        "weights": "model.pt",
-    }
+    contract_data = _contract_data(name, meta, inference)
     contract = ModelContract.model_validate(contract_data)  # names the bad field
     folder = repository / name
     (folder / "1").mkdir(parents=True, exist_ok=True)
@@ -170,6 +144,38 @@ def import_bundle(bundle: Path, repository: Path, name: str | None = None) -> Mo
     shutil.copyfile(weights, tmp)
     tmp.replace(folder / "1" / "model.pt")
     return load_contract(folder)
+
+
+def _contract_data(name: str, meta: dict[str, Any], inference: dict[str, Any]) -> dict[str, Any]:
+    """contract.yaml's content, from the bundle's metadata (inputs, output channels) and its
+    inference config (the inferer's window, the preprocessing)."""
+    fmt = meta.get("network_data_format", {})
+    image = fmt.get("inputs", {}).get("image", {})
+    pred = fmt.get("outputs", {}).get("pred", {})
+    channel_def = pred.get("channel_def") or {}
+    labels = [str(channel_def[k]) for k in sorted(channel_def, key=int)]
+    inferer = inference.get("inferer", {})
+    roi = inferer.get("roi_size") or image.get("spatial_shape")
+    if not roi or not labels:
+        raise InputError("bundle metadata lacks the ROI size or the output channel_def")
+    channels = int(image.get("num_channels", 1))
+    return {
+        "name": name,
+        "description": str(meta.get("description", "")).strip(),
+        "task": "segmentation",
+        "spatial_dims": len(roi),
+        "accepts": ["nifti", "dicom"],
+        "input": {"name": "INPUT__0", "shape": [channels, *roi]},
+        "output": {"name": "PROBABILITIES", "shape": [len(labels), *roi]},
+        "activation": "softmax",
+        "labels": labels,
+        "preprocessing": _preprocessing(inference),
+        "sliding_window": {
+            "overlap": float(inferer.get("overlap", 0.25)),
+            "batch_size": int(inferer.get("sw_batch_size", 4)),
+        },
+        "weights": "model.pt",
+    }
 
 
 def _free_spatial(shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -48,46 +48,24 @@ def _table(headers: list[str], rows: list[str], empty: str) -> str:
     return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
 
 
+RESULT_COLUMNS = [
+    "finished",
+    "study / input",
+    "model",
+    "label",
+    "probability",
+    "lesions",
+    "received to result",
+    "inference",
+    "preview",
+]
+
+
 def render(snap: status.Snapshot, refresh_s: int) -> str:
     queues = ", ".join(f"{k}: {v}" for k, v in snap.queues.items()) or "-"
-    flight = [
-        "<tr>"
-        + _cell(f.what, "uid")
-        + f'<td class="state-{f.state.split()[0]}">{html.escape(f.state)}</td>'
-        + _cell(f"{f.age_s:.0f} s")
-        + _cell(f.detail)
-        + "</tr>"
-        for f in snap.in_flight
-    ]
-    results = []
-    for r in snap.results:
-        img = (
-            f'<img class="preview" alt="preview" src="/preview/{html.escape(r.preview)}">'
-            if r.preview
-            else ""
-        )
-        results.append(
-            "<tr>"
-            + _cell(r.finished.astimezone().strftime("%Y-%m-%d %H:%M:%S"))
-            + _cell(r.what, "uid")
-            + _cell(r.model)
-            + f'<td class="label">{html.escape(r.label)}</td>'
-            + f'<td class="probability">{r.probability:.3f}</td>'
-            + _cell("" if r.lesions is None else r.lesions)
-            + _cell(f"{r.total_s:.1f} s" + (" (urgent)" if r.urgent else ""))
-            + _cell(f"{r.inference_ms:.0f} ms")
-            + f"<td>{img}</td></tr>"
-        )
-    failures = [
-        "<tr>"
-        + _cell(f.when)
-        + _cell(f.id, "uid")
-        + _cell(f.what)
-        + _cell(f.stage)
-        + _cell(f.error, "err")
-        + "</tr>"
-        for f in snap.failed
-    ]
+    flight = [_flight_row(f) for f in snap.in_flight]
+    results = [_result_row(r) for r in snap.results]
+    failures = [_failure_row(f) for f in snap.failed]
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="refresh" content="{refresh_s}">
@@ -99,27 +77,48 @@ def render(snap: status.Snapshot, refresh_s: int) -> str:
 <h2>In flight</h2>
 {_table(["study / input", "state", "for", "detail"], flight, "Nothing in flight.")}
 <h2>Recent results</h2>
-{
-        _table(
-            [
-                "finished",
-                "study / input",
-                "model",
-                "label",
-                "probability",
-                "lesions",
-                "received to result",
-                "inference",
-                "preview",
-            ],
-            results,
-            "No results yet.",
-        )
-    }
+{_table(RESULT_COLUMNS, results, "No results yet.")}
 <h2>Failed</h2>
 {_table(["when", "id", "item", "stage", "error"], failures, "No failed items.")}
 </body></html>
 """
+
+
+def _flight_row(f: status.InFlight) -> str:
+    state = f'<td class="state-{f.state.split()[0]}">{html.escape(f.state)}</td>'
+    return (
+        "<tr>"
+        + _cell(f.what, "uid")
+        + state
+        + _cell(f"{f.age_s:.0f} s")
+        + _cell(f.detail)
+        + "</tr>"
+    )
+
+
+def _result_row(r: status.ResultRow) -> str:
+    img = (
+        f'<img class="preview" alt="preview" src="/preview/{html.escape(r.preview)}">'
+        if r.preview
+        else ""
+    )
+    return (
+        "<tr>"
+        + _cell(r.finished.astimezone().strftime("%Y-%m-%d %H:%M:%S"))
+        + _cell(r.what, "uid")
+        + _cell(r.model)
+        + f'<td class="label">{html.escape(r.label)}</td>'
+        + f'<td class="probability">{r.probability:.3f}</td>'
+        + _cell("" if r.lesions is None else r.lesions)
+        + _cell(f"{r.total_s:.1f} s" + (" (urgent)" if r.urgent else ""))
+        + _cell(f"{r.inference_ms:.0f} ms")
+        + f"<td>{img}</td></tr>"
+    )
+
+
+def _failure_row(f: status.FailedRow) -> str:
+    cells = _cell(f.when) + _cell(f.id, "uid") + _cell(f.what) + _cell(f.stage)
+    return "<tr>" + cells + _cell(f.error, "err") + "</tr>"
 
 
 class _Handler(BaseHTTPRequestHandler):
