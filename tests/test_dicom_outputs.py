@@ -36,7 +36,8 @@ from pipeline.outputs.send.dispatch import Delivery, deliver, record_failure
 from pipeline.outputs.validation import encode_checked
 from pipeline.runtime.embedded_triton import TritonEndpoints
 from pipeline.runtime.process import free_port
-from pipeline.studies.file_job import Models, StageError
+from pipeline.studies.models import Models
+from pipeline.studies.steps import StageError
 from pipeline.studies.study_job import run_study
 
 from .conftest import MODEL_REPOSITORY, make_settings, needs_dcmtk, spool_study

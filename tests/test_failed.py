@@ -23,7 +23,9 @@ from pipeline.ingest.inbox import InboxWatcher
 from pipeline.ops.failed import PREVIOUS_ERROR
 from pipeline.outputs.send.dispatch import Delivery, record_failure
 from pipeline.runtime.embedded_triton import TritonEndpoints
-from pipeline.studies.file_job import Models, StageError, run_job
+from pipeline.studies.file_job import run_job
+from pipeline.studies.models import Models
+from pipeline.studies.steps import StageError
 from pipeline.tasks import broker
 from pipeline.tasks.app import DISPATCH_TASK, QUEUE, TASK_NAME, URGENT_QUEUE
 from pipeline.tasks.worker import fail_job

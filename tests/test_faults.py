@@ -28,7 +28,9 @@ from pipeline.demo.train import TEST_SEED_BASE
 from pipeline.inference.triton_client import TritonClient
 from pipeline.runtime.embedded_triton import TritonEndpoints
 from pipeline.runtime.process import descendants, free_port
-from pipeline.studies.file_job import Models, StageError, run_job
+from pipeline.studies.file_job import run_job
+from pipeline.studies.models import Models
+from pipeline.studies.steps import StageError
 
 from .conftest import MODEL_REPOSITORY, make_settings, running_up, up_env, wait_for
 

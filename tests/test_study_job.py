@@ -26,7 +26,8 @@ from pipeline.demo.synthetic import ct_volume, write_mednist_png
 from pipeline.demo.train import TEST_SEED_BASE
 from pipeline.inference.triton_client import TritonClient
 from pipeline.runtime.embedded_triton import TritonEndpoints
-from pipeline.studies.file_job import Models, StageError
+from pipeline.studies.models import Models
+from pipeline.studies.steps import StageError
 from pipeline.studies.study_job import run_study
 
 from .conftest import MODEL_REPOSITORY, make_settings, spool_study, store_files

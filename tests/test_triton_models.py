@@ -34,10 +34,10 @@ from pipeline.demo.synthetic import (
     write_mednist_png,
 )
 from pipeline.demo.train import TEST_SEED_BASE
+from pipeline.inference.decide import decide
 from pipeline.inference.segment import segment
 from pipeline.inference.triton_client import TritonClient
 from pipeline.runtime.embedded_triton import TritonEndpoints
-from pipeline.studies.file_job import decide
 
 from .conftest import MODEL_REPOSITORY
 

@@ -14,7 +14,7 @@ from pipeline.core.jobs import Job, read_job, spool_file
 from pipeline.core.settings import Settings
 from pipeline.ops import failed
 from pipeline.outputs.send.dispatch import Delivery
-from pipeline.studies.study_job import _earlier_round
+from pipeline.studies.rounds import earlier_round
 
 from .conftest import make_settings
 
@@ -69,7 +69,7 @@ def test_a_study_summarised_by_the_previous_version_is_merged_into_the_next_roun
     """More of a study arriving after the upgrade: its earlier round, written by the previous
     version, is read (not taken as unreadable, which would process the new round alone)."""
     settings = _previous_data(tmp_path)
-    earlier = _earlier_round(settings.results_dir / "2.25.1111" / "study.json")
+    earlier = earlier_round(settings.results_dir / "2.25.1111" / "study.json")
     assert earlier is not None
     assert earlier.rounds == [earlier.job_id]
     assert [(s.series_uid, s.status) for s in earlier.series] == [("2.25.2222", "done")]

@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # imported where used: the CLI starts without torch or MONAI
     from pipeline.core.contract import ModelContract
     from pipeline.inference.triton_client import TritonClient
     from pipeline.outputs.send.scu import SendReport
-    from pipeline.studies.file_job import Models
+    from pipeline.studies.models import Models
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -774,7 +774,7 @@ def infer(
     from pipeline.core.instances import file_identity
     from pipeline.inference.triton_client import TritonClient
     from pipeline.runtime import embedded_triton
-    from pipeline.studies.file_job import Models
+    from pipeline.studies.models import Models
 
     settings = _settings()
     settings.ensure_dirs()
@@ -817,7 +817,7 @@ def _infer_unit(
 ) -> Iterator[dict[str, object]]:
     """``infer``'s lines for one series or file: an answer per model, or why there is none."""
     from pipeline.convert import images as convert
-    from pipeline.studies.file_job import inbox_facts, series_input
+    from pipeline.studies.inputs import inbox_facts, series_input
 
     where: dict[str, object] = (
         {"file": str(unit)}
@@ -848,8 +848,8 @@ def _answers(
 
     from pipeline.convert import images as convert
     from pipeline.core.contract import Task
+    from pipeline.inference.decide import decide, decide_segmentation
     from pipeline.inference.segment import segment
-    from pipeline.studies.file_job import decide, decide_segmentation
 
     prep = convert.Preprocessing(image, chosen)
     for c in chosen:

@@ -14,7 +14,7 @@ from pipeline.core import routing
 from pipeline.core.contract import InputKind
 from pipeline.core.errors import PipelineError
 from pipeline.core.filekinds import detect_kind, why_extra
-from pipeline.studies.file_job import inbox_facts
+from pipeline.studies.inputs import inbox_facts
 
 
 def _verdicts(

@@ -9,58 +9,50 @@ A series that fails (unreadable, gaps, wrong model) does not stop the others; th
 ends in ``data/failed/`` with the reasons, its instances kept, the other series' results
 written. A transient error (Triton down) retries the whole study.
 
-Rounds of one study (instances that came after it was handed over) are processed one at a
-time, under a lock, because each reads and extends the study's ``study.json``. A round handed
-over early (``hold_until``, see :mod:`pipeline.ingest.completion`) makes its results in memory,
-waits until that time and then looks for more of the study in the spool: if there is, it writes no
-result, marks its series ``superseded`` and leaves them to the next round, which processes
-them together with the new instances, as if they had all come within the grace period.
+A round runs in named steps: gather its series, process each, check whether it was superseded
+(:mod:`pipeline.studies.rounds`), build the study document, publish (write, then send). Its
+results are made in memory and written only at the end, so a superseded round writes nothing.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 from pipeline.convert import grouping
+from pipeline.convert.headers import Skipped
 from pipeline.convert.images import MAX_VOXELS, Preprocessing
 from pipeline.core import observe, routing
 from pipeline.core.contract import Task
 from pipeline.core.errors import InputError, PermanentError, PipelineError, TransientError
-from pipeline.core.fsutil import flocked
-from pipeline.core.instances import SUFFIX, inbox_files
-from pipeline.core.jobs import STUDY_FOLDER, Job, Reason, is_job_id, job_dir, now, read_job
+from pipeline.core.instances import inbox_files
+from pipeline.core.jobs import Job, Reason, job_dir, now
 from pipeline.core.results import InputInfo, SeriesOutcome, StudyResult
+from pipeline.core.routing import Route
 from pipeline.core.settings import Settings
 from pipeline.inference.triton_client import TritonClient
-from pipeline.studies.file_job import (
-    Dispatch,
-    Models,
-    Output,
-    StageError,
-    dicom_outputs,
-    finish_job,
-    infer_model,
-    series_input,
-    why_not,
-    write_outputs,
+from pipeline.outputs.files import Output, write_outputs
+from pipeline.studies.inputs import series_input
+from pipeline.studies.model_run import infer_model
+from pipeline.studies.models import Models, why_not
+from pipeline.studies.rounds import (
+    SUPERSEDED,
+    earlier_instances,
+    earlier_round,
+    round_lock,
+    superseded,
 )
+from pipeline.studies.steps import Dispatch, StageError, dicom_outputs, finish_job
 
 log = logging.getLogger(__name__)
 
 STUDY_FILE = "study.json"
-ROUND_LOCKS = ".study-locks"  # in the spool: one lock file per bucket of study UIDs
 _INSTANCE = re.compile(r"instance ([0-9.]+):")  # as pipeline.convert.series names an instance
-SUPERSEDED = (
-    "more instances of the study arrived within the release grace period: this series is "
-    "processed again with them in the next round"
-)
 
 
 def run_study(
@@ -73,7 +65,7 @@ def run_study(
     if job.study is None:  # never for a valid DICOM job (Job's validator)
         log.info("job %s: no study, nothing to do", job.id)
         return []
-    with _round_lock(settings, job.study.study_uid):
+    with round_lock(settings, job.study.study_uid):
         # Checked under the lock: the same job, delivered twice, may have been done meanwhile.
         if not (job_dir(settings.spool_dir, job.id) / job.input_file).is_dir():
             log.info("job %s: already processed, nothing to do", job.id)
@@ -81,132 +73,185 @@ def run_study(
         return _run_round(job, settings, models, client, dispatch)
 
 
+@dataclass
+class _Gathered:
+    """A round's series (with the earlier rounds' instances of the series it touches), the
+    files that are no images, and for a study dropped into the inbox its files' names."""
+
+    groups: list[grouping.SeriesGroup]
+    not_images: list[Skipped]
+    names: dict[str, str]
+
+
+@dataclass
+class _Made:
+    """What a round made of its series, in memory until it is published."""
+
+    outcomes: list[SeriesOutcome] = field(default_factory=list)
+    outputs: list[Output] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    to_send: list[tuple[Route, list[Path]]] = field(default_factory=list)
+
+
 def _run_round(
-    job: Job,
-    settings: Settings,
-    models: Models,
-    client: TritonClient,
-    dispatch: Dispatch | None,
+    job: Job, settings: Settings, models: Models, client: TritonClient, dispatch: Dispatch | None
 ) -> list[Path]:
     assert job.study is not None
-    folder = job_dir(settings.spool_dir, job.id)
-    study_dir = folder / job.input_file
     study = job.study
-    started = now()
     out_dir = settings.results_dir / study.study_uid
-    earlier = _earlier_round(out_dir / STUDY_FILE)
+    earlier = earlier_round(out_dir / STUDY_FILE)
+    started = now()
+    gathered = _gather(job, settings, earlier)
+    made = _Made()
+    for group in gathered.groups:
+        _process_series(job, group, gathered.names, settings, models, client, started, made)
+    if superseded(job, settings):
+        made = _superseded_round(job, made)
+    elif study.completed_by == Reason.INBOX and not any(o.status == "done" for o in made.outcomes):
+        made.failures = made.failures or [_nothing_to_process(made, gathered)]
+    doc = _study_document(job, earlier, made, gathered)
+    written = _publish(made, (out_dir / STUDY_FILE, doc), dispatch)
+    if made.failures:
+        raise StageError("series", InputError("; ".join(made.failures)))
+    finish_job(job_dir(settings.spool_dir, job.id), settings)
+    log.info(
+        "job %s: study %s, %d series done, %d skipped",
+        job.id,
+        study.study_uid,
+        sum(o.status == "done" for o in doc.series),
+        sum(o.status == "skipped" for o in doc.series),
+    )
+    return written
+
+
+def _gather(job: Job, settings: Settings, earlier: StudyResult | None) -> _Gathered:
+    """The round's instances, and the earlier rounds' of the series it touches (newest
+    wins), grouped into series."""
+    assert job.study is not None
+    study_dir = job_dir(settings.spool_dir, job.id) / job.input_file
     try:
         current = {p.stem: p for p in study_dir.rglob("*.dcm")}
         touched = {p.parent.name for p in current.values()}  # series with new instances
         if earlier is not None:  # and those an earlier round left to this one
             touched |= {o.series_uid for o in earlier.series if o.status == "superseded"}
-        merged = _earlier_instances(settings, earlier, touched) | current  # newest wins
+        merged = earlier_instances(settings, earlier, touched) | current
         groups, not_images = grouping.group_series(merged.values())
-        names = inbox_files(study_dir) if study.completed_by == Reason.INBOX else {}
+        inbox = job.study.completed_by == Reason.INBOX
+        return _Gathered(groups, not_images, inbox_files(study_dir) if inbox else {})
     except OSError as exc:
         raise StageError("load", TransientError(f"cannot read the study: {exc}")) from exc
-    outcomes: list[SeriesOutcome] = []
-    outputs: list[Output] = []
-    failures: list[str] = []
-    to_send: list[tuple[routing.Route, list[Path]]] = []
-    for group in groups:
-        facts = group.facts(study.calling_aet or "", study.called_aet or "")
-        decision = routing.decide(settings.routes, facts)
-        outcome = SeriesOutcome(
-            series_uid=group.uid,
-            modality=group.modality,
-            description=group.description,
-            slices=group.planes,
-            status="skipped",
-            route=None,
-            models=[],
-            reason=None,
-        )
-        if decision.route is None:
-            why = why_not(decision)
-            outcomes.append(outcome.model_copy(update={"reason": f"no rule matched: {why}"}))
-            continue
-        route = decision.route
-        try:
-            files = _series_results(job, group, route, settings, models, client, started)
-        except TransientError as exc:
-            raise StageError("infer", exc) from exc
-        except PermanentError as exc:
-            why = _with_names(str(exc), names)
-            failures.append(f"series {group.uid}: {why}")
-            outcomes.append(
-                outcome.model_copy(
-                    update={
-                        "status": "failed",
-                        "route": route.name,
-                        "models": list(route.models),
-                        "reason": why,
-                    }
-                )
-            )
-            continue
-        outputs.extend(files)
-        to_send.append((route, [p for p, _ in files if p.suffix == ".dcm"]))
-        outcomes.append(
-            outcome.model_copy(
-                update={"status": "done", "route": route.name, "models": list(route.models)}
-            )
-        )
-    if _superseded(job, settings):
-        left: dict[str, object] = {
-            "status": "superseded",
-            "route": None,
-            "models": [],
-            "reason": SUPERSEDED,
-        }
-        outcomes = [o.model_copy(update=left) for o in outcomes]
-        outputs, to_send, failures = [], [], []
-        log.info(
-            "job %s: more of study %s arrived; left to the next round", job.id, study.study_uid
-        )
-        observe.stage("superseded", job=job.id, study=study.study_uid, series=len(outcomes))
-    elif study.completed_by == Reason.INBOX and not any(o.status == "done" for o in outcomes):
-        # Dropped into the inbox on purpose, as a single file no rule matches would be: an
-        # error with the reasons (a PACS's study with nothing to process is only recorded).
-        reasons = [f"series {o.series_uid}: {o.reason}" for o in outcomes if o.reason]
-        reasons += [f"{_file_name(s.name, names)}: {s.reason}" for s in not_images]
-        if not failures:
-            failures = [f"nothing to process: {'; '.join(reasons) or 'no image'}"]
-    if earlier is not None:  # series this round did not touch keep their earlier outcome
+
+
+def _process_series(
+    job: Job,
+    group: grouping.SeriesGroup,
+    names: dict[str, str],
+    settings: Settings,
+    models: Models,
+    client: TritonClient,
+    started: datetime,
+    made: _Made,
+) -> None:
+    """One series: routed, processed, its outcome recorded; a series that fails does not stop
+    the others, a transient error stops the round (it is retried whole)."""
+    assert job.study is not None
+    facts = group.facts(job.study.calling_aet or "", job.study.called_aet or "")
+    decision = routing.decide(settings.routes, facts)
+    outcome = SeriesOutcome(
+        series_uid=group.uid,
+        modality=group.modality,
+        description=group.description,
+        slices=group.planes,
+        status="skipped",
+        route=None,
+        models=[],
+        reason=None,
+    )
+    if (route := decision.route) is None:
+        reason = f"no rule matched: {why_not(decision)}"
+        made.outcomes.append(outcome.model_copy(update={"reason": reason}))
+        return
+    routed = {"route": route.name, "models": list(route.models)}
+    try:
+        files = _series_results(job, group, route, settings, models, client, started)
+    except TransientError as exc:
+        raise StageError("infer", exc) from exc
+    except PermanentError as exc:
+        why = _with_names(str(exc), names)
+        made.failures.append(f"series {group.uid}: {why}")
+        failed = {"status": "failed", **routed, "reason": why}
+        made.outcomes.append(outcome.model_copy(update=failed))
+        return
+    made.outputs.extend(files)
+    made.to_send.append((route, [p for p, _ in files if p.suffix == ".dcm"]))
+    made.outcomes.append(outcome.model_copy(update={"status": "done", **routed}))
+
+
+def _superseded_round(job: Job, made: _Made) -> _Made:
+    """More of the study came: nothing of this round is written, its series are left to the
+    next round."""
+    assert job.study is not None
+    left: dict[str, object] = {
+        "status": "superseded",
+        "route": None,
+        "models": [],
+        "reason": SUPERSEDED,
+    }
+    uid = job.study.study_uid
+    log.info("job %s: more of study %s arrived; left to the next round", job.id, uid)
+    observe.stage("superseded", job=job.id, study=uid, series=len(made.outcomes))
+    return _Made(outcomes=[o.model_copy(update=left) for o in made.outcomes])
+
+
+def _nothing_to_process(made: _Made, gathered: _Gathered) -> str:
+    """Dropped into the inbox on purpose, as a single file no rule matches would be: an error
+    with the reasons (a PACS's study with nothing to process is only recorded)."""
+    reasons = [f"series {o.series_uid}: {o.reason}" for o in made.outcomes if o.reason]
+    names = gathered.names
+    reasons += [f"{_file_name(s.name, names)}: {s.reason}" for s in gathered.not_images]
+    return f"nothing to process: {'; '.join(reasons) or 'no image'}"
+
+
+def _study_document(
+    job: Job, earlier: StudyResult | None, made: _Made, gathered: _Gathered
+) -> StudyResult:
+    """study.json: every series of the study and what became of it; series this round did
+    not touch keep their earlier outcome."""
+    assert job.study is not None
+    outcomes = made.outcomes
+    if earlier is not None:
         done = {o.series_uid for o in outcomes}
         outcomes = [o for o in earlier.series if o.series_uid not in done] + outcomes
-    doc = StudyResult(
+    return StudyResult(
         job_id=job.id,
         priority=job.priority,
         rounds=[*(earlier.rounds if earlier else []), job.id],
-        study_uid=study.study_uid,
-        calling_aet=study.calling_aet,
-        called_aet=study.called_aet,
+        study_uid=job.study.study_uid,
+        calling_aet=job.study.calling_aet,
+        called_aet=job.study.called_aet,
         series=outcomes,
-        not_images=[f"{s.name}: {s.reason}" for s in not_images],
+        not_images=[f"{s.name}: {s.reason}" for s in gathered.not_images],
         finished=now(),
     )
+
+
+def _publish(
+    made: _Made, summary: tuple[Path, StudyResult], dispatch: Dispatch | None
+) -> list[Path]:
+    """The results written, study.json last, and sent: what was made is sent even when
+    another series failed."""
+    path, doc = summary
     try:
-        summary = (out_dir / STUDY_FILE, (doc.model_dump_json(indent=2) + "\n").encode())
-        written = write_outputs(outputs, last=summary)
+        last = (path, (doc.model_dump_json(indent=2) + "\n").encode())
+        written = write_outputs(made.outputs, last=last)
     except PipelineError as exc:
         raise StageError("write", exc) from exc
-    try:  # what was made is sent, even when another series failed
+    try:
         if dispatch is not None:
-            for route, paths in to_send:
+            for route, paths in made.to_send:
                 dispatch(route, paths)
     except PipelineError as exc:
         raise StageError("dispatch", exc) from exc
-    if failures:
-        raise StageError("series", InputError("; ".join(failures)))
-    finish_job(folder, settings)
-    log.info(
-        "job %s: study %s, %d series done, %d skipped",
-        job.id,
-        study.study_uid,
-        sum(o.status == "done" for o in outcomes),
-        sum(o.status == "skipped" for o in outcomes),
-    )
     return written
 
 
@@ -222,69 +267,6 @@ def _with_names(text: str, names: dict[str, str]) -> str:
 def _file_name(name: str, names: dict[str, str]) -> str:
     """``<SOP>.dcm`` as the inbox file it came from, where known."""
     return f"file {names[stem]}" if (stem := Path(name).stem) in names else name
-
-
-def _round_lock(settings: Settings, study_uid: str) -> AbstractContextManager[None]:
-    """Held while a round runs. 256 lock files whatever the number of studies: two studies
-    that share one only take turns."""
-    bucket = hashlib.sha256(study_uid.encode()).hexdigest()[:2]
-    locks = settings.spool_dir / ROUND_LOCKS
-    locks.mkdir(parents=True, exist_ok=True)
-    return flocked(locks / f"{bucket}.lock")
-
-
-def _superseded(job: Job, settings: Settings) -> bool:
-    """For a round handed over early: wait until its hold time, then tell whether more of its
-    study is in the spool (being received, or a later round waiting). Without an archive the
-    round's instances would be gone before the next round could use them: it then stands."""
-    assert job.study is not None
-    if job.study.hold_until is None or not settings.worker.archive_inputs:
-        return False
-    if (wait := (job.study.hold_until - now()).total_seconds()) > 0:
-        time.sleep(wait)
-    spool, uid = settings.spool_dir, job.study.study_uid
-    if any((spool / uid).glob(f"*/*{SUFFIX}")):
-        return True
-    for entry in spool.iterdir():
-        if entry.name == job.id or not is_job_id(entry.name):
-            continue
-        try:
-            other = read_job(entry)
-        except (OSError, ValueError):
-            continue  # finished and moved meanwhile, or half-made (then not yet ours to see)
-        if other.study is not None and other.study.study_uid == uid:
-            return True
-    return False
-
-
-def _earlier_round(path: Path) -> StudyResult | None:
-    try:
-        return StudyResult.model_validate_json(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        log.warning("%s unreadable (%s): this round is processed on its own", path, exc)
-        return None
-
-
-def _earlier_instances(
-    settings: Settings, earlier: StudyResult | None, series_uids: set[str]
-) -> dict[str, Path]:
-    """Instances of the touched series from the study's earlier rounds (kept in the archive),
-    by SOP Instance UID (the receiver names files by it); oldest first, so later rounds win.
-
-    A late instance thus joins its series instead of being processed alone."""
-    found: dict[str, Path] = {}
-    for job_id in earlier.rounds if earlier else []:
-        # A round that failed keeps its instances in failed/ instead of the archive.
-        folder = settings.archive_dir / job_id / STUDY_FOLDER
-        if not folder.is_dir():
-            folder = settings.failed_dir / job_id / STUDY_FOLDER
-        for uid in series_uids:
-            found.update({p.stem: p for p in (folder / uid).glob("*.dcm")})
-    if earlier and not found and series_uids and not settings.worker.archive_inputs:
-        log.warning("earlier rounds' instances are not archived: this round stands alone")
-    return found
 
 
 def _series_results(

@@ -31,7 +31,9 @@ from pipeline.core.routing import Route
 from pipeline.core.settings import Settings
 from pipeline.inference.triton_client import TritonClient
 from pipeline.outputs.send import dispatch
-from pipeline.studies.file_job import Models, StageError, run_job
+from pipeline.studies.file_job import run_job
+from pipeline.studies.models import Models
+from pipeline.studies.steps import StageError
 from pipeline.studies.study_job import run_study
 from pipeline.tasks.app import DISPATCH_TASK, TASK_NAME, lane_of
 from pipeline.tasks.enqueue import offer

@@ -1,0 +1,57 @@
+"""Result files made in memory and written complete: each under a temporary name, fsynced,
+renamed; a result.json only once the files it describes are on disk, a study.json last."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from pipeline.core.errors import TransientError
+from pipeline.core.fsutil import atomic_write_in_phases
+from pipeline.core.results import PREVIEW_FILE, Result
+from pipeline.inference.segment import transposed
+
+MASK_FILE = "mask.nii.gz"
+
+
+RESULT_FILE = "result.json"
+
+
+# A result file made in memory, to be written complete under its final name.
+Output = tuple[Path, bytes]
+
+
+def result_files(
+    out_dir: Path, doc: Result, png: bytes | None, objects: dict[str, bytes]
+) -> list[Output]:
+    """result.json last: its presence says the rest is there."""
+    made = [(out_dir / name, data) for name, data in objects.items()]
+    doc = doc.model_copy(update={"dicom": list(objects)})
+    if png is not None:
+        made.append((out_dir / PREVIEW_FILE, png))
+        doc = doc.model_copy(update={"preview": PREVIEW_FILE})
+    return [*made, (out_dir / RESULT_FILE, (doc.model_dump_json(indent=2) + "\n").encode())]
+
+
+def write_outputs(outputs: list[Output], last: Output | None = None) -> list[Path]:
+    """Each file complete (temporary name, fsync, rename), the result.json files only once the
+    files they describe are on disk, and ``last`` (a study's study.json) after them all."""
+    results = [o for o in outputs if o[0].name == RESULT_FILE]
+    others = [o for o in outputs if o[0].name != RESULT_FILE]
+    after = [last] if last is not None else []
+    try:
+        atomic_write_in_phases([others, results, after])
+    except OSError as exc:  # disk full or unwritable: nothing partial was left; retry later
+        raise TransientError(f"cannot write the results: {exc}") from exc
+    return [path for path, _ in [*outputs, *after]]
+
+
+def nifti_gz(mask: np.ndarray, affine: np.ndarray) -> bytes:
+    # NIfTI stores voxels in Fortran order: nibabel would reorder the C-ordered mask a plane at
+    # a time (0.15 s for a 200-slice CT); the transpose of a sparse mask takes 0.02 s.
+    image = nib.Nifti1Image(transposed(mask, np.uint8).T, affine)
+    image.header.set_xyzt_units("mm")
+    return gzip.compress(image.to_bytes(), compresslevel=6)
