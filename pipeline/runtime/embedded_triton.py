@@ -18,6 +18,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.core.contract import discover_contracts
+from pipeline.core.errors import PipelineError
 from pipeline.core.fsutil import atomic_write_json
 from pipeline.core.settings import Settings
 from pipeline.runtime.process import ManagedProcess, free_port
@@ -140,3 +142,20 @@ def start(settings: Settings) -> tuple[ManagedProcess, TritonEndpoints]:
     )
     atomic_write_json(endpoints_file(settings), endpoints.__dict__)
     return proc, endpoints
+
+
+def check_weights(settings: Settings) -> None:
+    """PipelineError naming the models of the repository that have no weights: Triton would
+    fail to load them."""
+    repo = settings.triton.model_repository
+    missing = [
+        name
+        for name, c in discover_contracts(repo).items()
+        if not (repo / name / "1" / c.weights).is_file()
+    ]
+    if missing:
+        raise PipelineError(
+            f"no weights for {', '.join(missing)} in {repo}: run "
+            "`dicom-pipeline models build-demo` (demo weights) or put real TorchScript "
+            "weights in <model>/1/ (see README)"
+        )

@@ -16,8 +16,9 @@ import contextlib
 import http.client
 import json
 import secrets
+import time
 import urllib.parse
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from pydicom import dcmread
@@ -175,3 +176,23 @@ def _all(report: SendReport, paths: Iterable[Path], why: str, *, transient: bool
         report.failed[path] = why
         if transient:
             report.transient.add(path)
+
+
+def send_retrying(
+    paths: Sequence[Path], target: StowTarget, retries: int, advance: Callable[[int], None]
+) -> SendReport:
+    """:func:`send`, and what failed for a reason that may pass tried again, up to
+    ``retries`` times, with backoff; ``advance`` hears how many files each round settled."""
+    report = SendReport()
+    todo = list(paths)
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(min(2.0**attempt, 30.0))
+        batch = send(todo, target)
+        report.sent += batch.sent
+        todo = [p for p in batch.failed if p in batch.transient and attempt < retries]
+        report.failed.update({p: why for p, why in batch.failed.items() if p not in todo})
+        advance(len(batch.sent) + len(batch.failed) - len(todo))
+        if not todo:
+            break
+    return report
