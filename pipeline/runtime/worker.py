@@ -9,15 +9,12 @@ import os
 import threading
 from typing import Any
 
-from celery.signals import worker_ready
-
 from pipeline.core.fsutil import atomic_write_bytes
 from pipeline.core.routing import Priority
 from pipeline.core.settings import Settings
 from pipeline.ops import metrics
 from pipeline.tasks import broker
 from pipeline.tasks.app import QUEUE, URGENT_QUEUE, make_celery, worker_queues
-from pipeline.tasks.worker import register_tasks, wait_for_pool, warm_up_before_fork
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +34,12 @@ def ready_marker(lanes: tuple[Priority, ...]) -> str:
 def run(settings: Settings, lanes: tuple[Priority, ...], triton_url: str) -> None:
     """Take jobs of ``lanes`` (urgent first) until Celery is stopped. ``metrics.prepare`` has
     run in this process (before anything imported prometheus_client)."""
+    # Here, not at the top: `up` imports this module for ready_marker, and must not load the
+    # task code's torch and MONAI into its own process.
+    from celery.signals import worker_ready
+
+    from pipeline.tasks.worker import register_tasks, wait_for_pool, warm_up_before_fork
+
     broker_url = broker.broker_url(settings)
     celery = make_celery(settings, broker_url)
     warm_up_before_fork(register_tasks(celery, settings, triton_url))
