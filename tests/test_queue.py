@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
+import time
 from contextlib import closing
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import redis
 
 from pipeline.core.jobs import ENQUEUED_MARKER, pending_jobs, spool_file
 from pipeline.core.settings import Settings
+from pipeline.ingest.handover import SLOW_FAILURE_S
 from pipeline.ingest.inbox import InboxWatcher
 from pipeline.runtime import embedded_redis
 from pipeline.runtime.embedded_triton import TritonEndpoints
@@ -146,3 +149,34 @@ def test_a_redelivered_job_is_not_done_twice(
         (settings.results_dir / job.id / "mednist_classifier" / "result.json").read_text()
     )
     assert result["prediction"]["label"] == "Hand"
+
+
+def test_a_broker_that_hangs_holds_intake_up_once_not_per_job(tmp_path: Path) -> None:
+    """A Redis that accepts connections and never answers (stopped under load, a network
+    partition): the first job waits out the timeouts and stays spooled; the producer then
+    leaves the broker alone for a while, so the next jobs are spooled at once instead of a
+    timeout each. Another producer (the other component) makes up its own mind."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)  # the kernel accepts; nobody ever reads or answers
+        url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+        settings = make_settings(tmp_path / "data", broker_url=url)
+        settings.ensure_dirs()
+        jobs = [
+            spool_file(_drop(settings, f"{i}.png"), settings.inbox_dir, settings.spool_dir)
+            for i in range(3)
+        ]
+        intake = producer(settings)
+        started = time.monotonic()
+        assert not intake.enqueue(jobs[0])
+        first = time.monotonic() - started
+        started = time.monotonic()
+        assert not intake.enqueue(jobs[1]) and not intake.enqueue(jobs[2])
+        rest = time.monotonic() - started
+        assert first > SLOW_FAILURE_S  # it did wait on the broker
+        assert rest < 0.5, rest  # and then did not, for two more jobs
+        assert len(list(pending_jobs(settings.spool_dir))) == 3  # all kept
+        other = producer(settings)
+        started = time.monotonic()
+        assert not other.enqueue(jobs[1])
+        assert time.monotonic() - started > SLOW_FAILURE_S
