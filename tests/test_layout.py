@@ -107,4 +107,4 @@ def test_the_receiver_and_the_watcher_start_without_torch(tmp_path: Path) -> Non
 
 
 def test_the_architecture_page_matches_the_tree() -> None:
-    assert PAGE.read_text() == render(), "run: python -m tests.architecture --write"
+    assert PAGE.read_text() == render(), "run: python -m tests.reference --write"

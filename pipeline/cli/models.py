@@ -79,5 +79,5 @@ def models_import_bundle(
         f"{', '.join(contract.labels)}, preprocessing "
         f"{', '.join(t.name for t in contract.preprocessing) or 'none'}\n"
         f"written to {settings.triton.model_repository / contract.name}; add it to a route "
-        "(README: Routing) and restart Triton to serve it"
+        "(docs/guides/routing.md) and restart Triton to serve it"
     )

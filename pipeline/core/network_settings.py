@@ -106,9 +106,15 @@ class ReceiverSettings(Section):
         description="Below this much free space in the spool, C-STORE answers 0xA700 (out of "
         "resources) and writes nothing.",
     )
-    network_timeout_s: float = Field(default=60.0, gt=0.0)
-    acse_timeout_s: float = Field(default=30.0, gt=0.0)
-    dimse_timeout_s: float = Field(default=60.0, gt=0.0)
+    network_timeout_s: float = Field(
+        default=60.0, gt=0.0, description="An association silent this long is aborted."
+    )
+    acse_timeout_s: float = Field(
+        default=30.0, gt=0.0, description="Longest wait for an association request or release."
+    )
+    dimse_timeout_s: float = Field(
+        default=60.0, gt=0.0, description="Longest wait for the rest of a DIMSE message (C-STORE)."
+    )
     maximum_pdu_size: int = Field(
         default=4 * 1024 * 1024,
         ge=0,
@@ -172,7 +178,9 @@ class Destination(Section):
         description="Attempts while the destination is down or busy, with exponential backoff "
         "up to retry_backoff_max_s (the default rides out about 8 hours).",
     )
-    retry_backoff_max_s: int = Field(default=300, gt=0)
+    retry_backoff_max_s: int = Field(
+        default=300, gt=0, description="Longest wait between two attempts at sending."
+    )
 
     @field_validator("ae_title", "calling_ae_title")
     @classmethod

@@ -3,7 +3,7 @@
 Every stage a study passes (received, queued, loaded, inferred, written, sent, failed) is one
 log line from the ``pipeline.stage`` logger carrying the study UID, the job id and the stage's
 duration, never patient data; with ``log_format: json`` each line is a JSON object. The same
-call feeds the metrics (README: Metrics lists their names).
+call feeds the metrics (docs/reference/metrics.md lists their names).
 
 Components that fork count in Prometheus' multiprocess mode, whose folder must be named before
 ``prometheus_client`` is first imported (:func:`pipeline.ops.metrics.prepare`): this module

@@ -76,7 +76,7 @@ class SegmentationInfo(_Doc):
 class Result(_Doc):
     schema_version: Literal["1.3"] = "1.3"  # 1.3: priority
     job_id: str
-    # The lane its job waited in (README: Urgent studies first); None: queued by an older
+    # The lane its job waited in (docs/guides/routing.md); None: queued by an older
     # version, or processed without a queue (warm-up).
     priority: Priority | None = None
     input: InputInfo

@@ -34,8 +34,12 @@ class TritonSettings(Section):
     http_port: int = Field(default=0, ge=0, le=65535, description="Embedded; 0 picks a free one.")
     grpc_port: int = Field(default=0, ge=0, le=65535, description="Embedded; 0 picks a free one.")
     metrics_port: int = Field(default=0, ge=0, le=65535, description="Embedded; 0: free one.")
-    startup_timeout_s: float = Field(default=240.0, gt=0)
-    request_timeout_s: float = Field(default=120.0, gt=0)
+    startup_timeout_s: float = Field(
+        default=240.0, gt=0, description="The embedded Triton must load its models within this."
+    )
+    request_timeout_s: float = Field(
+        default=120.0, gt=0, description="One inference request; longer is a transient error."
+    )
     shared_memory: Literal["auto", "off"] = Field(
         default="auto",
         description="auto: tensors go to a Triton on this machine (a loopback URL, as the "
@@ -82,7 +86,9 @@ class InboxSettings(Section):
         ge=1,
         description="A zip that would unpack to more than this is refused (and kept in failed/).",
     )
-    poll_interval_s: float = Field(default=0.25, gt=0.0)
+    poll_interval_s: float = Field(
+        default=0.25, gt=0.0, description="How often the watcher looks at what is settling."
+    )
     ignore_patterns: tuple[str, ...] = Field(
         default=("*.part", ".*", "*.tmp", "*.crdownload", "*.swp", "~*"),
         description="Names (fnmatch) never taken: files still being written.",
@@ -93,22 +99,32 @@ MAX_TORCH_THREADS = 8
 
 
 class WorkerSettings(Section):
-    concurrency: int = Field(default=2, ge=1, le=64)
+    concurrency: int = Field(
+        default=2, ge=1, le=64, description="Pool processes of a worker: jobs processed at once."
+    )
     urgent_concurrency: int = Field(
         default=0,
         ge=0,
         le=64,
         description="`up` also runs a worker of this many pool processes that takes urgent "
-        "jobs only (README: Urgent studies first), so an urgent study never waits for "
+        "jobs only (docs: Routing and urgent studies), so an urgent study never waits for "
         "routine tasks already running. 0: none; the worker takes urgent jobs first anyway. "
         "Each pool process holds its own memory (worker.prefault_mb and more).",
     )
-    task_soft_time_limit_s: int = Field(default=540, gt=0)
-    task_time_limit_s: int = Field(default=600, gt=0)
+    task_soft_time_limit_s: int = Field(
+        default=540, gt=0, description="A job still running after this fails (kept in failed/)."
+    )
+    task_time_limit_s: int = Field(
+        default=600,
+        gt=0,
+        description="A pool process still busy after this is replaced; its job is redelivered.",
+    )
     max_retries: int = Field(
         default=12, ge=0, description="Retries of transient errors before the item fails."
     )
-    retry_backoff_max_s: int = Field(default=300, gt=0)
+    retry_backoff_max_s: int = Field(
+        default=300, gt=0, description="Longest wait between two tries of a transient error."
+    )
     numpy_huge_pages: bool = Field(
         default=False,
         description="Let numpy ask for transparent huge pages for large arrays. Off: under "
@@ -192,7 +208,9 @@ class OutputSettings(Section):
         max_length=64,
         description="Manufacturer written in DICOM SR and SEG (the observer device's too).",
     )
-    institution_name: str | None = Field(default=None, max_length=64)
+    institution_name: str | None = Field(
+        default=None, max_length=64, description="Institution Name written in DICOM SR."
+    )
     iod_check: Literal["auto", "dciodvfy", "strict-read"] = Field(
         default="auto",
         description="How every DICOM output is validated before it is written: dciodvfy "
@@ -203,7 +221,7 @@ class OutputSettings(Section):
 
 
 class MetricsSettings(Section):
-    """Prometheus endpoints (README: Metrics), one per long-running component."""
+    """Prometheus endpoints (docs/reference/metrics.md), one per long-running component."""
 
     host: str = Field(default="127.0.0.1", description="Address the endpoints listen on.")
     receiver_port: int = Field(default=9101, ge=0, le=65535, description="0: no endpoint.")
@@ -222,9 +240,9 @@ class MetricsSettings(Section):
 class WebSettings(Section):
     """The read-only status page (`dicom-pipeline web`, part of `up`)."""
 
-    enabled: bool = True
+    enabled: bool = Field(default=True, description="Serve the page as part of `up`.")
     host: str = Field(default="127.0.0.1", description="Loopback by default: it shows results.")
-    port: int = Field(default=8080, ge=0, le=65535)
+    port: int = Field(default=8080, ge=0, le=65535, description="0 picks a free port.")
     refresh_s: int = Field(default=5, ge=1, le=3600, description="The page reloads this often.")
 
 

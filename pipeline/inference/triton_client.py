@@ -223,7 +223,7 @@ class TritonClient:
             raise ModelOutputError(
                 f"{contract.name} returned a {name} whose data does not fill "
                 f"its shape ({exc}); check the Triton model environment (numpy < 2 for Triton "
-                "2.51's python backend, see README)"
+                "2.51's python backend, see docs/operations/deploy.md)"
             ) from exc
         if probs is None:
             raise InputError(f"{contract.name} returned no {name}")

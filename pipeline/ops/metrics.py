@@ -1,5 +1,5 @@
 """Each component's Prometheus endpoint: its processes' counts together, and the queues'
-depths on the worker's (README: Metrics lists the names).
+depths on the worker's (docs/reference/metrics.md lists the names).
 
 Components that fork (the worker's pool, several receiving processes) count in Prometheus'
 multiprocess mode: ``PROMETHEUS_MULTIPROC_DIR`` must be set before ``prometheus_client`` is first

@@ -1,4 +1,5 @@
-"""Retention: finished items older than the configured days are removed (README: Retention).
+"""Retention: finished items older than the configured days are removed
+(docs/operations/retention.md).
 
 Only finished things are pruned: processed inputs (archive/), results, failed items and MPPS
 records of finished procedures. The spool (studies being received, jobs queued or running) is

@@ -157,5 +157,5 @@ def check_weights(settings: Settings) -> None:
         raise PipelineError(
             f"no weights for {', '.join(missing)} in {repo}: run "
             "`dicom-pipeline models build-demo` (demo weights) or put real TorchScript "
-            "weights in <model>/1/ (see README)"
+            "weights in <model>/1/ (see docs/guides/models.md)"
         )
