@@ -53,16 +53,17 @@ def _type(annotation: Any) -> str:
     return getattr(annotation, "__name__", str(annotation))
 
 
-def _default(field: FieldInfo) -> str:
-    if field.default is PydanticUndefined:
-        return "required" if field.default_factory is None else "`{}`"
-    value = field.default
+def _default(field: FieldInfo, inherited: Any = PydanticUndefined) -> str:
+    """The field's default, or the value it has in its section's default (``inherited``)."""
+    value = field.default if inherited is PydanticUndefined else inherited
+    if value is PydanticUndefined:
+        return "required" if field.default_factory is None else "empty"
     if isinstance(value, enum.Enum):
         value = value.value
-    if value in (None, (), []):
+    if value in (None, (), [], {}):
         return "empty"
     if isinstance(value, BaseModel):
-        return "see below"
+        return ""  # a section: its keys below say
     if isinstance(value, tuple) and value and isinstance(value[0], BaseModel):
         return "see below"
     text = ", ".join(map(str, value)) if isinstance(value, tuple) else str(value)
@@ -86,16 +87,25 @@ def _nested(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def fields(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, FieldInfo]]:
-    """Every leaf field of ``model``, by its dotted path; sections are walked into."""
+def fields(
+    model: type[BaseModel], prefix: str = "", defaults: BaseModel | None = None
+) -> Iterator[tuple[str, FieldInfo, Any]]:
+    """Every leaf field of ``model`` by its dotted path, with the value its section's default
+    gives it (PydanticUndefined where none does); sections are walked into, and listed
+    themselves where they have a description."""
     for name, field in model.model_fields.items():
         if field.exclude:
             continue
         path = f"{prefix}{name}"
+        inherited = getattr(defaults, name) if defaults is not None else PydanticUndefined
         if (sub := _nested(field.annotation)) is not None:
-            yield from fields(sub, f"{path}.")
+            if field.description:
+                yield path, field, inherited
+            default = inherited if inherited is not PydanticUndefined else field.default
+            section = default if isinstance(default, BaseModel) else None
+            yield from fields(sub, f"{path}.", section)
         else:
-            yield path, field
+            yield path, field, inherited
 
 
 def _cell(text: str) -> str:
@@ -110,13 +120,13 @@ def _table(model: type[BaseModel], prefix: str = "", env: bool = False) -> list[
             "|---|---|---|---|---|---|",
         ]
     rows = []
-    for path, field in fields(model, prefix):
+    for path, field, inherited in fields(model, prefix):
         cells = [f"`{path}`"]
         if env:
             cells.append(f"`PIPELINE_{path.replace('.', '__').upper()}`")
         cells += [
-            _type(field.annotation),
-            _default(field),
+            "section" if _nested(field.annotation) else _type(field.annotation),
+            _default(field, inherited),
             _bounds(field),
             _cell(field.description or ""),
         ]

@@ -28,8 +28,8 @@ def _text() -> dict[Path, str]:
 
 
 def _setting_keys() -> set[str]:
-    keys = {path for path, _ in reference.fields(Settings)}
-    keys |= {f"destinations.{p}" for p, _ in reference.fields(Destination)}
+    keys = {path for path, _, _ in reference.fields(Settings)}
+    keys |= {f"destinations.{p}" for p, _, _ in reference.fields(Destination)}
     return keys
 
 

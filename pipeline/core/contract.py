@@ -41,9 +41,11 @@ class SlidingWindow(BaseModel):
     shape, overlapping, blended, run ``batch_size`` at a time."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    overlap: float = Field(default=0.25, ge=0.0, lt=1.0)
-    batch_size: int = Field(default=4, ge=1, le=64)
-    mode: Literal["gaussian", "constant"] = "gaussian"
+    overlap: float = Field(default=0.25, ge=0.0, lt=1.0, description="Patches' overlap.")
+    batch_size: int = Field(default=4, ge=1, le=64, description="Patches per request.")
+    mode: Literal["gaussian", "constant"] = Field(
+        default="gaussian", description="How overlapping patches are blended."
+    )
     runs_on: Literal["worker", "triton"] = Field(
         default="worker",
         description="worker: the worker cuts and blends, sending patches to Triton, where "
@@ -55,16 +57,18 @@ class SlidingWindow(BaseModel):
 
 class TransformSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    name: str
-    args: dict[str, Any] = Field(default_factory=dict)
+    name: str = Field(description="A MONAI transform of the allow-list, e.g. ScaleIntensityRange.")
+    args: dict[str, Any] = Field(default_factory=dict, description="Its keyword arguments.")
 
 
 class TensorSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    name: str
+    name: str = Field(description="The tensor's name in the model's config.pbtxt.")
     # Inputs are float32; an output may be float16 (probabilities need no more, and a 3D
     # segmentation's are most of what a request moves).
-    dtype: Literal["float32", "float16"] = "float32"
+    dtype: Literal["float32", "float16"] = Field(
+        default="float32", description="float16 for an output only."
+    )
     shape: tuple[int, ...] = Field(description="Without the batch dimension.")
 
 
@@ -72,9 +76,9 @@ class CodeSpec(BaseModel):
     """A coded concept (PS3.3 8.8): scheme designator, code value, code meaning."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    scheme: str = Field(min_length=1, max_length=16)
-    value: str = Field(min_length=1, max_length=64)
-    meaning: str = Field(min_length=1, max_length=64)
+    scheme: str = Field(min_length=1, max_length=16, description="Coding scheme designator.")
+    value: str = Field(min_length=1, max_length=64, description="Code value.")
+    meaning: str = Field(min_length=1, max_length=64, description="Code meaning.")
 
 
 # Our private coding scheme (PS3.3 8.2: designators starting with "99" are private): a label
@@ -91,7 +95,9 @@ class ReportCodes(BaseModel):
         default=CodeSpec(scheme="DCM", value="121071", meaning="Finding"),
         description="Concept name of the qualitative evaluation whose value is the label.",
     )
-    labels: dict[str, CodeSpec] = Field(default_factory=dict)
+    labels: dict[str, CodeSpec] = Field(
+        default_factory=dict, description="A code per label (scheme, value, meaning)."
+    )
     segment_category: CodeSpec = Field(
         default=CodeSpec(
             scheme="SCT", value="49755003", meaning="Morphologically abnormal structure"
@@ -112,17 +118,19 @@ class ReportCodes(BaseModel):
 class ModelContract(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str
-    description: str = ""
-    task: Task = Task.CLASSIFICATION
-    spatial_dims: Literal[2, 3]
-    accepts: tuple[InputKind, ...]
-    input: TensorSpec
-    output: TensorSpec
-    activation: Activation
-    labels: tuple[str, ...]
+    name: str = Field(description="The model's name in the repository and in routes.")
+    description: str = Field(default="", description="For people; shown by `models list`.")
+    task: Task = Field(default=Task.CLASSIFICATION, description="A label per input, or per voxel.")
+    spatial_dims: Literal[2, 3] = Field(description="2D images or 3D volumes.")
+    accepts: tuple[InputKind, ...] = Field(description="The input kinds routed to it.")
+    input: TensorSpec = Field(description="The input tensor.")
+    output: TensorSpec = Field(description="The output tensor: one value per label.")
+    activation: Activation = Field(description="How its logits become probabilities.")
+    labels: tuple[str, ...] = Field(description="The labels, in the output's order.")
     threshold: float = Field(default=0.5, gt=0.0, lt=1.0, description="sigmoid models only")
-    preprocessing: tuple[TransformSpec, ...] = ()
+    preprocessing: tuple[TransformSpec, ...] = Field(
+        default=(), description="MONAI transforms the worker applies, in order: name and args."
+    )
     weights: str = Field(default="model.pt", description="TorchScript file in the version dir")
     sliding_window: SlidingWindow = SlidingWindow()
     min_lesion_ml: float = Field(
