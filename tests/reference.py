@@ -13,6 +13,7 @@ import typing
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import typer.main
 from annotated_types import Ge, Gt, Le, Lt, MaxLen, MinLen
@@ -241,11 +242,13 @@ def schemas_page() -> str:
 
 
 def metrics_page() -> str:
-    from prometheus_client import Counter, Histogram
+    from prometheus_client import REGISTRY, Counter, Histogram
 
     from pipeline.core.observe import _Metrics
 
-    defined = _Metrics()
+    # Described, not registered: the process may have its own metrics registered already.
+    with mock.patch.object(REGISTRY, "register"):
+        defined = _Metrics()
     lines = [
         "# Metrics",
         "",
