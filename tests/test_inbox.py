@@ -11,6 +11,7 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+import pydicom
 import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
@@ -27,6 +28,8 @@ from pipeline.ingest.receiver import Receiver
 from pipeline.ingest.settling import HeldFiles, Patience, SettlingStudies, StabilityTracker
 
 from .conftest import make_settings, recording_producer
+
+PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 
 
 class Clock:
@@ -334,6 +337,38 @@ def test_dicom_files_dropped_into_the_inbox_become_one_job_per_study(
         f"inbox: gathering the DICOM files of study {uid}"
         for uid in (ct.study_uid, single.study_uid)
     )
+
+
+def test_the_same_instance_in_other_transfer_syntaxes_is_taken_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A PACS's export done twice, the second time compressed: a vendor's MR image (pydicom's
+    test files) uncompressed, RLE, JPEG 2000 and JPEG-LS lossless, one SOP instance. Same
+    elements, same pixels once decoded: one instance of one study, no failed item; the log
+    says the copies came in another encoding."""
+    caplog.set_level(logging.INFO, logger="pipeline.ingest.inbox")
+    settings = make_settings(tmp_path / "data", inbox={"settle_seconds": 0.1, "study_quiet_s": 0.3})
+    settings.ensure_dirs()
+    names = ["MR_small.dcm", "MR_small_RLE.dcm", "MR_small_jp2klossless.dcm"]
+    names.append("MR_small_jpeg_ls_lossless.dcm")
+    staging = tmp_path / "export"
+    staging.mkdir()
+    for name in names:
+        shutil.copy(PYDICOM_FILES / name, staging / name)
+    study_uid = str(dcmread(staging / names[0]).StudyInstanceUID)
+
+    def drop() -> None:
+        os.replace(staging, settings.inbox_dir / "export")
+
+    (job,) = _watch(settings, lambda jobs: bool(jobs), drop)
+
+    assert job.study is not None and job.study.study_uid == study_uid
+    assert job.study.instances == 1
+    assert not list(settings.failed_dir.iterdir())
+    assert not [p for p in settings.inbox_dir.rglob("*") if p.is_file()]
+    said = [r.getMessage() for r in caplog.records]
+    recoded = "3 instance(s) came twice, the same instance in another encoding (transfer syntax)"
+    assert any(f"inbox: study {study_uid}: {recoded}" in line for line in said), said
 
 
 def test_a_study_left_gathering_by_an_earlier_run_is_finished_by_the_watcher(

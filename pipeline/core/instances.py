@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import RE_VALID_UID
@@ -157,6 +158,9 @@ class Placed(StrEnum):
 
     MOVED = "moved"
     SAME = "same"  # the folder holds this instance, byte for byte: the copy was removed
+    # ... in another encoding (a transfer syntax, trailing padding): the same elements and the
+    # same image once decoded; the copy was removed
+    RECODED = "recoded"
     CONFLICT = "conflict"  # the folder holds another file of this instance: nothing moved
 
 
@@ -164,14 +168,19 @@ def place_file(spool: Path, uids: InstanceUIDs, src: Path, note: str) -> Placed:
     """Move a complete file (from the inbox) into its study folder, where the receiver puts a
     received instance, and append ``note`` (one line) to the folder's :data:`INBOX_FILES`.
     A second copy of an instance already there is removed if it is the same bytes (a CD
-    dropped twice loses nothing), and left where it is if it differs."""
+    dropped twice loses nothing) or the same instance in another encoding (a PACS's export
+    compressed the second time), and left where it is if its content differs."""
     with spool_lock(spool, exclusive=False):  # the study is not closed half-way through
         dest = instance_path(spool, uids)
         if dest.exists():
-            if not filecmp.cmp(src, dest, shallow=False):
+            if filecmp.cmp(src, dest, shallow=False):
+                placed = Placed.SAME
+            elif same_instance(src, dest):
+                placed = Placed.RECODED
+            else:
                 return Placed.CONFLICT
             src.unlink()
-            return Placed.SAME
+            return placed
         _make_dirs(spool, dest.parent)
         move(src, dest)  # across filesystems by a .moving file: never seen as an instance
         with (dest.parent.parent / INBOX_FILES).open("a") as f:
@@ -180,6 +189,29 @@ def place_file(spool: Path, uids: InstanceUIDs, src: Path, note: str) -> Placed:
             os.fsync(f.fileno())
         fsync_dir(dest.parent)
     return Placed.MOVED
+
+
+# Not content: the pixels are compared decoded, and padding at the end of a data set is filler.
+_ENCODING_ONLY = {0x7FE00010, 0xFFFCFFFC}
+
+
+def same_instance(a: Path, b: Path) -> bool:
+    """Two files of one instance that differ only in their encoding: every data element
+    equal (file meta aside: it names the transfer syntax) and the pixels equal once decoded.
+    Decoded here only, when two copies collide; any file that cannot be read or decoded is
+    taken to differ."""
+    try:
+        first, second = dcmread(a), dcmread(b)
+        elements = [
+            {e.tag: e.value for e in ds if e.tag not in _ENCODING_ONLY} for ds in (first, second)
+        ]
+        if elements[0] != elements[1] or ("PixelData" in first) != ("PixelData" in second):
+            return False
+        return "PixelData" not in first or bool(
+            np.array_equal(first.pixel_array, second.pixel_array)
+        )
+    except Exception:  # noqa: BLE001 - pydicom and its decoders raise many types on bad files
+        return False
 
 
 def inbox_files(study_dir: Path) -> dict[str, str]:

@@ -110,7 +110,8 @@ class InboxWatcher:
         )
         self.studies = SettlingStudies(patience)
         self.held = HeldFiles(patience)
-        self.copies: Counter[str] = Counter()  # study UID -> identical copies removed
+        # (study UID, SAME or RECODED) -> second copies removed
+        self.copies: Counter[tuple[str, Placed]] = Counter()
         self.unpacked: set[Path] = set()  # folders made by unpacking: removed once emptied
         self.unpacking: dict[Path, Future[Path | None]] = {}  # archive -> its unpacked folder
         self.stop_unpacking = threading.Event()
@@ -257,18 +258,25 @@ class InboxWatcher:
                 ),
             )
             return
-        if placed is Placed.SAME:  # the same folder dropped twice, a CD copied again
-            self.copies[uids.study] += 1  # said once, when the study closes
+        if placed in (Placed.SAME, Placed.RECODED):  # a CD copied again, an export redone
+            self.copies[(uids.study, placed)] += 1  # said once, when the study closes
         elif uids.study not in self.studies:  # UIDs only: folder names may carry a patient's name
             log.info("inbox: gathering the DICOM files of study %s", uids.study)
         self.studies.taken(uids.study, rel.parts[0])
 
     def _close_settled(self, busy: set[str]) -> None:
         for study_uid, received in self.studies.due(busy):
-            if copies := self.copies.pop(study_uid, 0):
+            if copies := self.copies.pop((study_uid, Placed.SAME), 0):
                 log.info(
                     "inbox: study %s: %d instance(s) came twice, byte for byte the same; the "
                     "second copies were removed",
+                    study_uid,
+                    copies,
+                )
+            if copies := self.copies.pop((study_uid, Placed.RECODED), 0):
+                log.info(
+                    "inbox: study %s: %d instance(s) came twice, the same instance in another "
+                    "encoding (transfer syntax); the second copies were removed",
                     study_uid,
                     copies,
                 )
