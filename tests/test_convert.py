@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import data_store
 import nibabel as nib
 import numpy as np
 import pydicom
@@ -71,6 +72,20 @@ def test_a_palette_colour_image_is_its_colours_in_grey() -> None:
     rgb = apply_color_lut(ds.pixel_array, ds).astype(np.float32)
     assert np.allclose(np.asarray(image.array[0]), rgb.mean(axis=-1))
     assert not np.allclose(np.asarray(image.array[0]), ds.pixel_array)
+
+
+def test_a_vendors_ultrasound_with_segmented_palette_tables_is_its_colours_in_grey() -> None:
+    """An ALOKA ultrasound (pydicom-data's real file) whose palette lookup tables are
+    segmented, as PS3.3 allows: read through pydicom's palette support, like whole tables."""
+    path = Path(data_store.__file__).parent / "data" / "gdcm-US-ALOKA-16.dcm"
+    ds = pydicom.dcmread(path)
+    assert "SegmentedRedPaletteColorLookupTableData" in ds
+    assert "RedPaletteColorLookupTableData" not in ds
+    image = convert.load(path)
+    assert tuple(image.array.shape) == (1, 480, 640)
+    rgb = apply_color_lut(ds.pixel_array, ds).astype(np.float32)
+    assert np.allclose(np.asarray(image.array[0]), rgb.mean(axis=-1))
+    assert float(image.array.std()) > 0  # an image, not a blank
 
 
 def test_a_multi_frame_colour_image_is_a_grey_volume_of_its_frames() -> None:

@@ -196,7 +196,9 @@ def check_pixel_description(
     one_sample = photometric.startswith("MONO") or photometric == "PALETTE COLOR"
     if photometric not in _PHOTOMETRIC or (samples == 1) != one_sample:
         raise InputError(f"photometric interpretation {photometric!r} with {samples} sample(s)")
-    if photometric == "PALETTE COLOR" and "RedPaletteColorLookupTableData" not in ds:
+    # The tables may be whole or segmented (PS3.3 C.7.9.2); pydicom applies either.
+    tables = ("RedPaletteColorLookupTableData", "SegmentedRedPaletteColorLookupTableData")
+    if photometric == "PALETTE COLOR" and not any(t in ds for t in tables):
         raise InputError("PALETTE COLOR without its lookup tables")
     meta = getattr(ds, "file_meta", None)
     syntax = meta.get("TransferSyntaxUID") if meta is not None else None
