@@ -90,3 +90,15 @@ def test_no_page_tells_development_history(page: Path) -> None:
     """What changed and when is CHANGELOG.md's; the docs say what the product does now."""
     history = re.compile(r"\bsession \d+|\bsessions? \d+ to \d+|\bnow fixed\b|\bbefore session\b")
     assert not history.findall(page.read_text())
+
+
+def test_every_metric_the_docs_name_exists() -> None:
+    defined = set(re.findall(r"`(dicom_pipeline_[a-z_]+)`", reference.metrics_page()))
+    named = {
+        (page.name, m)
+        for page, text in _text().items()
+        for m in re.findall(r"\b(dicom_pipeline_[a-z_]+?)(?:_bucket|_count|_sum)?\b", text)
+    }
+    assert len(named) > 10
+    unknown = [(page, m) for page, m in named if m not in defined]
+    assert not unknown, f"metrics the code does not have: {unknown}"
