@@ -24,6 +24,7 @@ from prometheus_client import REGISTRY
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from pipeline.core.instances import INCOMING
 from pipeline.core.settings import Settings
 from pipeline.demo.dicom_series import (
     TEST_PATIENT_ID,
@@ -342,8 +343,11 @@ def test_stow_rs_requests_beyond_max_associations_are_asked_to_come_back(
             f"POST /studies HTTP/1.1\r\nHost: x\r\nContent-Type: {kind}\r\n"
             f"Content-Length: 100000\r\n\r\n--b\r\n".encode()
         )
-        # Once the slow request holds the only place, another gets 503 (a request with the
-        # wrong media type, 415 otherwise, probes it without storing anything).
+        # Once the slow request holds the only place (its body is being written to the spool:
+        # a probe sent before it got there would take the place itself), another gets 503 (a
+        # request with the wrong media type, 415 otherwise, probes it without storing anything).
+        incoming = rx.settings.spool_dir / INCOMING
+        wait_for(lambda: any(incoming.glob("stow-*.part")), 10, "the slow request's body")
         wait_for(lambda: _post(rx, [part], content_type="text/plain")[0] == 503, 10, "the 503")
         status, text = _post(rx, [part])
         assert status == 503 and "too many requests at once" in text
