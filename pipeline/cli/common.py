@@ -19,8 +19,6 @@ from pipeline.core import observe
 from pipeline.core.errors import PipelineError
 from pipeline.core.settings import Settings, load_settings
 
-log = logging.getLogger("pipeline")
-
 
 def load() -> Settings:
     try:

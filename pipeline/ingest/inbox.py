@@ -62,6 +62,12 @@ from pipeline.ingest.settling import HeldFiles, Patience, SettlingStudies, Stabi
 
 log = logging.getLogger(__name__)
 
+# Second copies of an instance taken once, as the log says them when their study closes.
+_SECOND_COPIES = {
+    Placed.SAME: "byte for byte the same",
+    Placed.RECODED: "the same instance in another encoding (transfer syntax)",
+}
+
 
 def ignored(path: Path, inbox: Path, patterns: Iterable[str]) -> bool:
     """Files being written (by name), anything inside hidden folders and the marker of an
@@ -266,20 +272,15 @@ class InboxWatcher:
 
     def _close_settled(self, busy: set[str]) -> None:
         for study_uid, received in self.studies.due(busy):
-            if copies := self.copies.pop((study_uid, Placed.SAME), 0):
-                log.info(
-                    "inbox: study %s: %d instance(s) came twice, byte for byte the same; the "
-                    "second copies were removed",
-                    study_uid,
-                    copies,
-                )
-            if copies := self.copies.pop((study_uid, Placed.RECODED), 0):
-                log.info(
-                    "inbox: study %s: %d instance(s) came twice, the same instance in another "
-                    "encoding (transfer syntax); the second copies were removed",
-                    study_uid,
-                    copies,
-                )
+            for placed, how in _SECOND_COPIES.items():
+                if copies := self.copies.pop((study_uid, placed), 0):
+                    log.info(
+                        "inbox: study %s: %d instance(s) came twice, %s; the second copies were "
+                        "removed",
+                        study_uid,
+                        copies,
+                        how,
+                    )
             # None if closed meanwhile by the receiver, which adopts spooled studies.
             try:
                 self.producer.close(Completed(study_uid, Reason.INBOX, received, None, None))

@@ -13,15 +13,12 @@ them, which would let a backlog of routine jobs take turns with urgent ones).
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from celery import Celery
 
 from pipeline.core.routing import Priority
 from pipeline.core.settings import Settings
-
-log = logging.getLogger(__name__)
 
 TASK_NAME = "pipeline.process_job"
 DISPATCH_TASK = "pipeline.dispatch"  # sends a route's results to one destination
