@@ -29,6 +29,7 @@ from pipeline.runtime.process import descendants, free_port
 
 from .bad_inputs import all_cases
 from .conftest import alive, running_up, up_env, wait_for
+from .test_unrouted import NO_MODEL_FOR, unrouted_today
 
 pytestmark = pytest.mark.e2e
 
@@ -99,6 +100,12 @@ def test_bad_inputs_fail_clearly_and_good_ones_interleaved_get_results(
         for name in real:
             if "/" not in name:
                 os.replace(staging / name, inbox / name)
+        # Real objects no rule takes (a cine, a report, an RT plan, a SEG, an ECG): recorded
+        # as unrouted, not failed.
+        no_model = {str(dcmread(PYDICOM_FILES / n).StudyInstanceUID): n for n in NO_MODEL_FOR}
+        for name in NO_MODEL_FOR:
+            shutil.copy(PYDICOM_FILES / name, staging / f"forwarded-{name}")
+            os.replace(staging / f"forwarded-{name}", inbox / f"forwarded-{name}")
         real_studies = {str(dcmread(PYDICOM_FILES / f).StudyInstanceUID) for f in real.values()}
         # A zip of a picture, as downloaded: unpacked, and the picture classified.
         write_mednist_png(staging / "scan.png", "CXR", TEST_SEED_BASE + 960)
@@ -148,12 +155,15 @@ def test_bad_inputs_fail_clearly_and_good_ones_interleaved_get_results(
                     (data / "results" / u / "study.json").exists()
                     for u in (uid, ct.study_uid, *real_studies)
                 )
+                and set(no_model) <= {e.study for e in unrouted_today(data / "unrouted")}
             ),
             600,
             f"{len(bad)} failures and {len(good)} results",
         )
         errors = failed()
         assert set(errors) == set(bad), set(bad) ^ set(errors)
+        for entry in unrouted_today(data / "unrouted"):
+            assert entry.policy == "ignore" and entry.items, entry
         # Every one refused where it was read (a DICOM file's study: where its series was),
         # with its reason.
         stages = ("load", "intake", "series")

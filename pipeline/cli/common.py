@@ -53,6 +53,15 @@ def collected(
         raise fail(str(exc)) from None
 
 
+def retried(outcomes: list[tuple[str, bool]]) -> typer.Exit:
+    """Print what each retry did (failures on stderr); exit 1 if one failed."""
+    for what, ok in outcomes:
+        typer.echo(what, err=not ok)
+    if not outcomes:
+        typer.echo("nothing to retry")
+    return typer.Exit(0 if all(ok for _, ok in outcomes) else 1)
+
+
 def fail(message: str) -> typer.Exit:
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(2)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import typer
 
-from pipeline.cli import config, dicom, models, oneshot, ops, services
+from pipeline.cli import config, dicom, models, oneshot, ops, services, unrouted
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -16,6 +16,7 @@ app = typer.Typer(
 app.add_typer(config.app, name="config")
 app.add_typer(models.app, name="models")
 app.add_typer(ops.failed_app, name="failed")
+app.add_typer(unrouted.app, name="unrouted")
 for command in (
     config.schema,
     services.redis,

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from pipeline.cli.common import fail, load
+from pipeline.cli.common import fail, load, retried
 from pipeline.core.errors import PipelineError
 
 if TYPE_CHECKING:
@@ -97,6 +97,7 @@ def _print_snapshot(snap: Snapshot) -> None:
     for item in snap.failed:
         failures.add_row(item.when, item.id, item.stage, item.error[:200])
     console.print(failures if snap.failed else "no failed items")
+    console.print(snap.unrouted.line, highlight=False)
 
 
 def _table(title: str, *columns: str) -> Table:
@@ -193,8 +194,4 @@ def failed_retry(
             outcomes.append((failed.retry(settings, item, queue, send_again), True))
         except PipelineError as exc:
             outcomes.append((str(exc), False))
-    for what, ok in outcomes:
-        typer.echo(what, err=not ok)
-    if not outcomes:
-        typer.echo("nothing to retry")
-    raise typer.Exit(0 if all(ok for _, ok in outcomes) else 1)
+    raise retried(outcomes)

@@ -11,7 +11,7 @@ import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from pipeline.convert.headers import HeaderValues, Skipped, skip_reason
+from pipeline.convert.headers import IMAGE_WITHOUT_PIXELS, HeaderValues, Skipped, skip_reason
 from pipeline.core.errors import InputError
 from pipeline.core.routing import SeriesFacts
 
@@ -74,12 +74,15 @@ def group_series(paths: Iterable[Path]) -> tuple[list[SeriesGroup], list[Skipped
             sop = str(ds.get("SOPInstanceUID", ""))
             uid = str(ds.get("SeriesInstanceUID", ""))
         except Exception as exc:  # noqa: BLE001 - pydicom raises many types on malformed files
-            skipped.append(Skipped(path.name, f"not readable DICOM: {type(exc).__name__}: {exc}"))
+            why = f"not readable DICOM: {type(exc).__name__}: {exc}"
+            skipped.append(Skipped(path.name, why, broken=True))
             continue
         reason = "a second copy of an instance" if sop and sop in seen else None
         seen.add(sop)
+        broken = False
         try:
             reason = reason or skip_reason(ds, values)
+            broken = reason == IMAGE_WITHOUT_PIXELS
             frames = int(ds.get("NumberOfFrames", 1) or 1)
             group = groups.get(uid) or SeriesGroup(
                 uid=uid,
@@ -93,9 +96,10 @@ def group_series(paths: Iterable[Path]) -> tuple[list[SeriesGroup], list[Skipped
                 cols=int(ds.get("Columns", 0) or 0),
             )
         except Exception as exc:  # noqa: BLE001 - values their VR allows but we cannot use
-            reason = f"unusable header: {type(exc).__name__}: {exc}"
+            reason, broken = f"unusable header: {type(exc).__name__}: {exc}", True
         if reason is not None:
-            skipped.append(Skipped(path.name, reason))
+            modality, sop_class = _text(ds, "Modality"), _text(ds, "SOPClassUID")
+            skipped.append(Skipped(path.name, reason, broken, modality, sop_class))
             continue
         groups[uid] = group
         group.paths.append(path)
@@ -107,3 +111,11 @@ def group_series(paths: Iterable[Path]) -> tuple[list[SeriesGroup], list[Skipped
             ranked = sorted(range(len(keys)), key=keys.__getitem__)
             group.paths = [group.paths[i] for i in ranked]
     return list(groups.values()), skipped
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    """A value for a record, or "" where the header cannot give it."""
+    try:
+        return str(ds.get(keyword, ""))
+    except Exception:  # noqa: BLE001 - a value its VR allows but pydicom cannot convert
+        return ""

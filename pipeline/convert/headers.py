@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 
 from pipeline.core.errors import InputError
 
@@ -64,9 +65,15 @@ class HeaderValues:
         return float_values(ds.get(keyword), n, keyword)
 
 
+# No pixel data where they belong: a broken file, not an object to leave aside.
+IMAGE_WITHOUT_PIXELS = "no pixel data in an image, or in an object of no known SOP class"
+
+
 def skip_reason(ds: Dataset, values: HeaderValues) -> str | None:
     if "PixelData" not in ds:
-        return "no pixel data (not an image)"
+        if _known_non_image(values.get(ds, "SOPClassUID", "")):
+            return "no pixel data (not an image)"  # a report, a presentation state, ...
+        return IMAGE_WITHOUT_PIXELS
     if reason := NOT_IMAGES.get(str(values.get(ds, "SOPClassUID", ""))):
         return reason
     image_type = [str(v).upper() for v in values.get(ds, "ImageType", None) or []]
@@ -75,9 +82,22 @@ def skip_reason(ds: Dataset, values: HeaderValues) -> str | None:
     return None
 
 
+def _known_non_image(sop_class: object) -> bool:
+    """Whether the SOP class is a known one of objects that are no images (SR, presentation
+    states, key object selections, encapsulated documents), by pydicom's dictionary of UIDs
+    (whose names say "Image" for every image class)."""
+    uid = UID(str(sop_class or ""))
+    return uid.name != uid and "Image" not in uid.name  # an unknown UID's name is itself
+
+
 @dataclass(frozen=True)
 class Skipped:
-    """A file left out of a series, and why (no image, a localizer, unreadable)."""
+    """A file left out of a series, and why (no image, a localizer, unreadable). ``broken``:
+    a file that cannot be what it says (unreadable, or an image without pixels), as against
+    one that is fine but no image to infer on."""
 
     name: str
     reason: str
+    broken: bool = False
+    modality: str = ""
+    sop_class: str = ""

@@ -30,7 +30,13 @@ import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from pipeline.convert.headers import HeaderValues, Skipped, float_values, skip_reason
+from pipeline.convert.headers import (
+    IMAGE_WITHOUT_PIXELS,
+    HeaderValues,
+    Skipped,
+    float_values,
+    skip_reason,
+)
 from pipeline.convert.images import MAX_VOXELS, check_pixel_description
 from pipeline.core.errors import InputError
 
@@ -272,11 +278,12 @@ def _read(
         try:
             ds = dcmread(path)
         except Exception as exc:  # noqa: BLE001 - pydicom raises many types on malformed files
-            skipped.append(Skipped(path.name, f"not readable DICOM: {type(exc).__name__}: {exc}"))
+            why = f"not readable DICOM: {type(exc).__name__}: {exc}"
+            skipped.append(Skipped(path.name, why, broken=True))
             continue
         try:
             if reason := skip_reason(ds, values):
-                skipped.append(Skipped(path.name, reason))
+                skipped.append(Skipped(path.name, reason, reason == IMAGE_WITHOUT_PIXELS))
                 continue
             uid = str(values.get(ds, "SeriesInstanceUID", ""))
             if series_uid and uid != series_uid:

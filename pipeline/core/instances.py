@@ -73,6 +73,12 @@ def identify(ds: Dataset) -> InstanceUIDs:
     )
 
 
+def header_text(ds: Dataset, tag: int) -> str:
+    """A short text element (Modality, SOP Class UID) as read, "" when absent."""
+    value = _raw_value(ds, tag)
+    return "" if value is None else str(value).strip()
+
+
 def _raw_value(ds: Dataset, tag: int) -> object:
     """An element's value as read, without pydicom's conversion: a data set just read holds
     raw elements, and converting them (VR checks, a UID object each) cost more than reading

@@ -37,6 +37,17 @@ class ReceiverSettings(Section):
         description="If set, only peers from these addresses or networks (CIDR, e.g. "
         "10.1.0.0/16) may associate; others are rejected.",
     )
+    accept_modalities: tuple[str, ...] = Field(
+        default=(),
+        description="If set, instances of other modalities (C-STORE and STOW-RS) are "
+        "acknowledged as stored and dropped at once, never spooled; counted in "
+        "dicom_pipeline_instances_dropped_total. Never refused: a PACS would send them again.",
+    )
+    accept_sop_classes: tuple[str, ...] = Field(
+        default=(),
+        description="If set, instances of other SOP classes (UIDs) are acknowledged and "
+        "dropped, as for accept_modalities.",
+    )
     max_associations: int = Field(
         default=16,
         ge=1,

@@ -112,6 +112,18 @@ class _Metrics:
         self.failed = Counter(
             p + "jobs_failed_total", "Jobs moved to failed/, by stage.", ["stage"]
         )
+        self.unrouted = Counter(
+            p + "unrouted_total",
+            "Series and inbox files no routing rule takes, in jobs with nothing to process, by "
+            "what the unrouted setting did (ignore, keep, fail), kind, modality and SOP class.",
+            ["policy", "kind", "modality", "sop_class"],
+        )
+        self.dropped = Counter(
+            p + "instances_dropped_total",
+            "Instances acknowledged and not kept, as receiver.accept_modalities and "
+            "accept_sop_classes ask, by modality and SOP class.",
+            ["modality", "sop_class"],
+        )
         # The lanes' service levels (a stroke CT's minutes against a night's backlog): alert on
         # the urgent lane's, e.g. its 95th percentile over the last hour.
         self.turnaround = Histogram(
@@ -148,7 +160,8 @@ def _metrics() -> _Metrics | None:
 def count(name: str, *labels: str, amount: float = 1.0) -> None:
     """Increment one of the counters: ``instances``, ``refused`` (status), ``associations``
     (outcome), ``stow_requests`` (status), ``queued`` (source), ``completed``, ``failed``
-    (stage)."""
+    (stage), ``unrouted`` (policy, kind, modality, SOP class), ``dropped`` (modality, SOP
+    class)."""
     metrics = _metrics()
     if metrics is None:
         return

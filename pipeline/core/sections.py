@@ -260,3 +260,8 @@ class RetentionSettings(Section):
     records_days: float | None = Field(
         default=7.0, gt=0, description="MPPS records (spool/.mpps/) of finished procedures."
     )
+    unrouted_days: float | None = Field(
+        default=30.0,
+        gt=0,
+        description="Day records of inputs no rule took, and kept ones, under unrouted/.",
+    )

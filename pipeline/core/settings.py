@@ -40,6 +40,7 @@ from pipeline.core.sections import (
     WebSettings,
     WorkerSettings,
 )
+from pipeline.core.unrouted import Policy
 
 DEFAULT_CONFIG_FILE = Path("config/pipeline.yaml")
 CONFIG_ENV_VAR = "PIPELINE_CONFIG"
@@ -73,6 +74,13 @@ class Settings(BaseSettings):
         default=DEFAULT_ROUTES,
         description="Rules choosing the models for each series or inbox file, first match "
         "wins; a series no rule matches is skipped (recorded, not an error).",
+    )
+    unrouted: Policy = Field(
+        default="ignore",
+        description="A study none of whose series a rule takes, or an inbox file no rule "
+        "takes: ignore (recorded in unrouted/<day>.jsonl, its input archived or removed as a "
+        "processed one's), keep (recorded, its input kept in unrouted/<job id>/ for "
+        "`dicom-pipeline unrouted retry` once a rule takes it) or fail (a failed item).",
     )
     output: OutputSettings = OutputSettings()
     destinations: dict[str, Destination] = Field(
@@ -151,6 +159,11 @@ class Settings(BaseSettings):
     @property
     def archive_dir(self) -> Path:
         return self.data_dir / "archive"
+
+    @property
+    def unrouted_dir(self) -> Path:
+        """The day records of inputs no rule took, and the kept ones' folders."""
+        return self.data_dir / "unrouted"
 
     @property
     def run_dir(self) -> Path:

@@ -50,11 +50,17 @@ from pynetdicom.dimse_primitives import C_STORE, N_CREATE, N_SET
 from pynetdicom.events import Event
 
 from pipeline.core import observe
-from pipeline.core.instances import InvalidUIDError, OutOfSpaceError, identify, store_instance
+from pipeline.core.instances import (
+    InvalidUIDError,
+    OutOfSpaceError,
+    header_text,
+    identify,
+    store_instance,
+)
 from pipeline.core.settings import Settings
 from pipeline.core.tls import server_context
 from pipeline.ingest import mpps
-from pipeline.ingest.access import AllowedNetworks
+from pipeline.ingest.access import Accepted, AllowedNetworks
 from pipeline.ingest.dimse import polling, store_response
 from pipeline.ingest.dimse.transport import RequestHandler, Server
 from pipeline.ingest.events import Closed, EventSink, MppsCompleted, Released, Stored
@@ -81,7 +87,8 @@ TRANSFER_SYNTAXES = [
 # pynetdicom.sop_class builds these names at run time, out of the type checker's sight.
 VERIFICATION = UID("1.2.840.10008.1.1")
 MPPS_SOP_CLASS = UID("1.2.840.10008.3.1.2.3.3")  # Modality Performed Procedure Step
-SERIES_INSTANCE_UID = Tag(0x0020, 0x000E)
+SERIES_INSTANCE_UID = Tag(0x0020, 0x000E)  # the header is read up to it
+MODALITY, SOP_CLASS = 0x00080060, 0x00080016  # read before it
 
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700  # the disk watermark: the sender should retry later
@@ -111,6 +118,7 @@ class Handlers:
         self.min_free = rs.min_free_disk_mb * 2**20
         self.calling_aets = set(rs.allowed_calling_aets)
         self.networks = AllowedNetworks(rs.allowed_networks)
+        self.accepted = Accepted(rs.accept_modalities, rs.accept_sop_classes)
         self._lock = threading.Lock()
         self._counts: dict[str, list[int]] = {}  # association -> [stored, refused]
 
@@ -171,13 +179,17 @@ class Handlers:
         key = _assoc_key(event)
         calling = str(event.assoc.requestor.ae_title).strip()
         try:
-            uids = identify(_header(event))
+            header = _header(event)
+            uids = identify(header)
         except InvalidUIDError as exc:
             return self._refused(key, INVALID_UID, f"C-STORE from {calling} refused: {exc}")
         except Exception as exc:  # noqa: BLE001 - any decoding failure is a status, not a crash
             return self._refused(
                 key, CANNOT_UNDERSTAND, f"C-STORE from {calling}: undecodable data set ({exc})"
             )
+        modality, sop_class = header_text(header, MODALITY), header_text(header, SOP_CLASS)
+        if not self.accepted.keeps(uids.series, modality, sop_class):
+            return SUCCESS  # acknowledged, not kept: as the settings ask
         try:
             parts = _file_parts(event)
         except ValueError as exc:  # a UID in the command that is not ASCII

@@ -42,7 +42,7 @@ from pipeline.core.instances import (
 )
 from pipeline.core.settings import Settings
 from pipeline.core.tls import server_context
-from pipeline.ingest.access import AllowedNetworks
+from pipeline.ingest.access import Accepted, AllowedNetworks
 from pipeline.ingest.events import EventSink, Released, Stored
 from pipeline.ingest.stow_parts import (
     CANNOT_UNDERSTAND,
@@ -190,6 +190,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _store_parts(self, body: mmap.mmap, boundary: bytes, study: str | None) -> list[Outcome]:
         key = f"stow-{secrets.token_hex(8)}"  # this request's "association"
         sink, called = self.server.sink, self.server.settings.receiver.ae_title
+        accepted = self.server.accepted
         found = split(body, boundary)
         if not found:
             raise RequestError(HTTPStatus.BAD_REQUEST, "the body holds no part")
@@ -202,12 +203,13 @@ class _Handler(BaseHTTPRequestHandler):
                     continue
                 # One instance at a time in memory: a copy, as a memory map cannot close
                 # while views into it live.
-                outcome, stored_in = store_part(self.server.settings, body[start:end], study)
+                part = body[start:end]
+                outcome, stored_in = store_part(self.server.settings, part, study, accepted)
                 outcomes.append(outcome)
                 if stored_in is not None:
                     sink.put(Stored(stored_in, outcome.sop_instance, key, None, called))
                     observe.count("instances")
-                else:
+                elif outcome.failure is not None:  # else dropped, as accept_* ask: counted
                     observe.count("refused", f"0x{outcome.failure:04X}")
         finally:
             sink.put(Released(key))  # what was stored completes as after an association
@@ -294,6 +296,7 @@ class StowServer(ThreadingHTTPServer):
         self.sink = sink
         self.slots = threading.BoundedSemaphore(rs.max_associations)  # requests at once
         self.networks = AllowedNetworks(rs.allowed_networks)
+        self.accepted = Accepted(rs.accept_modalities, rs.accept_sop_classes)
         self.ssl_context = None
         if rs.tls_certificate is not None and rs.tls_private_key is not None:
             self.ssl_context = server_context(rs.tls_certificate, rs.tls_private_key, rs.tls_ca)

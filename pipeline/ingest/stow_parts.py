@@ -16,21 +16,15 @@ from pydicom.dataset import Dataset
 
 from pipeline.core.instances import InvalidUIDError, OutOfSpaceError, identify, store_instance
 from pipeline.core.settings import Settings
+from pipeline.ingest.access import Accepted
 
 log = logging.getLogger(__name__)
 
 
 # Failure Reason (0008,1197) values, PS3.18 Table I.2-2.
-# Failure Reason (0008,1197) values, PS3.18 Table I.2-2.
 OUT_OF_RESOURCES = 0xA700  # the disk watermark
-
-
 CANNOT_STORE = 0xA701  # writing failed (as C-STORE answers it)
-
-
 NOT_THIS_STUDY = 0xA900  # an instance of another study than the one the request named
-
-
 CANNOT_UNDERSTAND = 0xC000  # not a DICOM file, or its UIDs are not valid UIDs
 
 
@@ -81,8 +75,11 @@ def split(body: mmap.mmap | bytes, boundary: bytes) -> list[tuple[dict[str, str]
     return found_parts
 
 
-def store_part(settings: Settings, part: bytes, study: str | None) -> tuple[Outcome, str | None]:
-    """Store one DICOM file of a request; its outcome, and its study's UID when stored."""
+def store_part(
+    settings: Settings, part: bytes, study: str | None, accepted: Accepted | None = None
+) -> tuple[Outcome, str | None]:
+    """Store one DICOM file of a request; its outcome, and its study's UID when stored (None
+    for one refused, or dropped as ``accepted`` says: then its outcome has no failure)."""
     outcome = Outcome()
     # A PS3.10 file; or its file meta and data set without the preamble and "DICM", as
     # dicomweb-client sends a data set that was not read from a file: made whole here.
@@ -108,6 +105,9 @@ def store_part(settings: Settings, part: bytes, study: str | None) -> tuple[Outc
     if study is not None and uids.study != study:
         log.warning("STOW-RS: instance %s is not of the study the request names", uids.sop)
         outcome.failure = NOT_THIS_STUDY
+        return outcome, None
+    modality = str(ds.get("Modality", "") or "")
+    if accepted is not None and not accepted.keeps(uids.series, modality, outcome.sop_class):
         return outcome, None
     min_free = settings.receiver.min_free_disk_mb * 2**20
     try:

@@ -131,19 +131,27 @@ def retry(
         shutil.rmtree(item.folder)
         return f"{item.id}: sending of {len(delivery.files)} file(s) queued"
     job = read_job(item.folder)
-    dest = settings.spool_dir / job.id
-    if dest.exists():
+    if (settings.spool_dir / job.id).exists():
         raise InputError(f"{item.id}: job {job.id} is in the spool already (being processed)")
     os.replace(item.folder / ERROR_FILE, item.folder / PREVIOUS_ERROR)
     shutil.rmtree(item.folder / REJECTED_OUTPUTS, ignore_errors=True)
-    (item.folder / ENQUEUED_MARKER).unlink(missing_ok=True)
+    return f"{item.id}: " + back_to_spool(settings, item.folder, job, enqueue)
+
+
+def back_to_spool(
+    settings: Settings, folder: Path, job: Job, enqueue: Callable[[Job], bool]
+) -> str:
+    """A set-aside job's folder (failed, or kept as no rule took it) moved back into the
+    spool and queued; what happened, in words."""
+    (folder / ENQUEUED_MARKER).unlink(missing_ok=True)
     settings.spool_dir.mkdir(parents=True, exist_ok=True)
-    os.replace(item.folder, dest)  # same file system: atomic
+    parent = folder.parent
+    os.replace(folder, settings.spool_dir / job.id)  # same file system: atomic
     fsync_dir(settings.spool_dir)
-    fsync_dir(settings.failed_dir)
+    fsync_dir(parent)
     if enqueue(job):
-        return f"{item.id}: job {job.id} queued again"
-    return f"{item.id}: job {job.id} back in the spool; queued once Redis is reachable"
+        return f"job {job.id} queued again"
+    return f"job {job.id} back in the spool; queued once Redis is reachable"
 
 
 def retry_all(

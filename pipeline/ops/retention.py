@@ -1,12 +1,13 @@
 """Retention: finished items older than the configured days are removed
 (docs/operations/retention.md).
 
-Only finished things are pruned: processed inputs (archive/), results, failed items and MPPS
-records of finished procedures. The spool (studies being received, jobs queued or running) is
-never touched. An item's age is that of its newest file, so a study that got a later round, or
-a failed item just retried and failed again, counts from then. Each item is first renamed to a
-dot-name (which every reader skips), then deleted: a crash half-way leaves nothing that looks
-like a whole item, and the next run finishes the deletion.
+Only finished things are pruned: processed inputs (archive/), results, failed items, MPPS
+records of finished procedures, and the records and kept inputs of what no rule took
+(unrouted/). The spool (studies being received, jobs queued or running) is never touched.
+An item's age is that of its newest file, so a study that got a later round, or a failed
+item just retried and failed again, counts from then. Each item is first renamed to a
+dot-name (which every reader skips), then deleted: a crash half-way leaves nothing that
+looks like a whole item, and the next run finishes the deletion.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ _DOOMED = ".pruning-"
 
 @dataclass(frozen=True)
 class Pruned:
-    area: str  # archive | results | failed | records
+    area: str  # archive | results | failed | records | unrouted
     path: Path
     age_days: float
 
@@ -57,6 +58,7 @@ def _candidates(settings: Settings) -> Iterator[tuple[str, Path, float]]:
         ("results", settings.results_dir, r.results_days),
         ("failed", settings.failed_dir, r.failed_days),
         ("records", settings.spool_dir / MPPS_DIR, r.records_days),
+        ("unrouted", settings.unrouted_dir, r.unrouted_days),
     ):
         if days is None or not folder.is_dir():
             continue

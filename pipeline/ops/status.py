@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pipeline.core import unrouted
 from pipeline.core.instances import INCOMING
 from pipeline.core.jobs import PROCESSING_MARKER, is_job_id, queued_lane, read_job
 from pipeline.core.routing import Priority
@@ -61,6 +62,23 @@ class FailedRow:
     error: str
 
 
+@dataclass(frozen=True)
+class UnroutedToday:
+    """Inputs no rule took today (UTC), by modality, and those kept for a later rule."""
+
+    jobs: int = 0
+    by_modality: dict[str, int] = field(default_factory=dict)
+    kept: int = 0
+
+    @property
+    def line(self) -> str:
+        """ "unrouted today: 1,204; by modality MR 900, US 304; kept 0" for status readers."""
+        text = f"unrouted today: {self.jobs:,}"
+        if self.by_modality:
+            text += "; by modality " + ", ".join(f"{m} {n:,}" for m, n in self.by_modality.items())
+        return text + (f"; kept for a later rule: {self.kept:,}" if self.kept else "")
+
+
 @dataclass
 class Snapshot:
     taken: datetime
@@ -69,6 +87,7 @@ class Snapshot:
     in_flight: list[InFlight] = field(default_factory=list)
     results: list[ResultRow] = field(default_factory=list)
     failed: list[FailedRow] = field(default_factory=list)
+    unrouted: UnroutedToday = UnroutedToday()
 
     def as_json(self) -> dict[str, Any]:
         def plain(rows: list[Any]) -> list[dict[str, Any]]:
@@ -81,6 +100,7 @@ class Snapshot:
             "in_flight": plain(self.in_flight),
             "results": plain(self.results),
             "failed": plain(self.failed),
+            "unrouted": {**vars(self.unrouted), "today": str(self.taken.date())},
         }
 
 
@@ -105,6 +125,8 @@ def snapshot(settings: Settings, broker_url: str | None = None) -> Snapshot:
         )
         for item in reversed(failed.items(settings))
     ]
+    jobs, by_modality = unrouted.summary(settings.unrouted_dir, snap.taken.date())
+    snap.unrouted = UnroutedToday(jobs, by_modality, len(unrouted.kept(settings.unrouted_dir)))
     return snap
 
 

@@ -13,17 +13,21 @@ from pathlib import Path
 import pydicom
 
 from pipeline.convert import images as convert
+from pipeline.core import routing
 from pipeline.core.contract import InputKind
 from pipeline.core.errors import PipelineError
 from pipeline.core.jobs import Job, job_dir, now
 from pipeline.core.results import InputInfo
+from pipeline.core.routing import SeriesFacts
 from pipeline.core.settings import Settings
+from pipeline.core.unrouted import Item
 from pipeline.inference.triton_client import TritonClient
 from pipeline.outputs.files import write_outputs
 from pipeline.studies.inputs import file_sources, inbox_facts
 from pipeline.studies.model_run import infer_model
-from pipeline.studies.models import Models
+from pipeline.studies.models import Models, why_not
 from pipeline.studies.steps import Dispatch, StageError, dicom_outputs, finish_job
+from pipeline.studies.unrouted import set_aside
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +53,12 @@ def run_job(
         header = None
         if image.kind is InputKind.DICOM:
             header = pydicom.dcmread(path, stop_before_pixels=True)
-        route, chosen = models.choose(settings.routes, inbox_facts(path, image, header), image)
+        facts = inbox_facts(path, image, header)
+        decision = routing.decide(settings.routes, facts)
+        if (route := decision.route) is None:
+            set_aside(job, settings, [_unrouted(job, facts, why_not(decision))])
+            return []
+        chosen = models.for_route(route, image)
         info = InputInfo(
             source=job.source,
             name=job.original_name,
@@ -77,6 +86,16 @@ def run_job(
     finish_job(folder, settings)
     log.info("job %s: %d result file(s) by %s", job.id, len(written), route.name)
     return written
+
+
+def _unrouted(job: Job, facts: SeriesFacts, why: str) -> Item:
+    return Item(
+        what=job.original_name or job.input_file,
+        kind=facts.kind,
+        modality=facts.modality,
+        sop_class=facts.sop_class_uid,
+        reason=f"no rule matched: {why}",
+    )
 
 
 def _sha256(path: Path) -> str:

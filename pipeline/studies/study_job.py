@@ -35,6 +35,7 @@ from pipeline.core.jobs import Job, Reason, job_dir, now
 from pipeline.core.results import InputInfo, SeriesOutcome, StudyResult
 from pipeline.core.routing import Route
 from pipeline.core.settings import Settings
+from pipeline.core.unrouted import Item
 from pipeline.inference.triton_client import TritonClient
 from pipeline.outputs.files import Output, write_outputs
 from pipeline.studies.inputs import series_input
@@ -48,6 +49,7 @@ from pipeline.studies.rounds import (
     superseded,
 )
 from pipeline.studies.steps import Dispatch, StageError, dicom_outputs, finish_job
+from pipeline.studies.unrouted import set_aside
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +93,7 @@ class _Made:
     outputs: list[Output] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     to_send: list[tuple[Route, list[Path]]] = field(default_factory=list)
+    unrouted: list[Item] = field(default_factory=list)  # the series no rule takes
 
 
 def _run_round(
@@ -107,8 +110,14 @@ def _run_round(
         _process_series(job, group, gathered.names, settings, models, client, started, made)
     if superseded(job, settings):
         made = _superseded_round(job, made)
-    elif study.completed_by == Reason.INBOX and not any(o.status == "done" for o in made.outcomes):
-        made.failures = made.failures or [_nothing_to_process(made, gathered)]
+    elif not made.failures and not any(o.status == "done" for o in made.outcomes):
+        # Nothing a rule takes: the unrouted policy's, unless a file is broken (then it is
+        # a failure as any other when dropped on purpose) or the study has results already.
+        if earlier is None and not any(s.broken for s in gathered.not_images):
+            set_aside(job, settings, made.unrouted + [_not_image(s) for s in gathered.not_images])
+            return []
+        if study.completed_by == Reason.INBOX:
+            made.failures = [_nothing_to_process(made, gathered)]
     doc = _study_document(job, earlier, made, gathered)
     written = _publish(made, (out_dir / STUDY_FILE, doc), dispatch)
     if made.failures:
@@ -170,6 +179,15 @@ def _process_series(
     if (route := decision.route) is None:
         reason = f"no rule matched: {why_not(decision)}"
         made.outcomes.append(outcome.model_copy(update={"reason": reason}))
+        made.unrouted.append(
+            Item(
+                what=group.uid,
+                kind="dicom",
+                modality=group.modality,
+                sop_class=group.sop_class,
+                reason=reason,
+            )
+        )
         return
     routed = {"route": route.name, "models": list(route.models)}
     try:
@@ -201,6 +219,16 @@ def _superseded_round(job: Job, made: _Made) -> _Made:
     log.info("job %s: more of study %s arrived; left to the next round", job.id, uid)
     observe.stage("superseded", job=job.id, study=uid, series=len(made.outcomes))
     return _Made(outcomes=[o.model_copy(update=left) for o in made.outcomes])
+
+
+def _not_image(skipped: Skipped) -> Item:
+    return Item(
+        what=skipped.name,
+        kind="dicom",
+        modality=skipped.modality,
+        sop_class=skipped.sop_class,
+        reason=skipped.reason,
+    )
 
 
 def _nothing_to_process(made: _Made, gathered: _Gathered) -> str:
