@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -13,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
@@ -37,7 +39,6 @@ from pipeline.outputs.validation import encode_checked
 from pipeline.runtime.embedded_triton import TritonEndpoints
 from pipeline.runtime.process import free_port
 from pipeline.studies.models import Models
-from pipeline.studies.steps import StageError
 from pipeline.studies.study_job import run_study
 
 from .conftest import MODEL_REPOSITORY, make_settings, needs_dcmtk, spool_study
@@ -45,6 +46,7 @@ from .conftest import MODEL_REPOSITORY, make_settings, needs_dcmtk, spool_study
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 IOD_CHECK = "dciodvfy" if shutil.which("dciodvfy") else "strict-read"
+PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 
 
 def _settings(tmp_path: Path, iod_check: str = IOD_CHECK, **overrides: object) -> Settings:
@@ -208,41 +210,84 @@ def test_sr_follows_tid_1500_and_references_the_source(phantom_study: tuple) -> 
 @pytest.mark.parametrize(
     ("iod_check", "reason"),
     [
-        ("strict-read", r"StudyID: .*16 allowed for VR SH"),
+        ("strict-read", r"StudyID\(0020,0010\)>: .*16 allowed for VR SH"),
         pytest.param(
             "dciodvfy",
-            r"dciodvfy.*StudyID.*invalid for this VR \[SH\]",
+            r"StudyID.*invalid for this VR \[SH\]",
             marks=pytest.mark.skipif(IOD_CHECK != "dciodvfy", reason="dicom3tools missing"),
         ),
     ],
 )
-def test_an_invalid_output_is_kept_out_of_results(
+@pytest.mark.parametrize("source_defects", ["write", "withhold"])
+def test_a_source_defect_never_loses_the_answer(
     iod_check: str,
     reason: str,
+    source_defects: str,
     triton: TritonEndpoints,
     tmp_path: Path,
     new_client: Callable[..., TritonClient],
 ) -> None:
     """A modality that writes a value its VR forbids (a 20-character Study ID, SH allows 16):
-    the SR would carry it, fails validation (either check), and the series fails with the
-    reason; nothing of that result reaches results, the object is kept with the failed item."""
+    the SR copies it and fails validation (either check). The error is the source's: the
+    result is written with it listed, and the SR written (flagged) or withheld (kept with the
+    job's input) as output.source_defects says; nothing fails."""
     hu, _, affine = lesion_phantom(TEST_SEED_BASE + 611, lesions=1)
     write_volume_series(tmp_path / "ct", hu.astype(np.float32), affine)
     for path in (tmp_path / "ct").iterdir():
         ds = dcmread(path)
         ds.StudyID = "S" * 20
         ds.save_as(path)
-    settings = _settings(tmp_path, iod_check)
+    settings = make_settings(
+        tmp_path / "data",
+        triton={"model_repository": MODEL_REPOSITORY},
+        output={"iod_check": iod_check, "source_defects": source_defects},
+    )
     job = read_job(settings.spool_dir / spool_study(settings, [tmp_path / "ct"]))
     client = new_client(triton.grpc, settings.triton)
-    with pytest.raises(StageError, match=rf"sr\.dcm .*{reason}") as err:
-        run_study(job, settings, Models(discover_contracts(MODEL_REPOSITORY)), client)
-    assert err.value.stage == "series"
-    assert "S" * 20 not in str(err.value)  # values withheld from the message
+    run_study(job, settings, Models(discover_contracts(MODEL_REPOSITORY)), client)
     study = settings.results_dir / job.study.study_uid  # type: ignore[union-attr]
-    assert not list(study.rglob("*.dcm")) and not list(study.rglob("result.json"))
-    kept = settings.spool_dir / job.id / REJECTED_OUTPUTS / "sr.dcm"
-    assert dcmread(kept).SOPClassUID == SR_CLASS  # moves to data/failed/ with the job
+    results = {p.parent.parent.name: json.loads(p.read_text()) for p in study.rglob("result.json")}
+    assert set(results) == {"ct_covid_classifier", "ct_lesion_segmentation"}
+    for doc in results.values():
+        [issue] = [i for i in doc["dicom_issues"] if i["file"] == "sr.dcm"]
+        assert issue["own"] == [] and issue["written"] == (source_defects == "write"), issue
+        assert any(re.search(reason, e) for e in issue["inherited"]), issue
+        assert "S" * 20 not in json.dumps(issue)  # values withheld
+        assert ("sr.dcm" in doc["dicom"]) == (source_defects == "write")
+    srs = list(study.rglob("sr.dcm"))
+    assert len(srs) == (2 if source_defects == "write" else 0)
+    if source_defects == "withhold":
+        kept = settings.archive_dir / job.id / REJECTED_OUTPUTS / "sr.dcm"
+        assert dcmread(kept).SOPClassUID == SR_CLASS  # kept with the archived input
+    assert not any(settings.failed_dir.iterdir())
+
+
+def test_errors_the_source_gave_are_told_from_our_own() -> None:
+    """The same SR with a study UID under an illegal root (the source's) and a code meaning
+    out of its VR (ours: no source has it)."""
+    from pipeline.outputs.defects import split
+
+    source = Dataset()
+    source.StudyInstanceUID = "9.9.9.1"
+    source.SOPClassUID = "1.2.840.10008.5.1.4.1.1.6"
+    source.SOPInstanceUID = "1.2.3.4"
+    ours = Dataset()
+    ours.StudyInstanceUID = "9.9.9.1"
+    ours.CodeMeaning = "m" * 70
+    evidence = Dataset()
+    evidence.ReferencedSOPClassUID = source.SOPClassUID
+    ours.CurrentRequestedProcedureEvidenceSequence = [evidence]
+    errors = [
+        "Error - </StudyInstanceUID(0020,000d)> - Illegal root for UID = <...>",
+        "Error - </CurrentRequestedProcedureEvidenceSequence(0040,a375)[1]/"
+        "ReferencedSOPClassUID(0008,1150)> - Retired SOP Class",
+        "Error - </CodeMeaning(0008,0104)> - Value invalid for this VR [LO]",
+        "Error - Missing attribute Type 1 Required Element=<StudyDate> Module=<GeneralStudy>",
+        "Error - something without an attribute",
+    ]
+    inherited, own = split(errors, ours, [source])
+    assert inherited == errors[:2] + errors[3:4]
+    assert own == [errors[2], errors[4]]
 
 
 # Values their VRs forbid, as a source might carry them into an SR: (keyword, VR, value), and
@@ -376,3 +421,59 @@ def test_an_input_without_dicom_identity_gets_an_sr_of_its_own(
     assert "CurrentRequestedProcedureEvidenceSequence" not in sr
     (evaluation,) = _named(sr, "DCM", "121071")
     assert _code(evaluation, "ConceptCodeSequence") == (PRIVATE_SCHEME, "Hand")
+
+
+def _real_study(tmp_path: Path, path: Path, **changes: str) -> Path:
+    """A vendor's file as sent, in a folder of its own (attributes changed as a PACS would
+    have them)."""
+    ds = dcmread(path)
+    for keyword, value in changes.items():
+        setattr(ds, keyword, value)
+    folder = tmp_path / path.stem
+    folder.mkdir()
+    ds.save_as(folder / path.name)
+    return folder
+
+
+def test_a_source_of_a_retired_sop_class_keeps_its_answer(
+    triton: TritonEndpoints, tmp_path: Path, new_client: Callable[..., TritonClient]
+) -> None:
+    """A real ultrasound of the retired Ultrasound Image Storage class (pydicom-data's
+    color-px.dcm): highdicom cannot reference it, so no SR is made; the answer is written with
+    a clear warning, and nothing fails."""
+    import data_store
+
+    source = Path(data_store.__file__).parent / "data" / "color-px.dcm"
+    settings = _settings(tmp_path)
+    job = read_job(settings.spool_dir / spool_study(settings, [_real_study(tmp_path, source)]))
+    client = new_client(triton.grpc, settings.triton)
+    run_study(job, settings, Models(discover_contracts(MODEL_REPOSITORY)), client)
+    [path] = (settings.results_dir / str(dcmread(source).StudyInstanceUID)).rglob("result.json")
+    doc = json.loads(path.read_text())
+    assert doc["prediction"]["label"] and doc["dicom"] == []
+    [issue] = doc["dicom_issues"]
+    assert issue["file"] == "sr.dcm" and not issue["written"]
+    assert "1.2.840.10008.5.1.4.1.1.6 (Ultrasound Image Storage) is retired" in issue["not_made"]
+    assert not any(settings.failed_dir.iterdir())
+
+
+@pytest.mark.skipif(IOD_CHECK != "dciodvfy", reason="dicom3tools is not installed")
+def test_a_study_uid_under_an_illegal_root_keeps_its_answer_and_its_sr(
+    triton: TritonEndpoints, tmp_path: Path, new_client: Callable[..., TritonClient]
+) -> None:
+    """pydicom's MR_small.dcm, its study UID under a root no registry gives (9.): the SR must
+    carry the study's UID, so fails its IOD check for it; written, flagged as inherited."""
+    study_uid = "9.9.9.1"
+    folder = _real_study(tmp_path, PYDICOM_FILES / "MR_small.dcm", StudyInstanceUID=study_uid)
+    settings = _settings(tmp_path)
+    job = read_job(settings.spool_dir / spool_study(settings, [folder]))
+    client = new_client(triton.grpc, settings.triton)
+    run_study(job, settings, Models(discover_contracts(MODEL_REPOSITORY)), client)
+    [path] = (settings.results_dir / study_uid).rglob("result.json")
+    doc = json.loads(path.read_text())
+    assert doc["dicom"] == ["sr.dcm"] and (path.parent / "sr.dcm").is_file()
+    [issue] = doc["dicom_issues"]
+    assert issue["written"] and issue["own"] == [], issue
+    assert all("Illegal root for UID" in e for e in issue["inherited"]), issue
+    assert dcmread(path.parent / "sr.dcm").StudyInstanceUID == study_uid
+    assert not any(settings.failed_dir.iterdir())

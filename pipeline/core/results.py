@@ -73,8 +73,19 @@ class SegmentationInfo(_Doc):
     patches: int  # sliding-window patches sent to Triton
 
 
+class DicomIssue(_Doc):
+    """A DICOM output that did not pass as made: validation errors (values withheld) that
+    came from the source (``inherited``) or from us (``own``), or why it was not made."""
+
+    file: str  # sr.dcm, seg.dcm
+    written: bool  # in results (and sent) despite the inherited errors; never with own errors
+    inherited: list[str] = []
+    own: list[str] = []
+    not_made: str | None = None  # the source cannot be referenced (a retired SOP class, ...)
+
+
 class Result(_Doc):
-    schema_version: Literal["1.3"] = "1.3"  # 1.3: priority
+    schema_version: Literal["1.3", "1.4"] = "1.4"  # 1.3: priority; 1.4: dicom_issues
     job_id: str
     # The lane its job waited in (docs/guides/routing.md); None: queued by an older
     # version, or processed without a queue (warm-up).
@@ -87,6 +98,7 @@ class Result(_Doc):
     segmentation: SegmentationInfo | None = None  # segmentation models only
     preview: str | None = None  # PNG beside result.json: the image (slice) with the answer
     dicom: list[str] = []  # DICOM objects beside result.json: sr.dcm (TID 1500), seg.dcm
+    dicom_issues: list[DicomIssue] = []  # outputs flagged, withheld or not made, and why
 
 
 class SeriesOutcome(_Doc):

@@ -218,6 +218,13 @@ class OutputSettings(Section):
         "pydicom's strict validation (VRs only). auto: dciodvfy when installed, else "
         "strict-read; dciodvfy: required.",
     )
+    source_defects: Literal["write", "withhold"] = Field(
+        default="write",
+        description="A DICOM output whose only validation errors came from its source (a "
+        "study UID under an illegal root, a patient or study attribute out of its VR): "
+        "write (written and sent, the errors listed in result.json's dicom_issues) or "
+        "withhold (kept with the job's input, not sent). Errors of our own always withhold it.",
+    )
 
 
 class MetricsSettings(Section):

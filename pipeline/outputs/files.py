@@ -9,31 +9,44 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from pipeline.core.errors import TransientError
+from pipeline.core.errors import OutputError, TransientError
 from pipeline.core.fsutil import atomic_write_in_phases
 from pipeline.core.results import PREVIEW_FILE, Result
 from pipeline.inference.segment import transposed
+from pipeline.outputs.dicom import DicomMade
 
 MASK_FILE = "mask.nii.gz"
-
-
 RESULT_FILE = "result.json"
-
 
 # A result file made in memory, to be written complete under its final name.
 Output = tuple[Path, bytes]
 
 
+class IncompleteOutputsError(OutputError):
+    """A result was made, but one of its DICOM objects failed validation with errors of our
+    own and was withheld: ``outputs`` (result.json included) are written, then the item
+    fails with this error."""
+
+    def __init__(self, message: str, outputs: list[Output]) -> None:
+        super().__init__(message)
+        self.outputs = outputs
+
+
 def result_files(
-    out_dir: Path, doc: Result, png: bytes | None, objects: dict[str, bytes]
+    out_dir: Path, doc: Result, png: bytes | None, dicom: DicomMade | None = None
 ) -> list[Output]:
-    """result.json last: its presence says the rest is there."""
-    made = [(out_dir / name, data) for name, data in objects.items()]
-    doc = doc.model_copy(update={"dicom": list(objects)})
+    """result.json last: its presence says the rest is there. IncompleteOutputsError, carrying
+    them, when a DICOM object has errors of our own."""
+    dicom = dicom or DicomMade()
+    made = [(out_dir / name, data) for name, data in dicom.files.items()]
+    doc = doc.model_copy(update={"dicom": list(dicom.files), "dicom_issues": dicom.issues})
     if png is not None:
         made.append((out_dir / PREVIEW_FILE, png))
         doc = doc.model_copy(update={"preview": PREVIEW_FILE})
-    return [*made, (out_dir / RESULT_FILE, (doc.model_dump_json(indent=2) + "\n").encode())]
+    made.append((out_dir / RESULT_FILE, (doc.model_dump_json(indent=2) + "\n").encode()))
+    if (own := dicom.own_errors) is not None:
+        raise IncompleteOutputsError(own, made)
+    return made
 
 
 def write_outputs(outputs: list[Output], last: Output | None = None) -> list[Path]:

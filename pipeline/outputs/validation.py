@@ -12,8 +12,8 @@ dciodvfy rejects every bad value the strict read-back rejects (a test holds it t
 where it runs the object is not read back too: that read took 0.05-0.1 s an object, a third
 of a CT study's outputs' checking. Either way the SOP class must be the one intended.
 
-An object that fails is not written to results: :class:`OutputError` carries the reasons,
-with the offending values withheld (they may be a patient's name).
+The errors are returned with the offending values withheld (they may be a patient's name);
+:mod:`pipeline.outputs.dicom` decides what becomes of an object that has some.
 """
 
 from __future__ import annotations
@@ -60,6 +60,17 @@ def dciodvfy_path(mode: IodCheck) -> str | None:
 
 def encode_checked(ds: Dataset, sop_class_uid: str, mode: IodCheck) -> bytes:
     """The object as a DICOM file (preamble, meta), validated; OutputError says why not."""
+    data, errors = check(ds, sop_class_uid, mode)
+    if errors:
+        raise OutputError(f"{mode_name(mode)}: {summary(errors)}")
+    return data
+
+
+def check(ds: Dataset, sop_class_uid: str, mode: IodCheck) -> tuple[bytes, list[str]]:
+    """The object as a DICOM file, and its validation errors (values withheld): each names
+    the attribute as ``</Sequence(gggg,eeee)[1]/Attribute(gggg,eeee)>`` where it can, so that
+    :mod:`pipeline.outputs.defects` can tell those the object inherited from its source.
+    OutputError when it cannot even be encoded."""
     if ds.get("SOPClassUID") != sop_class_uid:
         raise OutputError(f"SOP class {ds.get('SOPClassUID')} instead of {sop_class_uid}")
     buffer = io.BytesIO()
@@ -69,38 +80,46 @@ def encode_checked(ds: Dataset, sop_class_uid: str, mode: IodCheck) -> bytes:
         raise OutputError(f"cannot be encoded: {exc}") from exc
     data = buffer.getvalue()
     tool = dciodvfy_path(mode)
-    if tool is None:
-        _strict_read(data)
-    else:
-        _dciodvfy(tool, data)
-    return data
+    return data, _strict_read(data) if tool is None else _dciodvfy(tool, data)
 
 
-def _strict_read(data: bytes) -> None:
+def mode_name(mode: IodCheck) -> str:
+    if dciodvfy_path(mode) is None:
+        return "does not read back under strict validation"
+    return "fails its IOD check (dciodvfy)"
+
+
+def summary(errors: list[str]) -> str:
+    shown = "; ".join(errors[:_MAX_REASONS])
+    more = f" (+{len(errors) - _MAX_REASONS} more)" if len(errors) > _MAX_REASONS else ""
+    return shown + more
+
+
+def _strict_read(data: bytes) -> list[str]:
     try:
         with config.strict_reading():
-            _check_values(dcmread(io.BytesIO(data)))
-    except OutputError:
-        raise
+            return _check_values(dcmread(io.BytesIO(data)), "")
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types; each means "invalid"
-        why = _withhold(str(exc))
-        raise OutputError(f"does not read back under strict validation: {why}") from None
+        return [_withhold(str(exc))]
 
 
-def _check_values(ds: Dataset) -> None:
-    """Convert (and so validate) every value, naming the attribute that fails."""
+def _check_values(ds: Dataset, path: str) -> list[str]:
+    """Convert (and so validate) every value, naming the attribute that fails by its path."""
+    errors = []
     for tag in list(ds.keys()):
+        where = f"{path}/{keyword_for_tag(tag) or 'Unknown'}({tag.group:04x},{tag.elem:04x})"
         try:
             elem = ds[tag]  # a raw element is converted here, under the strict mode
         except Exception as exc:  # noqa: BLE001 - as above
-            why = f"{keyword_for_tag(tag) or tag}: {_withhold(str(exc))}"
-            raise OutputError(f"does not read back under strict validation: {why}") from None
+            errors.append(f"<{where}>: {_withhold(str(exc))}")
+            continue
         if elem.VR == "SQ":
-            for item in elem.value:
-                _check_values(item)
+            for i, item in enumerate(elem.value, start=1):
+                errors += _check_values(item, f"{where}[{i}]")
+    return errors
 
 
-def _dciodvfy(tool: str, data: bytes) -> None:
+def _dciodvfy(tool: str, data: bytes) -> list[str]:
     with tempfile.TemporaryDirectory(prefix="iodcheck-") as tmp:
         path = Path(tmp) / "object.dcm"
         try:
@@ -108,7 +127,7 @@ def _dciodvfy(tool: str, data: bytes) -> None:
         except OSError as exc:  # no room for the copy dciodvfy reads: try again later
             raise TransientError(f"cannot check a DICOM output: {exc}") from exc
         try:
-            check = subprocess.run(
+            ran = subprocess.run(
                 [tool, "-new", str(path)],
                 capture_output=True,
                 text=True,
@@ -117,12 +136,11 @@ def _dciodvfy(tool: str, data: bytes) -> None:
             )
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise OutputError(f"dciodvfy could not check it: {exc}") from exc
-    lines = (check.stdout + check.stderr).splitlines()
+    lines = (ran.stdout + ran.stderr).splitlines()
     errors = [_withhold(line.strip()) for line in lines if line.startswith("Error")]
     warnings = [_withhold(line) for line in lines if line.startswith("Warning")]
     if warnings:
         log.info("dciodvfy: %d warning(s), first: %s", len(warnings), warnings[0])
-    if errors or check.returncode not in (0, 1):
-        shown = "; ".join(errors[:_MAX_REASONS]) or f"exit status {check.returncode}"
-        more = f" (+{len(errors) - _MAX_REASONS} more)" if len(errors) > _MAX_REASONS else ""
-        raise OutputError(f"fails its IOD check (dciodvfy): {shown}{more}")
+    if not errors and ran.returncode not in (0, 1):
+        errors = [f"exit status {ran.returncode}"]
+    return errors

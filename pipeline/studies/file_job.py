@@ -8,21 +8,25 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
+from datetime import datetime
+from functools import partial
 from pathlib import Path
 
 import pydicom
 
 from pipeline.convert import images as convert
 from pipeline.core import routing
-from pipeline.core.contract import InputKind
-from pipeline.core.errors import PipelineError
+from pipeline.core.contract import InputKind, ModelContract
+from pipeline.core.errors import OutputError, PipelineError
 from pipeline.core.jobs import Job, job_dir, now
 from pipeline.core.results import InputInfo
 from pipeline.core.routing import SeriesFacts
 from pipeline.core.settings import Settings
 from pipeline.core.unrouted import Item
 from pipeline.inference.triton_client import TritonClient
-from pipeline.outputs.files import write_outputs
+from pipeline.outputs.dicom import DicomOutputs
+from pipeline.outputs.files import IncompleteOutputsError, Output, write_outputs
 from pipeline.studies.inputs import file_sources, inbox_facts
 from pipeline.studies.model_run import infer_model
 from pipeline.studies.models import Models, why_not
@@ -71,21 +75,42 @@ def run_job(
         stage = "infer"
         out_dir = settings.results_dir / job.id
         prep = convert.Preprocessing(image, chosen)
-        outputs = [
-            o
-            for c in chosen
-            for o in infer_model(job, info, prep, c, client, started, out_dir / c.name, dicom)()
-        ]
+        outputs, own = _outputs(
+            chosen, partial(infer_model, job, info, prep), out_dir, dicom, client, started
+        )
         stage = "write"
         written = write_outputs(outputs)
         stage = "dispatch"
         if dispatch is not None:
             dispatch(route, [p for p in written if p.suffix == ".dcm"])
+        if own:
+            stage = "outputs"
+            raise OutputError("; ".join(own))
     except PipelineError as exc:
         raise StageError(stage, exc) from exc
     finish_job(folder, settings)
     log.info("job %s: %d result file(s) by %s", job.id, len(written), route.name)
     return written
+
+
+def _outputs(
+    chosen: list[ModelContract],
+    infer: Callable[..., Callable[[], list[Output]]],
+    out_dir: Path,
+    dicom: DicomOutputs,
+    client: TritonClient,
+    started: datetime,
+) -> tuple[list[Output], list[str]]:
+    """Every model's outputs, and the errors of our own that withheld a DICOM object."""
+    outputs: list[Output] = []
+    own: list[str] = []
+    for c in chosen:
+        try:
+            outputs += infer(c, client, started, out_dir / c.name, dicom)()
+        except IncompleteOutputsError as exc:
+            outputs += exc.outputs
+            own.append(str(exc))
+    return outputs, own
 
 
 def _unrouted(job: Job, facts: SeriesFacts, why: str) -> Item:

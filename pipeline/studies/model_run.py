@@ -31,7 +31,7 @@ from pipeline.inference.segment import segment
 from pipeline.inference.triton_client import TritonClient
 from pipeline.outputs import preview
 from pipeline.outputs.dicom import DicomOutputs, make_dicom
-from pipeline.outputs.files import MASK_FILE, Output, nifti_gz, result_files
+from pipeline.outputs.files import MASK_FILE, IncompleteOutputsError, Output, nifti_gz, result_files
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,9 @@ def infer_model(
     ``out_dir/result.json``, ``preview.png``, the DICOM SR (and for a segmentation model
     ``mask.nii.gz`` and the DICOM SEG) in memory, not yet written (see :func:`write_outputs`),
     so that a study's next model can wait on Triton while this one's outputs are built. The
-    DICOM objects are validated there: if one is invalid, nothing of this result is made
-    (OutputError). ``prep``: the input's preprocessing, shared by its models."""
+    DICOM objects are validated there (:mod:`pipeline.outputs.dicom`): one with errors of our
+    own makes it raise IncompleteOutputsError, which carries the rest of the result. ``prep``: the
+    input's preprocessing, shared by its models."""
     image = prep.image
     if contract.task is not Task.SEGMENTATION:
         doc = classify(job, info, prep, contract, client, started)
@@ -91,9 +92,18 @@ def infer_model(
         caption = f"{len(seg.lesions)} lesion(s), {total:.2f} ml"
         png = _preview(lambda: preview.segmentation_preview(image.array, seg.mask, caption))
         mask = (out_dir / MASK_FILE, nifti_gz(seg.mask, seg.affine))
-        return [mask, *result_files(out_dir, doc, png, objects)]
+        return _with(mask, lambda: result_files(out_dir, doc, png, objects))
 
     return segmented
+
+
+def _with(first: Output, make: Callable[[], list[Output]]) -> list[Output]:
+    """``first`` and what ``make`` makes, also when the result is incomplete."""
+    try:
+        return [first, *make()]
+    except IncompleteOutputsError as exc:
+        exc.outputs.insert(0, first)
+        raise
 
 
 def _preview(render: Callable[[], bytes]) -> bytes | None:

@@ -39,6 +39,7 @@ def dicom_outputs(
         institution=settings.output.institution_name,
         iod_check=settings.output.iod_check,
         reject_dir=job_dir(settings.spool_dir, job.id) / REJECTED_OUTPUTS,
+        source_defects=settings.output.source_defects,
     )
 
 

@@ -37,7 +37,7 @@ from pipeline.core.routing import Route
 from pipeline.core.settings import Settings
 from pipeline.core.unrouted import Item
 from pipeline.inference.triton_client import TritonClient
-from pipeline.outputs.files import Output, write_outputs
+from pipeline.outputs.files import IncompleteOutputsError, Output, write_outputs
 from pipeline.studies.inputs import series_input
 from pipeline.studies.model_run import infer_model
 from pipeline.studies.models import Models, why_not
@@ -195,6 +195,9 @@ def _process_series(
     except TransientError as exc:
         raise StageError("infer", exc) from exc
     except PermanentError as exc:
+        if isinstance(exc, IncompleteOutputsError):  # the result stands; an object was withheld
+            made.outputs.extend(exc.outputs)
+            made.to_send.append((route, [p for p, _ in exc.outputs if p.suffix == ".dcm"]))
         why = _with_names(str(exc), names)
         made.failures.append(f"series {group.uid}: {why}")
         failed = {"status": "failed", **routed, "reason": why}
@@ -347,4 +350,19 @@ def _series_results(
             where = out_dir / c.name / group.uid
             finish = infer_model(job, info, prep, c, client, started, where, dicom)
             built[i] = builder.submit(finish)
-        return [o for i in range(len(contracts)) for o in built[i].result()]  # route's order
+    return _collected([built[i] for i in range(len(contracts))])  # the route's order
+
+
+def _collected(built: list[Future[list[Output]]]) -> list[Output]:
+    """Every model's outputs; IncompleteOutputsError with them all if one had errors of our own."""
+    outputs: list[Output] = []
+    own = []
+    for future in built:
+        try:
+            outputs += future.result()
+        except IncompleteOutputsError as exc:
+            outputs += exc.outputs
+            own.append(str(exc))
+    if own:
+        raise IncompleteOutputsError("; ".join(own), outputs)
+    return outputs
