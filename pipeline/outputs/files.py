@@ -4,6 +4,7 @@ renamed; a result.json only once the files it describes are on disk, a study.jso
 from __future__ import annotations
 
 import gzip
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import nibabel as nib
@@ -30,6 +31,22 @@ class IncompleteOutputsError(OutputError):
     def __init__(self, message: str, outputs: list[Output]) -> None:
         super().__init__(message)
         self.outputs = outputs
+
+
+def gathered(makers: Iterable[Callable[[], list[Output]]]) -> list[Output]:
+    """Every maker's outputs, in order; IncompleteOutputsError with them all when one had a
+    DICOM object withheld for errors of our own."""
+    outputs: list[Output] = []
+    own = []
+    for make in makers:
+        try:
+            outputs += make()
+        except IncompleteOutputsError as exc:
+            outputs += exc.outputs
+            own.append(str(exc))
+    if own:
+        raise IncompleteOutputsError("; ".join(own), outputs)
+    return outputs
 
 
 def result_files(

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable
-from datetime import datetime
 from functools import partial
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import pydicom
 
 from pipeline.convert import images as convert
 from pipeline.core import routing
-from pipeline.core.contract import InputKind, ModelContract
+from pipeline.core.contract import InputKind
 from pipeline.core.errors import OutputError, PipelineError
 from pipeline.core.jobs import Job, job_dir, now
 from pipeline.core.results import InputInfo
@@ -25,8 +23,7 @@ from pipeline.core.routing import SeriesFacts
 from pipeline.core.settings import Settings
 from pipeline.core.unrouted import Item
 from pipeline.inference.triton_client import TritonClient
-from pipeline.outputs.dicom import DicomOutputs
-from pipeline.outputs.files import IncompleteOutputsError, Output, write_outputs
+from pipeline.outputs.files import IncompleteOutputsError, gathered, write_outputs
 from pipeline.studies.inputs import file_sources, inbox_facts
 from pipeline.studies.model_run import infer_model
 from pipeline.studies.models import Models, why_not
@@ -75,9 +72,12 @@ def run_job(
         stage = "infer"
         out_dir = settings.results_dir / job.id
         prep = convert.Preprocessing(image, chosen)
-        outputs, own = _outputs(
-            chosen, partial(infer_model, job, info, prep), out_dir, dicom, client, started
-        )
+        run = partial(infer_model, job, info, prep)
+        own = None  # a DICOM object withheld for errors of our own: fails after the writing
+        try:
+            outputs = gathered(run(c, client, started, out_dir / c.name, dicom) for c in chosen)
+        except IncompleteOutputsError as exc:
+            outputs, own = exc.outputs, str(exc)
         stage = "write"
         written = write_outputs(outputs)
         stage = "dispatch"
@@ -85,32 +85,12 @@ def run_job(
             dispatch(route, [p for p in written if p.suffix == ".dcm"])
         if own:
             stage = "outputs"
-            raise OutputError("; ".join(own))
+            raise OutputError(own)
     except PipelineError as exc:
         raise StageError(stage, exc) from exc
     finish_job(folder, settings)
     log.info("job %s: %d result file(s) by %s", job.id, len(written), route.name)
     return written
-
-
-def _outputs(
-    chosen: list[ModelContract],
-    infer: Callable[..., Callable[[], list[Output]]],
-    out_dir: Path,
-    dicom: DicomOutputs,
-    client: TritonClient,
-    started: datetime,
-) -> tuple[list[Output], list[str]]:
-    """Every model's outputs, and the errors of our own that withheld a DICOM object."""
-    outputs: list[Output] = []
-    own: list[str] = []
-    for c in chosen:
-        try:
-            outputs += infer(c, client, started, out_dir / c.name, dicom)()
-        except IncompleteOutputsError as exc:
-            outputs += exc.outputs
-            own.append(str(exc))
-    return outputs, own
 
 
 def _unrouted(job: Job, facts: SeriesFacts, why: str) -> Item:

@@ -37,7 +37,7 @@ from pipeline.core.routing import Route
 from pipeline.core.settings import Settings
 from pipeline.core.unrouted import Item
 from pipeline.inference.triton_client import TritonClient
-from pipeline.outputs.files import IncompleteOutputsError, Output, write_outputs
+from pipeline.outputs.files import IncompleteOutputsError, Output, gathered, write_outputs
 from pipeline.studies.inputs import series_input
 from pipeline.studies.model_run import infer_model
 from pipeline.studies.models import Models, why_not
@@ -350,19 +350,4 @@ def _series_results(
             where = out_dir / c.name / group.uid
             finish = infer_model(job, info, prep, c, client, started, where, dicom)
             built[i] = builder.submit(finish)
-    return _collected([built[i] for i in range(len(contracts))])  # the route's order
-
-
-def _collected(built: list[Future[list[Output]]]) -> list[Output]:
-    """Every model's outputs; IncompleteOutputsError with them all if one had errors of our own."""
-    outputs: list[Output] = []
-    own = []
-    for future in built:
-        try:
-            outputs += future.result()
-        except IncompleteOutputsError as exc:
-            outputs += exc.outputs
-            own.append(str(exc))
-    if own:
-        raise IncompleteOutputsError("; ".join(own), outputs)
-    return outputs
+        return gathered(built[i].result for i in range(len(contracts)))  # route's order
