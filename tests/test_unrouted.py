@@ -94,7 +94,7 @@ def test_studies_no_rule_takes_are_recorded_and_archived_not_failed(
         assert (item.modality, item.sop_class) == (modality, sop_class), entry
         assert item.reason, entry
     cine = next(e for e in entries if jobs[e.job] == "examples_ybr_color.dcm")
-    assert "30 slice(s) > 1" in cine.items[0].reason  # why no rule took it, rule by rule
+    assert "30 frames in one object > 1" in cine.items[0].reason  # why, rule by rule
     status = snapshot(settings).unrouted
     assert status.jobs == 5 and status.by_modality == dict.fromkeys(
         ("US", "SR", "RTPLAN", "SEG", "ECG"), 1

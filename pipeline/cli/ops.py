@@ -87,7 +87,7 @@ def _print_snapshot(snap: Snapshot) -> None:
             r.finished.astimezone().strftime("%m-%d %H:%M:%S"),
             r.what,
             r.model,
-            r.label + ("" if r.lesions is None else f" ({r.lesions} lesions)"),
+            r.label + (f" ({r.findings})" if r.findings else ""),
             f"{r.probability:.3f}",
             f"{r.total_s:.1f} s" + (" (urgent)" if r.urgent else ""),
             f"{r.inference_ms:.0f} ms",

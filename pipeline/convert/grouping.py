@@ -29,12 +29,16 @@ class SeriesGroup:
     planes: int
     rows: int = 0
     cols: int = 0
+    frames: int = 1  # the most frames in any one object
+    volume: bool = False  # planes at distinct positions in the patient (see group_series)
 
     def facts(self, calling_aet: str = "", called_aet: str = "") -> SeriesFacts:
         """What routing rules look at, with the AE titles the study came with."""
         return SeriesFacts(
             kind="dicom",
             slices=self.planes,
+            frames=self.frames,
+            volume=self.volume,
             modality=self.modality,
             body_part=self.body_part,
             series_description=self.description,
@@ -64,6 +68,7 @@ def group_series(paths: Iterable[Path]) -> tuple[list[SeriesGroup], list[Skipped
     itself."""
     groups: dict[str, SeriesGroup] = {}
     positions: dict[str, list[float | None]] = {}
+    enhanced: dict[str, list[bool]] = {}
     skipped: list[Skipped] = []
     values = HeaderValues()
     seen: set[str] = set()
@@ -104,13 +109,27 @@ def group_series(paths: Iterable[Path]) -> tuple[list[SeriesGroup], list[Skipped
         groups[uid] = group
         group.paths.append(path)
         group.planes += frames
+        group.frames = max(group.frames, frames)
         positions.setdefault(uid, []).append(_position(ds, values) if frames == 1 else None)
+        enhanced.setdefault(uid, []).append(frames > 1 and "PerFrameFunctionalGroupsSequence" in ds)
     for uid, group in groups.items():
         keys = [k for k in positions[uid] if k is not None]
+        group.volume = _volume(group, positions[uid], enhanced[uid])
         if len(keys) == len(group.paths):
             ranked = sorted(range(len(keys)), key=keys.__getitem__)
             group.paths = [group.paths[i] for i in ranked]
     return list(groups.values()), skipped
+
+
+def _volume(group: SeriesGroup, positions: list[float | None], enhanced: list[bool]) -> bool:
+    """A stack of planes: more than one, each object placed in the patient (a single-frame
+    image with a position, an enhanced multi-frame object with its frames'), at more than one
+    position. Radiograph views and captures have none; two images at one place are no stack."""
+    if group.planes < 2:
+        return False
+    if not all(p is not None or e for p, e in zip(positions, enhanced, strict=True)):
+        return False
+    return any(enhanced) or len({round(p, 2) for p in positions if p is not None}) > 1
 
 
 def _text(ds: Dataset, keyword: str) -> str:

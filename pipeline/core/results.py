@@ -45,6 +45,16 @@ class Prediction(_Doc):
     probabilities: dict[str, float]
 
 
+class ImageAnswer(_Doc):
+    """One image's answer, in a result of a series its rule takes image by image."""
+
+    sop_instance_uid: str
+    frame: int | None = None  # 1-based frame of a multi-frame object; None: single-frame
+    instance_number: int | None = None
+    shape: list[int]  # channel first, as loaded
+    prediction: Prediction
+
+
 class Timings(_Doc):
     received: datetime
     queued: datetime | None
@@ -85,7 +95,8 @@ class DicomIssue(_Doc):
 
 
 class Result(_Doc):
-    schema_version: Literal["1.3", "1.4"] = "1.4"  # 1.3: priority; 1.4: dicom_issues
+    # 1.3: priority; 1.4: dicom_issues; 1.5: images
+    schema_version: Literal["1.3", "1.4", "1.5"] = "1.5"
     job_id: str
     # The lane its job waited in (docs/guides/routing.md); None: queued by an older
     # version, or processed without a queue (warm-up).
@@ -99,6 +110,9 @@ class Result(_Doc):
     preview: str | None = None  # PNG beside result.json: the image (slice) with the answer
     dicom: list[str] = []  # DICOM objects beside result.json: sr.dcm (TID 1500), seg.dcm
     dicom_issues: list[DicomIssue] = []  # outputs flagged, withheld or not made, and why
+    # A series its rule takes image by image (per_image): every image's answer, in instance
+    # order; ``prediction`` is then the series' (pipeline.inference.decide.decide_series).
+    images: list[ImageAnswer] = []
 
 
 class SeriesOutcome(_Doc):

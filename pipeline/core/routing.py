@@ -40,8 +40,22 @@ class Match(BaseModel):
         default=None, description="Regular expression searched in SeriesDescription (any case)."
     )
     sop_class_uid: tuple[str, ...] = ()
-    min_slices: int | None = Field(default=None, ge=1)
+    min_slices: int | None = Field(
+        default=None, ge=1, description="Planes in the series: images, or frames of them."
+    )
     max_slices: int | None = Field(default=None, ge=1)
+    max_frames: int | None = Field(
+        default=None,
+        ge=1,
+        description="Frames in any one object of the series: 1 keeps multi-frame objects "
+        "(cine loops, enhanced CT/MR) out.",
+    )
+    volume: bool | None = Field(
+        default=None,
+        description="true: the series is a stack of planes at distinct positions in the "
+        "patient (a CT or MR volume, enhanced multi-frame); false: it is not (radiograph or "
+        "mammography views, secondary captures, an ultrasound image, a single slice).",
+    )
     calling_aet: tuple[str, ...] = ()
     called_aet: tuple[str, ...] = ()
 
@@ -72,6 +86,13 @@ class Route(BaseModel):
         description="Names of `destinations` the DICOM results (SR, SEG) are sent to by "
         "C-STORE, retried with backoff while a destination is down.",
     )
+    per_image: bool = Field(
+        default=False,
+        description="true: each image of the series (each frame of a multi-frame object) goes "
+        "to the models on its own, and the series' one result per model lists every image's "
+        "answer (radiograph or mammography views, secondary captures); for 2D classifiers. "
+        "false: the series is one input, a volume (or its one image).",
+    )
     priority: Priority = Field(
         default=Priority.ROUTINE,
         description="urgent: a study or file with a series this rule matches waits in the "
@@ -100,8 +121,9 @@ DEFAULT_ROUTES: tuple[Route, ...] = (
     ),
     Route(
         name="2d-image",
-        match=Match(kind=("image", "dicom"), max_slices=1),
+        match=Match(kind=("image", "dicom"), max_frames=1, volume=False),
         models=("mednist_classifier",),
+        per_image=True,
     ),
 )
 
@@ -111,7 +133,9 @@ class SeriesFacts:
     """What rules can look at, for one series (or one inbox file)."""
 
     kind: Kind
-    slices: int
+    slices: int  # planes: images, or the frames of multi-frame objects
+    frames: int = 1  # the most frames in any one object
+    volume: bool = False  # planes at distinct positions in the patient
     modality: str = ""
     body_part: str = ""
     series_description: str = ""
@@ -153,6 +177,10 @@ def mismatches(match: Match, facts: SeriesFacts) -> list[str]:
         found.append(f"{facts.slices} slice(s) < {match.min_slices}")
     if match.max_slices is not None and facts.slices > match.max_slices:
         found.append(f"{facts.slices} slice(s) > {match.max_slices}")
+    if match.max_frames is not None and facts.frames > match.max_frames:
+        found.append(f"{facts.frames} frames in one object > {match.max_frames}")
+    if match.volume is not None and facts.volume != match.volume:
+        found.append("a volume" if facts.volume else "not a volume")
     return [m for m in found if m]
 
 
@@ -167,11 +195,19 @@ def decide(routes: tuple[Route, ...], facts: SeriesFacts) -> Decision:
     return decision
 
 
-def dicom_facts(ds: Dataset, slices: int, calling: str = "", called: str = "") -> SeriesFacts:
-    """What routing looks at in a DICOM header (the worker's inbox files share it)."""
+def dicom_facts(ds: Dataset, objects: int = 1, calling: str = "", called: str = "") -> SeriesFacts:
+    """What routing looks at in a DICOM header, for ``objects`` like it (a series' first
+    header stands for the rest, where only the queue is being chosen)."""
+    frames = frames_of(ds)
+    # Single-frame images say where they lie (CT, MR, PET); projections and captures do not.
+    # An enhanced multi-frame object gives each frame its position; a cine loop does not.
+    where = "PerFrameFunctionalGroupsSequence" if frames > 1 else "ImagePositionPatient"
+    placed = where in ds
     return SeriesFacts(
         kind="dicom",
-        slices=slices,
+        slices=objects * frames,
+        frames=frames,
+        volume=placed and objects * frames > 1,
         modality=str(ds.get("Modality", "")),
         body_part=str(ds.get("BodyPartExamined", "")),
         series_description=str(ds.get("SeriesDescription", "")),
@@ -179,3 +215,11 @@ def dicom_facts(ds: Dataset, slices: int, calling: str = "", called: str = "") -
         calling_aet=calling,
         called_aet=called,
     )
+
+
+def frames_of(ds: Dataset) -> int:
+    """NumberOfFrames, 1 where it is absent or not a number."""
+    try:
+        return max(1, int(str(ds.get("NumberOfFrames", 1) or 1)))
+    except (TypeError, ValueError):
+        return 1

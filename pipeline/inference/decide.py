@@ -1,7 +1,10 @@
 """A model's answer as a prediction: the label its probabilities give (sigmoid threshold or
-argmax), and for a segmentation, positive when a lesion large enough to report was found."""
+argmax), a series' from its images' answers, and for a segmentation, positive when a lesion
+large enough to report was found."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -19,6 +22,16 @@ def decide(contract: ModelContract, probabilities: np.ndarray) -> Prediction:
     else:
         label = contract.labels[int(np.argmax(probabilities))]
     return Prediction(label=label, probabilities=probs)
+
+
+def decide_series(contract: ModelContract, images: Sequence[Prediction]) -> Prediction:
+    """A series' answer from its images': for a sigmoid model the image most likely
+    positive (one positive view makes the series positive), for a softmax model the label of
+    the images' mean probabilities."""
+    if contract.activation is Activation.SIGMOID:
+        return max(images, key=lambda p: p.probabilities[contract.labels[1]])
+    mean = np.mean([[p.probabilities[label] for label in contract.labels] for p in images], axis=0)
+    return decide(contract, mean)
 
 
 def decide_segmentation(contract: ModelContract, seg: Segmentation) -> Prediction:

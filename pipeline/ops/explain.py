@@ -56,7 +56,7 @@ def explain_paths(
         facts = g.facts(calling_aet, called_aet)
         yield (
             f"series {g.uid} ({g.modality or '?'}, {g.description or 'no description'!r}, "
-            f"{g.planes} slice(s), {len(g.paths)} file(s))"
+            f"{g.planes} slice(s), {len(g.paths)} file(s){', a volume' if g.volume else ''})"
         )
         yield from _verdicts(routes, facts, verbose)
     for f in other:

@@ -16,12 +16,14 @@ from pipeline.core.contract import ModelContract, Task
 from pipeline.core.errors import PipelineError
 from pipeline.core.filekinds import why_extra
 from pipeline.core.instances import file_identity
+from pipeline.core.routing import Route
 from pipeline.core.settings import Settings
 from pipeline.inference.decide import decide, decide_segmentation
 from pipeline.inference.segment import segment
 from pipeline.inference.triton_client import TritonClient
 from pipeline.studies.inputs import inbox_facts, series_input
 from pipeline.studies.models import Models
+from pipeline.studies.per_image import image_frames
 
 
 def infer_lines(
@@ -60,6 +62,9 @@ def _infer_unit(
             route, chosen = models.choose(settings.routes, inbox_facts(unit, image), image)
         else:
             route = models.route(settings.routes, unit.facts())
+            if route.per_image:
+                yield from _each_image(unit, route, models, client, where)
+                return
             image, _ = series_input(unit, models, route)
             chosen = models.for_route(route, image)
         for line in _answers(image, chosen, client):
@@ -68,6 +73,26 @@ def _infer_unit(
         yield {**where, "skipped": str(exc)}
     except (PipelineError, OSError) as exc:
         yield {**where, "error": f"{type(exc).__name__}: {exc}"}
+
+
+def _each_image(
+    unit: SeriesGroup,
+    route: Route,
+    models: Models,
+    client: TritonClient,
+    where: dict[str, object],
+) -> Iterator[dict[str, object]]:
+    """A series its rule takes image by image: each image's (each frame's) answers, or why
+    an image has none."""
+    for path in unit.paths:
+        at = {**where, "route": route.name, "instance": path.name}
+        try:
+            for frame, image in image_frames(convert.load(path)):
+                shown = at if frame is None else {**at, "frame": frame + 1}
+                for line in _answers(image, models.for_route(route, image), client):
+                    yield {**shown, **line}
+        except (PipelineError, OSError) as exc:
+            yield {**at, "error": f"{type(exc).__name__}: {exc}"}
 
 
 def _answers(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,10 +47,21 @@ class ResultRow:
     label: str
     probability: float
     lesions: int | None  # segmentation models only
+    images: dict[str, int] | None  # a series taken image by image: images per label
     total_s: float  # received -> result
     urgent: bool  # its job waited in the urgent lane
     inference_ms: float
     preview: str | None  # path under results/
+
+    @property
+    def findings(self) -> str:
+        """What the label alone does not say: lesions found, or the images' labels."""
+        if self.lesions is not None:
+            return f"{self.lesions} lesion(s)"
+        if self.images:
+            counts = ", ".join(f"{label} {n}" for label, n in self.images.items())
+            return f"{sum(self.images.values())} images: {counts}"
+        return ""
 
 
 @dataclass(frozen=True)
@@ -206,6 +218,12 @@ def recent_results(settings: Settings, limit: int = RECENT) -> list[ResultRow]:
     return rows[:limit]
 
 
+def _labels(images: list[dict[str, Any]]) -> dict[str, int]:
+    """How many images got each label, the most frequent first."""
+    counts = Counter(str(i["prediction"]["label"]) for i in images)
+    return dict(counts.most_common())
+
+
 def _row(path: Path, results: Path) -> ResultRow | None:
     try:
         doc = json.loads(path.read_text())
@@ -228,6 +246,7 @@ def _row(path: Path, results: Path) -> ResultRow | None:
         label=label,
         probability=probability,
         lesions=len(segmentation["lesions"]) if segmentation else None,
+        images=_labels(doc.get("images") or []) or None,
         total_s=(finished - received).total_seconds(),
         urgent=doc.get("priority") == Priority.URGENT,
         inference_ms=float(timings.get("inference_ms", 0.0)),

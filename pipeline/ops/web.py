@@ -54,7 +54,7 @@ RESULT_COLUMNS = [
     "model",
     "label",
     "probability",
-    "lesions",
+    "findings",
     "received to result",
     "inference",
     "preview",
@@ -110,7 +110,7 @@ def _result_row(r: status.ResultRow) -> str:
         + _cell(r.model)
         + f'<td class="label">{html.escape(r.label)}</td>'
         + f'<td class="probability">{r.probability:.3f}</td>'
-        + _cell("" if r.lesions is None else r.lesions)
+        + _cell(r.findings)
         + _cell(f"{r.total_s:.1f} s" + (" (urgent)" if r.urgent else ""))
         + _cell(f"{r.inference_ms:.0f} ms")
         + f"<td>{img}</td></tr>"

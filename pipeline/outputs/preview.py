@@ -2,7 +2,8 @@
 
 A classification's preview is the input (the middle slice of a volume) with its label and
 probability; a segmentation's is the slice where the mask is largest, the mask overlaid in red,
-with the lesion count and volume. Slices are shown as a radiologist expects for an axial DICOM
+with the lesion count and volume; a series taken image by image shows its images side by side,
+each with its own answer. Slices are shown as a radiologist expects for an axial DICOM
 series: the volume's first index runs left to right, its second top to bottom. CT intensities
 use a lung window when the values look like Hounsfield units, else the input's own range.
 """
@@ -16,6 +17,8 @@ from PIL import Image, ImageDraw
 
 CAPTION_PX = 22
 MAX_SIDE = 512
+TILE_SIDE = 256  # each image of a series taken image by image
+MAX_TILES = 12  # in rows of 4; the caption says how many more there are
 
 
 def _gray(plane: np.ndarray) -> np.ndarray:
@@ -66,3 +69,30 @@ def segmentation_preview(array: np.ndarray, mask: np.ndarray, caption: str) -> b
     rgb = np.stack([gray] * 3, axis=-1)
     rgb[overlay] = 0.5 * rgb[overlay] + 0.5 * np.array([255.0, 0.0, 0.0])
     return _png(rgb.astype(np.uint8), caption)
+
+
+def thumbnail(array: np.ndarray) -> np.ndarray:
+    """An image (channel-first 2D, as loaded) as 8-bit gray at most TILE_SIDE on a side: what
+    the preview of a series keeps of each image once the image itself is dropped."""
+    img = Image.fromarray(_gray(_plane(array, None)), "L")
+    img.thumbnail((TILE_SIDE, TILE_SIDE), Image.Resampling.BILINEAR)
+    return np.asarray(img)
+
+
+def images_preview(tiles: list[tuple[np.ndarray, str]]) -> bytes:
+    """Thumbnails (:func:`thumbnail`) side by side, in rows of four, each with its caption."""
+    shown = tiles[:MAX_TILES]
+    columns = min(4, len(shown))
+    rows = -(-len(shown) // columns)
+    step = TILE_SIDE + CAPTION_PX
+    canvas = Image.new("RGB", (columns * TILE_SIDE, rows * step + CAPTION_PX), (0, 0, 0))
+    draw = ImageDraw.Draw(canvas)
+    more = f"  (+{len(tiles) - len(shown)} more)" if len(tiles) > len(shown) else ""
+    draw.text((4, 4), f"{len(tiles)} images{more}", fill=(255, 255, 255))
+    for i, (gray, caption) in enumerate(shown):
+        x, y = (i % columns) * TILE_SIDE, CAPTION_PX + (i // columns) * step
+        draw.text((x + 4, y + 4), caption, fill=(255, 255, 0))
+        canvas.paste(Image.fromarray(gray, "L").convert("RGB"), (x, y + CAPTION_PX))
+    out = io.BytesIO()
+    canvas.save(out, format="PNG")
+    return out.getvalue()

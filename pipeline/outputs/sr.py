@@ -5,7 +5,8 @@ The SR's observer is the device (the model); its findings carry TID 4019 algorit
 identification; a classification is a coded qualitative evaluation (the contract's codes, or
 the private scheme ``99DCMPIPE``) with the label's probability as a measurement (UCUM ``1``);
 a segmentation adds one TID 1411 volumetric group per lesion, its volume in ml referencing
-its SEG segment (:mod:`pipeline.outputs.seg`). Patient and study come from the source
+its SEG segment (:mod:`pipeline.outputs.seg`); a series taken image by image adds one group
+per image, its answer referencing that image. Patient and study come from the source
 instances (:mod:`pipeline.outputs.sources`), so the report joins the source study, in a new
 series.
 """
@@ -20,7 +21,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from pipeline.core.contract import ModelContract
-from pipeline.core.results import Result
+from pipeline.core.results import Prediction, Result
 from pipeline.outputs.sources import Sources, coded, conformant_header, result_uid
 
 SR_SERIES_NUMBER = 9901
@@ -51,6 +52,8 @@ def build_sr(
         manufacturer=manufacturer,
     )
     groups: list[Group] = [_finding(result, contract, sources, algorithm, key)]
+    if len(result.images) > 1 and sources is not None:
+        groups += _image_findings(result, contract, sources, algorithm, key)
     if seg is not None and result.segmentation is not None and sources is not None:
         groups += _lesion_groups(result, contract, sources, seg, algorithm, key)
     modality = sources.modality if sources is not None else ""
@@ -106,16 +109,58 @@ def _finding(
     key: str,
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """The label, coded, with its probability."""
-    label = result.prediction.label
     # A classifier's finding names every image it was drawn from. A segmentation's finding
     # does not: its lesions' groups reference the SEG, whose frames reference the images,
     # and the evidence lists every source instance either way. Each of 200 references is a
     # content item that highdicom copies and searches: a third of the SR's building time.
     images = sources if sources is not None and result.segmentation is None else None
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
+    return _group(
+        result.prediction,
+        contract,
+        algorithm,
+        hd.sr.TrackingIdentifier(
             uid=result_uid(key, "finding"), identifier=f"{contract.name} finding"[:64]
         ),
+        images.slices if images is not None else [],
+        images,
+    )
+
+
+def _image_findings(
+    result: Result,
+    contract: ModelContract,
+    sources: Sources,
+    algorithm: hd.sr.AlgorithmIdentification,
+    key: str,
+) -> list[Group]:
+    """A series taken image by image: after the series' finding, one group per image with
+    that image's answer, referencing it alone."""
+    groups: list[Group] = []
+    for i, answer in enumerate(result.images, start=1):
+        uid = answer.sop_instance_uid
+        frame = None if answer.frame is None else answer.frame - 1
+        tracking = hd.sr.TrackingIdentifier(
+            uid=result_uid(key, "finding", uid, str(answer.frame)),
+            identifier=f"{contract.name} image {i}"[:64],
+        )
+        groups.append(
+            _group(answer.prediction, contract, algorithm, tracking, [(uid, frame)], sources)
+        )
+    return groups
+
+
+def _group(
+    prediction: Prediction,
+    contract: ModelContract,
+    algorithm: hd.sr.AlgorithmIdentification,
+    tracking: hd.sr.TrackingIdentifier,
+    images: list[tuple[str, int | None]],
+    sources: Sources | None,
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """A label, coded, with its probability, drawn from ``images`` (instance, 0-based frame)."""
+    label = prediction.label
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking,
         algorithm_id=algorithm,
         qualitative_evaluations=[
             hd.sr.QualitativeEvaluation(
@@ -125,20 +170,20 @@ def _finding(
         measurements=[
             hd.sr.Measurement(
                 name=codes.DCM.Probability,
-                value=float(result.prediction.probabilities[label]),
+                value=float(prediction.probabilities[label]),
                 unit=NO_UNITS,
                 algorithm_id=algorithm,
             )
         ],
         source_images=[
             hd.sr.SourceImageForMeasurementGroup(
-                referenced_sop_class_uid=images.headers[uid].SOPClassUID,
+                referenced_sop_class_uid=sources.headers[uid].SOPClassUID,
                 referenced_sop_instance_uid=uid,
                 referenced_frame_numbers=None if frame is None else [frame + 1],
             )
-            for uid, frame in images.slices
+            for uid, frame in images
         ]
-        if images is not None
+        if sources is not None and images
         else None,
     )
 

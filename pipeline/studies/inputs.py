@@ -45,9 +45,10 @@ def inbox_facts(
     here unless the caller has it)."""
     slices = 1 if image.spatial_dims == 2 else int(image.array.shape[-1])
     if image.kind is not InputKind.DICOM:
-        return SeriesFacts(kind=image.kind.value, slices=slices)  # type: ignore[arg-type]
+        kind = image.kind.value
+        return SeriesFacts(kind=kind, slices=slices, volume=slices > 1)  # type: ignore[arg-type]
     ds = header if header is not None else pydicom.dcmread(path, stop_before_pixels=True)
-    return dicom_facts(ds, slices)
+    return dicom_facts(ds)
 
 
 def file_sources(header: pydicom.Dataset | None) -> Sources | None:

@@ -59,7 +59,7 @@ def infer_model(
 
         def classified() -> list[Output]:
             label = doc.prediction.label
-            png = _preview(
+            png = safe_preview(
                 lambda: preview.classification_preview(
                     image.array, label, doc.prediction.probabilities[label]
                 )
@@ -90,7 +90,7 @@ def infer_model(
     def segmented() -> list[Output]:
         objects = make_dicom(doc, contract, seg.lesion_map, dicom)
         caption = f"{len(seg.lesions)} lesion(s), {total:.2f} ml"
-        png = _preview(lambda: preview.segmentation_preview(image.array, seg.mask, caption))
+        png = safe_preview(lambda: preview.segmentation_preview(image.array, seg.mask, caption))
         mask = (out_dir / MASK_FILE, nifti_gz(seg.mask, seg.affine))
         return _with(mask, lambda: result_files(out_dir, doc, png, objects))
 
@@ -106,7 +106,7 @@ def _with(first: Output, make: Callable[[], list[Output]]) -> list[Output]:
         raise
 
 
-def _preview(render: Callable[[], bytes]) -> bytes | None:
+def safe_preview(render: Callable[[], bytes]) -> bytes | None:
     """A preview that cannot be drawn is logged, never a reason to lose the result."""
     try:
         return render()

@@ -2,7 +2,8 @@
 
 Each series in the study is routed on its header facts (and the AE titles it came with); a
 series no rule matches is recorded as skipped. Each routed series becomes a volume
-(:mod:`pipeline.convert.series`) and goes to its rule's models. Results:
+(:mod:`pipeline.convert.series`) and goes to its rule's models, or, where its rule says
+``per_image``, each of its images does (:mod:`pipeline.studies.per_image`). Results:
 ``data/results/<StudyInstanceUID>/<model>/<SeriesInstanceUID>/result.json`` and
 ``data/results/<StudyInstanceUID>/study.json`` listing every series and what became of it.
 A series that fails (unreadable, gaps, wrong model) does not stop the others; the job then
@@ -41,6 +42,7 @@ from pipeline.outputs.files import IncompleteOutputsError, Output, gathered, wri
 from pipeline.studies.inputs import series_input
 from pipeline.studies.model_run import infer_model
 from pipeline.studies.models import Models, why_not
+from pipeline.studies.per_image import image_results
 from pipeline.studies.rounds import (
     SUPERSEDED,
     earlier_instances,
@@ -309,6 +311,8 @@ def _series_results(
     client: TritonClient,
     started: datetime,
 ) -> list[Output]:
+    if route.per_image:
+        return image_results(job, group, route, settings, models, client, started)
     if group.planes * group.rows * group.cols > MAX_VOXELS:
         raise InputError(f"{group.planes}x{group.rows}x{group.cols} is larger than {MAX_VOXELS}")
     loading = time.perf_counter()

@@ -49,15 +49,15 @@ def job_facts(path: Path, job: Job) -> Iterator[SeriesFacts]:
             files = sorted(_listing(series, f"*{SUFFIX}"))
             ds = next((h for f in files if (h := _header(f)) is not None), None)
             if ds is not None:
-                yield dicom_facts(ds, len(files) * _frames(ds), calling, called)
+                yield dicom_facts(ds, len(files), calling, called)
         return
     kind = kind_of(path)
     if kind is InputKind.IMAGE:
         yield SeriesFacts(kind="image", slices=1)
     elif kind is InputKind.NIFTI and (slices := _nifti_slices(path)) is not None:
-        yield SeriesFacts(kind="nifti", slices=slices)
+        yield SeriesFacts(kind="nifti", slices=slices, volume=slices > 1)
     elif kind is InputKind.DICOM and (ds := _header(path)) is not None:
-        yield dicom_facts(ds, _frames(ds))
+        yield dicom_facts(ds)
 
 
 def _listing(folder: Path, pattern: str = "*") -> list[Path]:
@@ -73,13 +73,6 @@ def _header(path: Path) -> Dataset | None:
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on malformed files
         log.debug("lane: a header not read (%s)", type(exc).__name__)
         return None
-
-
-def _frames(ds: Dataset) -> int:
-    try:
-        return max(1, int(ds.get("NumberOfFrames", 1) or 1))
-    except (TypeError, ValueError):
-        return 1
 
 
 def _nifti_slices(path: Path) -> int | None:
