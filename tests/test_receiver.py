@@ -533,6 +533,28 @@ def test_compressed_syntaxes_are_accepted_and_stored_as_received(
         assert stored[sop].PixelData == pixels  # no decompression, no re-encoding
 
 
+def test_images_of_retired_sop_classes_are_taken(
+    receiver: Callable[..., Running], tmp_path: Path
+) -> None:
+    """A real ultrasound of the retired 1993 Ultrasound Image Storage class (pydicom-data's),
+    as old machines still send it, sent by dcmtk's storescu proposing its class alone: stored,
+    not refused at the association."""
+    import data_store
+
+    rx = receiver()
+    source = Path(data_store.__file__).parent / "data" / "color-px.dcm"
+    out = subprocess.run(
+        ["storescu", "-R", "-aec", "PIPELINE", "127.0.0.1", str(rx.port), str(source)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0 and "No presentation context" not in out.stderr, out.stderr
+    [task] = rx.wait_tasks(1)
+    [stored] = rx.job_files(task)
+    assert stored.stem == dcmread(source, stop_before_pixels=True).SOPInstanceUID
+
+
 def test_late_instance_starts_a_new_round_and_duplicates_count_once(
     receiver: Callable[..., Running],
 ) -> None:

@@ -45,9 +45,11 @@ from pynetdicom import (
     AllStoragePresentationContexts,
     _config,
     evt,
+    register_uid,
 )
 from pynetdicom.dimse_primitives import C_STORE, N_CREATE, N_SET
 from pynetdicom.events import Event
+from pynetdicom.service_class import StorageServiceClass
 
 from pipeline.core import observe
 from pipeline.core.instances import (
@@ -83,6 +85,16 @@ TRANSFER_SYNTAXES = [
     JPEG2000,
     RLELossless,
 ]
+
+# Image storage classes retired from the standard, which pynetdicom's storage contexts leave
+# out, but which old modalities still send (an ultrasound of the 1993 class): taken like any
+# image, never refused at the association, where the sender would retry them for ever.
+RETIRED_IMAGE_STORAGE = {
+    "UltrasoundMultiFrameImageStorageRetired": "1.2.840.10008.5.1.4.1.1.3",
+    "NuclearMedicineImageStorageRetired": "1.2.840.10008.5.1.4.1.1.5",
+    "UltrasoundImageStorageRetired": "1.2.840.10008.5.1.4.1.1.6",
+    "XRayAngiographicBiPlaneImageStorageRetired": "1.2.840.10008.5.1.4.1.1.12.3",
+}
 
 # pynetdicom.sop_class builds these names at run time, out of the type checker's sight.
 VERIFICATION = UID("1.2.840.10008.1.1")
@@ -319,6 +331,10 @@ def make_ae(settings: Settings) -> AE:
     for cx in AllStoragePresentationContexts:
         assert cx.abstract_syntax is not None
         ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+    for keyword, uid in RETIRED_IMAGE_STORAGE.items():
+        # pynetdicom serves a SOP class only once it knows which service it belongs to.
+        register_uid(uid, keyword, StorageServiceClass)
+        ae.add_supported_context(uid, TRANSFER_SYNTAXES)
     ae.add_supported_context(VERIFICATION, TRANSFER_SYNTAXES[:3])
     ae.add_supported_context(MPPS_SOP_CLASS, TRANSFER_SYNTAXES[:3])
     ae.maximum_associations = rs.max_associations
