@@ -31,7 +31,12 @@ JOURNEY = [
         "A worker processes it",
         [
             ("tasks/worker.py", "the Celery task: retry or quarantine"),
+            (
+                "tasks/leases.py",
+                "the job's lease, renewed while it runs; a lost worker's job offered again",
+            ),
             ("studies/study_job.py", "the study's round, step by step"),
+            ("studies/per_image.py", "a series its rule takes image by image"),
             ("convert/series.py", "each routed series into a volume"),
             ("inference/triton_client.py", "the models on Triton"),
             ("outputs/sr.py", "the DICOM SR (outputs/seg.py the SEG)"),

@@ -229,6 +229,18 @@ def pending_jobs(spool: Path) -> Iterator[Job]:
             log.warning("spool folder %s has no readable job.json: %s", folder.name, exc)
 
 
+def taken_jobs(spool: Path) -> Iterator[Job]:
+    """Spooled jobs a worker has taken (``.processing``), oldest first."""
+    if not spool.is_dir():
+        return
+    for folder in sorted(spool.iterdir()):
+        if _JOB_ID.fullmatch(folder.name) and (folder / PROCESSING_MARKER).exists():
+            try:
+                yield read_job(folder)
+            except (OSError, ValueError):
+                continue  # gone (done) while we looked
+
+
 def requeue_pending(enqueue_job: Callable[[Job], bool], spool: Path) -> None:
     """Offer every spooled, never-queued job to the broker, oldest first."""
     for job in pending_jobs(spool):

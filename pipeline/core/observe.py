@@ -105,13 +105,7 @@ class _Metrics:
         self.stow_requests = Counter(
             p + "stow_requests_total", "STOW-RS requests, by HTTP status answered.", ["status"]
         )
-        self.queued = Counter(
-            p + "jobs_queued_total", "Jobs sent to the queue, by source.", ["source"]
-        )
-        self.completed = Counter(p + "jobs_completed_total", "Jobs whose results are written.")
-        self.failed = Counter(
-            p + "jobs_failed_total", "Jobs moved to failed/, by stage.", ["stage"]
-        )
+        self._jobs(p)
         self.unrouted = Counter(
             p + "unrouted_total",
             "Series and inbox files no routing rule takes, in jobs with nothing to process, by "
@@ -140,6 +134,22 @@ class _Metrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
         )
 
+    def _jobs(self, p: str) -> None:
+        from prometheus_client import Counter
+
+        self.queued = Counter(
+            p + "jobs_queued_total", "Jobs sent to the queue, by source.", ["source"]
+        )
+        self.completed = Counter(p + "jobs_completed_total", "Jobs whose results are written.")
+        self.redelivered = Counter(
+            p + "jobs_redelivered_total",
+            "Jobs offered again because the worker that had taken them was lost (its lease "
+            "expired: killed, its node gone, or hung).",
+        )
+        self.failed = Counter(
+            p + "jobs_failed_total", "Jobs moved to failed/, by stage.", ["stage"]
+        )
+
 
 _instance: _Metrics | None = None
 # Associations start in threads of their own: two first counts at once must not both register
@@ -161,7 +171,7 @@ def count(name: str, *labels: str, amount: float = 1.0) -> None:
     """Increment one of the counters: ``instances``, ``refused`` (status), ``associations``
     (outcome), ``stow_requests`` (status), ``queued`` (source), ``completed``, ``failed``
     (stage), ``unrouted`` (policy, kind, modality, SOP class), ``dropped`` (modality, SOP
-    class)."""
+    class), ``redelivered``."""
     metrics = _metrics()
     if metrics is None:
         return

@@ -12,6 +12,7 @@ import json
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -122,9 +123,11 @@ def _jsonable(v: Any) -> Any:
 
 def snapshot(settings: Settings, broker_url: str | None = None) -> Snapshot:
     snap = Snapshot(taken=datetime.now(UTC), broker="not asked")
+    lost = None
     if broker_url:
         snap.broker, snap.queues = _queues(broker_url)
-    snap.in_flight = _in_flight(settings)
+        lost = _lost_jobs(broker_url) if snap.broker == "ok" else None
+    snap.in_flight = _in_flight(settings, lost)
     snap.results = recent_results(settings)
     snap.failed = [
         FailedRow(
@@ -161,7 +164,25 @@ def _queues(broker_url: str) -> tuple[str, dict[str, int]]:
     return "ok", depth
 
 
-def _in_flight(settings: Settings) -> list[InFlight]:
+def _lost_jobs(broker_url: str) -> Callable[[str], bool]:
+    """Whether a taken job's worker was lost (its lease expired), until it is taken again."""
+    import redis
+
+    from pipeline.tasks import broker
+    from pipeline.tasks.leases import Leases
+
+    leases = Leases(broker.client(broker_url, timeout=2.0))
+
+    def lost(job_id: str) -> bool:
+        try:
+            return not leases.live(job_id)
+        except (redis.RedisError, OSError):
+            return False  # cannot tell: shown as processing
+
+    return lost
+
+
+def _in_flight(settings: Settings, lost: Callable[[str], bool] | None = None) -> list[InFlight]:
     rows: list[InFlight] = []
     spool = settings.spool_dir
     if not spool.is_dir():
@@ -180,7 +201,8 @@ def _in_flight(settings: Settings) -> list[InFlight]:
             lane = queued_lane(entry)  # kept until the job is done
             urgent = " (urgent)" if lane == Priority.URGENT else ""
             if (entry / PROCESSING_MARKER).exists():
-                state = "processing" + urgent
+                gone = lost is not None and lost(entry.name)
+                state = ("worker lost, to be offered again" if gone else "processing") + urgent
             elif lane is not None:
                 state = "queued" + urgent
             else:

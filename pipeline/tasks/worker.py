@@ -33,24 +33,31 @@ from pipeline.inference.triton_client import TritonClient
 from pipeline.outputs.send import dispatch
 from pipeline.studies.file_job import run_job
 from pipeline.studies.models import Models
-from pipeline.studies.steps import StageError
+from pipeline.studies.steps import Dispatch, StageError
 from pipeline.studies.study_job import run_study
 from pipeline.tasks.app import DISPATCH_TASK, TASK_NAME, lane_of
+from pipeline.tasks.broker import client as broker_client
 from pipeline.tasks.enqueue import offer
+from pipeline.tasks.leases import Leases, holding, job_lock
 from pipeline.tasks.memory import keep_freed_memory, prefault
 from pipeline.tasks.warmup import warm_up
 
 log = logging.getLogger(__name__)
 
+LEASE_CALL_TIMEOUT_S = 2.0  # a Redis that hangs must not hold a job up for long
+
 
 class WorkerContext:
-    """Per worker process: the contracts and a Triton connection, made on first use."""
+    """Per worker process: the contracts, a Triton connection and the job leases (in the
+    broker's Redis), made on first use."""
 
-    def __init__(self, settings: Settings, triton_url: str) -> None:
+    def __init__(self, settings: Settings, triton_url: str, broker: str | None = None) -> None:
         self.settings = settings
         self.triton_url = triton_url
+        self.broker = broker
         self._models: Models | None = None
         self._client: TritonClient | None = None
+        self._leases: Leases | None = None
         self.in_pool = False  # a Celery pool process: its torch threads are its own to set
         self.started_marker: Path | None = None  # a pool process's, for wait_for_pool
 
@@ -68,6 +75,13 @@ class WorkerContext:
                 self._use_spare_cores(self._client)
         return self._client
 
+    @property
+    def leases(self) -> Leases | None:
+        """None where the broker is not Redis (no lease: the job lock still holds)."""
+        if self._leases is None and self.broker is not None and self.broker.startswith("redis"):
+            self._leases = Leases(broker_client(self.broker, timeout=LEASE_CALL_TIMEOUT_S))
+        return self._leases
+
     def _use_spare_cores(self, client: TritonClient) -> None:
         """Cores the pool processes leave over go to their torch threads, unless Triton
         computes on them. Asked here, after the fork, on this process's own connection: gRPC
@@ -79,6 +93,7 @@ class WorkerContext:
     def reset(self) -> None:
         """After fork: connections made by the parent must not be shared."""
         self._client = None
+        self._leases = None
 
     def close(self) -> None:
         """At the process's end: the client's shared memory regions are given back."""
@@ -90,7 +105,7 @@ class WorkerContext:
 def register_tasks(app: Celery, settings: Settings, triton_url: str) -> WorkerContext:
     """Register the tasks on ``app``; the context they share is returned, for a caller that
     runs them in its own process (tests) to close."""
-    ctx = WorkerContext(settings, triton_url)
+    ctx = WorkerContext(settings, triton_url, app.conf.broker_url)
     shutil.rmtree(_pool_dir(settings, os.getpid()), ignore_errors=True)  # a reused pid's
 
     @worker_process_init.connect(weak=False)  # type: ignore[untyped-decorator]
@@ -196,9 +211,25 @@ def handle(task: Task, ctx: WorkerContext, message: dict[str, Any]) -> None:
     def send(route: Route, files: list[Path]) -> None:
         offer(task.app, settings, job.id, route, files)
 
+    folder = job_dir(settings.spool_dir, job.id)
+    with holding(ctx.leases, job.id) as other:
+        if other is not None:  # Redis handed out a slow job's message again, say
+            log.info("job %s is being processed by %s: this delivery is dropped", job.id, other)
+            return
+        with job_lock(folder) as ours:
+            if ours:
+                _process(task, ctx, job, send)
+            else:
+                log.info("job %s: already processed, nothing to do", job.id)
+
+
+def _process(task: Task, ctx: WorkerContext, job: Job, send: Dispatch) -> None:
+    """One job, under its lease and lock: done, retried later, or failed."""
+    settings = ctx.settings
     study = job.study.study_uid if job.study else ""
-    with contextlib.suppress(OSError):  # for status pages only; gone once the job is done
-        (job_dir(settings.spool_dir, job.id) / PROCESSING_MARKER).touch()
+    marker = job_dir(settings.spool_dir, job.id) / PROCESSING_MARKER
+    with contextlib.suppress(OSError):  # taken: status pages, and the search for lost jobs
+        marker.touch()
     if job.queued_at is not None:
         waited = (now() - job.queued_at).total_seconds()
         observe.stage("started", job=job.id, study=study, seconds=waited, source=job.source)
@@ -217,6 +248,7 @@ def handle(task: Task, ctx: WorkerContext, message: dict[str, Any]) -> None:
         if isinstance(exc.error, TransientError) and retries < settings.worker.max_retries:
             countdown = _backoff(retries, settings.worker.retry_backoff_max_s)
             log.warning("job %s: %s; retry %d in %d s", job.id, exc, retries + 1, countdown)
+            marker.unlink(missing_ok=True)  # queued again, not lost: no one offers it anew
             raise task.retry(countdown=countdown, exc=exc) from exc
         fail_job(job, settings, exc.error, exc.stage)
     except Exception as exc:
