@@ -354,29 +354,36 @@ def test_results_wait_for_a_destination_that_is_down_then_go(
     assert sorted(down.pending) == files and not down.sent and not down.refused
     received = tmp_path / "pacs"
     received.mkdir()
-    storescp = subprocess.Popen(
-        [
-            "storescp",
-            "-aet",
-            "STORESCP",
-            "-od",
-            str(received),
-            "--sort-on-study-uid",
-            "st",
-            str(port),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    log = tmp_path / "storescp.log"
+    with log.open("w") as out:
+        storescp = subprocess.Popen(
+            [
+                "storescp",
+                "-v",
+                "-aet",
+                "STORESCP",
+                "-od",
+                str(received),
+                "--sort-on-study-uid",
+                "st",
+                str(port),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         time.sleep(1.0)
         up = deliver(settings, delivery)
         assert sorted(up.sent) == files and not up.pending and not up.refused
+        # The job done again (its worker lost after sending) sends nothing the PACS has.
+        again = deliver(settings, delivery)
+        assert not again.sent and not again.pending and not again.refused
     finally:
         storescp.terminate()
         storescp.wait(10)
     got = {dcmread(p).SOPInstanceUID for p in received.rglob("*") if p.is_file()}
     assert got == {dcmread(settings.results_dir / f).SOPInstanceUID for f in files}
+    assert log.read_text().count("Received Store Request") == len(files)
 
 
 def test_a_delivery_naming_files_outside_results_is_refused_and_recorded(tmp_path: Path) -> None:

@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.core.jobs import job_dir, read_job
 from pipeline.core.routing import Priority
+from pipeline.core.settings import Settings
 from pipeline.demo.dicom_series import write_volume_series
 from pipeline.demo.synthetic import lesion_phantom
 from pipeline.demo.train import TEST_SEED_BASE
@@ -27,7 +29,9 @@ from pipeline.runtime import embedded_redis
 from pipeline.runtime.embedded_triton import TritonEndpoints
 from pipeline.runtime.process import descendants, free_port
 from pipeline.runtime.worker import ready_marker
+from pipeline.tasks.app import make_celery
 from pipeline.tasks.broker import broker_url
+from pipeline.tasks.enqueue import job_sender
 
 from .conftest import make_settings, running_up, up_env, wait_for
 from .test_faults import _cmdline, _ppid, _send
@@ -150,3 +154,37 @@ def test_two_workers_share_a_spool_and_one_killed_leaves_the_study_to_the_other(
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(30)
         redis.stop()
+
+
+@pytest.mark.e2e
+def test_a_job_handed_out_again_while_it_runs_is_not_run_twice(
+    model_repository: Path, tmp_path: Path
+) -> None:
+    """What Redis does to a task still running after its visibility timeout: the same job's
+    message handed out again, here while the worker's first pool process segments the study.
+    The second pool process finds the job's lease live and drops the delivery: one run."""
+    data, port = tmp_path / "data", free_port()
+    env = up_env(tmp_path, model_repository, port)
+    hu, _, affine = lesion_phantom(TEST_SEED_BASE + 742, lesions=2)
+    study = write_volume_series(tmp_path / "study", hu.astype(np.float32), affine)
+    with running_up(tmp_path, env):
+        worker_log = data / "run" / "logs" / "worker.log"
+        assert _send(tmp_path / "study", port).returncode == 0
+        wait_for(lambda: _taken_job(worker_log), 60, "the worker to take the study")
+        job_id = _taken_job(worker_log)
+        assert job_id is not None
+        settings = Settings(data_dir=data)
+        job = read_job(job_dir(settings.spool_dir, job_id))
+        celery = make_celery(settings, broker_url(settings))
+        job_sender(celery, settings)(job)  # the same message, handed out again
+        result = data / "results" / study.study_uid / "study.json"
+        wait_for(result.exists, 120, "the study's results")
+        wait_for(
+            lambda: f"job {job_id} is being processed by" in worker_log.read_text(),
+            30,
+            "the second delivery to be dropped",
+        )
+        assert worker_log.read_text().count(f"stage=started job={job_id}") == 1
+        assert _done_lines([worker_log], job_id) == 1
+        assert json.loads(result.read_text())["rounds"] == [job_id]
+        assert len(list((data / "results").rglob("result.json"))) == 2

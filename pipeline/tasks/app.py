@@ -25,8 +25,9 @@ DISPATCH_TASK = "pipeline.dispatch"  # sends a route's results to one destinatio
 QUEUE = "pipeline"
 URGENT_QUEUE = "pipeline.urgent"
 QUEUES: dict[Priority, str] = {Priority.URGENT: URGENT_QUEUE, Priority.ROUTINE: QUEUE}
-# Redis redelivers an unacknowledged task after this long; it must exceed the longest task
-# plus the longest retry countdown, or a slow task would run twice.
+# Redis hands an unacknowledged task out again after this long: a lost worker's (whose job is
+# offered again within seconds anyway, pipeline.tasks.leases), or a slow task's, which the
+# job's live lease keeps from a second run.
 VISIBILITY_TIMEOUT_S = 3600
 # A Redis that hangs (stopped, overloaded, a network partition) must not hang the watcher or
 # the receiver: calls give up after these (and the producer then waits a while before trying

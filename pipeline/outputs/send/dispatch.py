@@ -9,6 +9,11 @@ up to the destination's ``max_retries``. The files stay in results throughout. A
 good (association rejected permanently, a failure status) or retries run out end in
 ``data/failed/<job>.send-<destination>/error.json``, naming the files, which are still in
 results to be sent again.
+
+An object is sent to a destination once: what a destination accepted is recorded beside it
+(``.sent/<destination>/<file>.uid``, holding its SOP Instance UID), and a job done again (its
+worker was lost after sending) makes the same objects, under the same UIDs, which are not sent
+again.
 """
 
 from __future__ import annotations
@@ -18,9 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
+from pydicom import dcmread
 
 from pipeline.core import tls
-from pipeline.core.fsutil import atomic_write_json
+from pipeline.core.fsutil import atomic_write_bytes, atomic_write_json
 from pipeline.core.jobs import now
 from pipeline.core.network_settings import Destination
 from pipeline.core.routing import Priority
@@ -29,6 +35,8 @@ from pipeline.outputs.send import scu
 from pipeline.outputs.send import stow as stow_send
 
 log = logging.getLogger(__name__)
+
+SENT_FOLDER = ".sent"  # beside a result's DICOM objects: which destination accepted which
 
 
 class Delivery(BaseModel):
@@ -90,6 +98,8 @@ def deliver(settings: Settings, delivery: Delivery) -> Outcome:
             outcome.refused[name] = "no longer in the results folder"
         else:
             paths[path] = name
+    for path in [p for p in paths if _accepted_before(p, delivery.destination)]:
+        log.info("%s: accepted by %s before; not sent again", paths.pop(path), delivery.destination)
     if not paths:
         return outcome
     if destination.url is not None:
@@ -97,12 +107,43 @@ def deliver(settings: Settings, delivery: Delivery) -> Outcome:
     else:
         report = scu.send(list(paths), peer(destination), retries=0)
     outcome.sent = [paths[p] for p in report.sent]
+    for path in report.sent:
+        _record_accepted(path, delivery.destination)
     for path, why in report.failed.items():
         if path in report.transient:
             outcome.pending.append(paths[path])
         else:
             outcome.refused[paths[path]] = why
     return outcome
+
+
+def _record(path: Path, destination: str) -> Path:
+    return path.parent / SENT_FOLDER / destination / f"{path.name}.uid"
+
+
+def _sop_instance(path: Path) -> str:
+    return str(
+        dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).get(
+            "SOPInstanceUID", ""
+        )
+    )
+
+
+def _accepted_before(path: Path, destination: str) -> bool:
+    """Whether ``destination`` accepted this very object (by SOP Instance UID) before."""
+    try:
+        return _record(path, destination).read_text() == _sop_instance(path)
+    except (OSError, ValueError):
+        return False  # no record, or one that cannot be compared: sent
+
+
+def _record_accepted(path: Path, destination: str) -> None:
+    try:
+        record = _record(path, destination)
+        record.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(record, _sop_instance(path).encode())
+    except (OSError, ValueError) as exc:  # the object was sent: a missing record costs a resend
+        log.warning("%s sent to %s, not recorded: %s", path.name, destination, exc)
 
 
 def record_failure(settings: Settings, delivery: Delivery, reasons: dict[str, str]) -> Path:
