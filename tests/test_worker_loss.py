@@ -23,7 +23,7 @@ from pipeline.core.jobs import job_dir, read_job
 from pipeline.core.routing import Priority
 from pipeline.core.settings import Settings
 from pipeline.demo.dicom_series import write_volume_series
-from pipeline.demo.synthetic import lesion_phantom
+from pipeline.demo.synthetic import lesion_phantom, write_mednist_png
 from pipeline.demo.train import TEST_SEED_BASE
 from pipeline.runtime import embedded_redis
 from pipeline.runtime.embedded_triton import TritonEndpoints
@@ -31,6 +31,7 @@ from pipeline.runtime.process import descendants, free_port
 from pipeline.runtime.worker import ready_marker
 from pipeline.tasks.app import make_celery
 from pipeline.tasks.broker import broker_url
+from pipeline.tasks.broker import client as broker_client
 from pipeline.tasks.enqueue import job_sender
 
 from .conftest import make_settings, running_up, up_env, wait_for
@@ -70,11 +71,7 @@ def test_a_worker_killed_whole_mid_study_under_up_is_redone_once(
         result = data / "results" / study.study_uid / "study.json"
         wait_for(result.exists, 120, "the study's results after the worker was killed")
         took = time.monotonic() - killed
-        wait_for(
-            lambda: not [p for p in (data / "spool").iterdir() if not p.name.startswith(".")],
-            60,
-            "the spool to empty",
-        )
+        wait_for(lambda: not _spooled(data), 60, "the spool to empty")
         logs = [*(data / "run" / "logs").glob("*.log"), tmp_path / "up.log"]
         text = "".join(p.read_text() for p in logs)
         print(f"kill to results: {took:.1f} s")
@@ -188,3 +185,156 @@ def test_a_job_handed_out_again_while_it_runs_is_not_run_twice(
         assert _done_lines([worker_log], job_id) == 1
         assert json.loads(result.read_text())["rounds"] == [job_id]
         assert len(list((data / "results").rglob("result.json"))) == 2
+
+
+def _drop_pngs(tmp_path: Path, inbox: Path, n: int, seed: int) -> list[str]:
+    staging = tmp_path / "staging"
+    staging.mkdir(exist_ok=True)
+    names = [f"queued-{k}.png" for k in range(n)]
+    for k, name in enumerate(names):
+        write_mednist_png(staging / name, "Hand", seed + k)
+        os.replace(staging / name, inbox / name)
+    return names
+
+
+def _queued(data: Path) -> int:
+    spool = data / "spool"
+    return sum(
+        (p / ".enqueued").exists() and not (p / ".processing").exists() for p in spool.iterdir()
+    )
+
+
+def _spooled(data: Path) -> list[Path]:
+    return [p for p in (data / "spool").iterdir() if not p.name.startswith(".")]
+
+
+def _wait_all_done(data: Path, study_uid: str, results: int) -> None:
+    """Until the study and every file have their results and the spool is empty."""
+    folder = data / "results"
+    wait_for(
+        lambda: (
+            (folder / study_uid / "study.json").exists()
+            and len(list(folder.rglob("result.json"))) == results
+        ),
+        240,
+        f"{results} results",
+    )
+    wait_for(lambda: not _spooled(data), 60, "the spool to empty")
+
+
+def _every_job_once(data: Path, logs: list[Path]) -> None:
+    """Every job done exactly once, nothing failed, the spool empty."""
+    text = "".join(p.read_text() for p in logs if p.exists())
+    done = re.findall(r"stage=done job=(\S+)", text)
+    assert len(done) == len(set(done)), done
+    assert not list((data / "failed").iterdir())
+    assert not _spooled(data)
+
+
+@pytest.mark.e2e
+def test_redis_killed_with_jobs_queued_loses_none_and_runs_none_twice(
+    model_repository: Path, tmp_path: Path
+) -> None:
+    """The embedded Redis SIGKILLed (not stopped) while a study is processed and four files
+    wait behind it: `up` restarts it from its append-only file, every job is done once."""
+    data, port = tmp_path / "data", free_port()
+    env = {**up_env(tmp_path, model_repository, port), "PIPELINE_WORKER__CONCURRENCY": "1"}
+    hu, _, affine = lesion_phantom(TEST_SEED_BASE + 743, lesions=2)
+    study = write_volume_series(tmp_path / "study", hu.astype(np.float32), affine)
+    with running_up(tmp_path, env) as up:
+        worker_log = data / "run" / "logs" / "worker.log"
+        assert _send(tmp_path / "study", port).returncode == 0
+        wait_for(lambda: _taken_job(worker_log), 60, "the worker to take the study")
+        names = _drop_pngs(tmp_path, data / "inbox", 4, TEST_SEED_BASE + 744)
+        wait_for(lambda: _queued(data) == 4, 60, "four files queued behind the study")
+        (redis_pid,) = [p for p in descendants(up.pid) if "redis-server" in _cmdline(p)]
+        os.kill(redis_pid, signal.SIGKILL)
+        _wait_all_done(data, study.study_uid, 2 + len(names))
+        logs = [*(data / "run" / "logs").glob("*.log"), tmp_path / "up.log"]
+        assert "redis exited" in (tmp_path / "up.log").read_text()  # restarted by `up`
+        _every_job_once(data, logs)
+
+
+@pytest.mark.e2e
+def test_up_killed_whole_and_started_again_gives_every_study_its_results_once(
+    model_repository: Path, tmp_path: Path
+) -> None:
+    """A power cut: `up` and every process under it SIGKILLed while a study is processed and
+    files wait in the queue; `up` started again on the same data folder finishes them all."""
+    data, port = tmp_path / "data", free_port()
+    env = {**up_env(tmp_path, model_repository, port), "PIPELINE_WORKER__CONCURRENCY": "1"}
+    hu, _, affine = lesion_phantom(TEST_SEED_BASE + 745, lesions=2)
+    study = write_volume_series(tmp_path / "study", hu.astype(np.float32), affine)
+    up = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "up"],
+        env=env,
+        cwd=tmp_path,
+        stdout=(tmp_path / "first-up.log").open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        wait_for(lambda: "ready." in (tmp_path / "first-up.log").read_text(), 300, "`up`")
+        worker_log = data / "run" / "logs" / "worker.log"
+        assert _send(tmp_path / "study", port).returncode == 0
+        wait_for(lambda: _taken_job(worker_log), 60, "the worker to take the study")
+        names = _drop_pngs(tmp_path, data / "inbox", 3, TEST_SEED_BASE + 746)
+        wait_for(lambda: _queued(data) == 3, 60, "three files queued behind the study")
+        everything = [up.pid, *descendants(up.pid)]
+        for pid in everything:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        up.wait(30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(up.pid, signal.SIGKILL)
+    first_logs = {p.name: p.read_text() for p in (data / "run" / "logs").glob("*.log")}
+    with running_up(tmp_path, env):
+        _wait_all_done(data, study.study_uid, 2 + len(names))
+    logs = [*(data / "run" / "logs").glob("*.log"), tmp_path / "up.log"]
+    text = "".join(first_logs.values()) + "".join(p.read_text() for p in logs)
+    done = re.findall(r"stage=done job=(\S+)", text)
+    assert len(done) == len(set(done)) == 1 + len(names), done
+    assert not list((data / "failed").iterdir())
+
+
+@pytest.mark.e2e
+def test_a_hung_worker_holds_its_study_until_the_time_limit_then_it_is_done_once(
+    model_repository: Path, tmp_path: Path
+) -> None:
+    """The pool process working on a study stopped (SIGSTOP), as a process hung in the kernel
+    is: its lease expires and the job is offered again; the other pool process takes it and
+    waits on the job's lock, which the hung one holds until Celery's time limit kills it
+    (here 45 s); then the study is done, once."""
+    data, port = tmp_path / "data", free_port()
+    env = {
+        **up_env(tmp_path, model_repository, port),
+        "PIPELINE_WORKER__TASK_SOFT_TIME_LIMIT_S": "40",
+        "PIPELINE_WORKER__TASK_TIME_LIMIT_S": "45",
+    }
+    hu, _, affine = lesion_phantom(TEST_SEED_BASE + 747, lesions=2)
+    study = write_volume_series(tmp_path / "study", hu.astype(np.float32), affine)
+    with running_up(tmp_path, env):
+        worker_log = data / "run" / "logs" / "worker.log"
+        assert _send(tmp_path / "study", port).returncode == 0
+        wait_for(lambda: _taken_job(worker_log), 60, "the worker to take the study")
+        job = _taken_job(worker_log)
+        assert job is not None
+        # The lease names the process working on the job.
+        lease = broker_client(broker_url(Settings(data_dir=data))).get(f"pipeline:lease:{job}")
+        assert lease is not None
+        hung = int(lease.decode().rsplit(":", 1)[1])
+        os.kill(hung, signal.SIGSTOP)
+        stopped = time.monotonic()
+        result = data / "results" / study.study_uid / "study.json"
+        try:
+            wait_for(result.exists, 240, "the study's results after its worker hung")
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(hung, signal.SIGCONT)  # if the time limit has not killed it
+        print(f"stop to results: {time.monotonic() - stopped:.1f} s")
+        logs = [*(data / "run" / "logs").glob("*.log"), tmp_path / "up.log"]
+        assert "stage=redelivered" in "".join(p.read_text() for p in logs)  # the receiver's
+        assert _done_lines([worker_log], job) == 1
+        assert len(list((data / "results").rglob("result.json"))) == 2
+        assert not list((data / "failed").iterdir())
