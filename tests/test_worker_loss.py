@@ -19,12 +19,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.core.jobs import job_dir, read_job
+from pipeline.core.jobs import (
+    PROCESSING_MARKER,
+    Job,
+    job_dir,
+    mark_enqueued,
+    read_job,
+    spool_file,
+)
 from pipeline.core.routing import Priority
 from pipeline.core.settings import Settings
 from pipeline.demo.dicom_series import write_volume_series
 from pipeline.demo.synthetic import lesion_phantom, write_mednist_png
 from pipeline.demo.train import TEST_SEED_BASE
+from pipeline.ingest.handover import Producer
+from pipeline.ops.status import snapshot
 from pipeline.runtime import embedded_redis
 from pipeline.runtime.embedded_triton import TritonEndpoints
 from pipeline.runtime.process import descendants, free_port
@@ -32,7 +41,8 @@ from pipeline.runtime.worker import ready_marker
 from pipeline.tasks.app import make_celery
 from pipeline.tasks.broker import broker_url
 from pipeline.tasks.broker import client as broker_client
-from pipeline.tasks.enqueue import job_sender
+from pipeline.tasks.enqueue import job_sender, worker_lost
+from pipeline.tasks.leases import Leases
 
 from .conftest import make_settings, running_up, up_env, wait_for
 from .test_faults import _cmdline, _ppid, _send
@@ -338,3 +348,41 @@ def test_a_hung_worker_holds_its_study_until_the_time_limit_then_it_is_done_once
         assert _done_lines([worker_log], job) == 1
         assert len(list((data / "results").rglob("result.json"))) == 2
         assert not list((data / "failed").iterdir())
+
+
+def test_status_shows_a_job_whose_worker_was_lost_until_it_is_taken_again(
+    tmp_path: Path,
+) -> None:
+    """A job a worker took, with no live lease (its worker gone): `status` says so; with the
+    lease of a live worker, processing. The receiver's offer then queues it again, once."""
+    settings = make_settings(tmp_path / "data")
+    settings.ensure_dirs()
+    redis = embedded_redis.start(settings)
+    try:
+        write_mednist_png(settings.inbox_dir / "hand.png", "Hand", TEST_SEED_BASE + 748)
+        job = spool_file(settings.inbox_dir / "hand.png", settings.inbox_dir, settings.spool_dir)
+        folder = job_dir(settings.spool_dir, job.id)
+        mark_enqueued(settings.spool_dir, job.id, Priority.ROUTINE)
+        (folder / PROCESSING_MARKER).touch()
+        url = broker_url(settings)
+        [row] = snapshot(settings, url).in_flight
+        assert row.state == "worker lost, to be offered again"
+        leases = Leases(broker_client(url))
+        assert leases.take(job.id, "node-b:4242") is None
+        [row] = snapshot(settings, url).in_flight
+        assert row.state == "processing"
+        leases.release(job.id, "node-b:4242")
+        sent: list[str] = []
+
+        def send(queued: Job) -> Priority:
+            sent.append(queued.id)
+            return Priority.ROUTINE
+
+        receiver = Producer(settings.spool_dir, send, lost=worker_lost(leases))
+        receiver.requeue_pending()
+        receiver.requeue_pending()  # the watcher's look a moment later: not offered twice
+        assert sent == [job.id]
+        [row] = snapshot(settings, url).in_flight
+        assert row.state == "queued"
+    finally:
+        redis.stop()
