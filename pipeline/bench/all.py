@@ -1,9 +1,10 @@
-"""`dicom-pipeline bench`: the four benchmarks in one go, one table, one JSON file.
+"""`dicom-pipeline bench`: the five benchmarks in one go, one table, one JSON file.
 
 Each runs in its own process (``python -m pipeline.bench.<name>``), one after another so they
 do not disturb each other: receive (dcmtk storescu -> storescp and -> ours), convert (pydicom
 raw read against series to volume), infer (direct TorchScript against Triton), e2e (last
-instance to result, and studies per minute with 1 and 2 workers). ``quick`` shrinks every
+instance to result, and studies per minute with 1 and 2 workers), big_study (a lesion CT's
+time and memory per step as it grows). ``quick`` shrinks every
 size for a smoke run; its figures are not the ones to quote.
 """
 
@@ -23,12 +24,14 @@ FULL: dict[str, list[str]] = {
     "convert": [],
     "infer": [],
     "e2e": [],
+    "big_study": [],
 }
 QUICK: dict[str, list[str]] = {
     "receive": ["--instances", "60", "--size", "128", "--repeats", "1", "--memory-instances", "60"],
     "convert": ["--instances", "60", "--size", "128", "--repeats", "1"],
     "infer": ["--seconds", "0.5", "--repeats", "1"],
     "e2e": ["--studies", "2", "--slices", "32", "--size", "64", "--burst", "2"],
+    "big_study": ["--slices", "16", "32", "--size", "64"],
 }
 
 
@@ -94,6 +97,14 @@ def summary(figures: dict[str, Any]) -> list[tuple[str, str, str]]:
             )
         for workers, rate in e2e.get("studies_per_minute", {}).items():
             rows.append((f"studies/min, {workers.replace('_', ' ')}", str(rate), ""))
+    for run in figures.get("big_study", {}).get("runs", []):
+        rows.append(
+            (
+                f"lesion CT, {run['slices']} slices",
+                f"{run['x_linear_time']}x linear time, peak {run['peak_x_volume']}x volume",
+                "<= 1.1x, <= 3x",
+            )
+        )
     for name, part in figures.items():
         if isinstance(part, dict) and "error" in part:
             rows.append((name, "failed: " + part["error"].strip().splitlines()[-1][:60], ""))

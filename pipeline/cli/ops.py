@@ -28,8 +28,8 @@ def bench(
         "bench.json"
     ),
 ) -> None:
-    """Run the benchmarks (receive, convert, infer, end to end) one after another; print the
-    ratios the goals are about and write every figure as JSON."""
+    """Run the benchmarks (receive, convert, infer, end to end, big study) one after another;
+    print the ratios the goals are about and write every figure as JSON."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     from pipeline.bench.all import FULL, run_all, summary

@@ -12,6 +12,7 @@ the input's own voxels and affine. Lesions are the mask's connected components.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +26,8 @@ from pipeline.core.contract import ModelContract
 from pipeline.core.results import Lesion
 from pipeline.inference.triton_client import TritonClient
 from pipeline.serving.window import infer_volume, patch_count
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -52,6 +55,7 @@ def segment(
 ) -> Segmentation:
     """``prep``: the image's preprocessing, shared with the other models of its route."""
     prep = prep or convert.Preprocessing(image, [contract])
+    log.debug("step=preprocess model=%s", contract.name)  # steps: pipeline.bench.big_study
     pre, compose, pre_ms = prep.spatial(contract)
     infer_ms, version, patches = 0.0, "", 0
 
@@ -62,6 +66,7 @@ def segment(
         version, patches = out.model_version, patches + len(batch)
         return torch.from_numpy(out.probabilities)  # the client's own float32 copy
 
+    log.debug("step=window model=%s", contract.name)
     window = contract.sliding_window
     roi = contract.input.shape[1:]
     volume = torch.as_tensor(np.asarray(pre), dtype=torch.float32)[None]
@@ -70,6 +75,7 @@ def segment(
         patches = patch_count(tuple(volume.shape[2:]), roi, window.overlap)
     else:
         probs = infer_volume(volume, roi, window, predictor)
+    log.debug("step=inverse model=%s", contract.name)
     if contract.omits_background:  # labels 1.. only: the background has what they leave
         foreground = probs
         if probs.shape[1] == 1:  # the lesion where p > 1 - p
@@ -87,6 +93,7 @@ def segment(
     source = np.asarray(compose.inverse(mapped))[0]
     mask = np.rint(source).astype(np.uint8)
     affine = np.asarray(image.array.affine, dtype=np.float64)
+    log.debug("step=lesions model=%s", contract.name)
     lesion_map, found = label_lesions(mask, affine, contract.min_lesion_ml)
     mask[lesion_map == 0] = 0  # what is too small to report is not in the mask either
     return Segmentation(

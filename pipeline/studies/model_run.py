@@ -88,6 +88,7 @@ def infer_model(
     )
 
     def segmented() -> list[Output]:
+        log.debug("step=outputs model=%s", contract.name)
         objects = make_dicom(doc, contract, seg.lesion_map, dicom)
         caption = f"{len(seg.lesions)} lesion(s), {total:.2f} ml"
         png = safe_preview(lambda: preview.segmentation_preview(image.array, seg.mask, caption))

@@ -1,0 +1,223 @@
+"""Big studies: a CT of N slices (512x512 by default) through the worker's own study job
+against the embedded Triton, with each step's time and the peak proportional memory (PSS:
+shared pages counted once) of this process and of Triton (its server and model processes),
+above their idle footprint and in multiples of the study's float32 volume.
+
+    python -m pipeline.bench.big_study [--slices 150 600 1200] [--size 512] [--json out.json]
+
+The study is stored in a spool as the receiver stores it and run by
+:func:`pipeline.studies.study_job.run_study`, both CT models as the default route has them.
+Steps, as the job announces them (``pipeline.stage`` lines and the segmentation's debug lines):
+load (series to volume), preprocess, window (patches through Triton and their blending),
+inverse (labels back on the source voxels), lesions (connected components), outputs (the SEG,
+SR and mask, built beside the classifier's inference, and the writing). Time linear in N
+shows as constant seconds per slice, memory bounded by the volume as a constant multiple.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import re
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+
+from pipeline.core.contract import discover_contracts
+from pipeline.core.instances import InstanceUIDs, store_instance
+from pipeline.core.jobs import Reason, now, read_job
+from pipeline.core.settings import Settings
+from pipeline.demo.dicom_series import new_series, write_series
+from pipeline.inference.triton_client import TritonClient
+from pipeline.ingest.completion import Completed, close_study
+from pipeline.runtime import embedded_triton
+from pipeline.runtime.process import descendants
+from pipeline.studies.models import Models
+from pipeline.studies.study_job import run_study
+
+SAMPLE_S = 0.02
+_STEP = re.compile(r"(?:stage|step)=(\w+)")
+# The stage line that ends loading, and the step that follows it.
+_AFTER_STAGE = {"loaded": "preprocess"}
+
+
+def pss_mb(pid: int) -> float:
+    """A process's proportional set size in MB; 0 once it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return 0.0
+    found = re.search(r"^Pss:\s+(\d+) kB", text, re.MULTILINE)
+    return int(found[1]) / 1024.0 if found else 0.0
+
+
+class Sampler(logging.Handler):
+    """Samples the PSS of this process and Triton's every SAMPLE_S; each sample goes to the
+    step the job last announced."""
+
+    def __init__(self, triton_pid: int) -> None:
+        super().__init__(logging.DEBUG)
+        self.triton_pid = triton_pid
+        self.step = "idle"
+        self.peaks: dict[str, dict[str, float]] = {}
+        self.started: dict[str, float] = {}
+        self._stop = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        found = _STEP.search(record.getMessage())
+        if found is None:
+            return
+        # The study's stage lines mark the end of loading; the segmentation's and the
+        # outputs' debug lines name their steps. Each step once, in order.
+        step = _AFTER_STAGE.get(found[1]) if record.name == "pipeline.stage" else found[1]
+        if step is not None and step not in self.started:
+            self.step = step
+            self.started[step] = time.perf_counter()
+
+    def sample(self) -> dict[str, float]:
+        triton = [self.triton_pid, *descendants(self.triton_pid)]
+        return {"worker": pss_mb(os.getpid()), "triton": sum(pss_mb(p) for p in triton)}
+
+    def _run(self) -> None:
+        while not self._stop.wait(SAMPLE_S):
+            now_mb = self.sample()
+            peak = self.peaks.setdefault(self.step, dict.fromkeys(now_mb, 0.0))
+            for who, mb in now_mb.items():
+                peak[who] = max(peak[who], mb)
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        thread = threading.Thread(target=self._run, name="pss", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            self._stop.set()
+            thread.join()
+
+
+def _spooled_study(settings: Settings, folder: Path) -> str:
+    """The series stored as the receiver stores it and handed over as a job; its id."""
+    study_uid = ""
+    for path in sorted(folder.iterdir()):
+        ds = dcmread(path, stop_before_pixels=True)
+        study_uid = str(ds.StudyInstanceUID)
+        uids = InstanceUIDs(study_uid, str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+        store_instance(settings.spool_dir, uids, [path.read_bytes()], 0)
+    job = close_study(settings.spool_dir, Completed(study_uid, Reason.RELEASED, now(), "CT", "P"))
+    assert job is not None
+    return job.id
+
+
+def one_study(
+    slices: int, size: int, settings: Settings, client: TritonClient, triton_pid: int
+) -> dict[str, Any]:
+    """One study of ``slices`` slices: seconds and peak PSS above idle, per step."""
+    with tempfile.TemporaryDirectory(prefix="big-study-") as tmp:
+        write_series(Path(tmp), new_series(slices=slices, rows=size, cols=size))
+        job_id = _spooled_study(settings, Path(tmp))
+    gc.collect()
+    sampler = Sampler(triton_pid)
+    idle = sampler.sample()
+    loggers = [
+        logging.getLogger(name)
+        for name in ("pipeline.stage", "pipeline.inference.segment", "pipeline.studies.model_run")
+    ]
+    models = Models(discover_contracts(settings.triton.model_repository))
+    for logger in loggers:
+        logger.addHandler(sampler)
+        logger.setLevel(logging.DEBUG)
+    try:
+        with sampler.running():
+            sampler.step, started = "load", time.perf_counter()
+            sampler.started["load"] = started
+            run_study(read_job(settings.spool_dir / job_id), settings, models, client)
+            sampler.step = "done"
+            total = time.perf_counter() - started
+    finally:
+        for logger in loggers:
+            logger.removeHandler(sampler)
+    volume_mb = slices * size * size * 4 / 2**20
+    return _figures(sampler, idle, total, started, volume_mb, slices)
+
+
+def _figures(
+    sampler: Sampler,
+    idle: dict[str, float],
+    total: float,
+    started: float,
+    volume_mb: float,
+    slices: int,
+) -> dict[str, Any]:
+    order = sorted(sampler.started, key=sampler.started.__getitem__)
+    ends = [sampler.started[s] for s in order[1:]] + [started + total]
+    steps = {}
+    for step, end in zip(order, ends, strict=True):
+        peak = sampler.peaks.get(step, idle)
+        above = sum(max(0.0, peak[w] - idle[w]) for w in idle)
+        steps[step] = {
+            "seconds": round(end - sampler.started[step], 2),
+            "peak_above_idle_mb": round(above, 1),
+            "x_volume": round(above / volume_mb, 2),
+        }
+    peak_above = max((s["peak_above_idle_mb"] for s in steps.values()), default=0.0)
+    return {
+        "slices": slices,
+        "volume_mb": round(volume_mb, 1),
+        "idle_mb": {w: round(v, 1) for w, v in idle.items()},
+        "seconds": round(total, 2),
+        "seconds_per_100_slices": round(100 * total / slices, 2),
+        "peak_above_idle_mb": peak_above,
+        "peak_x_volume": round(peak_above / volume_mb, 2),
+        "steps": steps,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--slices", type=int, nargs="+", default=[150, 600, 1200])
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="big-study-data-") as data:
+        settings = Settings.model_validate({"data_dir": data, "worker": {"archive_inputs": False}})
+        settings.ensure_dirs()
+        proc, endpoints = embedded_triton.start(settings)
+        try:
+            assert proc.pid is not None
+            with TritonClient(endpoints.grpc, settings.triton) as client:
+                # First uses (imports, highdicom's tables, Triton's first requests) paid here.
+                one_study(16, 64, settings, client, proc.pid)
+                runs = [one_study(n, args.size, settings, client, proc.pid) for n in args.slices]
+        finally:
+            proc.stop()
+    base = runs[0]
+    for run in runs:
+        run["x_linear_time"] = round(
+            run["seconds"] / (base["seconds"] * run["slices"] / base["slices"]), 2
+        )
+        print(
+            f"{run['slices']:5d} slices: {run['seconds']:7.1f} s "
+            f"({run['x_linear_time']}x linear), peak {run['peak_above_idle_mb']:.0f} MB above "
+            f"idle = {run['peak_x_volume']}x the {run['volume_mb']:.0f} MB volume"
+        )
+        for step, fig in run["steps"].items():
+            print(
+                f"        {step:11s} {fig['seconds']:7.2f} s  "
+                f"{fig['peak_above_idle_mb']:8.0f} MB ({fig['x_volume']}x)"
+            )
+    if args.json:
+        args.json.write_text(json.dumps({"runs": runs}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
