@@ -307,8 +307,18 @@ def test_results_go_to_a_dicomweb_destination_by_stow_rs(
     [task] = archive.wait_tasks(1)
     assert task["study"]["study_uid"] == study.study_uid and task["study"]["instances"] == 2
 
-    down = dispatch.deliver(sender(free_port()), delivery.model_copy(update={"files": names}))
-    assert sorted(down.pending) == sorted(names) and not down.sent
+    # Accepted once, sent once: the same delivery again sends nothing.
+    again = dispatch.deliver(settings, delivery.model_copy(update={"files": names}))
+    assert not again.sent and not again.pending and not again.refused
+    assert archive.tasks() == [task]
+
+    # Objects the archive does not have yet, while it is down: waiting to be sent.
+    fresh = new_series(1, 16, 16, study_uid=study.study_uid)
+    ds = next(ct_slices(fresh))
+    ds.save_as(folder / "3.dcm", enforce_file_format=True)
+    later = [f"{study.study_uid}/3.dcm"]
+    down = dispatch.deliver(sender(free_port()), delivery.model_copy(update={"files": later}))
+    assert down.pending == later and not down.sent
 
     token.unlink()  # the token's refresher late: worth a retry, and said so
     path = settings.results_dir / names[0]
