@@ -189,7 +189,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="big-study-data-") as data:
-        settings = Settings.model_validate({"data_dir": data, "worker": {"archive_inputs": False}})
+        # Time and memory are measured here, not the request timeout: a whole big volume in
+        # one request (sliding_window.runs_on: triton) takes minutes on a CPU.
+        settings = Settings.model_validate(
+            {
+                "data_dir": data,
+                "worker": {"archive_inputs": False},
+                "triton": {"request_timeout_s": 3600.0},
+            }
+        )
         settings.ensure_dirs()
         proc, endpoints = embedded_triton.start(settings)
         try:
@@ -197,26 +205,33 @@ def main(argv: list[str] | None = None) -> None:
             with TritonClient(endpoints.grpc, settings.triton) as client:
                 # First uses (imports, highdicom's tables, Triton's first requests) paid here.
                 one_study(16, 64, settings, client, proc.pid)
-                runs = [one_study(n, args.size, settings, client, proc.pid) for n in args.slices]
+                runs = []
+                for n in args.slices:
+                    runs.append(one_study(n, args.size, settings, client, proc.pid))
+                    _report(runs[-1], runs[0])
         finally:
             proc.stop()
-    base = runs[0]
-    for run in runs:
-        run["x_linear_time"] = round(
-            run["seconds"] / (base["seconds"] * run["slices"] / base["slices"]), 2
-        )
-        print(
-            f"{run['slices']:5d} slices: {run['seconds']:7.1f} s "
-            f"({run['x_linear_time']}x linear), peak {run['peak_above_idle_mb']:.0f} MB above "
-            f"idle = {run['peak_x_volume']}x the {run['volume_mb']:.0f} MB volume"
-        )
-        for step, fig in run["steps"].items():
-            print(
-                f"        {step:11s} {fig['seconds']:7.2f} s  "
-                f"{fig['peak_above_idle_mb']:8.0f} MB ({fig['x_volume']}x)"
-            )
     if args.json:
         args.json.write_text(json.dumps({"runs": runs}, indent=2) + "\n")
+
+
+def _report(run: dict[str, Any], base: dict[str, Any]) -> None:
+    """``run``'s figures printed, its time against linear growth from ``base``'s."""
+    run["x_linear_time"] = round(
+        run["seconds"] / (base["seconds"] * run["slices"] / base["slices"]), 2
+    )
+    print(
+        f"{run['slices']:5d} slices: {run['seconds']:7.1f} s "
+        f"({run['x_linear_time']}x linear), peak {run['peak_above_idle_mb']:.0f} MB above "
+        f"idle = {run['peak_x_volume']}x the {run['volume_mb']:.0f} MB volume",
+        flush=True,
+    )
+    for step, fig in run["steps"].items():
+        print(
+            f"        {step:11s} {fig['seconds']:7.2f} s  "
+            f"{fig['peak_above_idle_mb']:8.0f} MB ({fig['x_volume']}x)",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
