@@ -240,9 +240,13 @@ def recent_results(settings: Settings, limit: int = RECENT) -> list[ResultRow]:
     return rows[:limit]
 
 
-def _labels(images: list[dict[str, Any]]) -> dict[str, int]:
-    """How many images got each label, the most frequent first."""
-    counts = Counter(str(i["prediction"]["label"]) for i in images)
+def _labels(images: object) -> dict[str, int]:
+    """How many images got each label, the most frequent first; nothing for a list that is
+    not one of answers (a result.json being replaced, or of another schema)."""
+    try:
+        counts = Counter(str(i["prediction"]["label"]) for i in images)  # type: ignore[attr-defined]
+    except (KeyError, TypeError):
+        return {}
     return dict(counts.most_common())
 
 
