@@ -140,14 +140,21 @@ def one_study(
         with sampler.running():
             sampler.step, started = "load", time.perf_counter()
             sampler.started["load"] = started
-            run_study(read_job(settings.spool_dir / job_id), settings, models, client)
+            written = run_study(read_job(settings.spool_dir / job_id), settings, models, client)
             sampler.step = "done"
             total = time.perf_counter() - started
     finally:
         for logger in loggers:
             logger.removeHandler(sampler)
     volume_mb = slices * size * size * 4 / 2**20
-    return _figures(sampler, idle, total, started, volume_mb, slices)
+    figures = _figures(sampler, idle, total, started, volume_mb, slices)
+    # What the outputs' size depends on: a SEG segment and an SR group per lesion.
+    figures["lesions"] = sum(
+        len((json.loads(p.read_text()).get("segmentation") or {}).get("lesions", []))
+        for p in written
+        if p.name == "result.json"
+    )
+    return figures
 
 
 def _figures(
@@ -223,7 +230,8 @@ def _report(run: dict[str, Any], base: dict[str, Any]) -> None:
     print(
         f"{run['slices']:5d} slices: {run['seconds']:7.1f} s "
         f"({run['x_linear_time']}x linear), peak {run['peak_above_idle_mb']:.0f} MB above "
-        f"idle = {run['peak_x_volume']}x the {run['volume_mb']:.0f} MB volume",
+        f"idle = {run['peak_x_volume']}x the {run['volume_mb']:.0f} MB volume; "
+        f"{run['lesions']} lesion(s) found",
         flush=True,
     )
     for step, fig in run["steps"].items():
