@@ -5,7 +5,8 @@ above their idle footprint and in multiples of the study's float32 volume.
 
     python -m pipeline.bench.big_study [--slices 150 600 1200] [--size 512] [--json out.json]
 
-The study is stored in a spool as the receiver stores it and run by
+The CT is a chest phantom with three nodules, whatever its length (:func:`lesion_ct`). It is
+stored in a spool as the receiver stores it and run by
 :func:`pipeline.studies.study_job.run_study`, both CT models as the default route has them.
 Steps, as the job announces them (``pipeline.stage`` lines and the segmentation's debug lines):
 load (series to volume), preprocess, window (patches through Triton and their blending),
@@ -30,13 +31,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydicom import dcmread
 
 from pipeline.core.contract import discover_contracts
 from pipeline.core.instances import InstanceUIDs, store_instance
 from pipeline.core.jobs import Reason, now, read_job
 from pipeline.core.settings import Settings
-from pipeline.demo.dicom_series import new_series, write_series
+from pipeline.demo.dicom_series import write_volume_series
+from pipeline.demo.synthetic import LESION_SPACING
 from pipeline.inference.triton_client import TritonClient
 from pipeline.ingest.completion import Completed, close_study
 from pipeline.runtime import embedded_triton
@@ -118,12 +121,39 @@ def _spooled_study(settings: Settings, folder: Path) -> str:
     return job.id
 
 
+def lesion_ct(folder: Path, slices: int, size: int, lesions: int = 3, seed: int = 5) -> None:
+    """A chest-CT-like series as the demo lesion model was trained on (lungs at -850 HU in a
+    40 HU body, solid nodules, 15 HU noise, 1 x 1 x 1.5 mm voxels), ``lesions`` nodules of
+    4 to 9 mm whatever its length, written slice by slice from an int16 volume."""
+    rng = np.random.default_rng(seed)
+    x, y = np.mgrid[0:size, 0:size].astype(np.float32)
+    body = ((x - size / 2) / (0.44 * size)) ** 2 + ((y - size / 2) / (0.38 * size)) ** 2 <= 1
+    lungs = np.zeros((size, size), bool)
+    for side in (-1, 1):
+        lungs |= ((x - size / 2 - side * 0.2 * size) / (0.15 * size)) ** 2 + (
+            (y - size / 2) / (0.26 * size)
+        ) ** 2 <= 1
+    plane = np.where(lungs, -850, np.where(body, 40, -1000)).astype(np.int16)
+    hu = np.repeat(plane[:, :, np.newaxis], slices, axis=2)
+    inside = np.argwhere(lungs)
+    for _ in range(lesions):
+        px, py = inside[rng.integers(len(inside))]
+        pz, r = rng.integers(10, max(11, slices - 10)), rng.uniform(4.0, 9.0)
+        lo, hi = max(0, int(pz - r / 1.5) - 1), min(slices, int(pz + r / 1.5) + 2)
+        z = np.arange(lo, hi, dtype=np.float32)[None, None, :]
+        ball = (x[..., None] - px) ** 2 + (y[..., None] - py) ** 2 + ((z - pz) * 1.5) ** 2 <= r * r
+        hu[:, :, lo:hi][ball & lungs[..., None]] = int(rng.uniform(10, 60))
+    for k in range(slices):  # noise a plane at a time: no float copy of the volume
+        hu[:, :, k] += rng.normal(0.0, 15.0, (size, size)).round().astype(np.int16)
+    write_volume_series(folder, hu, np.diag([*LESION_SPACING, 1.0]))
+
+
 def one_study(
     slices: int, size: int, settings: Settings, client: TritonClient, triton_pid: int
 ) -> dict[str, Any]:
     """One study of ``slices`` slices: seconds and peak PSS above idle, per step."""
     with tempfile.TemporaryDirectory(prefix="big-study-") as tmp:
-        write_series(Path(tmp), new_series(slices=slices, rows=size, cols=size))
+        lesion_ct(Path(tmp), slices, size)
         job_id = _spooled_study(settings, Path(tmp))
     gc.collect()
     sampler = Sampler(triton_pid)
