@@ -41,7 +41,7 @@ from pipeline.runtime.worker import ready_marker
 from pipeline.tasks.app import make_celery
 from pipeline.tasks.broker import broker_url
 from pipeline.tasks.broker import client as broker_client
-from pipeline.tasks.enqueue import job_sender, worker_lost
+from pipeline.tasks.enqueue import job_sender
 from pipeline.tasks.leases import Leases
 
 from .conftest import make_settings, running_up, up_env, wait_for
@@ -378,7 +378,7 @@ def test_status_shows_a_job_whose_worker_was_lost_until_it_is_taken_again(
             sent.append(queued.id)
             return Priority.ROUTINE
 
-        receiver = Producer(settings.spool_dir, send, lost=worker_lost(leases))
+        receiver = Producer(settings.spool_dir, send, lost=leases.lost)
         receiver.requeue_pending()
         receiver.requeue_pending()  # the watcher's look a moment later: not offered twice
         assert sent == [job.id]

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core import unrouted
+from pipeline.core.errors import BrokerUnavailableError
 from pipeline.core.instances import INCOMING
 from pipeline.core.jobs import PROCESSING_MARKER, is_job_id, queued_lane, read_job
 from pipeline.core.routing import Priority
@@ -166,8 +167,6 @@ def _queues(broker_url: str) -> tuple[str, dict[str, int]]:
 
 def _lost_jobs(broker_url: str) -> Callable[[str], bool]:
     """Whether a taken job's worker was lost (its lease expired), until it is taken again."""
-    import redis
-
     from pipeline.tasks import broker
     from pipeline.tasks.leases import Leases
 
@@ -175,8 +174,8 @@ def _lost_jobs(broker_url: str) -> Callable[[str], bool]:
 
     def lost(job_id: str) -> bool:
         try:
-            return not leases.live(job_id)
-        except (redis.RedisError, OSError):
+            return leases.lost(job_id)
+        except BrokerUnavailableError:
             return False  # cannot tell: shown as processing
 
     return lost

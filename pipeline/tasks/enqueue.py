@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import redis
 from celery import Celery
 from kombu.exceptions import OperationalError
 
@@ -17,7 +16,7 @@ from pipeline.core.errors import BrokerUnavailableError, TransientError
 from pipeline.core.jobs import Job
 from pipeline.core.routing import Priority, Route
 from pipeline.core.settings import Settings
-from pipeline.ingest.handover import Lost, Producer, Send
+from pipeline.ingest.handover import Producer, Send
 from pipeline.outputs.send.dispatch import Delivery
 from pipeline.tasks.app import DISPATCH_TASK, QUEUES, TASK_NAME, make_celery
 from pipeline.tasks.broker import broker_url, client
@@ -33,20 +32,8 @@ def producer(settings: Settings, app: Celery | None = None) -> Producer:
     lost offered again (:mod:`pipeline.tasks.leases`)."""
     celery = app if app is not None else make_celery(settings, broker_url(settings))
     url = str(celery.conf.broker_url)
-    lost = worker_lost(Leases(client(url))) if url.startswith("redis") else None
+    lost = Leases(client(url)).lost if url.startswith("redis") else None
     return Producer(settings.spool_dir, job_sender(celery, settings), lost=lost)
-
-
-def worker_lost(leases: Leases) -> Lost:
-    """Whether a taken job's lease has expired, for the producer."""
-
-    def lost(job_id: str) -> bool:
-        try:
-            return not leases.live(job_id)
-        except (redis.RedisError, OSError) as exc:
-            raise BrokerUnavailableError(str(exc)) from exc
-
-    return lost
 
 
 def job_sender(app: Celery, settings: Settings) -> Send:

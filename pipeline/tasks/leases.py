@@ -35,6 +35,7 @@ from pathlib import Path
 
 import redis
 
+from pipeline.core.errors import BrokerUnavailableError
 from pipeline.core.jobs import JOB_FILE
 
 log = logging.getLogger(__name__)
@@ -89,9 +90,13 @@ class Leases:
     def release(self, job_id: str, holder: str) -> None:
         self._client.eval(_RELEASE, 1, PREFIX + job_id, holder)  # type: ignore[no-untyped-call]
 
-    def live(self, job_id: str) -> bool:
-        """Whether some worker holds the job's lease now. RedisError when Redis cannot say."""
-        return bool(self._client.exists(PREFIX + job_id))
+    def lost(self, job_id: str) -> bool:
+        """Whether no worker holds the job's lease now: a taken job's worker was lost.
+        BrokerUnavailableError when Redis cannot say."""
+        try:
+            return not self._client.exists(PREFIX + job_id)
+        except (redis.RedisError, OSError) as exc:
+            raise BrokerUnavailableError(str(exc)) from exc
 
 
 @contextmanager
