@@ -191,3 +191,32 @@ def test_one_segmentations_inversion_leaves_the_shared_steps_to_the_next(tmp_pat
             unoriented = cls.model_copy(update={"preprocessing": cls.preprocessing[1:]})
             alone = convert.to_model_input(image, unoriented, convert.preprocessor(unoriented))
             assert np.array_equal(prep.model_input(unoriented)[0], alone)
+
+
+def test_a_ct_is_kept_in_int16_once_its_models_have_their_shared_steps() -> None:
+    """Hounsfield units are integers: once every model can go on from the shared steps' result,
+    the source is kept in int16 (half the memory, the same values for the previews), and a
+    model that asks later without those steps still gets what it would alone."""
+    rng = np.random.default_rng(0)
+    hu = rng.integers(-1024, 3000, (1, 60, 50, 40)).astype(np.float32)
+    lps = np.diag([-0.8, -0.8, 2.5, 1.0])
+    image = convert.LoadedImage(InputKind.DICOM, MetaTensor(torch.from_numpy(hu), affine=lps))
+    cls, seg = CONTRACTS["ct_covid_classifier"], CONTRACTS["ct_lesion_segmentation"]
+    prep = convert.Preprocessing(image, [cls, seg])
+    x, _ = prep.model_input(cls)
+    assert prep.image.array.dtype == torch.int16
+    assert np.array_equal(np.asarray(prep.image.array), hu)
+    assert np.allclose(np.asarray(prep.image.array.affine), lps)
+    assert np.array_equal(x, convert.to_model_input(image, cls, convert.preprocessor(cls)))
+    pre, _, _ = prep.spatial(seg)
+    alone, _, _ = convert.Preprocessing(image, [seg]).spatial(seg)
+    assert torch.equal(pre.as_tensor(), alone.as_tensor())
+    unoriented = cls.model_copy(update={"preprocessing": cls.preprocessing[1:]})
+    later = convert.to_model_input(image, unoriented, convert.preprocessor(unoriented))
+    assert np.array_equal(prep.model_input(unoriented)[0], later)
+    assert np.array_equal(np.asarray(image.array), hu)  # the caller's image untouched
+
+    fractional = convert.LoadedImage(InputKind.NIFTI, MetaTensor(torch.from_numpy(hu + 0.5)))
+    prep = convert.Preprocessing(fractional, [cls, seg])
+    prep.model_input(cls)
+    assert prep.image.array.dtype == torch.float32  # not integers: kept as they are

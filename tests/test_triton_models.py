@@ -20,6 +20,7 @@ import pytest
 import torch
 import tritonclient.grpc as grpcclient
 from monai.data import MetaTensor
+from monai.inferers import sliding_window_inference
 from pydicom.fileset import FileSet
 
 from pipeline.convert import images as convert
@@ -35,7 +36,7 @@ from pipeline.demo.synthetic import (
 )
 from pipeline.demo.train import TEST_SEED_BASE
 from pipeline.inference.decide import decide
-from pipeline.inference.segment import segment
+from pipeline.inference.segment import label_lesions, segment
 from pipeline.inference.triton_client import TritonClient
 from pipeline.runtime.embedded_triton import TritonEndpoints
 
@@ -199,6 +200,46 @@ def test_a_whole_volume_is_segmented_by_triton_as_by_the_worker(
     true_ml = float(truth.sum()) * float(np.prod(np.diag(affine)[:3])) / 1000.0
     assert abs(by_triton.total_volume_ml - true_ml) <= 0.1 * true_ml
     assert by_triton.max_probability == pytest.approx(by_worker.max_probability, abs=1e-3)
+
+
+def test_the_streamed_window_finds_what_the_whole_volume_window_finds(
+    triton: TritonEndpoints, new_client: Callable[..., TritonClient]
+) -> None:
+    """The worker's window, streamed in slabs and labelled as they come, against MONAI's
+    whole-volume window with the float32 inverse over the same server: the same mask to the
+    voxel, the same lesions."""
+    hu, _, affine = lesion_phantom(TEST_SEED_BASE + 733, lesions=3)
+    image = convert.LoadedImage(InputKind.NIFTI, MetaTensor(hu[np.newaxis], affine=affine))
+    contract = CONTRACTS["ct_lesion_segmentation"]
+    window = contract.sliding_window.model_copy(update={"runs_on": "worker"})
+    contract = contract.model_copy(update={"sliding_window": window})
+    client = new_client(triton.grpc, TritonSettings())
+    streamed = segment(image, contract, client)
+
+    pre, compose, _ = convert.Preprocessing(image, [contract]).spatial(contract)
+    roi = contract.input.shape[1:]
+    volume = torch.as_tensor(np.asarray(pre))[None]
+    # Padded at the far end as the window pads a volume thinner than a patch.
+    padded = torch.nn.functional.pad(volume, [0, max(0, roi[2] - volume.shape[4])])
+
+    def predictor(batch: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(client.infer(contract, batch.numpy().copy()).probabilities)
+
+    with torch.inference_mode():
+        probs = sliding_window_inference(
+            padded, roi, window.batch_size, predictor, window.overlap, window.mode, cval=0.0
+        )[..., : volume.shape[4]]
+    labels = MetaTensor(
+        (probs[:, 0] > 0.5).float(), meta=pre.meta, applied_operations=pre.applied_operations
+    )
+    mask = np.rint(np.asarray(compose.inverse(labels))[0]).astype(np.uint8)
+    lesion_map, lesions = label_lesions(mask, affine, contract.min_lesion_ml)
+    mask[lesion_map == 0] = 0
+    assert len(lesions) >= 2
+    assert streamed.lesions == lesions
+    np.testing.assert_array_equal(streamed.mask, mask)
+    np.testing.assert_array_equal(streamed.lesion_map, lesion_map)
+    assert streamed.max_probability == pytest.approx(float(probs.max()), abs=0)
 
 
 def test_a_volume_the_model_cannot_take_is_a_permanent_error(

@@ -98,6 +98,8 @@ def _print_snapshot(snap: Snapshot) -> None:
         failures.add_row(item.when, item.id, item.stage, item.error[:200])
     console.print(failures if snap.failed else "no failed items")
     console.print(snap.unrouted.line, highlight=False)
+    if snap.memory:
+        console.print(snap.memory.line, highlight=False)
 
 
 def _table(title: str, *columns: str) -> Table:

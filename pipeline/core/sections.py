@@ -155,6 +155,16 @@ class WorkerSettings(Section):
         "replaced by a fresh one, forked from the warmed-up worker: a process that keeps the "
         "memory it frees keeps its largest study's peak. Unset: never replaced.",
     )
+    memory_budget_mb: int = Field(
+        default=0,
+        ge=0,
+        description="Memory the studies in flight on this machine may use together, beyond "
+        "the idle footprint of the worker pool and Triton. A volume costs about 3 times its "
+        "float32 size (slices x rows x columns x 4 bytes x 3: 3 GB for 500 slices of 512x512) "
+        "and waits until it fits beside those being processed; one larger than the budget "
+        "fails at once. 0: nine tenths of the machine's (or its cgroup's) memory less what is "
+        "in use while no study runs (docs: Sizing a worker).",
+    )
     archive_inputs: bool = Field(
         default=True,
         description="Keep each processed input under data/archive/<id>/ (false: delete it "

@@ -13,7 +13,9 @@ the input's own voxels and affine. Lesions are the mask's connected components.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -25,7 +27,7 @@ from pipeline.convert import images as convert
 from pipeline.core.contract import ModelContract
 from pipeline.core.results import Lesion
 from pipeline.inference.triton_client import TritonClient
-from pipeline.serving.window import infer_volume, patch_count
+from pipeline.serving.window import patch_count, stream_volume
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,7 @@ def segment(
 ) -> Segmentation:
     """``prep``: the image's preprocessing, shared with the other models of its route."""
     prep = prep or convert.Preprocessing(image, [contract])
+    del image  # prep.image from here: its voxels may be compacted once preprocessed
     log.debug("step=preprocess model=%s", contract.name)  # steps: pipeline.bench.big_study
     pre, compose, pre_ms = prep.spatial(contract)
     infer_ms, version, patches = 0.0, "", 0
@@ -70,36 +73,25 @@ def segment(
     window = contract.sliding_window
     roi = contract.input.shape[1:]
     volume = torch.as_tensor(np.asarray(pre), dtype=torch.float32)[None]
+    spatial = tuple(volume.shape[2:])
     if window.runs_on == "triton":  # one request; the server cuts, runs and blends
-        probs = predictor(volume)
-        patches = patch_count(tuple(volume.shape[2:]), roi, window.overlap)
-    else:
-        probs = infer_volume(volume, roi, window, predictor)
+        slabs: Iterable[tuple[int, torch.Tensor]] = [(0, predictor(volume))]
+        patches = patch_count(spatial, roi, window.overlap)
+    else:  # each slab labelled as it comes: the window holds no whole-volume buffer
+        slabs = stream_volume(volume, roi, window, predictor)
+    labels, top = _labelled(contract, slabs, spatial)
+    del volume, slabs
     log.debug("step=inverse model=%s", contract.name)
-    if contract.omits_background:  # labels 1.. only: the background has what they leave
-        foreground = probs
-        if probs.shape[1] == 1:  # the lesion where p > 1 - p
-            labels = (probs[:, 0] > 0.5).to(torch.float32)
-        else:
-            best, index = probs.max(dim=1)
-            labels = torch.where(best > 1.0 - probs.sum(dim=1), index + 1, 0).to(torch.float32)
-    elif probs.shape[1] == 2:  # one comparison instead of argmax: a tenth of the time
-        foreground = probs[:, 1:]
-        labels = (probs[:, 1] > probs[:, 0]).to(torch.float32)
-    else:
-        foreground = probs[:, 1:]
-        labels = probs.argmax(dim=1).to(torch.float32)  # (1, *spatial) in preprocessed space
-    mapped = MetaTensor(labels, meta=pre.meta, applied_operations=pre.applied_operations)
-    source = np.asarray(compose.inverse(mapped))[0]
-    mask = np.rint(source).astype(np.uint8)
-    affine = np.asarray(image.array.affine, dtype=np.float64)
+    mask = _on_source(labels, pre, compose)
+    del pre, labels
+    affine = np.asarray(prep.image.array.affine, dtype=np.float64)  # prep's: maybe compacted
     log.debug("step=lesions model=%s", contract.name)
     lesion_map, found = label_lesions(mask, affine, contract.min_lesion_ml)
     mask[lesion_map == 0] = 0  # what is too small to report is not in the mask either
     return Segmentation(
         mask=mask,
         affine=affine,
-        max_probability=float(foreground.max()) if foreground.numel() else 0.0,
+        max_probability=top,
         lesions=found,
         lesion_map=lesion_map,
         preprocess_ms=pre_ms,
@@ -107,6 +99,57 @@ def segment(
         model_version=version,
         patches=patches,
     )
+
+
+def _labelled(
+    contract: ModelContract, slabs: Iterable[tuple[int, torch.Tensor]], spatial: tuple[int, ...]
+) -> tuple[np.ndarray, float]:
+    """The label map (uint8, in the preprocessed space) of the window's blended slabs, and the
+    highest foreground probability anywhere."""
+    labels = np.zeros(spatial, np.uint8)
+    top = 0.0
+    for low, probs in slabs:
+        slab, foreground = _slab_labels(contract, probs)
+        labels[low : low + slab.shape[0]] = slab.numpy()
+        if foreground.numel():
+            top = max(top, float(foreground.max()))
+    return labels, top
+
+
+def _slab_labels(contract: ModelContract, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A slab's labels (uint8, spatial) from its probabilities (1, channels, *spatial), and
+    its foreground channels."""
+    if contract.omits_background:  # labels 1.. only: the background has what they leave
+        if probs.shape[1] == 1:  # the lesion where p > 1 - p
+            return (probs[0, 0] > 0.5).to(torch.uint8), probs
+        best, index = probs[0].max(dim=0)
+        labels = torch.where(best > 1.0 - probs[0].sum(dim=0), index + 1, 0)
+        return labels.to(torch.uint8), probs
+    if probs.shape[1] == 2:  # one comparison instead of argmax: a tenth of the time
+        return (probs[0, 1] > probs[0, 0]).to(torch.uint8), probs[:, 1:]
+    return probs[0].argmax(dim=0).to(torch.uint8), probs[:, 1:]
+
+
+# The spatial transforms whose inverse moves voxels without interpolating: a label map goes
+# back through them as uint8, a quarter of the float32 copy the others need.
+_VOXEL_MOVES = frozenset(
+    {"Orientation", "Flip", "Rotate90", "SpatialPad", "BorderPad", "DivisiblePad"}
+    | {"CropForeground", "CenterSpatialCrop", "SpatialCrop"}
+)
+
+
+def _on_source(labels: np.ndarray, pre: MetaTensor, compose: Any) -> np.ndarray:
+    """The label map brought back to the input's voxels by inverting the preprocessing's
+    spatial steps (uint8)."""
+    moves_only = all(op.get("class") in _VOXEL_MOVES for op in pre.applied_operations)
+    data = torch.from_numpy(labels)[None]
+    mapped = MetaTensor(
+        data if moves_only else data.to(torch.float32),
+        meta=pre.meta,
+        applied_operations=list(pre.applied_operations),
+    )
+    source: np.ndarray = np.asarray(compose.inverse(mapped))[0]
+    return source.astype(np.uint8) if moves_only else np.rint(source).astype(np.uint8)
 
 
 def label_lesions(
@@ -119,7 +162,7 @@ def label_lesions(
     if box is None:
         return lesion_map, []
     # Labelled within the foreground's bounding box: lesions usually fill a small part of a CT.
-    components, count = ndimage.label(mask[box] > 0, structure=np.ones((3, 3, 3), bool))
+    components, count = _components(mask[box] > 0)
     # Sizes and centres from the foreground voxels alone (a few percent of the volume): a
     # per-component pass over the volume (find_objects) took 0.2 s on a speckled mask.
     flat = components.ravel()
@@ -145,10 +188,20 @@ def label_lesions(
         )
     renumber = np.zeros(count + 1, np.uint16)
     renumber[order + 1] = np.arange(1, len(order) + 1, dtype=np.uint16)
-    local = np.zeros(components.shape, np.uint16)
-    local.ravel()[where] = renumber[numbers]
-    lesion_map[box] = local
+    lesion_map[box][np.unravel_index(where, components.shape)] = renumber[numbers]
     return lesion_map, found
+
+
+def _components(foreground: np.ndarray) -> tuple[np.ndarray, int]:
+    """The connected components (faces and edges touching) of a boolean volume, numbered in
+    uint16 (half of scipy's default int32) unless there are more than it holds."""
+    structure = np.ones((3, 3, 3), bool)
+    try:
+        out = np.empty(foreground.shape, np.uint16)
+        return out, int(ndimage.label(foreground, structure=structure, output=out))
+    except RuntimeError:  # scipy: "insufficient bit-depth in requested output type"
+        components, count = ndimage.label(foreground, structure=structure)
+        return components, int(count)
 
 
 def transposed(volume: np.ndarray, dtype: npt.DTypeLike) -> np.ndarray:

@@ -25,6 +25,7 @@ from pipeline.core.jobs import PROCESSING_MARKER, is_job_id, queued_lane, read_j
 from pipeline.core.routing import Priority
 from pipeline.core.settings import Settings
 from pipeline.ops import failed
+from pipeline.studies.admission import Ledger
 
 RECENT = 30  # results shown
 MAX_STUDY_DIRS = 200  # newest result folders scanned for them
@@ -94,6 +95,41 @@ class UnroutedToday:
 
 
 @dataclass
+class Memory:
+    """This machine's memory budget for studies and what the volumes in flight take of it."""
+
+    budget_mb: int
+    in_flight_mb: int
+    volumes: int
+    limit_mb: int
+    idle_mb: int  # in use while no study ran; 0 where worker.memory_budget_mb sets the budget
+    measured: str
+
+    @property
+    def line(self) -> str:
+        text = (
+            f"memory: {self.volumes} volume(s) in flight take {self.in_flight_mb:,} of the "
+            f"{self.budget_mb:,} MB budget for studies"
+        )
+        if self.idle_mb:
+            text += f"; {self.idle_mb:,} of {self.limit_mb:,} MB in use while idle"
+        return text + f" (measured {self.measured})"
+
+
+def memory(settings: Settings) -> Memory:
+    ledger = Ledger.for_host(settings.data_dir, settings.worker.memory_budget_mb)
+    budget, reserved = ledger.budget(), ledger.reserved()
+    return Memory(
+        budget.studies_mb,
+        sum(reserved.values()),
+        len(reserved),
+        budget.limit_mb,
+        budget.idle_mb,
+        budget.measured,
+    )
+
+
+@dataclass
 class Snapshot:
     taken: datetime
     broker: str  # "ok" or why not
@@ -102,6 +138,7 @@ class Snapshot:
     results: list[ResultRow] = field(default_factory=list)
     failed: list[FailedRow] = field(default_factory=list)
     unrouted: UnroutedToday = UnroutedToday()
+    memory: Memory | None = None
 
     def as_json(self) -> dict[str, Any]:
         def plain(rows: list[Any]) -> list[dict[str, Any]]:
@@ -115,6 +152,7 @@ class Snapshot:
             "results": plain(self.results),
             "failed": plain(self.failed),
             "unrouted": {**vars(self.unrouted), "today": str(self.taken.date())},
+            "memory": vars(self.memory) if self.memory else None,
         }
 
 
@@ -143,6 +181,7 @@ def snapshot(settings: Settings, broker_url: str | None = None) -> Snapshot:
     ]
     jobs, by_modality = unrouted.summary(settings.unrouted_dir, snap.taken.date())
     snap.unrouted = UnroutedToday(jobs, by_modality, len(unrouted.kept(settings.unrouted_dir)))
+    snap.memory = memory(settings)
     return snap
 
 

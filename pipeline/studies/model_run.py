@@ -53,7 +53,6 @@ def infer_model(
     DICOM objects are validated there (:mod:`pipeline.outputs.dicom`): one with errors of our
     own makes it raise IncompleteOutputsError, which carries the rest of the result. ``prep``: the
     input's preprocessing, shared by its models."""
-    image = prep.image
     if contract.task is not Task.SEGMENTATION:
         doc = classify(job, info, prep, contract, client, started)
 
@@ -61,13 +60,13 @@ def infer_model(
             label = doc.prediction.label
             png = safe_preview(
                 lambda: preview.classification_preview(
-                    image.array, label, doc.prediction.probabilities[label]
+                    prep.image.array, label, doc.prediction.probabilities[label]
                 )
             )
             return result_files(out_dir, doc, png, make_dicom(doc, contract, None, dicom))
 
         return classified
-    seg = segment(image, contract, client, prep)
+    seg = segment(prep.image, contract, client, prep)
     total = seg.total_volume_ml
     doc = make_result(
         job,
@@ -91,7 +90,8 @@ def infer_model(
         log.debug("step=outputs model=%s", contract.name)
         objects = make_dicom(doc, contract, seg.lesion_map, dicom)
         caption = f"{len(seg.lesions)} lesion(s), {total:.2f} ml"
-        png = safe_preview(lambda: preview.segmentation_preview(image.array, seg.mask, caption))
+        source = prep.image.array
+        png = safe_preview(lambda: preview.segmentation_preview(source, seg.mask, caption))
         mask = (out_dir / MASK_FILE, nifti_gz(seg.mask, seg.affine))
         return _with(mask, lambda: result_files(out_dir, doc, png, objects))
 

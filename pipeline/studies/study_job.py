@@ -39,6 +39,7 @@ from pipeline.core.settings import Settings
 from pipeline.core.unrouted import Item
 from pipeline.inference.triton_client import TritonClient
 from pipeline.outputs.files import IncompleteOutputsError, Output, gathered, write_outputs
+from pipeline.studies.admission import Ledger, volume_cost_mb
 from pipeline.studies.inputs import series_input
 from pipeline.studies.model_run import infer_model
 from pipeline.studies.models import Models, why_not
@@ -315,6 +316,22 @@ def _series_results(
         return image_results(job, group, route, settings, models, client, started)
     if group.planes * group.rows * group.cols > MAX_VOXELS:
         raise InputError(f"{group.planes}x{group.rows}x{group.cols} is larger than {MAX_VOXELS}")
+    ledger = Ledger.for_host(settings.data_dir, settings.worker.memory_budget_mb)
+    cost = volume_cost_mb(group.planes, group.rows, group.cols)
+    what = f"a series of {group.planes}x{group.rows}x{group.cols}"
+    with ledger.admitted(job.id, cost, what):
+        return _volume_results(job, group, route, settings, models, client, started)
+
+
+def _volume_results(
+    job: Job,
+    group: grouping.SeriesGroup,
+    route: routing.Route,
+    settings: Settings,
+    models: Models,
+    client: TritonClient,
+    started: datetime,
+) -> list[Output]:
     loading = time.perf_counter()
     image, sources = series_input(group, models, route)
     assert job.study is not None
@@ -344,9 +361,13 @@ def _series_results(
     # models' inference plus the last model's outputs, so segmentation models (SEG, mask and
     # an SR with a group per lesion) go first and a classifier's small outputs last. Within
     # the series only: their validation switches pydicom's reading mode for the whole
-    # process, which must not reach the next series' loading.
+    # process, which must not reach the next series' loading. The classifiers' small inputs
+    # are made first, so that the preprocessed volume they share with a segmentation is gone
+    # once its window has run (the peak of a big CT: docs/benchmarks.md).
     order = sorted(range(len(contracts)), key=lambda i: contracts[i].task is not Task.SEGMENTATION)
     prep = Preprocessing(image, contracts)
+    del image  # prep.image from here: its voxels may be compacted once preprocessed
+    prep.prepare([c for c in contracts if c.task is not Task.SEGMENTATION])
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="outputs") as builder:
         built: dict[int, Future[list[Output]]] = {}
         for i in order:
