@@ -119,12 +119,15 @@ LESION_SPACING = (1.0, 1.0, 1.5)
 
 
 def lesion_phantom(
-    seed: int, lesions: int | None = None
+    seed: int, lesions: int | None = None, scale: float = 1.0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A chest-CT-like volume in HU (X, Y, Z) with solid spherical nodules in the lungs, its
-    ground-truth mask (the visible part of each nodule) and its RAS affine."""
+    ground-truth mask (the visible part of each nodule) and its RAS affine. ``scale`` widens
+    the chest in plane, nodules and voxels alike: at 3 or more a patch may hold air alone or
+    body tissue alone, as in an adult's CT of 512x512."""
     rng = np.random.default_rng(seed)
     nx, ny, nz = int(rng.integers(88, 112)), int(rng.integers(80, 104)), int(rng.integers(36, 52))
+    nx, ny = int(nx * scale), int(ny * scale)
     sx, sy, sz = LESION_SPACING
     x, y, z = np.mgrid[0:nx, 0:ny, 0:nz].astype(np.float32)
     cx, cy = nx / 2 + rng.uniform(-3, 3), ny / 2 + rng.uniform(-3, 3)
