@@ -18,17 +18,19 @@ import pytest
 
 from pipeline.core.contract import discover_contracts
 from pipeline.core.errors import InputError
-from pipeline.core.jobs import read_job
+from pipeline.core.jobs import read_job, spool_file
 from pipeline.demo.dicom_series import write_volume_series
-from pipeline.demo.synthetic import ct_volume
+from pipeline.demo.synthetic import ct_volume, write_ct_nifti
 from pipeline.demo.train import TEST_SEED_BASE
 from pipeline.inference.triton_client import TritonClient
 from pipeline.ops.status import memory
 from pipeline.runtime.embedded_triton import TritonEndpoints
 from pipeline.studies.admission import Ledger, memory_limit_and_used_mb, volume_cost_mb
+from pipeline.studies.file_job import run_job
 from pipeline.studies.models import Models
 from pipeline.studies.steps import StageError
 from pipeline.studies.study_job import run_study
+from pipeline.tasks.worker import fail_job
 
 from .conftest import MODEL_REPOSITORY, make_settings, spool_study
 
@@ -129,3 +131,27 @@ def test_a_series_beyond_the_budget_fails_the_study_with_the_budget_in_its_reaso
     assert series["status"] == "failed"
     assert "1 MB (worker.memory_budget_mb)" in series["reason"]
     assert (settings.spool_dir / job.id / "study").is_dir()  # the input kept
+
+
+def test_a_dropped_volume_beyond_the_budget_fails_and_is_kept(
+    triton: TritonEndpoints, tmp_path: Path, new_client: Callable[..., TritonClient]
+) -> None:
+    """A NIfTI dropped into the inbox is admitted as a series is, by the size its header
+    gives: beyond the budget, the job fails at the load stage with the budget named, and the
+    file is kept in failed/ for a retry."""
+    settings = make_settings(
+        tmp_path / "data",
+        triton={"model_repository": MODEL_REPOSITORY},
+        worker={"memory_budget_mb": 1},
+    )
+    settings.ensure_dirs()
+    write_ct_nifti(settings.inbox_dir / "chest.nii.gz", positive=True, seed=TEST_SEED_BASE + 502)
+    job = spool_file(settings.inbox_dir / "chest.nii.gz", settings.inbox_dir, settings.spool_dir)
+    models = Models(discover_contracts(MODEL_REPOSITORY))
+    with pytest.raises(StageError, match=r"an input of \d+x\d+x\d+ needs about") as err:
+        run_job(job, settings, models, new_client(triton.grpc, settings.triton))
+    assert err.value.stage == "load" and "1 MB (worker.memory_budget_mb)" in str(err.value)
+    fail_job(job, settings, err.value.error, err.value.stage)  # what the task does
+    assert (settings.failed_dir / job.id / "chest.nii.gz").is_file()
+    error = json.loads((settings.failed_dir / job.id / "error.json").read_text())
+    assert "memory budget" in json.dumps(error)

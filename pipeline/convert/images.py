@@ -76,6 +76,22 @@ def load(path: Path) -> LoadedImage:
     return LoadedImage(kind, array)
 
 
+def voxels_in(path: Path) -> tuple[int, ...]:
+    """The size of the image a file holds, from its header alone (no pixel data read): a
+    NIfTI's shape, a DICOM object's frames, rows and columns; () where that is not known
+    before loading (a PNG or JPEG, a file that cannot be read: :func:`load` says why)."""
+    try:
+        kind = detect_kind(path)
+        if kind is InputKind.NIFTI:
+            return tuple(int(n) for n in nib.load(path).shape)
+        if kind is InputKind.DICOM:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            return (int(ds.get("NumberOfFrames", 1) or 1), int(ds.Rows), int(ds.Columns))
+    except Exception:  # noqa: BLE001 (see _PARSER_ERRORS): load() says why, not this
+        return ()
+    return ()
+
+
 # _PARSER_ERRORS: the loaders catch every Exception that Pillow, nibabel and pydicom raise
 # while parsing, because on malformed files they raise far more than their documented types
 # (the fuzz tests found TypeError, OverflowError, KeyError, HeaderDataError, numpy's

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
+from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from pipeline.core.settings import Settings
 from pipeline.core.unrouted import Item
 from pipeline.inference.triton_client import TritonClient
 from pipeline.outputs.files import IncompleteOutputsError, gathered, write_outputs
+from pipeline.studies.admission import Ledger, volume_cost_mb
 from pipeline.studies.inputs import file_sources, inbox_facts
 from pipeline.studies.model_run import infer_model
 from pipeline.studies.models import Models, why_not
@@ -41,11 +44,35 @@ def run_job(
     dispatch: Dispatch | None = None,
 ) -> list[Path]:
     """Process a spooled job; returns the result files written. Idempotent: a job whose spool
-    folder is gone was finished by an earlier delivery and is skipped."""
+    folder is gone was finished by an earlier delivery and is skipped. A volume is admitted
+    by memory first (:mod:`pipeline.studies.admission`), as a series is."""
     folder = job_dir(settings.spool_dir, job.id)
     if not (folder / job.input_file).exists():
         log.info("job %s: already processed, nothing to do", job.id)
         return []
+    shape = convert.voxels_in(folder / job.input_file)
+    if not shape:  # a PNG or JPEG (small), or unreadable (the load says why)
+        return _run_job(job, settings, models, client, dispatch)
+    ledger = Ledger.for_host(settings.data_dir, settings.worker.memory_budget_mb)
+    what = "an input of " + "x".join(map(str, shape))  # never its name: names may be patients'
+    with ExitStack() as held:
+        try:
+            held.enter_context(
+                ledger.admitted(job.id, volume_cost_mb(math.prod(shape), 1, 1), what)
+            )
+        except PipelineError as exc:  # larger than the whole budget: fails as a bad input
+            raise StageError("load", exc) from exc
+        return _run_job(job, settings, models, client, dispatch)
+
+
+def _run_job(
+    job: Job,
+    settings: Settings,
+    models: Models,
+    client: TritonClient,
+    dispatch: Dispatch | None,
+) -> list[Path]:
+    folder = job_dir(settings.spool_dir, job.id)
     started = now()
     stage = "load"
     try:
