@@ -4,6 +4,7 @@ shared pages counted once) of this process and of Triton (its server and model p
 above their idle footprint and in multiples of the study's float32 volume.
 
     python -m pipeline.bench.big_study [--slices 150 600 1200] [--size 512] [--json out.json]
+                                       [--runs-on worker|triton]
 
 The CT is a chest phantom with three nodules, whatever its length (:func:`lesion_ct`). It is
 stored in a spool as the receiver stores it and run by
@@ -34,6 +35,7 @@ from typing import Any
 import numpy as np
 from pydicom import dcmread
 
+from pipeline.convert.series import numpy_huge_pages
 from pipeline.core.contract import discover_contracts
 from pipeline.core.instances import InstanceUIDs, store_instance
 from pipeline.core.jobs import Reason, now, read_job
@@ -64,8 +66,8 @@ def pss_mb(pid: int) -> float:
 
 
 class Sampler(logging.Handler):
-    """Samples the PSS of this process and Triton's every SAMPLE_S; each sample goes to the
-    step the job last announced."""
+    """Samples the PSS of this process and Triton's every SAMPLE_S (or ten times as long as a
+    sample takes); each sample goes to the step the job last announced."""
 
     def __init__(self, triton_pid: int) -> None:
         super().__init__(logging.DEBUG)
@@ -83,6 +85,7 @@ class Sampler(logging.Handler):
         # outputs' debug lines name their steps. Each step once, in order.
         step = _AFTER_STAGE.get(found[1]) if record.name == "pipeline.stage" else found[1]
         if step is not None and step not in self.started:
+            self._record(self.step)  # a short step gets a sample of its own at its end
             self.step = step
             self.started[step] = time.perf_counter()
 
@@ -90,12 +93,22 @@ class Sampler(logging.Handler):
         triton = [self.triton_pid, *descendants(self.triton_pid)]
         return {"worker": pss_mb(os.getpid()), "triton": sum(pss_mb(p) for p in triton)}
 
+    def _record(self, step: str) -> None:
+        now_mb = self.sample()
+        peak = self.peaks.setdefault(step, dict.fromkeys(now_mb, 0.0))
+        for who, mb in now_mb.items():
+            peak[who] = max(peak[who], mb)
+
     def _run(self) -> None:
-        while not self._stop.wait(SAMPLE_S):
-            now_mb = self.sample()
-            peak = self.peaks.setdefault(self.step, dict.fromkeys(now_mb, 0.0))
-            for who, mb in now_mb.items():
-                peak[who] = max(peak[who], mb)
+        wait = SAMPLE_S
+        while not self._stop.wait(wait):
+            t0 = time.perf_counter()
+            self._record(self.step)
+            # Reading smaps_rollup walks a process's page tables under its memory map's lock:
+            # at a few GB, milliseconds each time, which the job's page faults wait for. The
+            # sampler keeps to a tenth of that: sampling every 20 ms took 45% of the time of
+            # a 150-slice study of 512x512.
+            wait = max(SAMPLE_S, 10 * (time.perf_counter() - t0))
 
     @contextmanager
     def running(self) -> Iterator[None]:
@@ -149,7 +162,12 @@ def lesion_ct(folder: Path, slices: int, size: int, lesions: int = 3, seed: int 
 
 
 def one_study(
-    slices: int, size: int, settings: Settings, client: TritonClient, triton_pid: int
+    slices: int,
+    size: int,
+    settings: Settings,
+    client: TritonClient,
+    triton_pid: int,
+    runs_on: str | None = None,
 ) -> dict[str, Any]:
     """One study of ``slices`` slices: seconds and peak PSS above idle, per step."""
     with tempfile.TemporaryDirectory(prefix="big-study-") as tmp:
@@ -162,7 +180,12 @@ def one_study(
         logging.getLogger(name)
         for name in ("pipeline.stage", "pipeline.inference.segment", "pipeline.studies.model_run")
     ]
-    models = Models(discover_contracts(settings.triton.model_repository))
+    contracts = discover_contracts(settings.triton.model_repository)
+    if runs_on:  # the worker's choice alone: the server takes patches and volumes alike
+        for name, c in contracts.items():
+            window = c.sliding_window.model_copy(update={"runs_on": runs_on})
+            contracts[name] = c.model_copy(update={"sliding_window": window})
+    models = Models(contracts)
     for logger in loggers:
         logger.addHandler(sampler)
         logger.setLevel(logging.DEBUG)
@@ -224,6 +247,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--slices", type=int, nargs="+", default=[150, 600, 1200])
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--runs-on",
+        choices=["worker", "triton"],
+        help="Where the segmentation's sliding window runs, whatever its contract says.",
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="big-study-data-") as data:
         # Time and memory are measured here, not the request timeout: a whole big volume in
@@ -236,6 +264,9 @@ def main(argv: list[str] | None = None) -> None:
             }
         )
         settings.ensure_dirs()
+        # As a pool process runs (pipeline.tasks.worker); its freed memory is given back,
+        # though, so that each study's peak above idle is its own.
+        numpy_huge_pages(settings.worker.numpy_huge_pages)
         proc, endpoints = embedded_triton.start(settings)
         try:
             assert proc.pid is not None
@@ -244,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
                 one_study(16, 64, settings, client, proc.pid)
                 runs = []
                 for n in args.slices:
-                    runs.append(one_study(n, args.size, settings, client, proc.pid))
+                    runs.append(one_study(n, args.size, settings, client, proc.pid, args.runs_on))
                     _report(runs[-1], runs[0])
         finally:
             proc.stop()
