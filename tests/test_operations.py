@@ -156,6 +156,10 @@ def test_metrics_logs_status_and_page(model_repository: Path, tmp_path: Path) ->
             assert row["label"] == label
             assert row["probability"] == pytest.approx(doc["prediction"]["probabilities"][label])
         assert [(f["stage"], f["what"]) for f in snap["failed"]] == [("load", "broken.png")]
+        # Every volume's memory reservation was given back when its job ended.
+        assert snap["memory"]["volumes"] == 0 and snap["memory"]["in_flight_mb"] == 0
+        assert snap["memory"]["budget_mb"] > 0
+        assert not list((data / "memory").glob("*/*.mb"))
         table = subprocess.run(
             [sys.executable, "-m", "pipeline", "status"],
             env=env,
@@ -165,6 +169,7 @@ def test_metrics_logs_status_and_page(model_repository: Path, tmp_path: Path) ->
             timeout=60,
         )
         assert table.returncode == 0 and "hand.png" in table.stdout, table.stdout
+        assert "MB budget for studies" in table.stdout, table.stdout
 
         # -- the status page in a real browser ---------------------------------------------
         driver = browser()
@@ -187,6 +192,7 @@ def test_metrics_logs_status_and_page(model_repository: Path, tmp_path: Path) ->
                     "return arguments[0].complete && arguments[0].naturalWidth", img
                 )
             assert "not a readable PNG/JPEG" in text and "broken.png" in text
+            assert "budget for studies" in driver.find_element("id", "memory").text
             shot = tmp_path / "status-page.png"
             assert driver.save_screenshot(str(shot))
             assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000

@@ -74,6 +74,7 @@ def render(snap: status.Snapshot, refresh_s: int) -> str:
 <p id="summary">Redis: {html.escape(snap.broker)} &middot; queues: {html.escape(queues)}
 &middot; {len(snap.in_flight)} in flight &middot; {len(snap.failed)} failed
 &middot; <span id="unrouted">{html.escape(snap.unrouted.line)}</span>
+&middot; <span id="memory">{html.escape(snap.memory.line if snap.memory else "")}</span>
 &middot; updated {snap.taken.astimezone().strftime("%H:%M:%S")}, every {refresh_s} s</p>
 <h2>In flight</h2>
 {_table(["study / input", "state", "for", "detail"], flight, "Nothing in flight.")}
