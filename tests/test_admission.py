@@ -23,6 +23,7 @@ from pipeline.demo.dicom_series import write_volume_series
 from pipeline.demo.synthetic import ct_volume, write_ct_nifti
 from pipeline.demo.train import TEST_SEED_BASE
 from pipeline.inference.triton_client import TritonClient
+from pipeline.ops import status
 from pipeline.ops.status import memory
 from pipeline.runtime.embedded_triton import TritonEndpoints
 from pipeline.studies.admission import Ledger, memory_limit_and_used_mb, volume_cost_mb
@@ -105,11 +106,19 @@ def test_the_budget_is_measured_while_idle_and_reported(tmp_path: Path) -> None:
     settings = make_settings(tmp_path / "data")
     limit, used = memory_limit_and_used_mb()
     report = memory(settings)
+    assert report is not None
     assert report.limit_mb == limit and 0 < report.idle_mb <= limit
     assert abs(report.budget_mb - (int(0.9 * limit) - used)) < 0.05 * limit  # moments apart
     assert (report.volumes, report.in_flight_mb) == (0, 0)
     assert "budget for studies" in report.line and "in use while idle" in report.line
     assert volume_cost_mb(2000, 512, 512) == 6001  # 3x the 2,000 MB float32 volume
+    # Where the ledger cannot be used (a read-only data folder; here a file in its place),
+    # status leaves the line out and shows the rest.
+    other = make_settings(tmp_path / "other")
+    other.ensure_dirs()
+    (other.data_dir / "memory").write_text("not a folder")
+    assert memory(other) is None
+    assert status.snapshot(other).memory is None
 
 
 def test_a_series_beyond_the_budget_fails_the_study_with_the_budget_in_its_reason(

@@ -116,9 +116,14 @@ class Memory:
         return text + f" (measured {self.measured})"
 
 
-def memory(settings: Settings) -> Memory:
-    ledger = Ledger.for_host(settings.data_dir, settings.worker.memory_budget_mb)
-    budget, reserved = ledger.budget(), ledger.reserved()
+def memory(settings: Settings) -> Memory | None:
+    """None where this account cannot use the ledger (a read-only data folder, say): status
+    still shows the rest."""
+    try:
+        ledger = Ledger.for_host(settings.data_dir, settings.worker.memory_budget_mb)
+        budget, reserved = ledger.budget(), ledger.reserved()
+    except OSError:
+        return None
     return Memory(
         budget.studies_mb,
         sum(reserved.values()),
