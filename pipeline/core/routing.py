@@ -76,10 +76,12 @@ class Route(BaseModel):
     name: str = Field(min_length=1)
     match: Match = Match()
     models: tuple[str, ...] = Field(min_length=1)
-    outputs: tuple[Literal["json", "sr", "seg"], ...] = Field(
+    outputs: tuple[Literal["json", "sr", "seg", "kos"], ...] = Field(
         default=("json", "sr", "seg"),
         description="What to write beside each result: json (always), sr (a DICOM "
-        "Comprehensive 3D SR, TID 1500), seg (a DICOM SEG, segmentation models on DICOM input).",
+        "Comprehensive 3D SR, TID 1500), seg (a DICOM SEG, segmentation models on DICOM "
+        "input), kos (a DICOM Key Object Selection flagging the slice through each lesion and "
+        "the SR and SEG, DICOM input).",
     )
     send_to: tuple[str, ...] = Field(
         default=(),

@@ -1,5 +1,6 @@
 """A result's DICOM objects, made and validated before anything is written: the SEG
-(:mod:`pipeline.outputs.seg`) and the SR (:mod:`pipeline.outputs.sr`) that references it.
+(:mod:`pipeline.outputs.seg`), the SR (:mod:`pipeline.outputs.sr`) that references it, and
+the key object selection (:mod:`pipeline.outputs.kos`) that flags them and the key slices.
 
 A model's answer is never lost to its source's flaws. An object whose validation errors all
 came from the source (:mod:`pipeline.outputs.defects`) is written and flagged, or withheld, as
@@ -18,12 +19,18 @@ from typing import Literal
 
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.uid import UID, Comprehensive3DSRStorage, SegmentationStorage
+from pydicom.uid import (
+    UID,
+    Comprehensive3DSRStorage,
+    KeyObjectSelectionDocumentStorage,
+    SegmentationStorage,
+)
 
 from pipeline.core.contract import ModelContract
 from pipeline.core.errors import OutputError
 from pipeline.core.results import DicomIssue, Result
 from pipeline.outputs import defects
+from pipeline.outputs.kos import build_kos
 from pipeline.outputs.seg import build_seg
 from pipeline.outputs.sources import Sources
 from pipeline.outputs.sr import build_sr
@@ -33,13 +40,14 @@ log = logging.getLogger(__name__)
 
 SR_FILE = "sr.dcm"
 SEG_FILE = "seg.dcm"
+KOS_FILE = "kos.dcm"
 
 
 @dataclass(frozen=True)
 class DicomOutputs:
     """What DICOM to make for one result, from what, and where a withheld object is kept."""
 
-    kinds: tuple[str, ...]  # the route's outputs: "sr", "seg"
+    kinds: tuple[str, ...]  # the route's outputs: "sr", "seg", "kos"
     sources: Sources | None  # None for a PNG or NIfTI input
     key: str  # job and series: with the model, the seed of the objects' UIDs
     manufacturer: str
@@ -85,6 +93,7 @@ def make_dicom(
         )
         if not _checked(seg, SEG_FILE, SegmentationStorage, out, made):
             seg = None  # withheld: the SR does not reference what is not sent
+    sr = None
     if SR_FILE in wanted:
         sr = _built(
             SR_FILE,
@@ -92,7 +101,17 @@ def make_dicom(
                 result, contract, out.sources, seg, out.manufacturer, key, out.institution
             ),
         )
-        _checked(sr, SR_FILE, Comprehensive3DSRStorage, out, made)
+        if not _checked(sr, SR_FILE, Comprehensive3DSRStorage, out, made):
+            sr = None
+    if "kos" in out.kinds and out.sources is not None:
+        sources, objects = out.sources, [d for d in (sr, seg) if d is not None]
+        kos = _built(
+            KOS_FILE,
+            lambda: build_kos(
+                sources, lesion_map, objects, contract, result, out.manufacturer, key
+            ),
+        )
+        _checked(kos, KOS_FILE, KeyObjectSelectionDocumentStorage, out, made)
     return made
 
 

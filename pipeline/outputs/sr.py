@@ -88,16 +88,23 @@ def _observed_by(
     result: Result, contract: ModelContract, manufacturer: str
 ) -> hd.sr.ObservationContext:
     """The observer is the device: the model, by name and version."""
+    return hd.sr.ObservationContext(
+        observer_device_context=device_observer(result, contract, manufacturer)
+    )
+
+
+def device_observer(
+    result: Result, contract: ModelContract, manufacturer: str
+) -> hd.sr.ObserverContext:
+    """The model, by name and version, as the observing device (of the SR and of the KOS)."""
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=result_uid("device", contract.name, result.model.version),
         name=contract.name[:64],
         manufacturer_name=manufacturer,
         model_name=f"{contract.name} {result.model.version}"[:64],
     )
-    return hd.sr.ObservationContext(
-        observer_device_context=hd.sr.ObserverContext(
-            observer_type=codes.DCM.Device, observer_identifying_attributes=device
-        )
+    return hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device, observer_identifying_attributes=device
     )
 
 
