@@ -3,6 +3,7 @@ and the result's SR and SEG, flagged "Of Interest", valid, filed in the source s
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -74,6 +75,8 @@ def test_a_lesion_ct_gets_its_key_slices_and_results_flagged(
     selected = _selected(kos)
     sr, seg = dcmread(folder / "sr.dcm"), dcmread(folder / "seg.dcm")
     assert selected[-2:] == [str(sr.SOPInstanceUID), str(seg.SOPInstanceUID)]
+    result = json.loads((folder / "result.json").read_text())
+    assert "kos.dcm" in result["dicom"] and result["dicom_issues"] == []
     # One slice per lesion, each through that lesion of the phantom's truth.
     images = [slice_of[uid] for uid in selected[:-2]]
     assert len(images) == 2

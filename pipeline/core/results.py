@@ -108,7 +108,7 @@ class Result(_Doc):
     worker: WorkerInfo
     segmentation: SegmentationInfo | None = None  # segmentation models only
     preview: str | None = None  # PNG beside result.json: the image (slice) with the answer
-    dicom: list[str] = []  # DICOM objects beside result.json: sr.dcm (TID 1500), seg.dcm
+    dicom: list[str] = []  # DICOM objects beside result.json: sr.dcm (TID 1500), seg.dcm, kos.dcm
     dicom_issues: list[DicomIssue] = []  # outputs flagged, withheld or not made, and why
     # A series its rule takes image by image (per_image): every image's answer, in instance
     # order; ``prediction`` is then the series' (pipeline.inference.decide.decide_series).
