@@ -111,7 +111,7 @@ def test_the_budget_is_measured_while_idle_and_reported(tmp_path: Path) -> None:
     assert abs(report.budget_mb - (int(0.9 * limit) - used)) < 0.05 * limit  # moments apart
     assert (report.volumes, report.in_flight_mb) == (0, 0)
     assert "budget for studies" in report.line and "in use while idle" in report.line
-    assert volume_cost_mb(2000, 512, 512) == 6001  # 3x the 2,000 MB float32 volume
+    assert volume_cost_mb(2000 * 512 * 512) == 6001  # 3x the 2,000 MB float32 volume
     # Where the ledger cannot be used (a read-only data folder; here a file in its place),
     # status leaves the line out and shows the rest.
     other = make_settings(tmp_path / "other")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -321,10 +321,8 @@ def compact(array: MetaTensor) -> MetaTensor:
     if data.dtype != torch.float32 or data.ndim < 2:
         return array
     out = torch.empty(data.shape, dtype=torch.int16)
-    width = max(1, _SLAB_VOXELS // max(1, data[:, 0].numel()))
-    for first in range(0, data.shape[1], width):
-        slab = data[:, first : first + width]
-        small = out[:, first : first + width]
+    for planes in _slabs(data):
+        slab, small = data[:, planes], out[:, planes]
         small.copy_(slab.clamp(-32768, 32767))
         if not torch.equal(small.to(torch.float32), slab):
             return array
@@ -388,13 +386,18 @@ def _float_tensor(data: Any) -> bool:
 
 
 def _in_place_by_slab(step: Any, data: torch.Tensor) -> None:
-    """``step`` on ``data`` (channel first) a slab of its first spatial axis at a time (whole
-    rows of memory where ``data`` is contiguous), written back."""
-    plane = max(1, data[:, 0].numel())
-    width = max(1, _SLAB_VOXELS // plane)
-    for first in range(0, data.shape[1], width):
-        slab = data[:, first : first + width]
+    """``step`` on ``data`` (channel first) a slab at a time, written back."""
+    for planes in _slabs(data):
+        slab = data[:, planes]
         slab.copy_(torch.as_tensor(step(slab)))
+
+
+def _slabs(data: torch.Tensor) -> Iterator[slice]:
+    """Slabs of ``data``'s first spatial axis (channel first) of about _SLAB_VOXELS each:
+    whole rows of memory where ``data`` is contiguous."""
+    width = max(1, _SLAB_VOXELS // max(1, data[:, 0].numel()))
+    for first in range(0, data.shape[1], width):
+        yield slice(first, first + width)
 
 
 def _checked_input(data: Any, contract: ModelContract) -> np.ndarray:

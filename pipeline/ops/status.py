@@ -121,7 +121,7 @@ def memory(settings: Settings) -> Memory | None:
     still shows the rest."""
     try:
         ledger = Ledger.for_host(settings.data_dir, settings.worker.memory_budget_mb)
-        budget, reserved = ledger.budget(), ledger.reserved()
+        budget, reserved = ledger.state()
     except OSError:
         return None
     return Memory(

@@ -48,9 +48,9 @@ class Budget:
     configured: bool  # worker.memory_budget_mb, not measured
 
 
-def volume_cost_mb(planes: int, rows: int, cols: int) -> int:
-    """What processing a volume of this size costs beyond the idle footprint, in MB."""
-    return int(planes * rows * cols * 4 * COST_X_VOLUME / 2**20) + 1
+def volume_cost_mb(voxels: int) -> int:
+    """What processing a volume of this many voxels costs beyond the idle footprint, in MB."""
+    return int(voxels * 4 * COST_X_VOLUME / 2**20) + 1
 
 
 def memory_limit_and_used_mb() -> tuple[int, int]:
@@ -94,10 +94,12 @@ class Ledger:
                 path.unlink(missing_ok=True)
         return live
 
-    def budget(self) -> Budget:
-        """The budget as last measured (measured now where none is on record)."""
+    def state(self) -> tuple[Budget, dict[str, int]]:
+        """The budget as last measured (measured now where no study is in flight), and the
+        live reservations."""
         with flocked(self.folder / ".lock"):
-            return self._budget(self.reserved())
+            reserved = self.reserved()
+            return self._budget(reserved), reserved
 
     def _budget(self, reserved: dict[str, int]) -> Budget:
         path = self.folder / "budget.json"

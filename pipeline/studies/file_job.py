@@ -50,18 +50,16 @@ def run_job(
     if not (folder / job.input_file).exists():
         log.info("job %s: already processed, nothing to do", job.id)
         return []
+    # Unknown for a PNG or JPEG (small), or an unreadable file (the load says why).
     shape = convert.voxels_in(folder / job.input_file)
-    if not shape:  # a PNG or JPEG (small), or unreadable (the load says why)
-        return _run_job(job, settings, models, client, dispatch)
-    ledger = Ledger.for_host(settings.data_dir, settings.worker.memory_budget_mb)
-    what = "an input of " + "x".join(map(str, shape))  # never its name: names may be patients'
     with ExitStack() as held:
-        try:
-            held.enter_context(
-                ledger.admitted(job.id, volume_cost_mb(math.prod(shape), 1, 1), what)
-            )
-        except PipelineError as exc:  # larger than the whole budget: fails as a bad input
-            raise StageError("load", exc) from exc
+        if shape:
+            ledger = Ledger.for_host(settings.data_dir, settings.worker.memory_budget_mb)
+            what = "an input of " + "x".join(map(str, shape))  # never its name: maybe a patient's
+            try:
+                held.enter_context(ledger.admitted(job.id, volume_cost_mb(math.prod(shape)), what))
+            except PipelineError as exc:  # larger than the whole budget: fails as a bad input
+                raise StageError("load", exc) from exc
         return _run_job(job, settings, models, client, dispatch)
 
 

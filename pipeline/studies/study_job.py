@@ -317,7 +317,7 @@ def _series_results(
     if group.planes * group.rows * group.cols > MAX_VOXELS:
         raise InputError(f"{group.planes}x{group.rows}x{group.cols} is larger than {MAX_VOXELS}")
     ledger = Ledger.for_host(settings.data_dir, settings.worker.memory_budget_mb)
-    cost = volume_cost_mb(group.planes, group.rows, group.cols)
+    cost = volume_cost_mb(group.planes * group.rows * group.cols)
     what = f"a series of {group.planes}x{group.rows}x{group.cols}"
     with ledger.admitted(job.id, cost, what):
         return _volume_results(job, group, route, settings, models, client, started)
