@@ -142,7 +142,7 @@ routes:
         for name, (model, label) in expected.items():
             doc = got[name]
             assert doc["model"]["name"] == model and doc["prediction"]["label"] == label, doc
-            assert doc["schema_version"] == "1.5" and doc["timings"]["inference_ms"] > 0
+            assert doc["schema_version"] == "1.6" and doc["timings"]["inference_ms"] > 0
         bad = failed()
         assert {"truncated.nii.gz", "notes.png"} <= set(bad)
         assert "not a readable NIfTI" in str(bad["truncated.nii.gz"]["message"])

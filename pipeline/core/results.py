@@ -95,8 +95,8 @@ class DicomIssue(_Doc):
 
 
 class Result(_Doc):
-    # 1.3: priority; 1.4: dicom_issues; 1.5: images
-    schema_version: Literal["1.3", "1.4", "1.5"] = "1.5"
+    # 1.3: priority; 1.4: dicom_issues; 1.5: images; 1.6: report
+    schema_version: Literal["1.3", "1.4", "1.5", "1.6"] = "1.6"
     job_id: str
     # The lane its job waited in (docs/guides/routing.md); None: queued by an older
     # version, or processed without a queue (warm-up).
@@ -108,8 +108,11 @@ class Result(_Doc):
     worker: WorkerInfo
     segmentation: SegmentationInfo | None = None  # segmentation models only
     preview: str | None = None  # PNG beside result.json: the image (slice) with the answer
-    dicom: list[str] = []  # DICOM objects beside result.json: sr.dcm (TID 1500), seg.dcm, kos.dcm
+    # DICOM objects beside result.json: sr.dcm (TID 1500), seg.dcm, sc-1.dcm.., pr.dcm,
+    # report.dcm (the PDF encapsulated), kos.dcm; each was validated before it was written
+    dicom: list[str] = []
     dicom_issues: list[DicomIssue] = []  # outputs flagged, withheld or not made, and why
+    report: str | None = None  # the PDF report beside result.json (route output pdf)
     # A series its rule takes image by image (per_image): every image's answer, in instance
     # order; ``prediction`` is then the series' (pipeline.inference.decide.decide_series).
     images: list[ImageAnswer] = []

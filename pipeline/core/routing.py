@@ -76,12 +76,17 @@ class Route(BaseModel):
     name: str = Field(min_length=1)
     match: Match = Match()
     models: tuple[str, ...] = Field(min_length=1)
-    outputs: tuple[Literal["json", "sr", "seg", "kos"], ...] = Field(
-        default=("json", "sr", "seg"),
-        description="What to write beside each result: json (always), sr (a DICOM "
-        "Comprehensive 3D SR, TID 1500), seg (a DICOM SEG, segmentation models on DICOM "
-        "input), kos (a DICOM Key Object Selection flagging the slice through each lesion and "
-        "the SR and SEG, DICOM input).",
+    outputs: tuple[Literal["json", "sr", "seg", "sc", "gsps", "kos", "pdf"], ...] = Field(
+        default=("json", "sr", "seg", "sc", "kos"),
+        description="What to write beside each result: json (always); sr (a DICOM "
+        "Comprehensive 3D SR, TID 1500); seg (a DICOM SEG, segmentation models); sc (key "
+        "images: DICOM secondary captures of the slice through each lesion, outlined, or of "
+        "the image with a classifier's answer, which every viewer shows); gsps (a DICOM "
+        "presentation state drawing each lesion's outline over the source slices); kos (a "
+        "DICOM Key Object Selection flagging the key slices and the objects above); pdf (a "
+        "PDF report, report.pdf, and for DICOM input an Encapsulated PDF). sr, seg, sc, gsps "
+        "and kos are made for DICOM input only; sc and gsps not for a series taken image by "
+        "image.",
     )
     send_to: tuple[str, ...] = Field(
         default=(),

@@ -235,6 +235,13 @@ class OutputSettings(Section):
         "write (written and sent, the errors listed in result.json's dicom_issues) or "
         "withhold (kept with the job's input, not sent). Errors of our own always withhold it.",
     )
+    key_images: int = Field(
+        default=5,
+        ge=1,
+        le=50,
+        description="At most this many key images (route output sc) per result: the slices "
+        "through the largest lesions, one per lesion. The KOS flags every lesion's slice.",
+    )
 
 
 class MetricsSettings(Section):

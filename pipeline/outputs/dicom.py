@@ -1,6 +1,8 @@
 """A result's DICOM objects, made and validated before anything is written: the SEG
-(:mod:`pipeline.outputs.seg`), the SR (:mod:`pipeline.outputs.sr`) that references it, and
-the key object selection (:mod:`pipeline.outputs.kos`) that flags them and the key slices.
+(:mod:`pipeline.outputs.seg`), the SR (:mod:`pipeline.outputs.sr`) that references it, the
+key images (:mod:`pipeline.outputs.sc`), the presentation state (:mod:`pipeline.outputs.gsps`),
+the PDF report and its Encapsulated PDF (:mod:`pipeline.outputs.report`), and the key object
+selection (:mod:`pipeline.outputs.kos`) that flags the key slices and all of them.
 
 A model's answer is never lost to its source's flaws. An object whose validation errors all
 came from the source (:mod:`pipeline.outputs.defects`) is written and flagged, or withheld, as
@@ -22,7 +24,10 @@ from pydicom.dataset import Dataset
 from pydicom.uid import (
     UID,
     Comprehensive3DSRStorage,
+    EncapsulatedPDFStorage,
+    GrayscaleSoftcopyPresentationStateStorage,
     KeyObjectSelectionDocumentStorage,
+    SecondaryCaptureImageStorage,
     SegmentationStorage,
 )
 
@@ -30,7 +35,11 @@ from pipeline.core.contract import ModelContract
 from pipeline.core.errors import OutputError
 from pipeline.core.results import DicomIssue, Result
 from pipeline.outputs import defects
+from pipeline.outputs.gsps import build_gsps
+from pipeline.outputs.keyimages import KeyView
 from pipeline.outputs.kos import build_kos
+from pipeline.outputs.report import Weights, build_pdf, report_pdf, weights_of
+from pipeline.outputs.sc import build_sc, key_views
 from pipeline.outputs.seg import build_seg
 from pipeline.outputs.sources import Sources
 from pipeline.outputs.sr import build_sr
@@ -41,13 +50,16 @@ log = logging.getLogger(__name__)
 SR_FILE = "sr.dcm"
 SEG_FILE = "seg.dcm"
 KOS_FILE = "kos.dcm"
+PR_FILE = "pr.dcm"
+PDF_FILE = "report.dcm"
+REPORT_FILE = "report.pdf"
 
 
 @dataclass(frozen=True)
 class DicomOutputs:
     """What DICOM to make for one result, from what, and where a withheld object is kept."""
 
-    kinds: tuple[str, ...]  # the route's outputs: "sr", "seg", "kos"
+    kinds: tuple[str, ...]  # the route's outputs: "sr", "seg", "sc", "gsps", "kos", "pdf"
     sources: Sources | None  # None for a PNG or NIfTI input
     key: str  # job and series: with the model, the seed of the objects' UIDs
     manufacturer: str
@@ -55,6 +67,8 @@ class DicomOutputs:
     iod_check: IodCheck
     reject_dir: Path  # in the job's folder, so it moves to data/failed/ with the job
     source_defects: Literal["write", "withhold"] = "write"
+    key_images: int = 5  # at most this many secondary captures per result, largest lesion first
+    model_repository: Path | None = None  # where the weights' checksum is read; None: unknown
 
 
 @dataclass
@@ -63,6 +77,7 @@ class DicomMade:
 
     files: dict[str, bytes] = field(default_factory=dict)
     issues: list[DicomIssue] = field(default_factory=list)
+    other: dict[str, bytes] = field(default_factory=dict)  # not DICOM: the PDF report
 
     @property
     def own_errors(self) -> str | None:
@@ -72,18 +87,67 @@ class DicomMade:
 
 
 def make_dicom(
-    result: Result, contract: ModelContract, lesion_map: np.ndarray | None, out: DicomOutputs
+    result: Result,
+    contract: ModelContract,
+    lesion_map: np.ndarray | None,
+    out: DicomOutputs,
+    image: np.ndarray | None = None,
 ) -> DicomMade:
-    """The SR (and SEG) of a result, validated, with the issues of any that did not pass."""
+    """A result's objects, as the route's outputs ask, each validated, with the issues of any
+    that did not pass. ``image``: the channel-first input on the source's pixels, which key
+    images and the presentation state are drawn over (None: a series taken image by image,
+    which gets neither)."""
     made = DicomMade()
     key = f"{out.key}/{contract.name}"
+    if (why := _unreferenceable(out.sources)) is not None:
+        asked = [k for k in out.kinds if k != "json" and (k != "seg" or lesion_map is not None)]
+        made.issues += [DicomIssue(file=f"{k}.dcm", written=False, not_made=why) for k in asked]
+        log.warning("no DICOM objects for this result: %s", why)
+        return made
+    sr, seg = _sr_and_seg(result, contract, lesion_map, out, key, made)
+    weights = weights_of(out.model_repository, contract, result.model.version)
+    views = _views(result, contract, lesion_map, out, image, weights)
+    keys = (
+        _key_objects(result, contract, lesion_map, out, views, key, made)
+        if image is not None
+        else []
+    )
+    if "pdf" in out.kinds:
+        pdf = report_pdf(result, contract, weights, _first_header(out.sources), views)
+        made.other[REPORT_FILE] = pdf
+        if out.sources is not None:
+            sources = out.sources
+            doc = _built(
+                PDF_FILE,
+                lambda: build_pdf(sources, pdf, contract, result, out.manufacturer, key, keys),
+            )
+            if _checked(doc, PDF_FILE, EncapsulatedPDFStorage, out, made):
+                keys.append(doc)
+    if "kos" in out.kinds and out.sources is not None:
+        sources, objects = out.sources, [d for d in (sr, seg, *keys) if d is not None]
+        kos = _built(
+            KOS_FILE,
+            lambda: build_kos(
+                sources, lesion_map, objects, contract, result, out.manufacturer, key
+            ),
+        )
+        _checked(kos, KOS_FILE, KeyObjectSelectionDocumentStorage, out, made)
+    return made
+
+
+def _sr_and_seg(
+    result: Result,
+    contract: ModelContract,
+    lesion_map: np.ndarray | None,
+    out: DicomOutputs,
+    key: str,
+    made: DicomMade,
+) -> tuple[Dataset | None, Dataset | None]:
+    """The SEG (a segmentation with lesions) and the SR that references it, those asked for
+    and valid."""
     # No lesion, no segment: the SR alone says "absent".
     segments = out.sources is not None and lesion_map is not None and bool(lesion_map.any())
     wanted = [n for n, on in ((SEG_FILE, segments), (SR_FILE, True)) if n[:-4] in out.kinds and on]
-    if (why := _unreferenceable(out.sources)) is not None:
-        made.issues += [DicomIssue(file=name, written=False, not_made=why) for name in wanted]
-        log.warning("no SR or SEG for this result: %s", why)
-        return made
     seg = None
     if SEG_FILE in wanted and out.sources is not None and lesion_map is not None:
         sources, labels = out.sources, lesion_map
@@ -103,16 +167,68 @@ def make_dicom(
         )
         if not _checked(sr, SR_FILE, Comprehensive3DSRStorage, out, made):
             sr = None
-    if "kos" in out.kinds and out.sources is not None:
-        sources, objects = out.sources, [d for d in (sr, seg) if d is not None]
-        kos = _built(
-            KOS_FILE,
-            lambda: build_kos(
-                sources, lesion_map, objects, contract, result, out.manufacturer, key
-            ),
+    return sr, seg
+
+
+def _views(
+    result: Result,
+    contract: ModelContract,
+    lesion_map: np.ndarray | None,
+    out: DicomOutputs,
+    image: np.ndarray | None,
+    weights: Weights,
+) -> list[KeyView]:
+    """The key images' pixels, for the secondary captures and the report's thumbnails."""
+    if image is None or out.sources is None or not {"sc", "pdf"} & set(out.kinds):
+        return []
+    try:
+        return key_views(
+            image, lesion_map, out.sources, contract, result, weights.demo, out.key_images
         )
-        _checked(kos, KOS_FILE, KeyObjectSelectionDocumentStorage, out, made)
-    return made
+    except (ValueError, IndexError, KeyError, OSError) as exc:
+        log.warning("key images not drawn: %s", exc)  # the rest of the result stands
+        return []
+
+
+def _key_objects(
+    result: Result,
+    contract: ModelContract,
+    lesion_map: np.ndarray | None,
+    out: DicomOutputs,
+    views: list[KeyView],
+    key: str,
+    made: DicomMade,
+) -> list[Dataset]:
+    """The secondary captures and the presentation state, those asked for and valid."""
+    objects: list[Dataset] = []
+    if out.sources is None:
+        return objects
+    sources = out.sources
+    for number, view in enumerate(views if "sc" in out.kinds else [], start=1):
+        name = f"sc-{number}.dcm"
+        sc = _built(
+            name,
+            lambda: build_sc(sources, view, number, contract, result, out.manufacturer, key),  # noqa: B023
+        )
+        if _checked(sc, name, SecondaryCaptureImageStorage, out, made):
+            objects.append(sc)
+    if "gsps" in out.kinds and _grayscale(sources):
+        pr = _built(
+            PR_FILE,
+            lambda: build_gsps(sources, lesion_map, contract, result, out.manufacturer, key),
+        )
+        if _checked(pr, PR_FILE, GrayscaleSoftcopyPresentationStateStorage, out, made):
+            objects.append(pr)
+    return objects
+
+
+def _grayscale(sources: Sources) -> bool:
+    """A grayscale presentation state applies to grayscale images only."""
+    return all(int(h.get("SamplesPerPixel", 1)) == 1 for h in sources.headers.values())
+
+
+def _first_header(sources: Sources | None) -> Dataset | None:
+    return next(iter(sources.headers.values()), None) if sources else None
 
 
 def _unreferenceable(sources: Sources | None) -> str | None:

@@ -14,7 +14,7 @@ from pipeline.core.errors import OutputError, TransientError
 from pipeline.core.fsutil import atomic_write_in_phases
 from pipeline.core.results import PREVIEW_FILE, Result
 from pipeline.inference.segment import transposed
-from pipeline.outputs.dicom import DicomMade
+from pipeline.outputs.dicom import REPORT_FILE, DicomMade
 
 MASK_FILE = "mask.nii.gz"
 RESULT_FILE = "result.json"
@@ -55,8 +55,10 @@ def result_files(
     """result.json last: its presence says the rest is there. IncompleteOutputsError, carrying
     them, when a DICOM object has errors of our own."""
     dicom = dicom or DicomMade()
-    made = [(out_dir / name, data) for name, data in dicom.files.items()]
+    made = [(out_dir / name, data) for name, data in [*dicom.files.items(), *dicom.other.items()]]
     doc = doc.model_copy(update={"dicom": list(dicom.files), "dicom_issues": dicom.issues})
+    if REPORT_FILE in dicom.other:
+        doc = doc.model_copy(update={"report": REPORT_FILE})
     if png is not None:
         made.append((out_dir / PREVIEW_FILE, png))
         doc = doc.model_copy(update={"preview": PREVIEW_FILE})

@@ -102,3 +102,13 @@ def result_uid(*parts: str) -> UID:
 
 def coded(spec: CodeSpec) -> hd.sr.CodedConcept:
     return hd.sr.CodedConcept(value=spec.value, scheme_designator=spec.scheme, meaning=spec.meaning)
+
+
+def same_body_part(ds: Dataset, source: Dataset) -> None:
+    """The source's body part and laterality on an object of our own in a new series; with
+    neither known, an empty Laterality (Type 2C: the unknown body part may be a paired one)."""
+    for keyword in ("BodyPartExamined", "Laterality"):
+        if keyword in source:
+            setattr(ds, keyword, source[keyword].value)
+    if "BodyPartExamined" not in ds and "Laterality" not in ds:
+        ds.Laterality = ""

@@ -47,12 +47,12 @@ def infer_model(
     dicom: DicomOutputs,
 ) -> Callable[[], list[Output]]:
     """One model on one input, in two parts: the inference now, and a callable that makes
-    ``out_dir/result.json``, ``preview.png``, the DICOM SR (and for a segmentation model
-    ``mask.nii.gz`` and the DICOM SEG) in memory, not yet written (see :func:`write_outputs`),
-    so that a study's next model can wait on Triton while this one's outputs are built. The
-    DICOM objects are validated there (:mod:`pipeline.outputs.dicom`): one with errors of our
-    own makes it raise IncompleteOutputsError, which carries the rest of the result. ``prep``: the
-    input's preprocessing, shared by its models."""
+    ``out_dir/result.json``, ``preview.png``, the DICOM objects and the PDF report the route
+    asks for (and for a segmentation model ``mask.nii.gz``) in memory, not yet written (see
+    :func:`write_outputs`), so that a study's next model can wait on Triton while this one's
+    outputs are built. The DICOM objects are validated there (:mod:`pipeline.outputs.dicom`):
+    one with errors of our own makes it raise IncompleteOutputsError, which carries the rest
+    of the result. ``prep``: the input's preprocessing, shared by its models."""
     if contract.task is not Task.SEGMENTATION:
         doc = classify(job, info, prep, contract, client, started)
 
@@ -63,7 +63,8 @@ def infer_model(
                     prep.image.array, label, doc.prediction.probabilities[label]
                 )
             )
-            return result_files(out_dir, doc, png, make_dicom(doc, contract, None, dicom))
+            objects = make_dicom(doc, contract, None, dicom, prep.image.array)
+            return result_files(out_dir, doc, png, objects)
 
         return classified
     seg = segment(prep.image, contract, client, prep)
@@ -88,7 +89,7 @@ def infer_model(
 
     def segmented() -> list[Output]:
         log.debug("step=outputs model=%s", contract.name)
-        objects = make_dicom(doc, contract, seg.lesion_map, dicom)
+        objects = make_dicom(doc, contract, seg.lesion_map, dicom, prep.image.array)
         caption = f"{len(seg.lesions)} lesion(s), {total:.2f} ml"
         source = prep.image.array
         png = safe_preview(lambda: preview.segmentation_preview(source, seg.mask, caption))

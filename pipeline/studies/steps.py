@@ -40,6 +40,8 @@ def dicom_outputs(
         iod_check=settings.output.iod_check,
         reject_dir=job_dir(settings.spool_dir, job.id) / REJECTED_OUTPUTS,
         source_defects=settings.output.source_defects,
+        key_images=settings.output.key_images,
+        model_repository=settings.triton.model_repository,
     )
 
 

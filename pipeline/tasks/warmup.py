@@ -53,7 +53,7 @@ def warm_up(contracts: Iterable[ModelContract], iod_check: IodCheck) -> float:
         array = MetaTensor(volume.array[np.newaxis], affine=volume.affine)
         prep = Preprocessing(LoadedImage(InputKind.DICOM, array), chosen)
         dicom = DicomOutputs(
-            kinds=("sr", "seg"),
+            kinds=("sr", "seg", "sc", "gsps", "kos", "pdf"),  # each builder's first use
             sources=Sources(volume.headers, volume.slices),
             key="warm-up",
             manufacturer="warm-up",
@@ -77,7 +77,8 @@ def warm_up(contracts: Iterable[ModelContract], iod_check: IodCheck) -> float:
                 )
             else:
                 prep.model_input(contract)
-            make_dicom(_result(contract, found, list(array.shape)), contract, lesion_map, dicom)
+            result = _result(contract, found, list(array.shape))
+            make_dicom(result, contract, lesion_map, dicom, array)
     return time.perf_counter() - t0
 
 
