@@ -54,7 +54,8 @@ class ResultRow:
     total_s: float  # received -> result
     urgent: bool  # its job waited in the urgent lane
     inference_ms: float
-    preview: str | None  # path under results/
+    preview: str | None  # path under results/: the first key image where one was made
+    objects: tuple[str, ...] = ()  # the DICOM objects and the report beside result.json
 
     @property
     def findings(self) -> str:
@@ -320,4 +321,17 @@ def _row(path: Path, results: Path) -> ResultRow | None:
         urgent=doc.get("priority") == Priority.URGENT,
         inference_ms=float(timings.get("inference_ms", 0.0)),
         preview=str((path.parent / preview).relative_to(results)) if preview else None,
+        objects=_objects(doc),
     )
+
+
+def _objects(doc: dict[str, Any]) -> tuple[str, ...]:
+    """What a result sent or filed beside it: sr, seg, sc x2, pr, report, kos."""
+    names = [str(n).removesuffix(".dcm") for n in doc.get("dicom") or []]
+    keys = sum(1 for n in names if n.startswith("sc-"))
+    shown = [n for n in names if not n.startswith("sc-")]
+    if keys:
+        shown.insert(min(2, len(shown)), f"sc x{keys}" if keys > 1 else "sc")
+    if doc.get("report") and "report" not in shown:
+        shown.append("report.pdf")
+    return tuple(shown)

@@ -55,6 +55,7 @@ RESULT_COLUMNS = [
     "label",
     "probability",
     "findings",
+    "objects",
     "received to result",
     "inference",
     "preview",
@@ -112,6 +113,7 @@ def _result_row(r: status.ResultRow) -> str:
         + f'<td class="label">{html.escape(r.label)}</td>'
         + f'<td class="probability">{r.probability:.3f}</td>'
         + _cell(r.findings)
+        + _cell(", ".join(r.objects))
         + _cell(f"{r.total_s:.1f} s" + (" (urgent)" if r.urgent else ""))
         + _cell(f"{r.inference_ms:.0f} ms")
         + f"<td>{img}</td></tr>"

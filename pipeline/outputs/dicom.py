@@ -36,7 +36,7 @@ from pipeline.core.errors import OutputError
 from pipeline.core.results import DicomIssue, Result
 from pipeline.outputs import defects
 from pipeline.outputs.gsps import build_gsps
-from pipeline.outputs.keyimages import KeyView
+from pipeline.outputs.keyimages import KeyView, png
 from pipeline.outputs.kos import build_kos
 from pipeline.outputs.report import Weights, build_pdf, report_pdf, weights_of
 from pipeline.outputs.sc import build_sc, key_views
@@ -78,6 +78,7 @@ class DicomMade:
     files: dict[str, bytes] = field(default_factory=dict)
     issues: list[DicomIssue] = field(default_factory=list)
     other: dict[str, bytes] = field(default_factory=dict)  # not DICOM: the PDF report
+    key_image: bytes | None = None  # the first key image as PNG: the result's preview
 
     @property
     def own_errors(self) -> str | None:
@@ -107,6 +108,8 @@ def make_dicom(
     sr, seg = _sr_and_seg(result, contract, lesion_map, out, key, made)
     weights = weights_of(out.model_repository, contract, result.model.version)
     views = _views(result, contract, lesion_map, out, image, weights)
+    if views and "sc" in out.kinds:
+        made.key_image = png(views[0])
     keys = (
         _key_objects(result, contract, lesion_map, out, views, key, made)
         if image is not None

@@ -55,6 +55,7 @@ def result_files(
     """result.json last: its presence says the rest is there. IncompleteOutputsError, carrying
     them, when a DICOM object has errors of our own."""
     dicom = dicom or DicomMade()
+    png = dicom.key_image or png  # a key image says more than the plain preview
     made = [(out_dir / name, data) for name, data in [*dicom.files.items(), *dicom.other.items()]]
     doc = doc.model_copy(update={"dicom": list(dicom.files), "dicom_issues": dicom.issues})
     if REPORT_FILE in dicom.other:

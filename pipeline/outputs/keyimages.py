@@ -9,6 +9,7 @@ are row and column of its source slice, so an outline is where the lesion is."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -33,6 +34,13 @@ class KeyView:
     plane: int  # index of the source slice in the volume (its last axis)
     rgb: np.ndarray
     title: str  # what it shows, for the series and the report
+
+
+def png(view: KeyView) -> bytes:
+    """A key image as PNG, for the preview and the status page."""
+    out = io.BytesIO()
+    Image.fromarray(view.rgb, "RGB").save(out, format="PNG")
+    return out.getvalue()
 
 
 def volumes_ml(result: Result) -> list[float]:

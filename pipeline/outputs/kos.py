@@ -1,6 +1,7 @@
 """A result's Key Object Selection (KOS), built with highdicom: the source slices through each
-lesion and the objects made from them (SR, SEG), flagged "Of Interest" for the viewers and
-worklists that list a study's key images, in a new series of the source study."""
+lesion and the objects made from them (SR, SEG, key images, presentation state, report),
+flagged "Of Interest" for the viewers and worklists that list a study's key images, in a new
+series of the source study."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def build_kos(
     key: str,
 ) -> Dataset:
     """The key slices (one per lesion, largest lesion first; none for a classifier) and
-    ``made`` (the result's SR and SEG), selected by the model as the observing device."""
+    ``made`` (the result's other objects), selected by the model as the observing device."""
     planes = key_planes(lesion_map) if lesion_map is not None else []
     slices = dict.fromkeys(sources.slices[p][0] for p in planes)  # in order, each once
     images = [sources.headers[uid] for uid in slices]

@@ -8,6 +8,7 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import ExplicitVRLittleEndian
 
 from pipeline import __version__
 from pipeline.core.contract import ModelContract
@@ -92,6 +93,7 @@ def build_sc(
         series_description=f"AI {contract.name} key images"[:64],
         manufacturer_model_name=contract.name[:64],
         software_versions=__version__,
+        transfer_syntax_uid=ExplicitVRLittleEndian,  # as every object of ours
     )
     sc.BurnedInAnnotation = "YES"
     same_body_part(sc, source)
