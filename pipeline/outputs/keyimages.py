@@ -115,9 +115,21 @@ def _font(rows: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return ImageFont.load_default(size=max(9, rows // 36))
 
 
+def _banner_font(
+    img: Image.Image, lines: list[str]
+) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """The body text's size, smaller where a line would not fit the image's width."""
+    size = max(9, img.height // 36)
+    while True:
+        font = ImageFont.load_default(size=size)
+        if size <= 7 or all(font.getlength(line) <= img.width - 8 for line in lines):
+            return font
+        size -= 1
+
+
 def _draw_banner(img: Image.Image, lines: list[str], demo: bool) -> None:
     """White (and for demo weights amber) text on a black band over the top rows."""
-    font = _font(img.height)
+    font = _banner_font(img, lines)
     draw = ImageDraw.Draw(img)
     step = int(font.size * 1.25) if isinstance(font, ImageFont.FreeTypeFont) else 12
     draw.rectangle((0, 0, img.width, step * len(lines) + 4), fill=(0, 0, 0))

@@ -21,6 +21,7 @@ from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian
+from pydicom.valuerep import PersonName
 
 from pipeline import __version__
 from pipeline.core.contract import ModelContract
@@ -139,8 +140,11 @@ def _identity(result: Result, header: Dataset | None) -> list[tuple[str, str]]:
             ("Series", "SeriesDescription"),
             ("Modality", "Modality"),
         ):
-            if str(header.get(keyword, "")).strip():
-                rows.append((name, str(header.get(keyword))))
+            value = header.get(keyword)
+            if keyword == "PatientName" and isinstance(value, PersonName):
+                value = value.family_comma_given() or str(value)
+            if str(value or "").strip():
+                rows.append((name, str(value)))
     rows += [
         ("Study UID", result.input.study_uid or "-"),
         ("Series UID", result.input.series_uid or "-"),
@@ -169,18 +173,20 @@ def _thumbnails(pdf: FPDF, views: list[KeyView]) -> None:
     _line(pdf, "Key images", 7)
     pdf.set_font("helvetica", "", 8)
     side = 85.0
+    row_y = pdf.get_y()
     for i, view in enumerate(views):
-        if i % 2 == 0 and pdf.get_y() + side + 8 > pdf.h - pdf.b_margin:
+        if i % 2 == 0 and row_y + side + 8 > pdf.h - pdf.b_margin:
             pdf.add_page()
+            row_y = pdf.get_y()
         x = pdf.l_margin + (i % 2) * (side + 5)
-        y = pdf.get_y()
         rows, cols = view.rgb.shape[:2]
         w, h = (side, side * rows / cols) if cols >= rows else (side * cols / rows, side)
-        pdf.image(Image.fromarray(np.asarray(view.rgb), "RGB"), x=x, y=y, w=w, h=h)
-        pdf.set_xy(x, y + h + 1)
+        pdf.image(Image.fromarray(np.asarray(view.rgb), "RGB"), x=x, y=row_y, w=w, h=h)
+        pdf.set_xy(x, row_y + h + 1)
         pdf.cell(side, 4, _latin(view.title))
-        if i % 2 == 1 or i == len(views) - 1:
-            pdf.set_xy(pdf.l_margin, y + side + 7)
+        if i % 2 == 1:
+            row_y += side + 7
+    pdf.set_xy(pdf.l_margin, row_y + (side + 7 if len(views) % 2 else 0))
 
 
 def build_pdf(
