@@ -140,7 +140,10 @@ def test_sr_follows_tid_1500_and_references_the_source(phantom_study: tuple) -> 
     study = settings.results_dir / source.StudyInstanceUID
     seg_dir = study / "ct_lesion_segmentation" / source.SeriesInstanceUID
     result = json.loads((seg_dir / "result.json").read_text())
-    assert result["dicom"] == ["seg.dcm", "sr.dcm"]
+    # The default outputs: SEG, SR, a key image per lesion and the KOS flagging them all.
+    lesions = len(result["segmentation"]["lesions"])
+    keys = [f"sc-{n}.dcm" for n in range(1, min(lesions, 5) + 1)]
+    assert result["dicom"] == ["seg.dcm", "sr.dcm", *keys, "kos.dcm"]
     sr = dcmread(seg_dir / "sr.dcm")
     seg = dcmread(seg_dir / "seg.dcm", stop_before_pixels=True)
     assert sr.SOPClassUID == SR_CLASS and sr.Modality == "SR"
@@ -348,7 +351,9 @@ def test_results_wait_for_a_destination_that_is_down_then_go(
     files = sorted(
         str(p.relative_to(settings.results_dir)) for p in settings.results_dir.rglob("*.dcm")
     )
-    assert len(files) == 3  # two SRs and a SEG
+    # Each model's SR and KOS, the SEG and a key image per lesion, the classifier's key image.
+    made = [json.loads(p.read_text()) for p in settings.results_dir.rglob("result.json")]
+    assert len(files) == sum(len(doc["dicom"]) for doc in made) >= 7
     delivery = Delivery(job_id="job1", destination="pacs", files=files)
     down = deliver(settings, delivery)
     assert sorted(down.pending) == files and not down.sent and not down.refused
@@ -478,9 +483,11 @@ def test_a_study_uid_under_an_illegal_root_keeps_its_answer_and_its_sr(
     run_study(job, settings, Models(discover_contracts(MODEL_REPOSITORY)), client)
     [path] = (settings.results_dir / study_uid).rglob("result.json")
     doc = json.loads(path.read_text())
-    assert doc["dicom"] == ["sr.dcm"] and (path.parent / "sr.dcm").is_file()
-    [issue] = doc["dicom_issues"]
-    assert issue["written"] and issue["own"] == [], issue
-    assert all("Illegal root for UID" in e for e in issue["inherited"]), issue
+    # The SR, and the KOS flagging it (a route's default outputs), carry the study's UID.
+    assert doc["dicom"] == ["sr.dcm", "kos.dcm"] and (path.parent / "sr.dcm").is_file()
+    assert [issue["file"] for issue in doc["dicom_issues"]] == ["sr.dcm", "kos.dcm"]
+    for issue in doc["dicom_issues"]:
+        assert issue["written"] and issue["own"] == [], issue
+        assert all("Illegal root for UID" in e for e in issue["inherited"]), issue
     assert dcmread(path.parent / "sr.dcm").StudyInstanceUID == study_uid
     assert not any(settings.failed_dir.iterdir())

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +25,14 @@ from scipy import ndimage
 from pipeline.core.contract import discover_contracts
 from pipeline.core.jobs import read_job
 from pipeline.core.network_settings import Destination
+from pipeline.core.results import InputInfo, ModelInfo, Prediction, Result, Timings, WorkerInfo
 from pipeline.core.routing import DEFAULT_ROUTES
 from pipeline.core.settings import Settings
 from pipeline.demo.dicom_series import write_volume_series
 from pipeline.demo.synthetic import lesion_phantom
 from pipeline.demo.train import TEST_SEED_BASE
 from pipeline.inference.triton_client import TritonClient
+from pipeline.outputs.dicom import DicomOutputs, make_dicom
 from pipeline.outputs.keyimages import OUTLINE
 from pipeline.outputs.send.dispatch import Delivery, deliver
 from pipeline.runtime.embedded_triton import TritonEndpoints
@@ -136,9 +139,72 @@ def test_key_images_outline_each_lesion_where_it_is(processed: Processed) -> Non
     r, g, b = top[..., 0], top[..., 1], top[..., 2]
     assert ((r > 160) & (g > 0.5 * r) & (g < 0.85 * r) & (b < 40)).sum() > 20  # amber
 
-    # A classifier's key image is the middle slice with its answer.
+    # The result's preview (and the status page's) is its first key image.
+    preview = np.asarray(Image.open(processed.lesions / result["preview"]).convert("RGB"))
+    assert np.array_equal(preview, dcmread(processed.lesions / "sc-1.dcm").pixel_array)
+
+
+@needs
+def test_a_classifiers_answer_is_on_its_key_image_presentation_state_and_report(
+    processed: Processed, tmp_path: Path
+) -> None:
     doc = json.loads((processed.classifier / "result.json").read_text())
-    assert "sc-1.dcm" in doc["dicom"] and "sc-2.dcm" not in doc["dicom"]
+    label = doc["prediction"]["label"]
+    assert doc["dicom_issues"] == [] and "sc-2.dcm" not in doc["dicom"]
+    files = _source_files(processed.ct)
+    middle = files[len(files) // 2]
+    sc = dcmread(processed.classifier / "sc-1.dcm")
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == dcmread(middle).SOPInstanceUID
+    run = subprocess.run(
+        ["dcmp2pgm", "-v", "-p", str(processed.classifier / "pr.dcm"), str(middle), "/dev/null"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    p = doc["prediction"]["probabilities"][label]
+    assert f'"AI: {label} (p={p:.3f})"' in run.stdout + run.stderr
+    text = subprocess.run(
+        ["pdftotext", "-layout", str(processed.classifier / "report.pdf"), "-"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for name, value in doc["prediction"]["probabilities"].items():
+        assert re.search(rf"p\({re.escape(name)}\)\s+{value:.3f}", text)
+
+
+def test_an_input_without_dicom_identity_gets_its_report_alone(tmp_path: Path) -> None:
+    """A PNG or NIfTI has no study to file objects in: the PDF report is made, no DICOM."""
+    contract = discover_contracts(MODEL_REPOSITORY)["mednist_classifier"]
+    at = datetime.now(UTC)
+    result = Result(
+        job_id="j",
+        input=InputInfo(source="inbox", name="hand.png", kind="image", sha256="0", shape=[1, 8, 8]),
+        model=ModelInfo(name=contract.name, version="1"),
+        prediction=Prediction(label="Hand", probabilities={"Hand": 0.9, "CXR": 0.1}),
+        timings=Timings(
+            received=at, queued=at, started=at, finished=at, preprocess_ms=1, inference_ms=1
+        ),
+        worker=WorkerInfo(host="h", pid=1),
+    )
+    out = DicomOutputs(
+        kinds=ALL,
+        sources=None,
+        key="j",
+        manufacturer="m",
+        institution=None,
+        iod_check="strict-read",
+        reject_dir=tmp_path,
+        model_repository=MODEL_REPOSITORY,
+    )
+    made = make_dicom(result, contract, None, out, np.zeros((1, 8, 8), np.float32))
+    assert list(made.other) == ["report.pdf"] and "sr.dcm" in made.files
+    assert not any(name.startswith(("sc-", "pr", "report", "kos")) for name in made.files)
+    if shutil.which("pdftotext"):
+        text = subprocess.run(
+            ["pdftotext", "-", "-"], input=made.other["report.pdf"], capture_output=True
+        ).stdout.decode()
+        assert "hand.png" in text and "Hand" in text
 
 
 def _lesions(truth: np.ndarray) -> list[np.ndarray]:

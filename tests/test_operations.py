@@ -155,6 +155,8 @@ def test_metrics_logs_status_and_page(model_repository: Path, tmp_path: Path) ->
             label = doc["prediction"]["label"]
             assert row["label"] == label
             assert row["probability"] == pytest.approx(doc["prediction"]["probabilities"][label])
+            if doc["input"]["source"] == "dicom":  # the default outputs, listed with the result
+                assert {"sr", "kos"} <= set(row["objects"]) and "sc" in row["objects"], row
         assert [(f["stage"], f["what"]) for f in snap["failed"]] == [("load", "broken.png")]
         # Every volume's memory reservation was given back when its job ended.
         assert snap["memory"]["volumes"] == 0 and snap["memory"]["in_flight_mb"] == 0

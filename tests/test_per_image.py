@@ -107,7 +107,8 @@ def test_a_series_of_secondary_captures_gets_an_answer_per_image(
         assert sum(answer.prediction.probabilities.values()) == pytest.approx(1.0, abs=1e-4)
     assert doc.prediction == decide_series(contract, [a.prediction for a in doc.images])
     # The SR: the series' finding drawn from all five, then one finding per image.
-    assert doc.dicom == ["sr.dcm"] and not [i for i in doc.dicom_issues if i.own]
+    # (and the KOS flagging it: the route's default outputs; no key image image by image)
+    assert doc.dicom == ["sr.dcm", "kos.dcm"] and not [i for i in doc.dicom_issues if i.own]
     sr = dcmread(out / "sr.dcm")
     groups = _sr_groups(sr)
     assert len(groups) == 1 + len(uids)
@@ -146,7 +147,7 @@ def test_two_radiographs_of_one_series_are_each_classified(
         (second.SOPInstanceUID, 2),
     ]
     assert [a.shape for a in doc.images] == [[1, 1955, 1841], [1, 1760, 1760]]
-    assert doc.dicom == ["sr.dcm"]
+    assert doc.dicom == ["sr.dcm", "kos.dcm"]
     assert len(_sr_groups(dcmread(out / "sr.dcm"))) == 3
 
 

@@ -101,8 +101,11 @@ def make_dicom(
     made = DicomMade()
     key = f"{out.key}/{contract.name}"
     if (why := _unreferenceable(out.sources)) is not None:
-        asked = [k for k in out.kinds if k != "json" and (k != "seg" or lesion_map is not None)]
-        made.issues += [DicomIssue(file=f"{k}.dcm", written=False, not_made=why) for k in asked]
+        # said of the SR and SEG, the result's own objects; the rest are drawn from them
+        asked = [n for n in (SEG_FILE, SR_FILE) if n[:-4] in out.kinds]
+        if lesion_map is None or not lesion_map.any():
+            asked = [n for n in asked if n != SEG_FILE]
+        made.issues += [DicomIssue(file=name, written=False, not_made=why) for name in asked]
         log.warning("no DICOM objects for this result: %s", why)
         return made
     sr, seg = _sr_and_seg(result, contract, lesion_map, out, key, made)
@@ -126,8 +129,10 @@ def make_dicom(
             )
             if _checked(doc, PDF_FILE, EncapsulatedPDFStorage, out, made):
                 keys.append(doc)
-    if "kos" in out.kinds and out.sources is not None:
-        sources, objects = out.sources, [d for d in (sr, seg, *keys) if d is not None]
+    objects = [d for d in (sr, seg, *keys) if d is not None]
+    flagged = objects or (lesion_map is not None and lesion_map.any())
+    if "kos" in out.kinds and out.sources is not None and flagged:
+        sources = out.sources
         kos = _built(
             KOS_FILE,
             lambda: build_kos(

@@ -47,12 +47,11 @@ def infer_model(
     dicom: DicomOutputs,
 ) -> Callable[[], list[Output]]:
     """One model on one input, in two parts: the inference now, and a callable that makes
-    ``out_dir/result.json``, ``preview.png``, the DICOM objects and the PDF report the route
-    asks for (and for a segmentation model ``mask.nii.gz``) in memory, not yet written (see
-    :func:`write_outputs`), so that a study's next model can wait on Triton while this one's
-    outputs are built. The DICOM objects are validated there (:mod:`pipeline.outputs.dicom`):
-    one with errors of our own makes it raise IncompleteOutputsError, which carries the rest
-    of the result. ``prep``: the input's preprocessing, shared by its models."""
+    ``out_dir/result.json``, ``preview.png``, the objects the route asks for (DICOM, the PDF
+    report; ``mask.nii.gz`` for a segmentation) in memory, not yet written (see
+    :func:`write_outputs`), so that a study's next model can wait on Triton meanwhile. They are
+    validated there (:mod:`pipeline.outputs.dicom`): one with errors of our own raises
+    IncompleteOutputsError with the rest. ``prep``: the input's preprocessing, shared."""
     if contract.task is not Task.SEGMENTATION:
         doc = classify(job, info, prep, contract, client, started)
 
