@@ -90,8 +90,8 @@ class Route(BaseModel):
     )
     send_to: tuple[str, ...] = Field(
         default=(),
-        description="Names of `destinations` the DICOM results (SR, SEG) are sent to by "
-        "C-STORE, retried with backoff while a destination is down.",
+        description="Names of `destinations` the DICOM results (every object `outputs` makes) "
+        "are sent to by C-STORE, retried with backoff while a destination is down.",
     )
     per_image: bool = Field(
         default=False,

@@ -1,1 +1,2 @@
-"""What a result becomes: result files, DICOM SR and SEG, their validation, previews."""
+"""What a result becomes: result files, DICOM objects (SR, SEG, key images, presentation state,
+KOS, PDF report), their validation, previews."""
