@@ -216,8 +216,7 @@ class OutputSettings(Section):
     manufacturer: str = Field(
         default="dicom-pipeline",
         max_length=64,
-        description="Manufacturer written in every DICOM object made (the observer device's "
-        "too).",
+        description="Manufacturer written in every DICOM object made (the observer device's too).",
     )
     institution_name: str | None = Field(
         default=None, max_length=64, description="Institution Name written in DICOM SR."

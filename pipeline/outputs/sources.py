@@ -1,7 +1,7 @@
-"""What our DICOM objects share: the source instances a result was drawn from, their patient and study
-made conformant where a source's defect would make our objects invalid, and the UIDs derived
-from the job, model and series (a redelivered task makes the same objects, never a second
-copy)."""
+"""What our DICOM objects share: the source instances a result was drawn from, their patient
+and study made conformant where a source's defect would make our objects invalid, and the UIDs
+derived from the job, model and series (a redelivered task makes the same objects, never a
+second copy)."""
 
 from __future__ import annotations
 

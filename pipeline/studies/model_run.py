@@ -1,6 +1,6 @@
 """One model on one input: preprocess, Triton, the decision and the result document now; the
-result's files (result.json, preview, DICOM objects, report, mask) made by a callable returned for later, so
-that a study's next model can wait on Triton meanwhile."""
+result's files (result.json, preview, DICOM objects, report, mask) made by a callable
+returned for later, so that a study's next model can wait on Triton meanwhile."""
 
 from __future__ import annotations
 
