@@ -38,10 +38,19 @@ class Orthanc:
     def json(self, path: str) -> Any:
         return json.loads(self.get(path))
 
+    def post(self, path: str, data: bytes) -> Any:
+        request = urllib.request.Request(f"{self.url}{path}", data=data, method="POST")
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return json.loads(response.read())
+
 
 @contextmanager
-def running_orthanc(folder: Path, ae_title: str = "ORTHANC") -> Iterator[Orthanc]:
-    """A fresh Orthanc listening on loopback, ready when its REST API answers."""
+def running_orthanc(
+    folder: Path, ae_title: str = "ORTHANC", modalities: dict[str, list[object]] | None = None
+) -> Iterator[Orthanc]:
+    """A fresh Orthanc listening on loopback, ready when its REST API answers; ``modalities``
+    are the DICOM peers it knows ({name: [AE title, host, port]}), its log verbose
+    (``folder/orthanc.log``: the associations it served)."""
     assert ORTHANC is not None
     folder.mkdir(parents=True, exist_ok=True)
     http, dicom = free_port(), free_port()
@@ -57,11 +66,15 @@ def running_orthanc(folder: Path, ae_title: str = "ORTHANC") -> Iterator[Orthanc
         "DicomCheckCalledAet": True,
         "Plugins": [],
         "StableAge": 1,
+        "DicomModalities": modalities or {},
+        "DicomAlwaysAllowEcho": True,
     }
     (folder / "orthanc.json").write_text(json.dumps(config))
     log = (folder / "orthanc.log").open("w")
     proc = subprocess.Popen(
-        [ORTHANC, str(folder / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT
+        [ORTHANC, "--verbose", str(folder / "orthanc.json")],
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     peer = Orthanc(f"http://127.0.0.1:{http}", dicom, ae_title)
     try:

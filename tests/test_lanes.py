@@ -276,7 +276,7 @@ def test_an_urgent_study_is_taken_before_a_routine_backlog(
     assert {results[f"routine-{n}.png"]["priority"] for n in range(6)} == {"routine"}
     for uid in urgent_studies:
         study = json.loads((settings.results_dir / uid / "study.json").read_text())
-        assert study["priority"] == "urgent" and study["schema_version"] == "1.3"
+        assert study["priority"] == "urgent" and study["schema_version"] == "1.4"
         # The worker knows the lane from the queue; job.json keeps the previous version's keys,
         # so a component not yet upgraded still reads it.
         job = json.loads((settings.archive_dir / study["job_id"] / "job.json").read_text())

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import typer
 
-from pipeline.cli import config, dicom, models, oneshot, ops, services, unrouted
+from pipeline.cli import config, dicom, models, oneshot, ops, pull, services, unrouted
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -26,6 +26,7 @@ for command in (
     services.scp,
     dicom.send,
     dicom.echo,
+    pull.pull,
     services.up,
     oneshot.route,
     oneshot.infer,

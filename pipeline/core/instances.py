@@ -143,6 +143,16 @@ def store_instance(
     return replaced
 
 
+def adopt_instance(spool: Path, uids: InstanceUIDs, src: Path) -> None:
+    """Move a complete, fsynced file of this filesystem (a retrieved instance) into its study
+    folder, replacing an earlier copy of the same instance."""
+    with spool_lock(spool, exclusive=False):
+        dest = instance_path(spool, uids)
+        _make_dirs(spool, dest.parent)
+        os.replace(src, dest)
+        fsync_dir(dest.parent)
+
+
 def file_identity(path: Path) -> InstanceUIDs | None:
     """The UIDs of a DICOM file ("DICM" at byte 128), read from its header; None for any other
     file, and for one whose header cannot be read or whose UIDs are not valid UIDs (such a file

@@ -63,6 +63,7 @@ class Reason(StrEnum):
     QUIET = "quiet-period"
     MAX_WAIT = "max-wait"
     INBOX = "inbox-settled"  # DICOM files dropped into the inbox (pipeline.ingest.inbox)
+    PULLED = "retrieved"  # pulled from a PACS, every instance it counted here (ingest.pull)
 
 
 class StudyRef(BaseModel):
@@ -76,8 +77,9 @@ class StudyRef(BaseModel):
     calling_aet: str | None = Field(description="Who sent it (last association).")
     called_aet: str | None = Field(description="The AE title the sender addressed.")
     completed_by: str = Field(
-        description="association-released, mpps-completed, quiet-period, max-wait, or "
-        "inbox-settled for DICOM files dropped into the inbox."
+        description="association-released, mpps-completed, quiet-period, max-wait, "
+        "inbox-settled for DICOM files dropped into the inbox, or retrieved for a study "
+        "pulled from a PACS (`dicom-pipeline pull`; calling_aet is then the PACS's)."
     )
     hold_until: datetime | None = Field(
         default=None,

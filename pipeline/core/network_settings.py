@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -206,3 +207,53 @@ class Destination(Section):
         if self.url is not None and dimse != (None, None, None):
             raise ValueError("a destination has either url (STOW-RS) or host/port/ae_title")
         return self
+
+
+class Source(Section):
+    """A PACS the pipeline pulls studies from (`dicom-pipeline pull`): by DIMSE, given
+    ``host``, ``port`` and ``ae_title`` (C-FIND to find, C-GET or C-MOVE to retrieve)."""
+
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    ae_title: str = Field(description="The PACS's (called) AE title.")
+    calling_ae_title: str = Field(default="PIPELINE", description="Ours, as the PACS knows it.")
+    retrieve: Literal["get", "move"] = Field(
+        default="get",
+        description="get: C-GET, the instances come back on the pull's own association (the "
+        "PACS needs to know nothing of us but our calling AE title). move: C-MOVE to "
+        "move_destination, our receiver, which the PACS must know by AE title, host and port.",
+    )
+    move_destination: str | None = Field(
+        default=None,
+        description="retrieve: move: the AE title of our receiver as the PACS knows it "
+        "(default: receiver.ae_title).",
+    )
+    max_parallel: int = Field(
+        default=2,
+        ge=1,
+        le=16,
+        description="Studies retrieved at once: a PACS in clinical use must not be overloaded.",
+    )
+    pause_s: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=3600.0,
+        description="Wait between one study's retrieve and the next.",
+    )
+    retries: int = Field(
+        default=3,
+        ge=0,
+        le=100,
+        description="Retrieves of a study that failed part-way, with "
+        "backoff: what arrived is kept, the rest asked again.",
+    )
+    tls: bool = False
+    tls_ca: Path | None = Field(default=None, description="CA bundle to verify the PACS.")
+    tls_certificate: Path | None = Field(default=None, description="Client cert (mutual TLS).")
+    tls_private_key: Path | None = None
+    timeout_s: float = Field(default=60.0, gt=0.0)
+
+    @field_validator("ae_title", "calling_ae_title", "move_destination")
+    @classmethod
+    def _valid_aet(cls, v: str | None) -> str | None:
+        return v if v is None else _check_ae_title(v)

@@ -141,6 +141,22 @@ class _Metrics:
             p + "jobs_queued_total", "Jobs sent to the queue, by source.", ["source"]
         )
         self.completed = Counter(p + "jobs_completed_total", "Jobs whose results are written.")
+        self.pulled_instances = Counter(
+            p + "pulled_instances_total",
+            "Instances retrieved from a PACS by `dicom-pipeline pull`, by source.",
+            ["source"],
+        )
+        self.pulled_studies = Counter(
+            p + "pulled_studies_total",
+            "Studies retrieved whole from a PACS and handed over, by source.",
+            ["source"],
+        )
+        self.pull_failures = Counter(
+            p + "pull_failures_total",
+            "Retrieves from a PACS that failed (association refused, retrieve failed "
+            "part-way), by source; each is asked again up to the source's retries.",
+            ["source"],
+        )
         self.redelivered = Counter(
             p + "jobs_redelivered_total",
             "Jobs offered again because the worker that had taken them was lost (its lease "
@@ -171,7 +187,8 @@ def count(name: str, *labels: str, amount: float = 1.0) -> None:
     """Increment one of the counters: ``instances``, ``refused`` (status), ``associations``
     (outcome), ``stow_requests`` (status), ``queued`` (source), ``completed``, ``failed``
     (stage), ``unrouted`` (policy, kind, modality, SOP class), ``dropped`` (modality, SOP
-    class), ``redelivered``."""
+    class), ``redelivered``, ``pulled_instances``, ``pulled_studies``, ``pull_failures``
+    (source)."""
     metrics = _metrics()
     if metrics is None:
         return

@@ -131,14 +131,17 @@ class SeriesOutcome(_Doc):
 
 
 class StudyResult(_Doc):
-    # 1.2: series status "superseded"; 1.3: priority
-    schema_version: Literal["1.1", "1.2", "1.3"] = "1.3"
+    # 1.2: series status "superseded"; 1.3: priority; 1.4: completed_by
+    schema_version: Literal["1.1", "1.2", "1.3", "1.4"] = "1.4"
     job_id: str  # the latest round
     priority: Priority | None = None  # the lane the latest round waited in
     rounds: list[str]  # every round's job id, oldest first (inputs in data/archive/<id>/)
     study_uid: str
     calling_aet: str | None
     called_aet: str | None
+    # How the latest round came: association-released, mpps-completed, quiet-period, max-wait,
+    # inbox-settled, or retrieved (pulled from a PACS, calling_aet then the PACS's AE title)
+    completed_by: str | None = None
     series: list[SeriesOutcome]
     not_images: list[str]  # files skipped as localizers or non-images, with the reason
     finished: datetime

@@ -29,7 +29,7 @@ from pydantic_settings import (
 )
 
 from pipeline.core.errors import ConfigError
-from pipeline.core.network_settings import Destination, ReceiverSettings
+from pipeline.core.network_settings import Destination, ReceiverSettings, Source
 from pipeline.core.routing import DEFAULT_ROUTES, Route
 from pipeline.core.sections import (
     InboxSettings,
@@ -87,6 +87,10 @@ class Settings(BaseSettings):
         default_factory=dict,
         description="DICOM peers by name; a route's send_to names those its results go to.",
     )
+    sources: dict[str, Source] = Field(
+        default_factory=dict,
+        description="PACS by name that `dicom-pipeline pull` retrieves studies from.",
+    )
     metrics: MetricsSettings = MetricsSettings()
     web: WebSettings = WebSettings()
     retention: RetentionSettings = RetentionSettings()
@@ -99,12 +103,12 @@ class Settings(BaseSettings):
             raise ValueError(f"route names must be unique: {sorted(dup)}")
         return v
 
-    @field_validator("destinations")
+    @field_validator("destinations", "sources")
     @classmethod
     def _destination_names(cls, v: dict[str, Destination]) -> dict[str, Destination]:
         for name in v:  # names become folder names under data/failed/
             if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
-                raise ValueError(f"{name!r}: destination names are letters, digits, _ and -")
+                raise ValueError(f"{name!r}: names are letters, digits, _ and -")
         return v
 
     @model_validator(mode="after")

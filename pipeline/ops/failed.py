@@ -9,6 +9,9 @@ Three kinds of item, each a folder with ``error.json``:
   at start-up).
 - a **send** (``<job id>.send-<destination>/``): DICOM results a destination did not take.
   Retry queues the sending of the files it names (still in results) again.
+- a **pull** (``pull-<pull id>-<n>/``): a study a PACS did not send whole after the
+  source's retries. What arrived is kept; `dicom-pipeline pull --resume <pull id>` asks for
+  the study again.
 - an **intake** refusal (a symbolic link dropped into the inbox, say, or the files of a
   dropped folder that are not images, set aside together): no job was made, so
   there is nothing to retry; put a fixed copy into the inbox.
@@ -41,7 +44,7 @@ from pipeline.core.settings import Settings
 from pipeline.outputs.send.dispatch import Delivery
 
 PREVIOUS_ERROR = "previous-error.json"
-Kind = Literal["job", "send", "intake"]
+Kind = Literal["job", "send", "intake", "pull"]
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,8 @@ def _item(folder: Path) -> FailedItem:
     kind: Kind = "job"
     if ".send-" in folder.name:
         kind = "send"
+    elif folder.name.startswith("pull-"):
+        kind = "pull"
     elif not (folder / JOB_FILE).is_file():
         kind = "intake"
     return FailedItem(folder.name, kind, folder, error)
@@ -114,6 +119,12 @@ def retry(
     send_again: Callable[[Delivery], None],
 ) -> str:
     """Retry one item; returns what happened, in words. PipelineError when it cannot be."""
+    if item.kind == "pull":
+        pull_id = (item.error.get("job") or {}).get("pull", "?")
+        raise InputError(
+            f"{item.id}: a study the PACS did not send whole ({item.error.get('message')}); "
+            f"what arrived is kept: `dicom-pipeline pull --resume {pull_id}` asks for it again"
+        )
     if item.kind == "intake":
         raise InputError(
             f"{item.id} was refused at intake ({item.error.get('message')}); nothing to retry: "

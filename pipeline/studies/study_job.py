@@ -263,6 +263,7 @@ def _study_document(
         study_uid=job.study.study_uid,
         calling_aet=job.study.calling_aet,
         called_aet=job.study.called_aet,
+        completed_by=job.study.completed_by,
         series=outcomes,
         not_images=[f"{s.name}: {s.reason}" for s in gathered.not_images],
         finished=now(),

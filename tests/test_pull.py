@@ -1,0 +1,250 @@
+"""Pulling studies from a real PACS (Orthanc, Debian's package): found by accession number, a
+date range or a CSV, retrieved by C-GET at most ``max_parallel`` at once (counted in the
+PACS's own log), processed, and the results sent back; an interrupted pull resumed; a PACS
+that does not know our receiver says what to configure."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+
+from pipeline.core.contract import discover_contracts
+from pipeline.core.jobs import Job, read_job
+from pipeline.core.network_settings import Destination, Source
+from pipeline.core.settings import Settings
+from pipeline.demo.dicom_series import write_volume_series
+from pipeline.demo.synthetic import lesion_phantom
+from pipeline.demo.train import TEST_SEED_BASE
+from pipeline.inference.triton_client import TritonClient
+from pipeline.ingest.pull import peer, plan
+from pipeline.ingest.pull.run import run_pull
+from pipeline.outputs.send.dispatch import Delivery, deliver
+from pipeline.runtime.embedded_triton import TritonEndpoints
+from pipeline.studies.models import Models
+from pipeline.studies.study_job import run_study
+
+from .conftest import MODEL_REPOSITORY, make_settings, recording_producer
+from .orthanc import Orthanc, needs_orthanc, running_orthanc
+
+pytestmark = needs_orthanc
+
+# accession number, study date
+STUDIES = (("ACC-JAN-1", "20260105"), ("ACC-JAN-2", "20260120"), ("ACC-FEB-1", "20260210"))
+
+
+@dataclass
+class Pacs:
+    orthanc: Orthanc
+    log: Path
+    studies: dict[str, str]  # accession number -> Study Instance UID
+
+
+@pytest.fixture
+def pacs(tmp_path: Path) -> Iterator[Pacs]:
+    """Orthanc holding three small lesion CTs, knowing us (PIPELINE) as a peer."""
+    known = {"pipeline": ["PIPELINE", "127.0.0.1", 11112]}
+    with running_orthanc(tmp_path / "orthanc", modalities=known) as orthanc:
+        studies = {}
+        for i, (accession, date) in enumerate(STUDIES):
+            hu, _, affine = lesion_phantom(TEST_SEED_BASE + 640 + i, lesions=1)
+            folder = tmp_path / f"study-{i}"
+            spec = write_volume_series(folder, hu[:, :, :24].astype(np.float32), affine)
+            for path in sorted(folder.iterdir()):
+                ds = dcmread(path)
+                ds.AccessionNumber, ds.StudyDate = accession, date
+                ds.save_as(path)
+                orthanc.post("/instances", path.read_bytes())
+            studies[accession] = spec.study_uid
+        yield Pacs(orthanc, tmp_path / "orthanc" / "orthanc.log", studies)
+
+
+def _settings(tmp_path: Path, pacs: Pacs, **source: Any) -> Settings:
+    settings = make_settings(
+        tmp_path / "data",
+        triton={"model_repository": MODEL_REPOSITORY},
+        sources={
+            "pacs": Source(
+                host="127.0.0.1",
+                port=pacs.orthanc.dicom_port,
+                ae_title=pacs.orthanc.ae_title,
+                pause_s=0.0,
+                **source,
+            )
+        },
+        destinations={
+            "pacs": Destination(
+                host="127.0.0.1", port=pacs.orthanc.dicom_port, ae_title=pacs.orthanc.ae_title
+            )
+        },
+    )
+    settings.ensure_dirs()
+    return settings
+
+
+def _pull(settings: Settings, criteria: peer.Criteria, jobs: list[Job]) -> plan.Pull:
+    found = peer.find(settings.sources["pacs"], criteria)
+    studies = [plan.PulledStudy(study_uid=m.study_uid, expected=m.instances) for m in found]
+    pull = plan.new_pull(settings.spool_dir, "pacs", studies, force=False)
+    return run_pull(settings, pull, recording_producer(settings, jobs).close, lambda s: None)
+
+
+def test_a_study_pulled_by_accession_is_processed_and_its_results_go_back(
+    pacs: Pacs,
+    tmp_path: Path,
+    triton: TritonEndpoints,
+    new_client: Callable[..., TritonClient],
+) -> None:
+    settings = _settings(tmp_path, pacs)
+    jobs: list[Job] = []
+    pull = _pull(settings, peer.Criteria(accession="ACC-JAN-2"), jobs)
+    study_uid = pacs.studies["ACC-JAN-2"]
+    [study] = pull.studies
+    assert (study.study_uid, study.state, study.received) == (study_uid, "done", 24)
+    [job] = jobs
+    assert job.study is not None and job.study.instances == 24  # complete: no quiet period
+    assert job.study.completed_by == "retrieved" and job.study.calling_aet == "ORTHANC"
+    run_study(
+        read_job(settings.spool_dir / job.id),
+        settings,
+        Models(discover_contracts(MODEL_REPOSITORY)),
+        new_client(triton.grpc, settings.triton),
+    )
+    summary = json.loads((settings.results_dir / study_uid / "study.json").read_text())
+    assert summary["completed_by"] == "retrieved" and summary["calling_aet"] == "ORTHANC"
+    assert [s["status"] for s in summary["series"]] == ["done"]
+    # The results go back to the PACS, into the study they came from.
+    results = settings.results_dir
+    files = sorted(str(p.relative_to(results)) for p in results.rglob("*.dcm"))
+    outcome = deliver(settings, Delivery(job_id=job.id, destination="pacs", files=files))
+    assert sorted(outcome.sent) == files
+    stored = {
+        pacs.orthanc.json(f"/series/{s}")["MainDicomTags"]["SeriesInstanceUID"]
+        for s in pacs.orthanc.json(f"/studies/{_orthanc_id(pacs, study_uid)}")["Series"]
+    }
+    made = {str(dcmread(results / f, stop_before_pixels=True).SeriesInstanceUID) for f in files}
+    assert made < stored and len(stored - made) == 1  # the results beside the source series
+    # The pull's list says what happened; nothing is left staged.
+    again = plan.load(settings.spool_dir, pull.id)
+    assert again.counts() == {"pending": 0, "done": 1, "skipped": 0, "failed": 0}
+    assert not (settings.spool_dir / "pulls" / pull.id).exists()
+
+
+def _orthanc_id(pacs: Pacs, study_uid: str) -> str:
+    [found] = pacs.orthanc.post("/tools/lookup", study_uid.encode())
+    return str(found["ID"])
+
+
+def _most_at_once(log: Path) -> int:
+    """The most C-GET associations Orthanc served at once, from its own log."""
+    depth = most = 0
+    for line in log.read_text().splitlines():
+        if re.search(r"Association Received from AET PIPELINE", line):
+            depth += 1
+            most = max(most, depth)
+        elif re.search(r"Association Release|Association Aborted|Finishing association", line):
+            depth = max(0, depth - 1)
+    return most
+
+
+@pytest.mark.parametrize("at_once", [1, 2])
+def test_a_backfill_by_date_range_honours_its_concurrency_limit(
+    pacs: Pacs, tmp_path: Path, at_once: int
+) -> None:
+    settings = _settings(tmp_path, pacs, max_parallel=at_once)
+    jobs: list[Job] = []
+    pull = _pull(settings, peer.Criteria(study_date="20260101-20260131"), jobs)
+    assert {s.study_uid for s in pull.studies} == {
+        pacs.studies["ACC-JAN-1"],
+        pacs.studies["ACC-JAN-2"],
+    }
+    assert [s.state for s in pull.studies] == ["done", "done"] and len(jobs) == 2
+    assert 1 <= _most_at_once(pacs.log) <= at_once
+
+
+def test_an_interrupted_pull_continues_where_it_stopped(pacs: Pacs, tmp_path: Path) -> None:
+    settings = _settings(tmp_path, pacs, max_parallel=1)
+    found = peer.find(settings.sources["pacs"], peer.Criteria(study_date="20260101-20261231"))
+    studies = [plan.PulledStudy(study_uid=m.study_uid) for m in found]
+    pull = plan.new_pull(settings.spool_dir, "pacs", studies, force=False)
+    jobs: list[Job] = []
+
+    def stop_after_one(study: plan.PulledStudy) -> None:
+        raise KeyboardInterrupt  # Ctrl-C once the first study is handed over
+
+    with pytest.raises(KeyboardInterrupt):
+        run_pull(settings, pull, recording_producer(settings, jobs).close, stop_after_one)
+    stopped = plan.load(settings.spool_dir, pull.id)
+    assert stopped.counts()["done"] == 1 and stopped.counts()["pending"] == 2
+    assert [p.id for p in plan.unfinished(settings.spool_dir)] == [pull.id]
+    resumed = run_pull(settings, stopped, recording_producer(settings, jobs).close, lambda s: None)
+    assert resumed.counts() == {"pending": 0, "done": 3, "skipped": 0, "failed": 0}
+    assert sorted(j.study.study_uid for j in jobs if j.study) == sorted(pacs.studies.values())
+    assert plan.unfinished(settings.spool_dir) == []
+
+
+def test_a_pacs_that_does_not_know_our_receiver_says_what_to_configure(
+    pacs: Pacs, tmp_path: Path
+) -> None:
+    settings = _settings(tmp_path, pacs, retrieve="move", move_destination="NOBODY", retries=0)
+    jobs: list[Job] = []
+    pull = _pull(settings, peer.Criteria(accession="ACC-FEB-1"), jobs)
+    [study] = pull.studies
+    assert study.state == "failed" and not jobs
+    assert study.reason is not None and "not know NOBODY as a move destination" in study.reason
+    assert "retrieve: get" in study.reason
+    [item] = list(settings.failed_dir.iterdir())
+    error = json.loads((item / "error.json").read_text())
+    assert error["stage"] == "pull" and error["job"]["pull"] == pull.id
+
+
+def test_the_command_prints_matches_and_routing_before_retrieving(
+    pacs: Pacs, tmp_path: Path
+) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "sources:\n  pacs:\n"
+        f"    host: 127.0.0.1\n    port: {pacs.orthanc.dicom_port}\n"
+        f"    ae_title: {pacs.orthanc.ae_title}\n    pause_s: 0\n"
+    )
+    (tmp_path / "list.csv").write_text("AccessionNumber\nACC-JAN-1\nACC-NONE\n")
+    env = {
+        "PIPELINE_CONFIG": str(config),
+        "PIPELINE_DATA_DIR": str(tmp_path / "data"),
+        "PATH": "/usr/bin:/bin",
+    }
+    dry = subprocess.run(
+        [sys.executable, "-m", "pipeline", "pull", "pacs", "--csv", "list.csv", "--dry-run"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert dry.returncode == 1, dry.stderr  # an accession number matched nothing
+    assert "no match on pacs: accession ACC-NONE" in dry.stderr
+    assert pacs.studies["ACC-JAN-1"] in dry.stdout and "1 studies matched" in dry.stdout
+    assert "rule ct-volume: ct_covid_classifier, ct_lesion_segmentation" in dry.stdout
+    assert not (tmp_path / "data" / "spool" / "pulls").exists()  # nothing retrieved
+    run = subprocess.run(
+        [sys.executable, "-m", "pipeline", "pull", "pacs", "--accession", "ACC-JAN-1"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    assert re.search(r"\[1/1\] \S+ done: 24 instances job \S+", run.stdout), run.stdout
+    # No broker here: the study waits in the spool as a job, queued once Redis is there.
+    [job_json] = (tmp_path / "data" / "spool").glob("*/job.json")
+    assert json.loads(job_json.read_text())["study"]["completed_by"] == "retrieved"
