@@ -19,6 +19,7 @@ import pytest
 from pydicom import dcmread
 
 from pipeline.core.contract import discover_contracts
+from pipeline.core.errors import InputError
 from pipeline.core.jobs import Job, read_job
 from pipeline.core.network_settings import Destination, Source
 from pipeline.core.settings import Settings
@@ -27,7 +28,9 @@ from pipeline.demo.synthetic import lesion_phantom
 from pipeline.demo.train import TEST_SEED_BASE
 from pipeline.inference.triton_client import TritonClient
 from pipeline.ingest.pull import peer, plan
+from pipeline.ingest.pull.rerun import rerun_study
 from pipeline.ingest.pull.run import run_pull
+from pipeline.ops.status import pull_lines
 from pipeline.outputs.send.dispatch import Delivery, deliver
 from pipeline.runtime.embedded_triton import TritonEndpoints
 from pipeline.studies.models import Models
@@ -133,6 +136,22 @@ def test_a_study_pulled_by_accession_is_processed_and_its_results_go_back(
     }
     made = {str(dcmread(results / f, stop_before_pixels=True).SeriesInstanceUID) for f in files}
     assert made < stored and len(stored - made) == 1  # the results beside the source series
+    # Run again from the archived inputs, no PACS involved: a new round supersedes the first.
+    again_jobs: list[Job] = []
+    rerun = rerun_study(settings, study_uid, recording_producer(settings, again_jobs).close)
+    assert rerun.study is not None and rerun.study.instances == 24
+    assert rerun.study.completed_by == "rerun"
+    run_study(
+        read_job(settings.spool_dir / rerun.id),
+        settings,
+        Models(discover_contracts(MODEL_REPOSITORY)),
+        new_client(triton.grpc, settings.triton),
+    )
+    summary = json.loads((settings.results_dir / study_uid / "study.json").read_text())
+    assert summary["rounds"] == [job.id, rerun.id] and summary["completed_by"] == "rerun"
+    assert [s["status"] for s in summary["series"]] == ["done"]
+    with pytest.raises(InputError, match="no results for study"):
+        rerun_study(settings, "1.2.3.4", recording_producer(settings).close)
     # The pull's list says what happened; nothing is left staged.
     again = plan.load(settings.spool_dir, pull.id)
     assert again.counts() == {"pending": 0, "done": 1, "skipped": 0, "failed": 0}
@@ -186,10 +205,11 @@ def test_an_interrupted_pull_continues_where_it_stopped(pacs: Pacs, tmp_path: Pa
     stopped = plan.load(settings.spool_dir, pull.id)
     assert stopped.counts()["done"] == 1 and stopped.counts()["pending"] == 2
     assert [p.id for p in plan.unfinished(settings.spool_dir)] == [pull.id]
+    assert pull_lines(settings) == [f"pull {pull.id} from pacs: 1 of 3 studies"]  # `status`
     resumed = run_pull(settings, stopped, recording_producer(settings, jobs).close, lambda s: None)
     assert resumed.counts() == {"pending": 0, "done": 3, "skipped": 0, "failed": 0}
     assert sorted(j.study.study_uid for j in jobs if j.study) == sorted(pacs.studies.values())
-    assert plan.unfinished(settings.spool_dir) == []
+    assert plan.unfinished(settings.spool_dir) == [] and pull_lines(settings) == []
 
 
 def test_a_pacs_that_does_not_know_our_receiver_says_what_to_configure(

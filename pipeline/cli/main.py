@@ -27,6 +27,7 @@ for command in (
     dicom.send,
     dicom.echo,
     pull.pull,
+    pull.rerun,
     services.up,
     oneshot.route,
     oneshot.infer,

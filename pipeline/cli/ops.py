@@ -100,6 +100,8 @@ def _print_snapshot(snap: Snapshot) -> None:
     console.print(snap.unrouted.line, highlight=False)
     if snap.memory:
         console.print(snap.memory.line, highlight=False)
+    for line in snap.pulls:
+        console.print(line, highlight=False)
 
 
 def _table(title: str, *columns: str) -> Table:

@@ -210,3 +210,22 @@ def _retrieve(settings: Settings, chosen: Pull) -> None:
     )
     if counts["failed"]:
         raise typer.Exit(1)
+
+
+def rerun(
+    study_uid: Annotated[str, typer.Argument(help="The study's StudyInstanceUID.")],
+) -> None:
+    """Process a study again from its archived inputs (no PACS involved); its new results
+    supersede the earlier ones."""
+    from pipeline.core.errors import PipelineError
+    from pipeline.ingest.pull.rerun import rerun_study
+    from pipeline.tasks.enqueue import producer
+
+    settings = load()
+    try:
+        job = rerun_study(settings, study_uid, producer(settings).close)
+    except PipelineError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    assert job.study is not None
+    typer.echo(f"study {study_uid}: job {job.id}, {job.study.instances} instances")

@@ -64,6 +64,7 @@ class Reason(StrEnum):
     MAX_WAIT = "max-wait"
     INBOX = "inbox-settled"  # DICOM files dropped into the inbox (pipeline.ingest.inbox)
     PULLED = "retrieved"  # pulled from a PACS, every instance it counted here (ingest.pull)
+    RERUN = "rerun"  # processed again from its archived inputs (`dicom-pipeline rerun`)
 
 
 class StudyRef(BaseModel):
@@ -78,8 +79,9 @@ class StudyRef(BaseModel):
     called_aet: str | None = Field(description="The AE title the sender addressed.")
     completed_by: str = Field(
         description="association-released, mpps-completed, quiet-period, max-wait, "
-        "inbox-settled for DICOM files dropped into the inbox, or retrieved for a study "
-        "pulled from a PACS (`dicom-pipeline pull`; calling_aet is then the PACS's)."
+        "inbox-settled for DICOM files dropped into the inbox, retrieved for a study "
+        "pulled from a PACS (`dicom-pipeline pull`; calling_aet is then the PACS's), or rerun "
+        "for one processed again from its archived inputs (`dicom-pipeline rerun`)."
     )
     hold_until: datetime | None = Field(
         default=None,

@@ -24,6 +24,7 @@ from pipeline.core.instances import INCOMING
 from pipeline.core.jobs import PROCESSING_MARKER, is_job_id, queued_lane, read_job
 from pipeline.core.routing import Priority
 from pipeline.core.settings import Settings
+from pipeline.ingest.pull import plan
 from pipeline.ops import failed
 from pipeline.studies.admission import Ledger
 
@@ -145,6 +146,7 @@ class Snapshot:
     failed: list[FailedRow] = field(default_factory=list)
     unrouted: UnroutedToday = UnroutedToday()
     memory: Memory | None = None
+    pulls: list[str] = field(default_factory=list)  # pulls in progress, one line each
 
     def as_json(self) -> dict[str, Any]:
         def plain(rows: list[Any]) -> list[dict[str, Any]]:
@@ -159,6 +161,7 @@ class Snapshot:
             "failed": plain(self.failed),
             "unrouted": {**vars(self.unrouted), "today": str(self.taken.date())},
             "memory": vars(self.memory) if self.memory else None,
+            "pulls": self.pulls,
         }
 
 
@@ -188,7 +191,21 @@ def snapshot(settings: Settings, broker_url: str | None = None) -> Snapshot:
     jobs, by_modality = unrouted.summary(settings.unrouted_dir, snap.taken.date())
     snap.unrouted = UnroutedToday(jobs, by_modality, len(unrouted.kept(settings.unrouted_dir)))
     snap.memory = memory(settings)
+    snap.pulls = pull_lines(settings)
     return snap
+
+
+def pull_lines(settings: Settings) -> list[str]:
+    """Pulls not finished (being retrieved, or interrupted): what is done of each."""
+    lines = []
+    for pull in plan.unfinished(settings.spool_dir):
+        counts = pull.counts()
+        done = len(pull.studies) - counts["pending"]
+        failed = f", {counts['failed']} failed" if counts["failed"] else ""
+        lines.append(
+            f"pull {pull.id} from {pull.source}: {done} of {len(pull.studies)} studies{failed}"
+        )
+    return lines
 
 
 def _queues(broker_url: str) -> tuple[str, dict[str, int]]:

@@ -76,6 +76,7 @@ def render(snap: status.Snapshot, refresh_s: int) -> str:
 &middot; {len(snap.in_flight)} in flight &middot; {len(snap.failed)} failed
 &middot; <span id="unrouted">{html.escape(snap.unrouted.line)}</span>
 &middot; <span id="memory">{html.escape(snap.memory.line if snap.memory else "")}</span>
+&middot; <span id="pulls">{html.escape("; ".join(snap.pulls))}</span>
 &middot; updated {snap.taken.astimezone().strftime("%H:%M:%S")}, every {refresh_s} s</p>
 <h2>In flight</h2>
 {_table(["study / input", "state", "for", "detail"], flight, "Nothing in flight.")}
