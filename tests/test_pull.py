@@ -116,12 +116,9 @@ def test_a_study_pulled_by_accession_is_processed_and_its_results_go_back(
     [job] = jobs
     assert job.study is not None and job.study.instances == 24  # complete: no quiet period
     assert job.study.completed_by == "retrieved" and job.study.calling_aet == "ORTHANC"
-    run_study(
-        read_job(settings.spool_dir / job.id),
-        settings,
-        Models(discover_contracts(MODEL_REPOSITORY)),
-        new_client(triton.grpc, settings.triton),
-    )
+    client = new_client(triton.grpc, settings.triton)
+    models = Models(discover_contracts(MODEL_REPOSITORY))
+    run_study(read_job(settings.spool_dir / job.id), settings, models, client)
     summary = json.loads((settings.results_dir / study_uid / "study.json").read_text())
     assert summary["completed_by"] == "retrieved" and summary["calling_aet"] == "ORTHANC"
     assert [s["status"] for s in summary["series"]] == ["done"]
@@ -141,12 +138,7 @@ def test_a_study_pulled_by_accession_is_processed_and_its_results_go_back(
     rerun = rerun_study(settings, study_uid, recording_producer(settings, again_jobs).close)
     assert rerun.study is not None and rerun.study.instances == 24
     assert rerun.study.completed_by == "rerun"
-    run_study(
-        read_job(settings.spool_dir / rerun.id),
-        settings,
-        Models(discover_contracts(MODEL_REPOSITORY)),
-        new_client(triton.grpc, settings.triton),
-    )
+    run_study(read_job(settings.spool_dir / rerun.id), settings, models, client)
     summary = json.loads((settings.results_dir / study_uid / "study.json").read_text())
     assert summary["rounds"] == [job.id, rerun.id] and summary["completed_by"] == "rerun"
     assert [s["status"] for s in summary["series"]] == ["done"]
