@@ -159,8 +159,7 @@ def test_received_study_routed_processed_and_recorded(
     assert by_uid[mr_series]["status"] == "skipped"
     assert "modality MR not in ['CT']" in by_uid[mr_series]["reason"]
     assert study["calling_aet"] == "CT01"
-    # covid result + preview + SR, lesion mask + preview + SEG + SR + result, study
-    assert len(written) == 9
+    assert len(written) == _files_expected(out, ct_series)
     # The input left the spool for the archive; running it again is a no-op.
     assert not (settings.spool_dir / job_id).exists()
     assert (settings.archive_dir / job_id / JOB_FILE).exists()
@@ -265,6 +264,15 @@ def _copy(files: list[Path], folder: Path) -> Path:
     return folder
 
 
+def _files_expected(out: Path, ct_series: str) -> int:
+    """The covid model's result, preview, SR, key image and KOS; the lesion model's mask,
+    preview, SEG, SR, a key image per lesion (at most 5), KOS and result; study.json: the
+    route's default outputs."""
+    doc = out / "ct_lesion_segmentation" / ct_series / "result.json"
+    lesions = len(json.loads(doc.read_text())["segmentation"]["lesions"])
+    return 5 + 6 + min(lesions, 5) + 1
+
+
 def test_an_early_round_alone_writes_its_results_only_after_its_hold_time(
     triton: TritonEndpoints, tmp_path: Path, new_client: Callable[..., TritonClient]
 ) -> None:
@@ -278,7 +286,8 @@ def test_an_early_round_alone_writes_its_results_only_after_its_hold_time(
     assert job.study is not None and job.study.hold_until is not None
     models = Models(discover_contracts(MODEL_REPOSITORY))
     written = run_study(job, settings, models, new_client(triton.grpc, settings.triton))
-    assert len(written) == 9  # as without a hold: nothing came meanwhile
+    out = settings.results_dir / study_uid
+    assert len(written) == _files_expected(out, ct_series)  # as without a hold
     assert min(p.stat().st_mtime for p in written) >= job.study.hold_until.timestamp()
     result = settings.results_dir / study_uid / "ct_covid_classifier" / ct_series / "result.json"
     assert json.loads(result.read_text())["prediction"]["label"] == "COVID Positive"
