@@ -19,6 +19,7 @@ import pytest
 from pipeline.runtime.process import free_port
 
 ORTHANC = shutil.which("Orthanc")
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 needs_orthanc = pytest.mark.skipif(
     ORTHANC is None, reason="needs Orthanc: apt-get install orthanc orthanc-dicomweb"
 )
@@ -64,7 +65,9 @@ def running_orthanc(
         "RemoteAccessAllowed": False,
         "AuthenticationEnabled": False,
         "DicomCheckCalledAet": True,
-        "Plugins": [],
+        # Its DICOMweb plugin (Debian's orthanc-dicomweb), at <url>/dicom-web, where installed
+        "Plugins": [str(DICOMWEB_PLUGIN)] if DICOMWEB_PLUGIN.is_file() else [],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
         "StableAge": 1,
         "DicomModalities": modalities or {},
         "DicomAlwaysAllowEcho": True,

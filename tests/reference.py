@@ -23,7 +23,7 @@ from pydantic_core import PydanticUndefined
 
 from pipeline.cli.main import app
 from pipeline.core.contract import ModelContract
-from pipeline.core.network_settings import Destination, ReceiverSettings
+from pipeline.core.network_settings import Destination, ReceiverSettings, Source
 from pipeline.core.results import Result, StudyResult
 from pipeline.core.routing import Route
 from pipeline.core.sections import MetricsSettings, WebSettings
@@ -163,6 +163,14 @@ def settings_page() -> str:
         "names them (see [Connect a PACS](../guides/connect-a-pacs.md)). Each destination:",
         "",
         *_table(Destination),
+        "",
+        "## `sources`",
+        "",
+        "The PACS and DICOMweb services studies are pulled from, by name (letters, digits, `_`",
+        "and `-`), as `dicom-pipeline pull SOURCE` names them (see",
+        "[Pull from a PACS](../guides/pull.md)). Each source:",
+        "",
+        *_table(Source),
     ]
     return "\n".join(lines) + "\n"
 

@@ -29,7 +29,7 @@ from pipeline.demo.train import TEST_SEED_BASE
 from pipeline.inference.triton_client import TritonClient
 from pipeline.ingest.pull import peer, plan
 from pipeline.ingest.pull.rerun import rerun_study
-from pipeline.ingest.pull.run import run_pull
+from pipeline.ingest.pull.run import find, run_pull
 from pipeline.ops.status import pull_lines
 from pipeline.outputs.send.dispatch import Delivery, deliver
 from pipeline.runtime.embedded_triton import TritonEndpoints
@@ -37,7 +37,7 @@ from pipeline.studies.models import Models
 from pipeline.studies.study_job import run_study
 
 from .conftest import MODEL_REPOSITORY, make_settings, recording_producer
-from .orthanc import Orthanc, needs_orthanc, running_orthanc
+from .orthanc import DICOMWEB_PLUGIN, Orthanc, needs_orthanc, running_orthanc
 
 pytestmark = needs_orthanc
 
@@ -71,19 +71,16 @@ def pacs(tmp_path: Path) -> Iterator[Pacs]:
         yield Pacs(orthanc, tmp_path / "orthanc" / "orthanc.log", studies)
 
 
-def _settings(tmp_path: Path, pacs: Pacs, **source: Any) -> Settings:
+def _settings(tmp_path: Path, pacs: Pacs, web: bool = False, **source: Any) -> Settings:
+    where = (
+        {"url": f"{pacs.orthanc.url}/dicom-web"}
+        if web
+        else {"host": "127.0.0.1", "port": pacs.orthanc.dicom_port, "ae_title": "ORTHANC"}
+    )
     settings = make_settings(
         tmp_path / "data",
         triton={"model_repository": MODEL_REPOSITORY},
-        sources={
-            "pacs": Source(
-                host="127.0.0.1",
-                port=pacs.orthanc.dicom_port,
-                ae_title=pacs.orthanc.ae_title,
-                pause_s=0.0,
-                **source,
-            )
-        },
+        sources={"pacs": Source(**where, pause_s=0.0, **source)},
         destinations={
             "pacs": Destination(
                 host="127.0.0.1", port=pacs.orthanc.dicom_port, ae_title=pacs.orthanc.ae_title
@@ -95,7 +92,7 @@ def _settings(tmp_path: Path, pacs: Pacs, **source: Any) -> Settings:
 
 
 def _pull(settings: Settings, criteria: peer.Criteria, jobs: list[Job]) -> plan.Pull:
-    found = peer.find(settings.sources["pacs"], criteria)
+    found = find(settings.sources["pacs"], criteria)
     studies = [plan.PulledStudy(study_uid=m.study_uid, expected=m.instances) for m in found]
     pull = plan.new_pull(settings.spool_dir, "pacs", studies, force=False)
     return run_pull(settings, pull, recording_producer(settings, jobs).close, lambda s: None)
@@ -148,6 +145,30 @@ def test_a_study_pulled_by_accession_is_processed_and_its_results_go_back(
     again = plan.load(settings.spool_dir, pull.id)
     assert again.counts() == {"pending": 0, "done": 1, "skipped": 0, "failed": 0}
     assert not (settings.spool_dir / "pulls" / pull.id).exists()
+
+
+@pytest.mark.skipif(not DICOMWEB_PLUGIN.is_file(), reason="needs orthanc-dicomweb")
+def test_a_dicomweb_source_is_found_by_qido_and_retrieved_by_wado(
+    pacs: Pacs, tmp_path: Path
+) -> None:
+    settings = _settings(tmp_path, pacs, web=True)
+    [match] = find(settings.sources["pacs"], peer.Criteria(accession="ACC-FEB-1"))
+    assert match.study_uid == pacs.studies["ACC-FEB-1"] and match.instances == 24
+    assert match.date == "20260210"
+    in_january = find(settings.sources["pacs"], peer.Criteria(study_date="20260101-20260131"))
+    assert {m.study_uid for m in in_january} == {
+        pacs.studies["ACC-JAN-1"],
+        pacs.studies["ACC-JAN-2"],
+    }
+    jobs: list[Job] = []
+    pull = _pull(settings, peer.Criteria(accession="ACC-FEB-1"), jobs)
+    assert [(s.state, s.received) for s in pull.studies] == [("done", 24)]
+    [job] = jobs
+    assert job.study is not None and job.study.instances == 24
+    assert job.study.completed_by == "retrieved"
+    study_dir = settings.spool_dir / job.id / "study"
+    sops = {dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in study_dir.rglob("*.dcm")}
+    assert len(sops) == 24  # each instance once, whole
 
 
 def _orthanc_id(pacs: Pacs, study_uid: str) -> str:

@@ -15,7 +15,7 @@ from pipeline.core.settings import Settings
 from pipeline.ingest.pull import peer, plan
 from pipeline.ingest.pull.peer import Criteria, Match
 from pipeline.ingest.pull.plan import Pull, PulledStudy
-from pipeline.ingest.pull.run import has_results, run_pull
+from pipeline.ingest.pull.run import find, has_results, run_pull, series_of
 
 _CSV = Annotated[
     Path | None,
@@ -149,7 +149,7 @@ def _matches(
     found: dict[str, Match] = {}
     unmatched = []
     for c in criteria:
-        got = peer.find(source, c)
+        got = find(source, c)
         if not got:
             unmatched.append(_said(c))
         found.update({m.study_uid: m for m in got})
@@ -165,7 +165,7 @@ def _said(c: Criteria) -> str:
 
 def _explain(settings: Settings, name: str, study_uid: str) -> None:
     """What `route --explain` would decide for each series, from the PACS's description."""
-    for series in peer.series_of(settings.sources[name], study_uid):
+    for series in series_of(settings.sources[name], study_uid):
         count = str(series.get("NumberOfSeriesRelatedInstances", "") or "0")
         facts = SeriesFacts(
             kind="dicom",

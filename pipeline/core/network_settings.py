@@ -1,5 +1,5 @@
-"""The settings of the DICOM network: the receiver (C-STORE, MPPS, STOW-RS) and the
-destinations results are sent to."""
+"""The settings of the DICOM network: the receiver (C-STORE, MPPS, STOW-RS), the
+destinations results are sent to, and the sources studies are pulled from."""
 
 from __future__ import annotations
 
@@ -160,23 +160,22 @@ class ReceiverSettings(Section):
         return self
 
 
-class Destination(Section):
-    """Where results are sent: a DICOM peer (PACS) by C-STORE, given ``host``, ``port`` and
-    ``ae_title``; or a DICOMweb service by STOW-RS, given ``url``."""
+class _Peer(Section):
+    """A DICOM peer: by DIMSE (``host``, ``port``, ``ae_title``) or DICOMweb (``url``)."""
 
     host: str | None = Field(default=None, min_length=1)
     port: int | None = Field(default=None, ge=1, le=65535)
-    ae_title: str | None = Field(default=None, description="The destination's (called) AE title.")
+    ae_title: str | None = Field(default=None, description="The peer's (called) AE title.")
     calling_ae_title: str = Field(default="PIPELINE", description="Ours, as it knows us.")
     url: str | None = Field(
         default=None,
         pattern=r"^https?://[^/\s]+",
-        description="A DICOMweb service's base URL (https://archive/dicomweb): results are "
-        "sent by STOW-RS to <url>/studies instead of by C-STORE.",
+        description="A DICOMweb service's base URL (https://archive/dicomweb), instead of "
+        "host, port and ae_title.",
     )
     bearer_token_file: Path | None = Field(
         default=None,
-        description="DICOMweb: a file holding an OAuth 2 bearer token, read at each sending "
+        description="DICOMweb: a file holding an OAuth 2 bearer token, read at each request "
         "(whatever refreshes the token may rewrite it).",
     )
     tls: bool = False
@@ -184,6 +183,27 @@ class Destination(Section):
     tls_certificate: Path | None = Field(default=None, description="Client cert (mutual TLS).")
     tls_private_key: Path | None = None
     timeout_s: float = Field(default=30.0, gt=0.0)
+
+    @field_validator("ae_title", "calling_ae_title")
+    @classmethod
+    def _valid_aet(cls, v: str | None) -> str | None:
+        return v if v is None else _check_ae_title(v)
+
+    @model_validator(mode="after")
+    def _one_way(self) -> _Peer:
+        what = type(self).__name__.lower()
+        dimse = (self.host, self.port, self.ae_title)
+        if self.url is None and None in dimse:
+            raise ValueError(f"a {what} needs host, port and ae_title (DIMSE) or url (DICOMweb)")
+        if self.url is not None and dimse != (None, None, None):
+            raise ValueError(f"a {what} has either url (DICOMweb) or host/port/ae_title")
+        return self
+
+
+class Destination(_Peer):
+    """Where results are sent: a DICOM peer (PACS) by C-STORE, given ``host``, ``port`` and
+    ``ae_title``; or a DICOMweb service by STOW-RS to ``<url>/studies``, given ``url``."""
+
     max_retries: int = Field(
         default=100,
         ge=0,
@@ -194,33 +214,17 @@ class Destination(Section):
         default=300, gt=0, description="Longest wait between two attempts at sending."
     )
 
-    @field_validator("ae_title", "calling_ae_title")
-    @classmethod
-    def _valid_aet(cls, v: str | None) -> str | None:
-        return v if v is None else _check_ae_title(v)
 
-    @model_validator(mode="after")
-    def _one_way(self) -> Destination:
-        dimse = (self.host, self.port, self.ae_title)
-        if self.url is None and None in dimse:
-            raise ValueError("a destination needs host, port and ae_title (C-STORE) or url")
-        if self.url is not None and dimse != (None, None, None):
-            raise ValueError("a destination has either url (STOW-RS) or host/port/ae_title")
-        return self
-
-
-class Source(Section):
+class Source(_Peer):
     """A PACS the pipeline pulls studies from (`dicom-pipeline pull`): by DIMSE, given
-    ``host``, ``port`` and ``ae_title`` (C-FIND to find, C-GET or C-MOVE to retrieve)."""
+    ``host``, ``port`` and ``ae_title`` (C-FIND to find, C-GET or C-MOVE to retrieve); or a
+    DICOMweb service, given ``url`` (QIDO-RS at <url>/studies to find, WADO-RS at
+    <url>/studies/<uid> to retrieve)."""
 
-    host: str = Field(min_length=1)
-    port: int = Field(ge=1, le=65535)
-    ae_title: str = Field(description="The PACS's (called) AE title.")
-    calling_ae_title: str = Field(default="PIPELINE", description="Ours, as the PACS knows it.")
     retrieve: Literal["get", "move"] = Field(
         default="get",
-        description="get: C-GET, the instances come back on the pull's own association (the "
-        "PACS needs to know nothing of us but our calling AE title). move: C-MOVE to "
+        description="DIMSE. get: C-GET, the instances come back on the pull's own association "
+        "(the PACS needs to know nothing of us but our calling AE title). move: C-MOVE to "
         "move_destination, our receiver, which the PACS must know by AE title, host and port.",
     )
     move_destination: str | None = Field(
@@ -244,16 +248,12 @@ class Source(Section):
         default=3,
         ge=0,
         le=100,
-        description="Retrieves of a study that failed part-way, with "
-        "backoff: what arrived is kept, the rest asked again.",
+        description="Retrieves of a study that failed part-way, with backoff: what arrived is "
+        "kept, the rest asked again.",
     )
-    tls: bool = False
-    tls_ca: Path | None = Field(default=None, description="CA bundle to verify the PACS.")
-    tls_certificate: Path | None = Field(default=None, description="Client cert (mutual TLS).")
-    tls_private_key: Path | None = None
     timeout_s: float = Field(default=60.0, gt=0.0)
 
-    @field_validator("ae_title", "calling_ae_title", "move_destination")
+    @field_validator("move_destination")
     @classmethod
-    def _valid_aet(cls, v: str | None) -> str | None:
+    def _valid_destination(cls, v: str | None) -> str | None:
         return v if v is None else _check_ae_title(v)

@@ -29,7 +29,7 @@ from pipeline.core.network_settings import Source
 log = logging.getLogger(__name__)
 
 # The study's attributes asked of the PACS (returned empty where it has no value).
-_STUDY_KEYS = (
+STUDY_KEYS = (
     "AccessionNumber",
     "StudyDate",
     "StudyDescription",
@@ -81,6 +81,7 @@ class PeerError(ConnectionError):
 
 
 def _associate(source: Source, contexts: list[Any], **kwargs: Any) -> Association:
+    assert source.host and source.port and source.ae_title  # a DIMSE source
     ae = AE(ae_title=source.calling_ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = source.timeout_s
     for context in contexts:
@@ -112,7 +113,7 @@ def find(source: Source, criteria: Criteria) -> list[Match]:
     query.QueryRetrieveLevel = "STUDY"
     query.StudyInstanceUID = criteria.study_uid
     query.PatientID = criteria.patient_id
-    for keyword in _STUDY_KEYS:
+    for keyword in STUDY_KEYS:
         setattr(query, keyword, "")
     query.AccessionNumber = criteria.accession
     query.StudyDate = criteria.study_date
@@ -126,7 +127,7 @@ def find(source: Source, criteria: Criteria) -> list[Match]:
         ):
             code = int(status.get("Status", 0xC000)) if status else 0xC000
             if code in (0xFF00, 0xFF01) and identifier is not None:
-                if (match := _match(identifier)) is not None:
+                if (match := match_of(identifier)) is not None:
                     matches.append(match)
             elif code != 0x0000:
                 raise PeerError(f"C-FIND failed with status 0x{code:04X}")
@@ -162,7 +163,8 @@ def series_of(source: Source, study_uid: str) -> list[Dataset]:
         assoc.release()
 
 
-def _match(identifier: Dataset) -> Match | None:
+def match_of(identifier: Dataset) -> Match | None:
+    """A study as the PACS described it; None without a valid Study Instance UID."""
     try:
         uid = check_uid(str(identifier.get("StudyInstanceUID", "")), "StudyInstanceUID")
     except InvalidUIDError:

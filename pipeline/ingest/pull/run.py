@@ -17,13 +17,16 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
+from pydicom.dataset import Dataset
+
 from pipeline.core import observe
 from pipeline.core.fsutil import atomic_write_json
 from pipeline.core.instances import adopt_instance, file_identity, spool_lock
 from pipeline.core.jobs import Job, Reason
+from pipeline.core.network_settings import Source
 from pipeline.core.settings import Settings
 from pipeline.ingest.completion import Completed
-from pipeline.ingest.pull import peer
+from pipeline.ingest.pull import peer, web
 from pipeline.ingest.pull.plan import PULLS, Pull, PulledStudy, save, staging
 
 log = logging.getLogger(__name__)
@@ -110,7 +113,7 @@ def _ask(
     settings: Settings, pull: Pull, study: PulledStudy, into: Path, report: Report
 ) -> peer.Retrieved:
     source = settings.sources[pull.source]
-    if source.retrieve == "move":
+    if source.url is None and source.retrieve == "move":
         return peer.move(
             source, study.study_uid, source.move_destination or settings.receiver.ae_title
         )
@@ -120,6 +123,8 @@ def _ask(
         if n % 50 == 0:
             report(study)
 
+    if source.url is not None:
+        return web.get(source, study.study_uid, into, progress, study.expected)
     return peer.get(source, study.study_uid, into, progress)
 
 
@@ -131,7 +136,7 @@ def _hand_over(
     the receiver, which completes the study when the PACS's association ends."""
     study.state = "done"
     observe.count("pulled_studies", pull.source)
-    if settings.sources[pull.source].retrieve == "move":
+    if _moved(settings, pull):
         return
     spool = settings.spool_dir
     with spool_lock(spool, exclusive=False):
@@ -146,6 +151,22 @@ def _hand_over(
     source = settings.sources[pull.source]
     job = close(Completed(study.study_uid, Reason.PULLED, datetime.now(UTC), source.ae_title, None))
     study.job_id = job.id if job else None
+
+
+def _moved(settings: Settings, pull: Pull) -> bool:
+    """Retrieved by C-MOVE: the instances went to our receiver, not to the pull."""
+    source = settings.sources[pull.source]
+    return source.url is None and source.retrieve == "move"
+
+
+def find(source: Source, criteria: peer.Criteria) -> list[peer.Match]:
+    """The studies a source holds that match ``criteria``: C-FIND or QIDO-RS."""
+    return web.find(source, criteria) if source.url else peer.find(source, criteria)
+
+
+def series_of(source: Source, study_uid: str) -> list[Dataset]:
+    """A study's series as the source describes them: C-FIND or QIDO-RS."""
+    return web.series_of(source, study_uid) if source.url else peer.series_of(source, study_uid)
 
 
 def _failed_item(settings: Settings, pull: Pull, study: PulledStudy) -> None:
