@@ -33,10 +33,18 @@ from pipeline.ingest.pull.run import find, run_pull
 from pipeline.ops.status import pull_lines
 from pipeline.outputs.send.dispatch import Delivery, deliver
 from pipeline.runtime.embedded_triton import TritonEndpoints
+from pipeline.runtime.process import free_port
 from pipeline.studies.models import Models
 from pipeline.studies.study_job import run_study
 
-from .conftest import MODEL_REPOSITORY, make_settings, recording_producer
+from .conftest import (
+    MODEL_REPOSITORY,
+    make_settings,
+    recording_producer,
+    running_up,
+    up_env,
+    wait_for,
+)
 from .orthanc import DICOMWEB_PLUGIN, Orthanc, needs_orthanc, running_orthanc
 
 pytestmark = needs_orthanc
@@ -52,23 +60,28 @@ class Pacs:
     studies: dict[str, str]  # accession number -> Study Instance UID
 
 
+def _load(orthanc: Orthanc, tmp_path: Path) -> dict[str, str]:
+    """Three small lesion CTs stored into the PACS: accession number -> Study Instance UID."""
+    studies = {}
+    for i, (accession, date) in enumerate(STUDIES):
+        hu, _, affine = lesion_phantom(TEST_SEED_BASE + 640 + i, lesions=1)
+        folder = tmp_path / f"study-{i}"
+        spec = write_volume_series(folder, hu[:, :, :24].astype(np.float32), affine)
+        for path in sorted(folder.iterdir()):
+            ds = dcmread(path)
+            ds.AccessionNumber, ds.StudyDate = accession, date
+            ds.save_as(path)
+            orthanc.post("/instances", path.read_bytes())
+        studies[accession] = spec.study_uid
+    return studies
+
+
 @pytest.fixture
 def pacs(tmp_path: Path) -> Iterator[Pacs]:
     """Orthanc holding three small lesion CTs, knowing us (PIPELINE) as a peer."""
     known = {"pipeline": ["PIPELINE", "127.0.0.1", 11112]}
     with running_orthanc(tmp_path / "orthanc", modalities=known) as orthanc:
-        studies = {}
-        for i, (accession, date) in enumerate(STUDIES):
-            hu, _, affine = lesion_phantom(TEST_SEED_BASE + 640 + i, lesions=1)
-            folder = tmp_path / f"study-{i}"
-            spec = write_volume_series(folder, hu[:, :, :24].astype(np.float32), affine)
-            for path in sorted(folder.iterdir()):
-                ds = dcmread(path)
-                ds.AccessionNumber, ds.StudyDate = accession, date
-                ds.save_as(path)
-                orthanc.post("/instances", path.read_bytes())
-            studies[accession] = spec.study_uid
-        yield Pacs(orthanc, tmp_path / "orthanc" / "orthanc.log", studies)
+        yield Pacs(orthanc, tmp_path / "orthanc" / "orthanc.log", _load(orthanc, tmp_path))
 
 
 def _settings(tmp_path: Path, pacs: Pacs, web: bool = False, **source: Any) -> Settings:
@@ -281,3 +294,67 @@ def test_the_command_prints_matches_and_routing_before_retrieving(
     # No broker here: the study waits in the spool as a job, queued once Redis is there.
     [job_json] = (tmp_path / "data" / "spool").glob("*/job.json")
     assert json.loads(job_json.read_text())["study"]["completed_by"] == "retrieved"
+
+
+@pytest.mark.e2e
+def test_one_command_pulls_a_list_and_the_results_go_back_to_the_pacs(
+    model_repository: Path, tmp_path: Path
+) -> None:
+    """With `up` running, `dicom-pipeline pull` of a CSV of accession numbers: one study by
+    C-GET, one by C-MOVE to our receiver; both processed, their results sent to the PACS."""
+    dicom_port = free_port()
+    known = {"pipeline": ["PIPELINE", "127.0.0.1", dicom_port]}
+    with running_orthanc(tmp_path / "orthanc", modalities=known) as orthanc:
+        studies = _load(orthanc, tmp_path)
+        peer_at = f"host: 127.0.0.1, port: {orthanc.dicom_port}, ae_title: ORTHANC"
+        (tmp_path / "config.yaml").write_text(
+            f"""
+sources:
+  pacs: {{{peer_at}, pause_s: 0}}
+  pacs-move: {{{peer_at}, retrieve: move, pause_s: 0}}
+destinations:
+  pacs: {{{peer_at}}}
+routes:
+  - name: ct-volume
+    match: {{kind: [dicom], modality: [CT], min_slices: 16}}
+    models: [ct_covid_classifier, ct_lesion_segmentation]
+    send_to: [pacs]
+"""
+        )
+        (tmp_path / "list.csv").write_text("AccessionNumber\nACC-JAN-1\n")
+        env = up_env(tmp_path, model_repository, dicom_port)
+        with running_up(tmp_path, env):
+            for source, args in (
+                ("pacs", ["--csv", "list.csv"]),
+                ("pacs-move", ["--accession", "ACC-FEB-1"]),
+            ):
+                run = subprocess.run(
+                    [sys.executable, "-m", "pipeline", "pull", source, *args],
+                    cwd=tmp_path,
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    timeout=300,
+                )
+                assert run.returncode == 0, run.stdout + run.stderr
+                assert "1 retrieved, 0 skipped, 0 failed" in run.stdout, run.stdout
+            results = tmp_path / "data" / "results"
+            for accession, how in (("ACC-JAN-1", "retrieved"), ("ACC-FEB-1", None)):
+                summary = results / studies[accession] / "study.json"
+                wait_for(summary.exists, 240, f"the results of {accession}")
+                doc = json.loads(summary.read_text())
+                assert [s["status"] for s in doc["series"]] == ["done"]
+                assert doc["calling_aet"] == "ORTHANC"
+                if how:
+                    assert doc["completed_by"] == how
+                made = {
+                    str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+                    for p in (results / studies[accession]).rglob("*.dcm")
+                }
+
+                def at_pacs(uid: str = studies[accession], made: set[str] = made) -> bool:
+                    found = orthanc.post("/tools/lookup", uid.encode())
+                    ids = orthanc.json(f"/studies/{found[0]['ID']}/instances") if found else []
+                    return made <= {i["MainDicomTags"]["SOPInstanceUID"] for i in ids}
+
+                wait_for(at_pacs, 120, f"the results of {accession} at the PACS")
