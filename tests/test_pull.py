@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -291,6 +292,21 @@ def test_the_command_prints_matches_and_routing_before_retrieving(
     )
     assert run.returncode == 0, run.stderr
     assert re.search(r"\[1/1\] \S+ done: 24 instances job \S+", run.stdout), run.stdout
+    assert not (tmp_path / "data" / "failed").exists() or not any(
+        (tmp_path / "data" / "failed").iterdir()
+    )  # nothing failed: a dry run records no unmatched criterion
+    unmatched = subprocess.run(
+        [sys.executable, "-m", "pipeline", "pull", "pacs", "--accession", "ACC-NONE"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert unmatched.returncode == 1 and "0 studies matched" in unmatched.stdout
+    [item] = (tmp_path / "data" / "failed").iterdir()
+    error = json.loads((item / "error.json").read_text())
+    assert error["message"] == "no match on pacs: accession ACC-NONE"
     # No broker here: the study waits in the spool as a job, queued once Redis is there.
     [job_json] = (tmp_path / "data" / "spool").glob("*/job.json")
     assert json.loads(job_json.read_text())["study"]["completed_by"] == "retrieved"
@@ -358,3 +374,53 @@ routes:
                     return made <= {i["MainDicomTags"]["SOPInstanceUID"] for i in ids}
 
                 wait_for(at_pacs, 120, f"the results of {accession} at the PACS")
+
+
+@pytest.mark.skipif(not shutil.which("dcmqrscp"), reason="needs dcmtk's dcmqrscp")
+def test_dcmtks_archive_is_a_second_dimse_peer(tmp_path: Path) -> None:
+    """dcmqrscp (dcmtk's query/retrieve archive, which counts no instances at C-FIND):
+    found by accession number, retrieved by C-GET, handed over whole."""
+    port = free_port()
+    (tmp_path / "db").mkdir()
+    (tmp_path / "qr.cfg").write_text(
+        f"NetworkTCPPort = {port}\nMaxPDUSize = 16384\nMaxAssociations = 16\n"
+        "HostTable BEGIN\nHostTable END\nVendorTable BEGIN\nVendorTable END\n"
+        f"AETable BEGIN\nQRSCP {tmp_path / 'db'} RW (200, 1024mb) ANY\nAETable END\n"
+    )
+    archive = subprocess.Popen(
+        ["dcmqrscp", "-c", str(tmp_path / "qr.cfg")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        hu, _, affine = lesion_phantom(TEST_SEED_BASE + 650, lesions=1)
+        spec = write_volume_series(tmp_path / "ct", hu[:, :, :20].astype(np.float32), affine)
+        files = [str(p) for p in sorted((tmp_path / "ct").iterdir())]
+        wait_for(
+            lambda: (
+                subprocess.run(
+                    ["storescu", "-aec", "QRSCP", "127.0.0.1", str(port), *files],
+                    capture_output=True,
+                ).returncode
+                == 0
+            ),
+            30,
+            "dcmqrscp to take the study",
+        )
+        settings = make_settings(
+            tmp_path / "data",
+            sources={"qr": Source(host="127.0.0.1", port=port, ae_title="QRSCP", pause_s=0)},
+        )
+        settings.ensure_dirs()
+        [match] = find(settings.sources["qr"], peer.Criteria(accession="ACC0001"))
+        assert match.study_uid == spec.study_uid
+        pull = plan.new_pull(
+            settings.spool_dir, "qr", [plan.PulledStudy(study_uid=match.study_uid)], False
+        )
+        jobs: list[Job] = []
+        run_pull(settings, pull, recording_producer(settings, jobs).close, lambda s: None)
+        assert [(s.state, s.received) for s in pull.studies] == [("done", 20)]
+        assert [j.study.instances for j in jobs if j.study] == [20]
+    finally:
+        archive.terminate()
+        archive.wait(10)

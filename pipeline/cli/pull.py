@@ -15,7 +15,7 @@ from pipeline.core.settings import Settings
 from pipeline.ingest.pull import peer, plan
 from pipeline.ingest.pull.peer import Criteria, Match
 from pipeline.ingest.pull.plan import Pull, PulledStudy
-from pipeline.ingest.pull.run import find, has_results, run_pull, series_of
+from pipeline.ingest.pull.run import find, has_results, record_unmatched, run_pull, series_of
 
 _CSV = Annotated[
     Path | None,
@@ -65,6 +65,8 @@ def _new_pull(
         raise typer.Exit(1) from None
     for what in unmatched:
         typer.echo(f"no match on {name}: {what}", err=True)
+    if unmatched and not dry_run:
+        record_unmatched(settings, name, unmatched)
     studies = [_listed(settings, m) for m in found]
     for item in studies if dry_run else []:
         typer.echo(f"  {item.study_uid}:")

@@ -119,6 +119,8 @@ def retry(
     send_again: Callable[[Delivery], None],
 ) -> str:
     """Retry one item; returns what happened, in words. PipelineError when it cannot be."""
+    if item.kind == "pull" and item.error.get("type") == "NoMatch":
+        raise InputError(f"{item.id}: {item.error.get('message')}; nothing was retrieved")
     if item.kind == "pull":
         pull_id = (item.error.get("job") or {}).get("pull", "?")
         raise InputError(

@@ -169,6 +169,25 @@ def series_of(source: Source, study_uid: str) -> list[Dataset]:
     return web.series_of(source, study_uid) if source.url else peer.series_of(source, study_uid)
 
 
+def record_unmatched(settings: Settings, source: str, unmatched: list[str]) -> Path:
+    """A failed item for the criteria of a pull that matched nothing on the source (an
+    accession number mistyped in a research list, a study deleted since)."""
+    at = datetime.now(UTC)
+    folder = settings.failed_dir / f"pull-{at:%Y%m%dT%H%M%S%fZ}-unmatched"
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(
+        folder / "error.json",
+        {
+            "type": "NoMatch",
+            "message": f"no match on {source}: " + "; ".join(unmatched),
+            "stage": "pull",
+            "time": at.isoformat(),
+            "job": {"source": source, "unmatched": unmatched},
+        },
+    )
+    return folder
+
+
 def _failed_item(settings: Settings, pull: Pull, study: PulledStudy) -> None:
     """``data/failed/pull-<id>-<n>/error.json`` says what failed; what arrived stays staged
     under the pull for `pull --resume` to complete."""
