@@ -254,6 +254,17 @@ def test_a_pacs_that_does_not_know_our_receiver_says_what_to_configure(
     assert error["stage"] == "pull" and error["job"]["pull"] == pull.id
 
 
+def _pull_command(cwd: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", "pull", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 def test_the_command_prints_matches_and_routing_before_retrieving(
     pacs: Pacs, tmp_path: Path
 ) -> None:
@@ -269,40 +280,19 @@ def test_the_command_prints_matches_and_routing_before_retrieving(
         "PIPELINE_DATA_DIR": str(tmp_path / "data"),
         "PATH": "/usr/bin:/bin",
     }
-    dry = subprocess.run(
-        [sys.executable, "-m", "pipeline", "pull", "pacs", "--csv", "list.csv", "--dry-run"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    dry = _pull_command(tmp_path, env, "pacs", "--csv", "list.csv", "--dry-run")
     assert dry.returncode == 1, dry.stderr  # an accession number matched nothing
     assert "no match on pacs: accession ACC-NONE" in dry.stderr
     assert pacs.studies["ACC-JAN-1"] in dry.stdout and "1 studies matched" in dry.stdout
     assert "rule ct-volume: ct_covid_classifier, ct_lesion_segmentation" in dry.stdout
     assert not (tmp_path / "data" / "spool" / "pulls").exists()  # nothing retrieved
-    run = subprocess.run(
-        [sys.executable, "-m", "pipeline", "pull", "pacs", "--accession", "ACC-JAN-1"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    run = _pull_command(tmp_path, env, "pacs", "--accession", "ACC-JAN-1")
     assert run.returncode == 0, run.stderr
     assert re.search(r"\[1/1\] \S+ done: 24 instances job \S+", run.stdout), run.stdout
     assert not (tmp_path / "data" / "failed").exists() or not any(
         (tmp_path / "data" / "failed").iterdir()
     )  # nothing failed: a dry run records no unmatched criterion
-    unmatched = subprocess.run(
-        [sys.executable, "-m", "pipeline", "pull", "pacs", "--accession", "ACC-NONE"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    unmatched = _pull_command(tmp_path, env, "pacs", "--accession", "ACC-NONE")
     assert unmatched.returncode == 1 and "0 studies matched" in unmatched.stdout
     [item] = (tmp_path / "data" / "failed").iterdir()
     error = json.loads((item / "error.json").read_text())
@@ -344,14 +334,7 @@ routes:
                 ("pacs", ["--csv", "list.csv"]),
                 ("pacs-move", ["--accession", "ACC-FEB-1"]),
             ):
-                run = subprocess.run(
-                    [sys.executable, "-m", "pipeline", "pull", source, *args],
-                    cwd=tmp_path,
-                    env=env,
-                    capture_output=True,
-                    text=True,
-                    timeout=300,
-                )
+                run = _pull_command(tmp_path, env, source, *args)
                 assert run.returncode == 0, run.stdout + run.stderr
                 assert "1 retrieved, 0 skipped, 0 failed" in run.stdout, run.stdout
             results = tmp_path / "data" / "results"
