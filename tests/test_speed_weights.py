@@ -13,7 +13,8 @@ from .conftest import MODEL_REPOSITORY
 
 def _repository_without_weights(tmp_path: Path) -> Path:
     repo = tmp_path / "models"
-    shutil.copytree(MODEL_REPOSITORY, repo, ignore=shutil.ignore_patterns("*.pt", "model.json"))
+    weights = shutil.ignore_patterns("*.pt", "*.pt2", "*.onnx", "model.json")
+    shutil.copytree(MODEL_REPOSITORY, repo, ignore=weights)
     return repo
 
 
@@ -31,14 +32,14 @@ def test_trained_weights_are_kept_unless_forced_and_speed_weights_are_replaced(
     tmp_path: Path,
 ) -> None:
     repo = _repository_without_weights(tmp_path)
-    trained = repo / "ct_covid_classifier" / "1" / "model.pt"
+    trained = repo / "ct_covid_classifier" / "1" / "model.pt2"
     trained.write_bytes(b"trained weights")
     trained.with_suffix(".json").write_text(json.dumps({"kind": "real weights"}))
 
     refused = _speed_weights(repo)
     assert refused.returncode != 0 and str(trained) in refused.stderr
     assert trained.read_bytes() == b"trained weights"
-    assert not (repo / "mednist_classifier" / "1" / "model.pt").exists()  # nothing written
+    assert not (repo / "mednist_classifier" / "1" / "model.pt2").exists()  # nothing written
 
     forced = _speed_weights(repo, "--force")
     assert forced.returncode == 0, forced.stderr

@@ -39,6 +39,7 @@ from pipeline.inference.decide import decide
 from pipeline.inference.segment import label_lesions, segment
 from pipeline.inference.triton_client import TritonClient
 from pipeline.runtime.embedded_triton import TritonEndpoints
+from pipeline.serving.loaders import load_net
 
 from .conftest import MODEL_REPOSITORY
 
@@ -154,7 +155,8 @@ def test_the_lesion_model_answers_its_foreground_probability_in_float16(
     served = plain_client.infer(contract.name, [inp]).as_numpy("PROBABILITIES")
     assert served is not None and served.dtype == np.float16
     assert served.shape == (3, 1, 48, 48, 48)
-    net = torch.jit.load(str(MODEL_REPOSITORY / contract.name / "1" / contract.weights))  # type: ignore[no-untyped-call]
+    weights = MODEL_REPOSITORY / contract.name / "1" / contract.weights
+    net = load_net(contract, weights, torch.device("cpu"))
     with torch.inference_mode():
         direct = torch.softmax(net(torch.from_numpy(patches)), dim=1)[:, 1:].numpy()
     np.testing.assert_allclose(served.astype(np.float32), direct, atol=1e-3)

@@ -44,6 +44,7 @@ from pipeline.core.settings import Settings
 from pipeline.inference.triton_client import TritonClient
 from pipeline.runtime import embedded_triton
 from pipeline.serving.activation import probabilities
+from pipeline.serving.loaders import load_net
 from pipeline.serving.window import infer_volume, served_volume
 
 MODELS = ("mednist_classifier", "ct_lesion_segmentation")
@@ -71,7 +72,7 @@ def _device() -> torch.device:
 
 def _net(repository: Path, contract: ModelContract, device: torch.device) -> Any:
     weights = repository / contract.name / "1" / contract.weights
-    return torch.jit.load(str(weights), map_location=device).eval()  # type: ignore[no-untyped-call]
+    return load_net(contract, weights, device)
 
 
 def _direct(repository: Path, contract: ModelContract, batch: int) -> Callable[[], int]:

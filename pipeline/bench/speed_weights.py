@@ -12,16 +12,15 @@ local torch; model.json says they are untrained. Never use these for answers. Tr
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from pipeline.core.contract import discover_contracts
 from pipeline.core.fsutil import atomic_write_bytes
+from pipeline.demo.export import exported
 from pipeline.demo.nets import SmallCT3DNet, lesion_net, mednist_net
 
 UNTRAINED = "untrained, for speed measurements only"
@@ -54,13 +53,8 @@ def write(repository: Path) -> list[Path]:
     written = []
     for name, net in nets.items():
         contract = contracts[name]
-        example = torch.zeros((1, *contract.input.shape))
-        with torch.no_grad():
-            traced = torch.jit.trace(net.eval(), example)  # type: ignore[no-untyped-call]
-        buf = io.BytesIO()
-        torch.jit.save(traced, buf)
         weights = repository / name / "1" / contract.weights
-        atomic_write_bytes(weights, buf.getvalue())
+        atomic_write_bytes(weights, exported(net, contract, contract.weights_format))
         description = json.dumps({"model": name, "kind": UNTRAINED}) + "\n"
         atomic_write_bytes(weights.with_suffix(".json"), description.encode())
         written.append(weights)

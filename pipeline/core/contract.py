@@ -31,6 +31,22 @@ class Activation(StrEnum):
     SIGMOID = "sigmoid"  # one logit: probability of labels[1]
 
 
+class WeightsFormat(StrEnum):
+    """How a model's weights are stored, by their file's suffix."""
+
+    TORCH_EXPORT = "torch_export"  # .pt2: torch.export.save, loaded by torch.export.load
+    ONNX = "onnx"  # .onnx: served by ONNX Runtime
+    TORCHSCRIPT = "torchscript"  # .pt, .ts: torch.jit (MONAI bundles ship it)
+
+
+WEIGHT_FORMATS = {
+    ".pt2": WeightsFormat.TORCH_EXPORT,
+    ".onnx": WeightsFormat.ONNX,
+    ".pt": WeightsFormat.TORCHSCRIPT,
+    ".ts": WeightsFormat.TORCHSCRIPT,
+}
+
+
 class Task(StrEnum):
     CLASSIFICATION = "classification"  # labels for the whole input
     SEGMENTATION = "segmentation"  # a label per voxel, predicted patch by patch
@@ -131,7 +147,11 @@ class ModelContract(BaseModel):
     preprocessing: tuple[TransformSpec, ...] = Field(
         default=(), description="MONAI transforms the worker applies, in order: name and args."
     )
-    weights: str = Field(default="model.pt", description="TorchScript file in the version dir")
+    weights: str = Field(
+        default="model.pt",
+        description="The weights file in the version folder; its suffix names its format: "
+        ".pt2 a torch.export program, .onnx an ONNX model, .pt or .ts TorchScript.",
+    )
     sliding_window: SlidingWindow = SlidingWindow()
     min_lesion_ml: float = Field(
         default=0.0,
@@ -141,8 +161,17 @@ class ModelContract(BaseModel):
     )
     codes: ReportCodes = ReportCodes()
 
+    @property
+    def weights_format(self) -> WeightsFormat:
+        return WEIGHT_FORMATS[Path(self.weights).suffix.lower()]
+
     @model_validator(mode="after")
     def _consistent(self) -> ModelContract:
+        if Path(self.weights).suffix.lower() not in WEIGHT_FORMATS or "/" in self.weights:
+            raise ValueError(
+                f"weights {self.weights!r}: a file name ending .pt2 (torch.export), .onnx "
+                "(ONNX) or .pt/.ts (TorchScript)"
+            )
         if len(self.input.shape) != self.spatial_dims + 1:
             raise ValueError(
                 f"input.shape {self.input.shape} must be channel + {self.spatial_dims}D"

@@ -8,7 +8,7 @@ exactly what the pipeline will feed them. Seeds are fixed: the same weights ever
 from __future__ import annotations
 
 import hashlib
-import io
+import json
 import tempfile
 import time
 from collections.abc import Callable
@@ -24,6 +24,7 @@ from torch import nn
 from pipeline.convert.images import load, preprocessor, to_model_input
 from pipeline.core.contract import ModelContract, load_contract
 from pipeline.core.fsutil import atomic_write_bytes, atomic_write_json
+from pipeline.demo.export import exported, from_torchscript
 from pipeline.demo.nets import SmallCT3DNet, lesion_net, mednist_net
 from pipeline.demo.synthetic import (
     MEDNIST_LABELS,
@@ -80,11 +81,7 @@ def _save(
     accuracy: float,
     seconds: float,
 ) -> Path:
-    with torch.no_grad():
-        scripted = torch.jit.trace(net, example)  # type: ignore[no-untyped-call]
-    buf = io.BytesIO()
-    torch.jit.save(scripted, buf)
-    data = buf.getvalue()
+    data = exported(net, contract, contract.weights_format)
     weights = model_dir / "1" / contract.weights
     atomic_write_bytes(weights, data)
     atomic_write_json(
@@ -262,6 +259,25 @@ BUILDERS: dict[str, Callable[[Path, Path, Progress], Path]] = {
 }
 
 
+def _converted(contract: ModelContract, model_dir: Path) -> Path | None:
+    """Demo weights trained before in TorchScript (``model.pt``), written in the contract's
+    format without training again; None where there are none."""
+    legacy = model_dir / "1" / "model.pt"
+    if contract.weights == legacy.name or not legacy.is_file():
+        return None
+    try:
+        note = json.loads(legacy.with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return None
+    data = exported(from_torchscript(contract, legacy), contract, contract.weights_format)
+    weights = model_dir / "1" / contract.weights
+    atomic_write_bytes(weights, data)
+    note |= {"sha256": hashlib.sha256(data).hexdigest(), "torch": torch.__version__}
+    atomic_write_json(weights.with_suffix(".json"), note)  # the same file name: model.json
+    legacy.unlink()
+    return weights
+
+
 def build_demo(
     repository: Path, progress: Progress, only: list[str] | None = None, force: bool = False
 ) -> dict[str, Path]:
@@ -271,10 +287,15 @@ def build_demo(
         if only and name not in only:
             continue
         model_dir = repository / name
-        target = model_dir / "1" / load_contract(model_dir).weights
+        contract = load_contract(model_dir)
+        target = model_dir / "1" / contract.weights
         if target.exists() and not force:
             progress(f"{name}: {target} exists, kept (use --force to retrain)")
             built[name] = target
+            continue
+        if not force and (converted := _converted(contract, model_dir)) is not None:
+            progress(f"{name}: TorchScript demo weights written as {converted.name}")
+            built[name] = converted
             continue
         with tempfile.TemporaryDirectory(prefix=f"demo-{name}-") as work:
             built[name] = builder(model_dir, Path(work), progress)

@@ -1,4 +1,5 @@
-"""A Triton python-backend model that serves a TorchScript classifier described by a contract.
+"""A Triton python-backend model that serves a network described by a contract, its weights
+in any format :mod:`pipeline.serving.loaders` reads (torch.export, ONNX, TorchScript).
 
 Each ``triton_models/<name>/1/model.py`` subclasses this. It fixes the seed demo's defects:
 weights come from the model's own version folder (no download), one forward pass per dynamic
@@ -21,6 +22,7 @@ import triton_python_backend_utils as pb_utils
 
 from pipeline.core.contract import MAX_VOXELS, Task, load_contract
 from pipeline.serving.activation import probabilities as served_probabilities
+from pipeline.serving.loaders import load_net
 
 
 class TorchScriptClassifier:
@@ -37,9 +39,7 @@ class TorchScriptClassifier:
                 f"{self.contract.name}: weights {weights} not found; run "
                 "`dicom-pipeline models build-demo` or put the real TorchScript file there"
             )
-        self.net = torch.jit.load(  # type: ignore[no-untyped-call]
-            str(weights), map_location=self.device
-        ).eval()
+        self.net = load_net(self.contract, weights, self.device)
         config = json.loads(args["model_config"])
         self.max_batch = int(config.get("max_batch_size", 0)) or 1
 
@@ -145,4 +145,4 @@ class TorchScriptClassifier:
         return kept
 
     def finalize(self) -> None:
-        self.net = None
+        del self.net  # the weights freed with the instance
