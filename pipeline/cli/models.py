@@ -81,3 +81,80 @@ def models_import_bundle(
         f"written to {settings.triton.model_repository / contract.name}; add it to a route "
         "(docs/guides/routing.md) and restart Triton to serve it"
     )
+
+
+@app.command("add")
+def models_add(
+    weights: Annotated[Path, typer.Argument(help="The weights: .pt2, .onnx, .pt or .ts.")],
+    name: Annotated[str, typer.Option(help="The new model's name.")],
+    like: Annotated[str | None, typer.Option(help="Take this model's contract.")] = None,
+    contract: Annotated[
+        Path | None, typer.Option(help="A contract.yaml with the model's essentials.")
+    ] = None,
+) -> None:
+    """Add a model from its weights file and a contract; served by Triton once restarted."""
+    from pipeline.inference.model_folder import add_model
+
+    settings = load()
+    repo = settings.triton.model_repository
+    try:
+        made = add_model(repo, weights, name, like, contract)
+    except PipelineError as exc:
+        raise fail(str(exc)) from None
+    typer.echo(
+        f"{made.name}: {made.weights_format.value} weights, input {list(made.input.shape)}, "
+        f"labels {', '.join(made.labels)}; written to {repo / made.name}. Restart Triton (or "
+        f"`up`) to serve it, then `dicom-pipeline models check {made.name}`"
+    )
+
+
+@app.command("check")
+def models_check(name: Annotated[str, typer.Argument(help="A model of the repository.")]) -> None:
+    """Send the model a synthetic input of its contract's shape on the running Triton; print
+    the answer's shape, dtype and time."""
+    from pipeline.cli.common import triton_url
+    from pipeline.core.contract import load_contract
+    from pipeline.inference.model_check import check_model
+    from pipeline.inference.triton_client import TritonClient
+
+    settings = load()
+    url = triton_url(settings)
+    if url is None:
+        raise fail("no Triton is running: start `dicom-pipeline up` (or set triton.url)")
+    try:
+        contract = load_contract(settings.triton.model_repository / name)
+        client = TritonClient(url, settings.triton)
+        checked = check_model(client, contract)
+    except (OSError, ValueError, PipelineError) as exc:
+        raise fail(f"{name}: {exc}") from None
+    typer.echo(
+        f"{name} (version {checked.version}): output {list(checked.shape)} {checked.dtype} in "
+        f"{checked.milliseconds} ms{'' if checked.finite else ', NOT FINITE'}"
+    )
+    if not checked.finite:
+        raise typer.Exit(1)
+
+
+@app.command("export")
+def models_export(
+    name: Annotated[str, typer.Argument(help="A demo model of the repository.")],
+    to: Annotated[Path, typer.Argument(help="The file to write: .pt2, .onnx or .pt.")],
+) -> None:
+    """Write a demo model's weights in another format (torch.export, ONNX, TorchScript), to
+    add as a model of its own (`models add`) or to serve by a native Triton backend."""
+    from pipeline.core.contract import WEIGHT_FORMATS, load_contract
+    from pipeline.core.fsutil import atomic_write_bytes
+    from pipeline.demo.export import exported, from_program
+
+    settings = load()
+    folder = settings.triton.model_repository / name
+    fmt = WEIGHT_FORMATS.get(to.suffix.lower())
+    if fmt is None:
+        raise fail(f"{to.name}: write .pt2, .onnx or .pt")
+    try:
+        contract = load_contract(folder)
+        net = from_program(contract, folder / "1" / contract.weights)
+    except (OSError, ValueError) as exc:
+        raise fail(f"{name}: {exc}") from None
+    atomic_write_bytes(to, exported(net, contract, fmt))
+    typer.echo(f"{name}: {fmt.value} weights written to {to}")

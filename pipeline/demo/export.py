@@ -61,6 +61,7 @@ def exported(net: nn.Module, contract: ModelContract, fmt: WeightsFormat) -> byt
                     output_names=[contract.output.name],
                     dynamic_shapes=({0: batch},),
                     dynamo=True,
+                    external_data=False,  # one file: the weights inside (up to 2 GB)
                     verbose=False,
                 )
         return path.read_bytes()
@@ -72,4 +73,15 @@ def from_torchscript(contract: ModelContract, torchscript: Path) -> nn.Module:
     net = demo_net(contract)
     scripted = torch.jit.load(str(torchscript), map_location="cpu")  # type: ignore[no-untyped-call]
     net.load_state_dict(scripted.state_dict())
+    return net.eval()
+
+
+def from_program(contract: ModelContract, program: Path) -> nn.Module:
+    """A demo network with the parameters and buffers of its torch.export weights."""
+    net = demo_net(contract)
+    loaded = torch.export.load(str(program))
+    tensors = {**loaded.state_dict, **loaded.constants}
+    missing = net.load_state_dict(tensors, strict=False).missing_keys
+    if missing:
+        raise ValueError(f"{program.name} lacks {len(missing)} of the network's tensors")
     return net.eval()

@@ -2,7 +2,7 @@
 
 A bundle (``configs/metadata.json``, ``configs/inference.json``, ``models/model.ts``) carries its
 network as TorchScript and its preprocessing as MONAI dictionary transforms. The importer copies
-the TorchScript weights and derives the model's contract: the spatial preprocessing
+the TorchScript weights (``1/model.ts``) and derives the model's contract: the spatial preprocessing
 (orientation, spacing) and intensity scaling become the contract's array transforms, the sliding
 window's ROI size becomes the input shape, ``channel_def`` the labels. Loading and channel-first
 steps are the pipeline's own business and are dropped; any other transform is an error that
@@ -12,15 +12,12 @@ names it, so nothing is silently left out.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from pipeline.core.contract import CONTRACT_FILE, ModelContract, load_contract
+from pipeline.core.contract import ModelContract
 from pipeline.core.errors import InputError
-from pipeline.core.fsutil import atomic_write_bytes
+from pipeline.inference.model_folder import write_model_folder
 
 # Bundle transform (dictionary form) -> our allowed array transform, and the arguments kept.
 _MAPPED: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -40,31 +37,6 @@ _DROPPED = {
     "ToTensord",
     "ToDeviced",
 }
-
-_MODEL_PY = '''"""Triton python-backend entry point of {name}, imported from a MONAI bundle."""
-
-from pipeline.serving.torchscript_backend import TorchScriptClassifier
-
-
-class TritonPythonModel(TorchScriptClassifier):
-    pass
-'''
-
-_CONFIG = """# Imported from the MONAI bundle {bundle} {version} (models import-bundle).
-name: "{name}"
-backend: "python"
-max_batch_size: 8
-input [
-  {{ name: "INPUT__0", data_type: TYPE_FP32, dims: [ {input_dims} ] }}
-]
-output [
-  {{ name: "PROBABILITIES", data_type: {output_type}, dims: [ {output_dims} ] }}
-]
-dynamic_batching {{
-  max_queue_delay_microseconds: 2000
-}}
-instance_group [ {{ count: 1 }} ]
-"""
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -115,35 +87,9 @@ def import_bundle(bundle: Path, repository: Path, name: str | None = None) -> Mo
     if not weights.is_file():
         raise InputError("bundle has no models/model.ts (TorchScript weights)")
     name = name or str(meta.get("name", bundle.name)).strip().lower().replace(" ", "_")
-    contract_data = _contract_data(name, meta, inference)
-    contract = ModelContract.model_validate(contract_data)  # names the bad field
-    folder = repository / name
-    (folder / "1").mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(
-        folder / CONTRACT_FILE,
-        (
-            f"# Derived from the MONAI bundle {bundle.name} {meta.get('version', '')}.\n"
-            + yaml.safe_dump(contract_data, sort_keys=False)
-        ).encode(),
-    )
-    atomic_write_bytes(
-        folder / "config.pbtxt",
-        _CONFIG.format(
-            bundle=bundle.name,
-            version=meta.get("version", ""),
-            name=name,
-            # Spatial sizes left free: patches, or whole volumes when the contract's
-            # sliding_window.runs_on is triton.
-            input_dims=", ".join(map(str, _free_spatial(contract.input.shape))),
-            output_dims=", ".join(map(str, _free_spatial(contract.output.shape))),
-            output_type="TYPE_FP16" if contract.output.dtype == "float16" else "TYPE_FP32",
-        ).encode(),
-    )
-    atomic_write_bytes(folder / "1" / "model.py", _MODEL_PY.format(name=name).encode())
-    tmp = folder / "1" / ".model.pt.tmp"
-    shutil.copyfile(weights, tmp)
-    tmp.replace(folder / "1" / "model.pt")
-    return load_contract(folder)
+    origin = f"Imported from the MONAI bundle {bundle.name} {meta.get('version', '')}".strip()
+    data = _contract_data(name, meta, inference)
+    return write_model_folder(repository, data, weights, origin + " (models import-bundle)")
 
 
 def _contract_data(name: str, meta: dict[str, Any], inference: dict[str, Any]) -> dict[str, Any]:
@@ -174,9 +120,4 @@ def _contract_data(name: str, meta: dict[str, Any], inference: dict[str, Any]) -
             "overlap": float(inferer.get("overlap", 0.25)),
             "batch_size": int(inferer.get("sw_batch_size", 4)),
         },
-        "weights": "model.pt",
     }
-
-
-def _free_spatial(shape: tuple[int, ...]) -> tuple[int, ...]:
-    return (shape[0], *(-1 for _ in shape[1:]))
