@@ -1,4 +1,5 @@
-"""`models build-demo`: train small TorchScript weights on synthetic data, offline, on CPU.
+"""`models build-demo`: train small weights on synthetic data, offline, on CPU, written as
+torch.export programs.
 
 Training inputs go through the same files and the same convert stage the worker uses
 (PNG/NIfTI written to disk, loaded, preprocessed by the contract), so the weights learn

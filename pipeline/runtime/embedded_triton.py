@@ -156,6 +156,6 @@ def check_weights(settings: Settings) -> None:
     if missing:
         raise PipelineError(
             f"no weights for {', '.join(missing)} in {repo}: run "
-            "`dicom-pipeline models build-demo` (demo weights) or put real TorchScript "
-            "weights in <model>/1/ (see docs/guides/models.md)"
+            "`dicom-pipeline models build-demo` (demo weights) or add real "
+            "weights with `models add` (see docs/guides/models.md)"
         )
