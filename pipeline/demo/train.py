@@ -78,7 +78,6 @@ def _save(
     net: nn.Module,
     contract: ModelContract,
     model_dir: Path,
-    example: torch.Tensor,
     accuracy: float,
     seconds: float,
 ) -> Path:
@@ -134,7 +133,7 @@ def build_mednist(model_dir: Path, work: Path, progress: Progress, per_class: in
     )
     acc = _accuracy(net, xt, yt, binary=False)
     progress(f"{contract.name}: held-out accuracy {acc:.3f}")
-    return _save(net, contract, model_dir, x[:1], acc, time.monotonic() - started)
+    return _save(net, contract, model_dir, acc, time.monotonic() - started)
 
 
 def build_covid(model_dir: Path, work: Path, progress: Progress, per_class: int = 40) -> Path:
@@ -159,7 +158,7 @@ def build_covid(model_dir: Path, work: Path, progress: Progress, per_class: int 
     _fit(net, x, y, bce, steps=150, batch=8, lr=3e-3, progress=progress, name=contract.name)
     acc = _accuracy(net, xt, yt, binary=True)
     progress(f"{contract.name}: held-out accuracy {acc:.3f}")
-    return _save(net, contract, model_dir, x[:1], acc, time.monotonic() - started)
+    return _save(net, contract, model_dir, acc, time.monotonic() - started)
 
 
 def _lesion_sample(
@@ -243,14 +242,7 @@ def build_lesion_segmentation(
     net.eval()
     dice = float(np.mean([_dice(net, x, y, patch) for x, y, _ in held_out]))
     progress(f"{contract.name}: held-out Dice {dice:.3f}")
-    return _save(
-        net,
-        contract,
-        model_dir,
-        torch.zeros(1, *contract.input.shape),
-        dice,
-        time.monotonic() - started,
-    )
+    return _save(net, contract, model_dir, dice, time.monotonic() - started)
 
 
 BUILDERS: dict[str, Callable[[Path, Path, Progress], Path]] = {
