@@ -187,28 +187,40 @@ def _explain(settings: Settings, name: str, study_uid: str) -> None:
 
 
 def _retrieve(settings: Settings, chosen: Pull) -> None:
+    """Run the pull with a progress bar (studies, and the instances of those in progress),
+    a line per study as it ends, and the totals; exit code 1 if a study failed."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
     from pipeline.tasks.enqueue import producer  # Celery, imported when there is work
 
     total = len(chosen.studies)
     handed = producer(settings)
-
-    def report(study: PulledStudy) -> None:
-        if study.state == "pending":
-            return
-        counts = chosen.counts()
-        end = study.reason or (f"job {study.job_id}" if study.job_id else "")
-        typer.echo(
-            f"[{total - counts['pending']}/{total}] {study.study_uid} {study.state}: "
-            f"{study.received} instances {end}".rstrip()
-        )
-
     typer.echo(f"pull {chosen.id}: {len(chosen.pending)} studies to retrieve")
-    run_pull(settings, chosen, handed.close, report)
+    with Progress(
+        "{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
+    ) as progress:
+        bar = progress.add_task("studies", total=total, completed=total - len(chosen.pending))
+
+        def report(study: PulledStudy) -> None:
+            if study.state == "pending":  # an update while its instances arrive
+                progress.update(bar, description=f"studies ({study.received} instances)")
+                return
+            progress.advance(bar)
+            end = study.reason or (f"job {study.job_id}" if study.job_id else "")
+            done = total - chosen.counts()["pending"]
+            progress.console.print(
+                f"[{done}/{total}] {study.study_uid} {study.state}: "
+                f"{study.received} instances {end}".rstrip(),
+                highlight=False,
+                soft_wrap=True,
+            )
+
+        run_pull(settings, chosen, handed.close, report)
     counts = chosen.counts()
+    again = f" (`dicom-pipeline pull --resume {chosen.id}` asks again)" if counts["failed"] else ""
     typer.echo(
         f"pull {chosen.id}: {counts['done']} retrieved, {counts['skipped']} skipped, "
-        f"{counts['failed']} failed"
-        + (f" (`dicom-pipeline pull --resume {chosen.id}` asks again)" if counts["failed"] else "")
+        f"{counts['failed']} failed{again}"
     )
     if counts["failed"]:
         raise typer.Exit(1)

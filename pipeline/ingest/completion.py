@@ -29,6 +29,7 @@ from pathlib import Path
 from pipeline.core.fsutil import atomic_write_json, fsync_dir
 from pipeline.core.instances import SUFFIX, InvalidUIDError, check_uid, spool_lock
 from pipeline.core.jobs import JOB_FILE, STUDY_FOLDER, Job, Reason, StudyRef, new_job_id, now
+from pipeline.ingest.pull.plan import moved_marker
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +239,8 @@ def close_study(spool: Path, done: Completed) -> Job | None:
     by :func:`pipeline.core.jobs.recover_staging`.
     """
     folder = spool / check_uid(done.study_uid, "StudyInstanceUID")
+    moved = moved_marker(spool, done.study_uid)  # a pull's C-MOVE brought it here
+    reason = Reason.PULLED if moved.exists() else done.reason
     with spool_lock(spool, exclusive=True):
         if not folder.is_dir():
             return None
@@ -260,7 +263,7 @@ def close_study(spool: Path, done: Completed) -> Job | None:
                 instances=sum(series.values()),
                 calling_aet=done.calling_aet,
                 called_aet=done.called_aet,
-                completed_by=done.reason.value,
+                completed_by=reason.value,
                 hold_until=now() + timedelta(seconds=done.hold_s) if done.hold_s else None,
             ),
         )
@@ -270,4 +273,5 @@ def close_study(spool: Path, done: Completed) -> Job | None:
         os.replace(folder, staging / STUDY_FOLDER)
         os.replace(staging, spool / job.id)
         fsync_dir(spool)
+    moved.unlink(missing_ok=True)
     return job

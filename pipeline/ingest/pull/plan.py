@@ -79,6 +79,12 @@ def staging(spool: Path, pull: Pull, study_uid: str) -> Path:
     return pulls_dir(spool) / pull.id / study_uid
 
 
+def moved_marker(spool: Path, study_uid: str) -> Path:
+    """Written before a C-MOVE of the study (``study_uid`` a checked UID): the receiver, which
+    gets the instances, closes the study as retrieved rather than as released."""
+    return pulls_dir(spool) / "moving" / study_uid
+
+
 def save(spool: Path, pull: Pull) -> None:
     pulls_dir(spool).mkdir(parents=True, exist_ok=True)
     atomic_write_json(pulls_dir(spool) / f"{pull.id}.json", pull.model_dump(mode="json"))

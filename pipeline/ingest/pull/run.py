@@ -27,7 +27,7 @@ from pipeline.core.network_settings import Source
 from pipeline.core.settings import Settings
 from pipeline.ingest.completion import Completed
 from pipeline.ingest.pull import peer, web
-from pipeline.ingest.pull.plan import PULLS, Pull, PulledStudy, save, staging
+from pipeline.ingest.pull.plan import PULLS, Pull, PulledStudy, moved_marker, save, staging
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +114,17 @@ def _ask(
 ) -> peer.Retrieved:
     source = settings.sources[pull.source]
     if source.url is None and source.retrieve == "move":
-        return peer.move(
-            source, study.study_uid, source.move_destination or settings.receiver.ae_title
-        )
+        marker = moved_marker(settings.spool_dir, study.study_uid)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(pull.id)  # before the instances can arrive
+        destination = source.move_destination or settings.receiver.ae_title
+        moved = peer.Retrieved(error="not asked")
+        try:
+            moved = peer.move(source, study.study_uid, destination)
+        finally:
+            if moved.completed == 0:
+                marker.unlink(missing_ok=True)  # nothing came: nothing to mark
+        return moved
 
     def progress(n: int) -> None:
         study.received = n
