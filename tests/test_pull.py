@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import pytest
 from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from pipeline.core.contract import discover_contracts
 from pipeline.core.errors import InputError
@@ -50,6 +52,7 @@ from .orthanc import DICOMWEB_PLUGIN, Orthanc, needs_orthanc, running_orthanc
 
 pytestmark = needs_orthanc
 
+STL_CLASS = "1.2.840.10008.5.1.4.1.1.104.3"  # Encapsulated STL Storage
 # accession number, study date
 STUDIES = (("ACC-JAN-1", "20260105"), ("ACC-JAN-2", "20260120"), ("ACC-FEB-1", "20260210"))
 
@@ -107,7 +110,12 @@ def _settings(tmp_path: Path, pacs: Pacs, web: bool = False, **source: Any) -> S
 
 def _pull(settings: Settings, criteria: peer.Criteria, jobs: list[Job]) -> plan.Pull:
     found = find(settings.sources["pacs"], criteria)
-    studies = [plan.PulledStudy(study_uid=m.study_uid, expected=m.instances) for m in found]
+    studies = [
+        plan.PulledStudy(
+            study_uid=m.study_uid, expected=m.instances, sop_classes=list(m.sop_classes)
+        )
+        for m in found
+    ]
     pull = plan.new_pull(settings.spool_dir, "pacs", studies, force=False)
     return run_pull(settings, pull, recording_producer(settings, jobs).close, lambda s: None)
 
@@ -405,3 +413,48 @@ def test_dcmtks_archive_is_a_second_dimse_peer(tmp_path: Path) -> None:
     finally:
         archive.terminate()
         archive.wait(10)
+
+
+def _stl_in(study: Path, pacs: Pacs) -> None:
+    """An Encapsulated STL (a 3D print of the anatomy), added to the study on the PACS: a
+    storage class outside pynetdicom's 120 most common."""
+    source = dcmread(next(study.iterdir()), stop_before_pixels=True)
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = STL_CLASS, generate_uid()
+    for keyword in ("StudyInstanceUID", "PatientID", "PatientName", "StudyDate", "StudyID"):
+        setattr(ds, keyword, source.get(keyword, ""))
+    ds.AccessionNumber = "ACC-FEB-1"
+    ds.SeriesInstanceUID, ds.Modality, ds.SeriesNumber = generate_uid(), "M3D", 99
+    ds.InstanceNumber, ds.MIMETypeOfEncapsulatedDocument = 1, "model/stl"
+    ds.EncapsulatedDocument = b"solid part\nendsolid part\n"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    path = study.parent / "stl.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    pacs.orthanc.post("/instances", path.read_bytes())
+
+
+def test_the_retrieve_proposes_the_studys_own_storage_classes(pacs: Pacs, tmp_path: Path) -> None:
+    _stl_in(tmp_path / "study-2", pacs)  # ACC-FEB-1's folder
+    settings = _settings(tmp_path, pacs, retries=1)
+    [match] = find(settings.sources["pacs"], peer.Criteria(accession="ACC-FEB-1"))
+    assert STL_CLASS in match.sop_classes and match.instances == 25
+    # The PACS said the study's classes: the C-GET proposes them, and all 25 come.
+    jobs: list[Job] = []
+    whole = _pull(settings, peer.Criteria(accession="ACC-FEB-1"), jobs)
+    assert [(s.state, s.received) for s in whole.studies] == [("done", 25)]
+    # Had it not said them, pynetdicom's 120 most common classes would be proposed, without
+    # the STL: Orthanc then refuses the whole retrieve (0xC000). Asked once more, the study
+    # becomes a failed item that says why.
+    item = plan.PulledStudy(study_uid=match.study_uid, expected=25)
+    pull = plan.new_pull(settings.spool_dir, "pacs", [item], force=True)
+    run_pull(settings, pull, recording_producer(settings, jobs).close, lambda s: None)
+    [study] = pull.studies
+    assert study.state == "failed" and len(jobs) == 1, study
+    assert study.reason is not None and "0xC000" in study.reason
+    assert "did not say the study's storage classes" in study.reason
+    [failed] = [p for p in settings.failed_dir.iterdir() if pull.id in p.name]
+    assert json.loads((failed / "error.json").read_text())["job"]["pull"] == pull.id
+    assert pull_lines(settings) == []  # failed, not pending: `pull --resume` asks again

@@ -108,6 +108,7 @@ def _listed(settings: Settings, m: Match) -> PulledStudy:
         modalities=m.modalities,
         description=m.description,
         expected=m.instances,
+        sop_classes=list(m.sop_classes),
     )
 
 

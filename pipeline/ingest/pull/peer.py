@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, StoragePresentationContexts, build_role, evt
+from pynetdicom import AE, StoragePresentationContexts, build_context, build_role, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
@@ -35,7 +35,9 @@ STUDY_KEYS = (
     "StudyDescription",
     "ModalitiesInStudy",
     "NumberOfStudyRelatedInstances",
+    "SOPClassesInStudy",
 )
+MAX_STORAGE_CONTEXTS = 126  # PS3.8: 128 contexts in all; one is the C-GET's own
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class Match:
     modalities: str
     description: str
     instances: int | None
+    sop_classes: tuple[str, ...] = ()  # SOPClassesInStudy, where the PACS answers it
 
 
 @dataclass
@@ -171,15 +174,23 @@ def match_of(identifier: Dataset) -> Match | None:
         log.warning("a C-FIND match without a valid Study Instance UID, left out")
         return None
     count = str(identifier.get("NumberOfStudyRelatedInstances", "") or "").strip()
-    modalities = identifier.get("ModalitiesInStudy", "")
     return Match(
         study_uid=uid,
         accession=str(identifier.get("AccessionNumber", "") or ""),
         date=str(identifier.get("StudyDate", "") or ""),
-        modalities="\\".join(modalities) if isinstance(modalities, list) else str(modalities),
+        modalities="\\".join(_values(identifier.get("ModalitiesInStudy"))),
         description=str(identifier.get("StudyDescription", "") or ""),
         instances=int(count) if count.isdigit() else None,
+        sop_classes=_values(identifier.get("SOPClassesInStudy")),
     )
+
+
+def _values(value: object) -> tuple[str, ...]:
+    """A multi-valued attribute's values (pydicom's MultiValue, or one string)."""
+    if not value:
+        return ()
+    items = str(value).split("\\") if isinstance(value, str) else list(value)  # type: ignore[call-overload]
+    return tuple(str(v) for v in items if str(v))
 
 
 def _identifier(study_uid: str) -> Dataset:
@@ -189,9 +200,18 @@ def _identifier(study_uid: str) -> Dataset:
     return ds
 
 
-def get(source: Source, study_uid: str, into: Path, progress: Callable[[int], None]) -> Retrieved:
+def get(
+    source: Source,
+    study_uid: str,
+    into: Path,
+    progress: Callable[[int], None],
+    sop_classes: tuple[str, ...] = (),
+) -> Retrieved:
     """C-GET the study; each instance is written whole into ``into`` (a staging folder) as it
-    arrives, ``progress`` told the count so far."""
+    arrives, ``progress`` told the count so far. The storage classes proposed are the study's
+    own (``sop_classes``, from the C-FIND) where the PACS said them, else pynetdicom's 120
+    most common: an association carries at most 128 presentation contexts, and an instance
+    of a class not proposed cannot be sent (counted as failed)."""
     into.mkdir(parents=True, exist_ok=True)
     done = Retrieved()
 
@@ -208,7 +228,11 @@ def get(source: Source, study_uid: str, into: Path, progress: Callable[[int], No
         progress(len(done.stored))
         return 0x0000
 
-    contexts = list(StoragePresentationContexts)
+    contexts = (
+        [build_context(uid) for uid in sop_classes[:MAX_STORAGE_CONTEXTS]]
+        if sop_classes
+        else list(StoragePresentationContexts)
+    )
     roles = [build_role(str(c.abstract_syntax), scp_role=True) for c in contexts]
     assoc = _associate(
         source,
@@ -223,6 +247,11 @@ def get(source: Source, study_uid: str, into: Path, progress: Callable[[int], No
         _count(responses, done)
     finally:
         assoc.release()
+    if (done.error or done.failed) and not sop_classes:
+        done.error = (done.error or f"{done.failed} instances were not sent") + (
+            "; the PACS did not say the study's storage classes at C-FIND, and one of them "
+            "may be outside the 120 proposed"
+        )
     return done
 
 

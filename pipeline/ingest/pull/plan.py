@@ -30,6 +30,7 @@ class PulledStudy(BaseModel):
     modalities: str = ""
     description: str = ""
     expected: int | None = None  # instances, as the PACS counts them
+    sop_classes: list[str] = []  # the study's storage classes, where the PACS said them
     state: State = "pending"
     received: int = 0
     job_id: str | None = None

@@ -104,6 +104,8 @@ def _retrieve(
             _hand_over(settings, pull, study, into, close)
             return
         error = got.error or f"{got.failed} of the study's instances were not sent"
+        if study.received:
+            error += f"; {study.received} instances came and are kept"
         log.warning("pull %s: study retrieve incomplete (%s), asking again", pull.id, error)
     study.state, study.reason = "failed", error
     _failed_item(settings, pull, study)
@@ -133,7 +135,7 @@ def _ask(
 
     if source.url is not None:
         return web.get(source, study.study_uid, into, progress, study.expected)
-    return peer.get(source, study.study_uid, into, progress)
+    return peer.get(source, study.study_uid, into, progress, tuple(study.sop_classes))
 
 
 def _hand_over(
