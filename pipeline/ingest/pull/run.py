@@ -44,18 +44,16 @@ def run_pull(settings: Settings, pull: Pull, close: Close, report: Report) -> Pu
     """Retrieve every pending study of ``pull``; returns it, saved, with each study's end."""
     source = settings.sources[pull.source]
     lock = threading.Lock()  # one writer of the pull's file at a time
-    gate = threading.Semaphore(source.max_parallel)
     stop = threading.Event()  # set by an interruption: no study is started after it
 
     def one(study: PulledStudy) -> None:
-        with gate:
-            if stop.is_set():
-                return
-            try:
-                _one(study)
-            except BaseException:
-                stop.set()
-                raise
+        if stop.is_set():
+            return
+        try:
+            _one(study)
+        except BaseException:
+            stop.set()
+            raise
 
     def _one(study: PulledStudy) -> None:
         if not pull.force and has_results(settings, study.study_uid):
@@ -67,6 +65,7 @@ def run_pull(settings: Settings, pull: Pull, close: Close, report: Report) -> Pu
         report(study)
         time.sleep(source.pause_s)
 
+    # max_parallel workers: at most that many studies are being retrieved at once
     with ThreadPoolExecutor(max_workers=source.max_parallel) as pool:
         futures = [pool.submit(one, s) for s in pull.pending]
         try:
