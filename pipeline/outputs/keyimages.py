@@ -105,21 +105,24 @@ def gray(values: np.ndarray, shown: tuple[float, float] | None, inverted: bool) 
 
 def outline(mask: np.ndarray) -> np.ndarray:
     """The pixels of a 2D mask on its border, thickened inwards on larger images."""
-    border: np.ndarray = mask & ~ndimage.binary_erosion(mask)
-    if max(mask.shape) >= 256:
-        border |= mask & ~ndimage.binary_erosion(mask, iterations=2)
+    width = 2 if max(mask.shape) >= 256 else 1
+    border: np.ndarray = mask & ~ndimage.binary_erosion(mask, iterations=width)
     return border
 
 
+def _text_size(rows: int) -> int:
+    return max(9, rows // 36)
+
+
 def _font(rows: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    return ImageFont.load_default(size=max(9, rows // 36))
+    return ImageFont.load_default(size=_text_size(rows))
 
 
 def _banner_font(
     img: Image.Image, lines: list[str]
 ) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     """The body text's size, smaller where a line would not fit the image's width."""
-    size = max(9, img.height // 36)
+    size = _text_size(img.height)
     while True:
         font = ImageFont.load_default(size=size)
         if size <= 7 or all(font.getlength(line) <= img.width - 8 for line in lines):

@@ -12,7 +12,7 @@ import logging
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,7 +21,7 @@ from pydicom.dataset import Dataset
 
 from pipeline.core import observe
 from pipeline.core.fsutil import atomic_write_json
-from pipeline.core.instances import adopt_instance, file_identity, spool_lock
+from pipeline.core.instances import adopt_instance, file_identity
 from pipeline.core.jobs import Job, Reason
 from pipeline.core.network_settings import Source
 from pipeline.core.settings import Settings
@@ -95,9 +95,8 @@ def _retrieve(
             error = str(exc)
             observe.count("pull_failures", pull.source)
             continue
-        study.received = (
-            len(list(into.glob("*.dcm"))) if source.retrieve == "get" else got.completed
-        )
+        staged = len(list(into.glob("*.dcm")))
+        study.received = got.completed if _moved(settings, pull) else staged
         observe.count("pulled_instances", pull.source, amount=got.completed)
         if got.whole:
             _hand_over(settings, pull, study, into, close)
@@ -147,15 +146,13 @@ def _hand_over(
     observe.count("pulled_studies", pull.source)
     if _moved(settings, pull):
         return
-    spool = settings.spool_dir
-    with spool_lock(spool, exclusive=False):
-        for path in sorted(into.glob("*.dcm")):
-            uids = file_identity(path)
-            if uids is None or uids.study != study.study_uid:
-                log.warning("pull %s: an instance not of the study asked for, left out", pull.id)
-                path.unlink()
-                continue
-            adopt_instance(spool, uids, path)
+    for path in sorted(into.glob("*.dcm")):
+        uids = file_identity(path)
+        if uids is None or uids.study != study.study_uid:
+            log.warning("pull %s: an instance not of the study asked for, left out", pull.id)
+            path.unlink()
+            continue
+        adopt_instance(settings.spool_dir, uids, path)  # under the spool's shared lock
     shutil.rmtree(into, ignore_errors=True)
     source = settings.sources[pull.source]
     job = close(Completed(study.study_uid, Reason.PULLED, datetime.now(UTC), source.ae_title, None))
@@ -181,35 +178,31 @@ def series_of(source: Source, study_uid: str) -> list[Dataset]:
 def record_unmatched(settings: Settings, source: str, unmatched: list[str]) -> Path:
     """A failed item for the criteria of a pull that matched nothing on the source (an
     accession number mistyped in a research list, a study deleted since)."""
-    at = datetime.now(UTC)
-    folder = settings.failed_dir / f"pull-{at:%Y%m%dT%H%M%S%fZ}-unmatched"
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(
-        folder / "error.json",
-        {
-            "type": "NoMatch",
-            "message": f"no match on {source}: " + "; ".join(unmatched),
-            "stage": "pull",
-            "time": at.isoformat(),
-            "job": {"source": source, "unmatched": unmatched},
-        },
-    )
-    return folder
+    name = f"pull-{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}-unmatched"
+    message = f"no match on {source}: " + "; ".join(unmatched)
+    return _failed(settings, name, "NoMatch", message, {"source": source, "unmatched": unmatched})
 
 
 def _failed_item(settings: Settings, pull: Pull, study: PulledStudy) -> None:
     """``data/failed/pull-<id>-<n>/error.json`` says what failed; what arrived stays staged
     under the pull for `pull --resume` to complete."""
-    number = pull.studies.index(study) + 1
-    folder = settings.failed_dir / f"pull-{pull.id}-{number}"
+    name = f"pull-{pull.id}-{pull.studies.index(study) + 1}"
+    job = {"pull": pull.id, "source": pull.source, "study_uid": study.study_uid}
+    _failed(settings, name, "PullError", study.reason or "", job)
+
+
+def _failed(
+    settings: Settings, name: str, kind: str, message: str, job: Mapping[str, object]
+) -> Path:
+    """A failed item of a pull: ``data/failed/<name>/error.json``."""
+    folder = settings.failed_dir / name
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(
-        folder / "error.json",
-        {
-            "type": "PullError",
-            "message": study.reason,
-            "stage": "pull",
-            "time": datetime.now(UTC).isoformat(),
-            "job": {"pull": pull.id, "source": pull.source, "study_uid": study.study_uid},
-        },
-    )
+    record = {
+        "type": kind,
+        "message": message,
+        "stage": "pull",
+        "time": datetime.now(UTC).isoformat(),
+        "job": job,
+    }
+    atomic_write_json(folder / "error.json", record)
+    return folder
