@@ -161,3 +161,11 @@ def test_weights_built_here_never_show_as_changes_to_the_checkout() -> None:
         check=False,
     ).stdout.split()
     assert sorted(ignored) == sorted(str(p.relative_to(ROOT)) for p in written)
+
+
+def test_the_triton_image_has_the_workers_torch() -> None:
+    """Weights written by `models export` or `build-demo` (the worker's torch) load in the
+    Triton image's python backend: one torch version for both."""
+    pinned = re.findall(r'"torch==([\d.]+)"', (ROOT / "pyproject.toml").read_text())
+    image = re.findall(r'"torch==([\d.]+)"', (DEPLOY / "triton" / "Dockerfile").read_text())
+    assert len(pinned) == 1 and image == pinned

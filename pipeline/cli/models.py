@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from pipeline.cli.common import fail, load
+from pipeline.core.contract import Backend
 from pipeline.core.errors import PipelineError
 
 app = typer.Typer(no_args_is_help=True, help="The Triton model repository.")
@@ -25,7 +26,7 @@ def models_list() -> None:
         state = "weights present" if weights.is_file() else "NO WEIGHTS (run models build-demo)"
         typer.echo(
             f"{name}: {c.spatial_dims}D {'/'.join(k.value for k in c.accepts)} -> "
-            f"{', '.join(c.labels)} [{state}]"
+            f"{', '.join(c.labels)}, {c.weights_format.value} on {c.backend.value} [{state}]"
         )
 
 
@@ -91,6 +92,13 @@ def models_add(
     contract: Annotated[
         Path | None, typer.Option(help="A contract.yaml with the model's essentials.")
     ] = None,
+    backend: Annotated[
+        Backend | None,
+        typer.Option(
+            help="The Triton backend that serves it (default: the contract's, else "
+            "onnxruntime for .onnx, tensorrt for .plan, python for .pt2, .pt and .ts)."
+        ),
+    ] = None,
 ) -> None:
     """Add a model from its weights file and a contract; served by Triton once restarted."""
     from pipeline.inference.model_folder import add_model
@@ -98,13 +106,15 @@ def models_add(
     settings = load()
     repo = settings.triton.model_repository
     try:
-        made = add_model(repo, weights, name, like, contract)
+        made = add_model(repo, weights, name, like, contract, backend)
     except PipelineError as exc:
         raise fail(str(exc)) from None
     typer.echo(
-        f"{made.name}: {made.weights_format.value} weights, input {list(made.input.shape)}, "
-        f"labels {', '.join(made.labels)}; written to {repo / made.name}. Restart Triton (or "
-        f"`up`) to serve it, then `dicom-pipeline models check {made.name}`"
+        f"{made.name}: {made.weights_format.value} weights on the {made.backend.value} "
+        f"backend, input {made.input.name} {list(made.input.shape)}, output "
+        f"{made.output.name} {list(made.output.shape)}, labels {', '.join(made.labels)}; "
+        f"written to {repo / made.name}. Restart Triton (or `up`) to serve it, then "
+        f"`dicom-pipeline models check {made.name}`"
     )
 
 
@@ -114,6 +124,7 @@ def models_check(name: Annotated[str, typer.Argument(help="A model of the reposi
     the answer's shape, dtype and time."""
     from pipeline.cli.common import triton_url
     from pipeline.core.contract import load_contract
+    from pipeline.core.errors import ModelNotFoundError
     from pipeline.inference.model_check import check_model
     from pipeline.inference.triton_client import TritonClient
 
@@ -123,10 +134,13 @@ def models_check(name: Annotated[str, typer.Argument(help="A model of the reposi
         raise fail("no Triton is running: start `dicom-pipeline up` (or set triton.url)")
     try:
         contract = load_contract(settings.triton.model_repository / name)
-        client = TritonClient(url, settings.triton)
-        checked = check_model(client, contract)
+        with TritonClient(url, settings.triton) as client:
+            checked = check_model(client, contract)
     except (OSError, ValueError, PipelineError) as exc:
-        raise fail(f"{name}: {exc}") from None
+        why = ""
+        if isinstance(exc, ModelNotFoundError) and contract.backend is Backend.TENSORRT:
+            why = " (a TensorRT plan needs Triton's tensorrt backend, which the embedded one lacks)"
+        raise fail(f"{name}: {exc}{why}") from None
     typer.echo(
         f"{name} (version {checked.version}): output {list(checked.shape)} {checked.dtype} in "
         f"{checked.milliseconds} ms{'' if checked.finite else ', NOT FINITE'}"

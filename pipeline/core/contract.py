@@ -7,6 +7,7 @@ the two sides cannot drift apart.
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
@@ -37,6 +38,7 @@ class WeightsFormat(StrEnum):
     TORCH_EXPORT = "torch_export"  # .pt2: torch.export.save, loaded by torch.export.load
     ONNX = "onnx"  # .onnx: served by ONNX Runtime
     TORCHSCRIPT = "torchscript"  # .pt, .ts: torch.jit (MONAI bundles ship it)
+    TENSORRT = "tensorrt"  # .plan: a TensorRT engine, built for one GPU model
 
 
 WEIGHT_FORMATS = {
@@ -44,6 +46,24 @@ WEIGHT_FORMATS = {
     ".onnx": WeightsFormat.ONNX,
     ".pt": WeightsFormat.TORCHSCRIPT,
     ".ts": WeightsFormat.TORCHSCRIPT,
+    ".plan": WeightsFormat.TENSORRT,
+}
+
+
+class Backend(StrEnum):
+    """The Triton backend that serves a model in production."""
+
+    PYTHON = "python"  # every format but TensorRT; answers probabilities, can run the window
+    ONNXRUNTIME = "onnxruntime"  # .onnx, on ONNX Runtime (CUDA or CPU) without Python
+    PYTORCH = "pytorch"  # .pt/.ts TorchScript, on LibTorch without Python
+    TENSORRT = "tensorrt"  # .plan, on TensorRT (GPU only)
+
+
+# The formats a native backend loads; the python backend loads all but TensorRT plans.
+NATIVE_FORMATS = {
+    Backend.ONNXRUNTIME: WeightsFormat.ONNX,
+    Backend.PYTORCH: WeightsFormat.TORCHSCRIPT,
+    Backend.TENSORRT: WeightsFormat.TENSORRT,
 }
 
 
@@ -140,7 +160,11 @@ class ModelContract(BaseModel):
     spatial_dims: Literal[2, 3] = Field(description="2D images or 3D volumes.")
     accepts: tuple[InputKind, ...] = Field(description="The input kinds routed to it.")
     input: TensorSpec = Field(description="The input tensor.")
-    output: TensorSpec = Field(description="The output tensor: one value per label.")
+    output: TensorSpec = Field(
+        description="The output tensor as served: with the python backend, the probabilities "
+        "(one per label; a segmentation's per voxel); with a native backend, the network's "
+        "own output (its logits: one per label, or one for a sigmoid model)"
+    )
     activation: Activation = Field(description="How its logits become probabilities.")
     labels: tuple[str, ...] = Field(description="The labels, in the output's order.")
     threshold: float = Field(default=0.5, gt=0.0, lt=1.0, description="sigmoid models only")
@@ -150,7 +174,17 @@ class ModelContract(BaseModel):
     weights: str = Field(
         default="model.pt",
         description="The weights file in the version folder; its suffix names its format: "
-        ".pt2 a torch.export program, .onnx an ONNX model, .pt or .ts TorchScript.",
+        ".pt2 a torch.export program, .onnx an ONNX model, .pt or .ts TorchScript, .plan a "
+        "TensorRT engine.",
+    )
+    backend: Backend = Field(
+        default=Backend.PYTHON,
+        description="The Triton backend that serves it: python (any format but .plan; "
+        "applies the activation and can run the sliding window), or a native one that runs "
+        "the network without Python and answers its logits, the worker applying the "
+        "activation: onnxruntime (.onnx), pytorch (TorchScript), tensorrt (.plan). A Triton "
+        "without that backend (the embedded one) serves the model through the python backend "
+        "with the same answers, a TensorRT plan excepted",
     )
     sliding_window: SlidingWindow = SlidingWindow()
     min_lesion_ml: float = Field(
@@ -165,12 +199,22 @@ class ModelContract(BaseModel):
     def weights_format(self) -> WeightsFormat:
         return WEIGHT_FORMATS[Path(self.weights).suffix.lower()]
 
+    @property
+    def serves_logits(self) -> bool:
+        """Whether Triton answers the network's logits (a native backend) rather than the
+        probabilities (the python backend applies the activation)."""
+        return self.backend is not Backend.PYTHON
+
+    def served_output_shape(self) -> tuple[int, ...]:
+        """What a native backend answers for one patch or image: the network's output."""
+        return logits_shape(self.task, self.activation, len(self.labels), self.input.shape)
+
     @model_validator(mode="after")
     def _consistent(self) -> ModelContract:
         if Path(self.weights).suffix.lower() not in WEIGHT_FORMATS or "/" in self.weights:
             raise ValueError(
                 f"weights {self.weights!r}: a file name ending .pt2 (torch.export), .onnx "
-                "(ONNX) or .pt/.ts (TorchScript)"
+                "(ONNX), .pt/.ts (TorchScript) or .plan (TensorRT)"
             )
         if len(self.input.shape) != self.spatial_dims + 1:
             raise ValueError(
@@ -178,7 +222,11 @@ class ModelContract(BaseModel):
             )
         if self.input.dtype != "float32":
             raise ValueError("input.dtype must be float32")
-        if self.task is Task.SEGMENTATION:
+        if self.serves_logits:
+            self._native_consistent()
+        elif self.weights_format is WeightsFormat.TENSORRT:
+            raise ValueError("a TensorRT plan (.plan) is served by backend: tensorrt only")
+        elif self.task is Task.SEGMENTATION:
             patch = self.input.shape[1:]
             allowed = ((len(self.labels), *patch), (len(self.labels) - 1, *patch))
             if self.output.shape not in allowed or self.activation is not Activation.SOFTMAX:
@@ -194,6 +242,31 @@ class ModelContract(BaseModel):
             raise ValueError("a sigmoid model has exactly two labels: negative, positive")
         return self
 
+    def _native_consistent(self) -> None:
+        served = NATIVE_FORMATS[self.backend]
+        if self.weights_format is not served:
+            raise ValueError(
+                f"backend {self.backend.value} serves {served.value} weights, not {self.weights}"
+            )
+        if self.output.shape != self.served_output_shape():
+            raise ValueError(
+                f"backend {self.backend.value} answers the network's output: output.shape "
+                f"{self.served_output_shape()} (its logits), not {self.output.shape}"
+            )
+        if self.task is Task.SEGMENTATION and self.activation is not Activation.SOFTMAX:
+            raise ValueError("a segmentation model's logits are one per label: softmax")
+        if self.task is Task.SEGMENTATION and self.sliding_window.runs_on == "triton":
+            raise ValueError(
+                f"backend {self.backend.value} runs the network only: the sliding window runs "
+                "on the worker (sliding_window.runs_on: worker)"
+            )
+        if self.backend is Backend.PYTORCH and not all(
+            re.fullmatch(r".+__\d+", name) for name in (self.input.name, self.output.name)
+        ):
+            raise ValueError(
+                "backend pytorch names tensors <name>__<index>, e.g. INPUT__0 and LOGITS__0"
+            )
+
     def output_shape(self, item_shape: tuple[int, ...]) -> tuple[int, ...]:
         """The answer's shape for one input of ``item_shape`` (without the batch dimension):
         a segmentation model answers on the input's own voxels, a patch or a whole volume."""
@@ -206,6 +279,16 @@ class ModelContract(BaseModel):
         """A segmentation output without the first label's (background's) channel: its
         probability is 1 minus the sum of the others'."""
         return self.task is Task.SEGMENTATION and self.output.shape[0] == len(self.labels) - 1
+
+
+def logits_shape(
+    task: Task, activation: Activation, labels: int, input_shape: tuple[int, ...]
+) -> tuple[int, ...]:
+    """A network's output for one input: a logit per label (per voxel for a segmentation), or
+    one for a sigmoid classifier."""
+    if task is Task.SEGMENTATION:
+        return (labels, *input_shape[1:])
+    return (1,) if activation is Activation.SIGMOID else (labels,)
 
 
 def load_contract(model_dir: Path) -> ModelContract:

@@ -58,7 +58,7 @@ def exported(net: nn.Module, contract: ModelContract, fmt: WeightsFormat) -> byt
                     (example,),
                     str(path),
                     input_names=[contract.input.name],
-                    output_names=[contract.output.name],
+                    output_names=["LOGITS"],  # what the network answers
                     dynamic_shapes=({0: batch},),
                     dynamo=True,
                     external_data=False,  # one file: the weights inside (up to 2 GB)

@@ -1,7 +1,8 @@
 """A Triton model folder written from a weights file and its contract: ``contract.yaml``,
-``config.pbtxt`` for the python backend (which serves every format the contract names:
-:mod:`pipeline.serving.loaders`), ``1/model.py`` and ``1/model.<suffix>``. Used by
-``models add`` and ``models import-bundle``."""
+``config.pbtxt`` for the contract's backend (:mod:`pipeline.inference.triton_config`),
+``1/model.py`` for the python backend (which serves every format but TensorRT's:
+:mod:`pipeline.serving.loaders`, and stands in for a native backend a Triton lacks), and
+``1/model.<suffix>``. Used by ``models add`` and ``models import-bundle``."""
 
 from __future__ import annotations
 
@@ -12,9 +13,29 @@ from typing import Any
 
 import yaml
 
-from pipeline.core.contract import CONTRACT_FILE, WEIGHT_FORMATS, ModelContract, load_contract
+from pipeline.core.contract import (
+    CONTRACT_FILE,
+    WEIGHT_FORMATS,
+    Activation,
+    Backend,
+    ModelContract,
+    Task,
+    WeightsFormat,
+    load_contract,
+    logits_shape,
+)
 from pipeline.core.errors import InputError
 from pipeline.core.fsutil import atomic_write_bytes
+from pipeline.inference.onnx_graph import graph_of
+from pipeline.inference.triton_config import config_text
+
+# The backend a weights file gets unless told: the native one where it needs no Python.
+DEFAULT_BACKEND = {
+    WeightsFormat.ONNX: Backend.ONNXRUNTIME,
+    WeightsFormat.TENSORRT: Backend.TENSORRT,
+    WeightsFormat.TORCH_EXPORT: Backend.PYTHON,
+    WeightsFormat.TORCHSCRIPT: Backend.PYTHON,
+}
 
 MODEL_PY = '''"""Triton python-backend entry point of {name} ({origin})."""
 
@@ -25,22 +46,6 @@ class TritonPythonModel(TorchScriptClassifier):
     pass
 '''
 
-CONFIG = """# {origin}
-name: "{name}"
-backend: "python"
-max_batch_size: 8
-input [
-  {{ name: "{input_name}", data_type: TYPE_FP32, dims: [ {input_dims} ] }}
-]
-output [
-  {{ name: "{output_name}", data_type: {output_type}, dims: [ {output_dims} ] }}
-]
-dynamic_batching {{
-  max_queue_delay_microseconds: 2000
-}}
-instance_group [ {{ count: 1 }} ]
-"""
-
 
 def write_model_folder(
     repository: Path, data: dict[str, Any], weights: Path, origin: str
@@ -49,8 +54,10 @@ def write_model_folder(
     bad field) and the weights file, copied as ``1/model<suffix>``."""
     suffix = weights.suffix.lower()
     if suffix not in WEIGHT_FORMATS:
-        raise InputError(f"{weights.name}: weights end .pt2, .onnx, .pt or .ts")
+        raise InputError(f"{weights.name}: weights end .pt2, .onnx, .pt, .ts or .plan")
     data = {**data, "weights": f"model{suffix}"}
+    if suffix == ".onnx":
+        data = _onnx_names(data, weights)
     name = str(data.get("name", ""))
     if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
         raise InputError(f"{name!r}: model names are letters, digits, _ and -")
@@ -62,7 +69,7 @@ def write_model_folder(
     (folder / "1").mkdir(parents=True, exist_ok=True)
     text = f"# {origin}\n" + yaml.safe_dump(_plain(data), sort_keys=False)
     atomic_write_bytes(folder / CONTRACT_FILE, text.encode())
-    atomic_write_bytes(folder / "config.pbtxt", _config(contract, origin).encode())
+    atomic_write_bytes(folder / "config.pbtxt", config_text(contract, origin).encode())
     atomic_write_bytes(
         folder / "1" / "model.py", MODEL_PY.format(name=name, origin=origin).encode()
     )
@@ -70,25 +77,6 @@ def write_model_folder(
     shutil.copyfile(weights, tmp)
     tmp.replace(folder / "1" / contract.weights)
     return load_contract(folder)
-
-
-def _config(contract: ModelContract, origin: str) -> str:
-    # A segmentation model's spatial sizes are left free: patches, or whole volumes when its
-    # sliding_window.runs_on is triton.
-    free = contract.task == "segmentation"
-    return CONFIG.format(
-        origin=origin,
-        name=contract.name,
-        input_name=contract.input.name,
-        input_dims=_dims(contract.input.shape, free),
-        output_name=contract.output.name,
-        output_type="TYPE_FP16" if contract.output.dtype == "float16" else "TYPE_FP32",
-        output_dims=_dims(contract.output.shape, free),
-    )
-
-
-def _dims(shape: tuple[int, ...], free: bool) -> str:
-    return ", ".join(map(str, (shape[0], *(-1 for _ in shape[1:])) if free else shape))
 
 
 def _plain(value: Any) -> Any:
@@ -101,19 +89,93 @@ def _plain(value: Any) -> Any:
 
 
 def contract_like(repository: Path, model: str, name: str) -> dict[str, Any]:
-    """An existing model's contract, renamed: for the same model in another format."""
+    """An existing model's contract, renamed, without what depends on the backend (the
+    output as served, the backend): for the same model in another format."""
     try:
         contract = load_contract(repository / model)
     except (OSError, ValueError) as exc:
         raise InputError(f"no model {model!r} in {repository} to take the contract of") from exc
-    return {**contract.model_dump(mode="json", exclude_defaults=True), "name": name}
+    data = contract.model_dump(mode="json", exclude_defaults=True)
+    if contract.serves_logits:  # the probabilities the python backend answers
+        shape = contract.output_shape(contract.input.shape)
+        data["output"] = {"name": "PROBABILITIES", "shape": list(shape)}
+        if contract.activation == "sigmoid":
+            data["output"]["shape"] = [2]
+    data.pop("backend", None)
+    return {**data, "name": name}
+
+
+def with_backend(
+    data: dict[str, Any], backend: Backend | None, taken: bool = False
+) -> dict[str, Any]:
+    """The contract ``data`` for ``backend`` (by default its own, else its weights'
+    format's): a native backend answers the network's logits, under the names its
+    conventions ask (LibTorch: ``<name>__<index>``), the sliding window on the worker.
+    ``taken``: the contract is another model's, its output the python backend's choice."""
+    fmt = WEIGHT_FORMATS[Path(str(data["weights"])).suffix.lower()]
+    chosen = backend or Backend(data.get("backend") or DEFAULT_BACKEND[fmt])
+    data = {**data, "backend": chosen.value}
+    if chosen is Backend.PYTHON:
+        return data
+    inp, out = dict(data.get("input") or {}), dict(data.get("output") or {})
+    try:
+        shape = logits_shape(
+            Task(data.get("task", Task.CLASSIFICATION)),
+            Activation(data["activation"]),
+            len(data["labels"]),
+            tuple(inp["shape"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(
+            f"{data.get('name')}: not a valid contract: it needs input.shape, labels and "
+            f"activation ({type(exc).__name__}: {exc})"
+        ) from None
+    out["shape"] = list(shape)
+    if taken or chosen is not Backend.TENSORRT:  # an engine may answer float16, if told so
+        out["dtype"] = "float32"  # (an ONNX graph's own type is read from it)
+    if taken or not out.get("name"):
+        out["name"] = "LOGITS"  # (an ONNX graph's own name is read from it)
+    if chosen is Backend.PYTORCH:
+        if not re.fullmatch(r".+__\d+", str(inp.get("name", ""))):
+            inp["name"] = "INPUT__0"
+        if not re.fullmatch(r".+__\d+", str(out.get("name", ""))):
+            out["name"] = "LOGITS__0"
+    window = {**dict(data.get("sliding_window") or {}), "runs_on": "worker"}
+    return {**data, "input": inp, "output": out, "sliding_window": window}
+
+
+def _onnx_names(data: dict[str, Any], weights: Path) -> dict[str, Any]:
+    """The contract's tensors named and typed as the ONNX graph names them (a native backend
+    looks them up by name); InputError where the graph's input cannot take the contract's."""
+    try:
+        graph = graph_of(weights)
+    except ValueError as exc:
+        raise InputError(f"{weights.name}: {exc}") from None
+    inp, out = dict(data.get("input") or {}), dict(data.get("output") or {})
+    expected = tuple(inp.get("shape") or ())
+    if not graph.accepts(expected):
+        raise InputError(
+            f"{weights.name} takes inputs of shape {list(graph.input_shape)}; the contract's "
+            f"input.shape is [batch, {', '.join(map(str, expected))}]"
+        )
+    if data.get("backend", "python") == "python":  # it feeds and reads the graph by position
+        return data
+    inp["name"], out["name"], out["dtype"] = graph.input_name, graph.output_name, graph.output_dtype
+    return {**data, "input": inp, "output": out}
 
 
 def add_model(
-    repository: Path, weights: Path, name: str, like: str | None, contract_file: Path | None
+    repository: Path,
+    weights: Path,
+    name: str,
+    like: str | None,
+    contract_file: Path | None,
+    backend: Backend | None = None,
 ) -> ModelContract:
     """``models add``: a weights file and a contract (another model's, or a YAML file with the
-    essentials: input shape, labels, activation, preprocessing) as a new model folder."""
+    essentials: input shape, labels, activation, preprocessing) as a new model folder, for
+    ``backend`` (by default the contract's, else the native one of its format where the
+    network alone is served: ONNX Runtime for ``.onnx``, TensorRT for ``.plan``)."""
     if not weights.is_file():
         raise InputError(f"no weights file {weights}")
     if (like is None) == (contract_file is None):
@@ -128,4 +190,8 @@ def add_model(
             raise InputError(f"cannot read the contract {contract_file}: {exc}") from None
     if (repository / name).exists():
         raise InputError(f"a model {name!r} is already in {repository}")
+    if weights.suffix.lower() not in WEIGHT_FORMATS:
+        raise InputError(f"{weights.name}: weights end .pt2, .onnx, .pt, .ts or .plan")
+    data = {**data, "weights": f"model{weights.suffix.lower()}"}
+    data = with_backend(data, backend, taken=like is not None)
     return write_model_folder(repository, data, weights, f"Added from {weights.name} (models add)")

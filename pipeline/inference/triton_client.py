@@ -191,6 +191,8 @@ class TritonClient:
             response = result.get_response()
             version = str(response.model_version if grpc else response.get("model_version", ""))
             probs = self._output(result, contract, region)
+            if contract.serves_logits:
+                probs = _activated(contract, probs)
         except (InferenceServerException, OSError) as exc:
             if shm is not None and "shared memory" in _message(exc).lower():
                 raise triton_shm.ForgottenError(_message(exc)) from exc
@@ -259,6 +261,16 @@ def _half_to_float(half: np.ndarray) -> np.ndarray:
     # The copy makes the array writable (torch refuses read-only buffers without a warning).
     converted: np.ndarray = torch.from_numpy(np.array(half)).to(torch.float32).numpy()
     return converted
+
+
+def _activated(contract: ModelContract, logits: np.ndarray) -> np.ndarray:
+    """A native backend's logits as the probabilities the python backend would answer."""
+    import torch
+
+    from pipeline.serving.activation import probabilities
+
+    p: np.ndarray = probabilities(contract, torch.from_numpy(logits)).float().numpy()
+    return p
 
 
 def _opt(path: Any) -> str | None:

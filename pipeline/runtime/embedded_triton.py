@@ -3,7 +3,8 @@
 What it needs (see FIELD_NOTES): a backend directory we own with the python-backend stub for
 the running Python copied in (site-packages is never modified), the wheel's library folder on
 ``LD_LIBRARY_PATH``, and this virtual environment's ``bin/`` first on ``PATH`` so the stub's
-embedded interpreter finds torch, monai and this package.
+embedded interpreter finds torch, monai and this package. The wheel carries the python backend
+only: models on native backends are served through it (:mod:`pipeline.runtime.served_models`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.fsutil import atomic_write_json
 from pipeline.core.settings import Settings
 from pipeline.runtime.process import ManagedProcess, free_port
+from pipeline.runtime.served_models import served_repository
 
 
 def _pytriton_dir() -> Path:
@@ -112,6 +114,8 @@ def start(settings: Settings) -> tuple[ManagedProcess, TritonEndpoints]:
     repo = t.model_repository.resolve()
     if not repo.is_dir():
         raise RuntimeError(f"model repository {repo} does not exist")
+    backends = prepare_backends(run)
+    repo = served_repository(repo, backends, run / "triton" / "models").repository
     http_port = t.http_port or free_port()
     grpc_port = t.grpc_port or free_port()
     metrics_port = t.metrics_port or free_port()
@@ -119,7 +123,7 @@ def start(settings: Settings) -> tuple[ManagedProcess, TritonEndpoints]:
     argv = [
         str(SERVER_DIR / "bin" / "tritonserver"),
         f"--model-repository={repo}",
-        f"--backend-directory={prepare_backends(run)}",
+        f"--backend-directory={backends}",
         "--http-address=127.0.0.1",
         f"--http-port={http_port}",
         "--grpc-address=127.0.0.1",

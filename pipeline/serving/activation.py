@@ -1,7 +1,8 @@
 """What a served model answers: its logits turned into the probabilities its contract names.
 
-Used by the python backend inside Triton, and by the inference benchmark's in-process run, so
-the two compute the same thing.
+Used by the python backend inside Triton, by the worker for a model on a native backend (which
+answers logits), and by the inference benchmark's in-process run, so all compute the same
+thing.
 """
 
 from __future__ import annotations
@@ -24,3 +25,12 @@ def probabilities(contract: ModelContract, logits: torch.Tensor) -> torch.Tensor
         positive = torch.sigmoid(logits.float().reshape(len(logits), 1))
         p = torch.cat([1.0 - positive, positive], dim=1)
     return p.to(DTYPES[contract.output.dtype]).contiguous()
+
+
+def served(contract: ModelContract, logits: torch.Tensor) -> torch.Tensor:
+    """What the python backend answers: the probabilities, or for a contract that names a
+    native backend (served here where that backend is missing) the logits as that backend
+    would answer them, so the worker treats both alike."""
+    if contract.serves_logits:
+        return logits.to(DTYPES[contract.output.dtype]).contiguous()
+    return probabilities(contract, logits)

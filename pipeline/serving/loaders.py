@@ -7,8 +7,9 @@ batch tensor to the model's output tensor, on the instance's device.
 - **TorchScript** (``.pt``, ``.ts``): ``torch.jit.load``, for the models that ship in it (MONAI
   bundles).
 
-On a GPU server, Triton's native backends (``onnxruntime``, ``pytorch``) serve the first two
-without this python backend; the model guide says how (docs/guides/models.md)."""
+A contract may name a native backend instead (``onnxruntime``, ``pytorch``, ``tensorrt``),
+which serves the model without Python on a GPU server; where the Triton lacks it, the python
+backend serves the model with this loader (docs/guides/models.md)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ def load_net(contract: ModelContract, weights: Path, device: torch.device) -> Ne
         return moved
     if fmt is WeightsFormat.ONNX:
         return _onnx(contract, weights, device)
+    if fmt is WeightsFormat.TENSORRT:
+        raise ValueError(f"{weights.name}: a TensorRT plan runs on Triton's tensorrt backend only")
     scripted: Net = torch.jit.load(str(weights), map_location=device).eval()  # type: ignore[no-untyped-call]
     return scripted
 

@@ -21,7 +21,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from pipeline.core.contract import MAX_VOXELS, Task, load_contract
-from pipeline.serving.activation import probabilities as served_probabilities
+from pipeline.serving.activation import served
 from pipeline.serving.loaders import load_net
 
 
@@ -88,7 +88,7 @@ class TorchScriptClassifier:
             try:
                 with torch.inference_mode():
                     logits = self.net(batch)
-                    probabilities = served_probabilities(self.contract, logits).cpu().numpy()
+                    probabilities = served(self.contract, logits).cpu().numpy()
             except RuntimeError as exc:  # e.g. out of GPU memory: answer, don't crash the stub
                 for i, _ in accepted:
                     error = pb_utils.TritonError(f"{self.contract.name} forward pass failed: {exc}")
