@@ -2,7 +2,7 @@
 
 Each runs in its own process (``python -m pipeline.bench.<name>``), one after another so they
 do not disturb each other: receive (dcmtk storescu -> storescp and -> ours), convert (pydicom
-raw read against series to volume), infer (direct TorchScript against Triton), e2e (last
+raw read against series to volume), infer (the weights called directly against Triton), e2e (last
 instance to result, and studies per minute with 1 and 2 workers), big_study (a lesion CT's
 time and memory per step as it grows). ``quick`` shrinks every
 size for a smoke run; its figures are not the ones to quote.

@@ -1,10 +1,11 @@
-"""Inference benchmark: the same TorchScript weights called in-process, and through Triton.
+"""Inference benchmark: the same weights called in-process, and through Triton.
 
     python -m pipeline.bench.infer [--seconds 5] [--json out.json]
 
 For the 2D model (mednist_classifier, 1x64x64) and a 3D one (ct_lesion_segmentation, the
-1x48^3 patches of the sliding window): direct TorchScript (``model.pt`` with the same
-activation and output the backend computes, :mod:`pipeline.serving.activation`) at batch 1
+1x48^3 patches of the sliding window): the model's weights called directly (loaded as the
+python backend loads them, :mod:`pipeline.serving.loaders`, with the same activation and output
+the backend computes, :mod:`pipeline.serving.activation`) at batch 1
 and 16, against the pipeline's client (``TritonClient``, as the worker calls it, through
 shared memory with this local Triton) over gRPC and HTTP at batch 1 and 16, gRPC at batch
 16 with the tensors inside the requests instead, and 4 concurrent batch-1 clients (which

@@ -3,10 +3,11 @@
     python -m pipeline.bench.speed_weights [--model-repository triton_models] [--force]
 
 Throughput does not depend on the weights' values, and a machine lent for minutes (the GPU
-runs in the README) should not spend them training, nor load TorchScript files written by a
-newer torch than its own. Each model gets its architecture with initial weights, traced by the
-local torch; model.json says they are untrained. Never use these for answers. Trained weights
-(demo or real) already in the repository are not replaced without --force.
+runs on the benchmarks page) should not spend them training, nor load files written by a
+newer torch than its own. Each model gets its architecture with initial weights, written by the
+local torch in its contract's format; model.json says they are untrained. Never use these for
+answers. Trained weights (demo or real) already in the repository are not replaced without
+--force.
 """
 
 from __future__ import annotations

@@ -43,7 +43,11 @@ def _onnx(contract: ModelContract, weights: Path, device: torch.device) -> Net:
     providers = ["CPUExecutionProvider"]
     if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
-    session = ort.InferenceSession(str(weights), providers=providers)
+    options = ort.SessionOptions()
+    # Its threads wait for work by sleeping, not spinning: between two runs the same cores
+    # serve torch (the sliding window's blending, the next request's copies).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(weights), options, providers=providers)
     name = session.get_inputs()[0].name
 
     def run(batch: torch.Tensor) -> torch.Tensor:
