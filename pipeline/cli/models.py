@@ -86,7 +86,7 @@ def models_import_bundle(
 
 @app.command("add")
 def models_add(
-    weights: Annotated[Path, typer.Argument(help="The weights: .pt2, .onnx, .pt or .ts.")],
+    weights: Annotated[Path, typer.Argument(help="The weights: .pt2, .onnx, .pt, .ts or .plan.")],
     name: Annotated[str, typer.Option(help="The new model's name.")],
     like: Annotated[str | None, typer.Option(help="Take this model's contract.")] = None,
     contract: Annotated[

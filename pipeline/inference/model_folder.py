@@ -52,9 +52,7 @@ def write_model_folder(
 ) -> ModelContract:
     """``repository/<name>/`` for the contract ``data`` (validated first: InputError names the
     bad field) and the weights file, copied as ``1/model<suffix>``."""
-    suffix = weights.suffix.lower()
-    if suffix not in WEIGHT_FORMATS:
-        raise InputError(f"{weights.name}: weights end .pt2, .onnx, .pt, .ts or .plan")
+    suffix = _suffix(weights)
     data = {**data, "weights": f"model{suffix}"}
     if suffix == ".onnx":
         data = _onnx_names(data, weights)
@@ -79,6 +77,14 @@ def write_model_folder(
     return load_contract(folder)
 
 
+def _suffix(weights: Path) -> str:
+    """The weights file's suffix, one of a format; InputError otherwise."""
+    suffix = weights.suffix.lower()
+    if suffix not in WEIGHT_FORMATS:
+        raise InputError(f"{weights.name}: weights end .pt2, .onnx, .pt, .ts or .plan")
+    return suffix
+
+
 def _plain(value: Any) -> Any:
     """Tuples as lists, for a YAML file people read."""
     if isinstance(value, dict):
@@ -96,11 +102,10 @@ def contract_like(repository: Path, model: str, name: str) -> dict[str, Any]:
     except (OSError, ValueError) as exc:
         raise InputError(f"no model {model!r} in {repository} to take the contract of") from exc
     data = contract.model_dump(mode="json", exclude_defaults=True)
-    if contract.serves_logits:  # the probabilities the python backend answers
-        shape = contract.output_shape(contract.input.shape)
+    if contract.serves_logits:  # the probabilities the python backend answers: every label's
+        labels = len(contract.labels)
+        shape = logits_shape(contract.task, Activation.SOFTMAX, labels, contract.input.shape)
         data["output"] = {"name": "PROBABILITIES", "shape": list(shape)}
-        if contract.activation == "sigmoid":
-            data["output"]["shape"] = [2]
     data.pop("backend", None)
     return {**data, "name": name}
 
@@ -190,8 +195,6 @@ def add_model(
             raise InputError(f"cannot read the contract {contract_file}: {exc}") from None
     if (repository / name).exists():
         raise InputError(f"a model {name!r} is already in {repository}")
-    if weights.suffix.lower() not in WEIGHT_FORMATS:
-        raise InputError(f"{weights.name}: weights end .pt2, .onnx, .pt, .ts or .plan")
-    data = {**data, "weights": f"model{weights.suffix.lower()}"}
+    data = {**data, "weights": f"model{_suffix(weights)}"}
     data = with_backend(data, backend, taken=like is not None)
     return write_model_folder(repository, data, weights, f"Added from {weights.name} (models add)")

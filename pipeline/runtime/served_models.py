@@ -15,7 +15,13 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.core.contract import CONTRACT_FILE, Backend, WeightsFormat, load_contract
+from pipeline.core.contract import (
+    CONTRACT_FILE,
+    Backend,
+    ModelContract,
+    WeightsFormat,
+    load_contract,
+)
 from pipeline.core.fsutil import atomic_write_bytes
 from pipeline.inference.model_folder import MODEL_PY
 from pipeline.inference.triton_config import config_text
@@ -33,41 +39,41 @@ class Served:
 def served_repository(repository: Path, backends: Path, target: Path) -> Served:
     """``repository`` itself where this Triton has every backend its models name; else a
     copy in ``target`` (rebuilt each time) with the python backend standing in."""
-    missing = {}
-    for folder in sorted(p for p in repository.iterdir() if (p / CONTRACT_FILE).is_file()):
-        contract = load_contract(folder)
-        if contract.serves_logits and not (backends / contract.backend.value).is_dir():
-            missing[folder.name] = contract.weights_format
+    missing = {
+        folder.name: contract
+        for folder in sorted(p for p in repository.iterdir() if (p / CONTRACT_FILE).is_file())
+        for contract in [load_contract(folder)]
+        if contract.serves_logits and not (backends / contract.backend.value).is_dir()
+    }
     if not missing:
         return Served(repository)
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
     served = Served(target)
     for folder in sorted(p for p in repository.iterdir() if p.is_dir()):
-        fmt = missing.get(folder.name)
-        if fmt is None:
+        contract = missing.get(folder.name)
+        if contract is None:
             (target / folder.name).symlink_to(folder.resolve(), target_is_directory=True)
-        elif fmt is WeightsFormat.TENSORRT:
+        elif contract.weights_format is WeightsFormat.TENSORRT:
             served.left_out[folder.name] = (
                 "a TensorRT plan is served by Triton's tensorrt backend only (NVIDIA's Triton "
                 "image on a GPU server), which this Triton lacks"
             )
             log.error("model %s not served: %s", folder.name, served.left_out[folder.name])
         else:
-            _stand_in(folder.resolve(), target / folder.name)
+            _stand_in(folder.resolve(), contract, target / folder.name)
             served.stand_ins.append(folder.name)
             log.info(
                 "model %s: this Triton has no %s backend; the python backend serves it, "
                 "answering the same logits",
                 folder.name,
-                load_contract(folder).backend.value,
+                contract.backend.value,
             )
     return served
 
 
-def _stand_in(folder: Path, into: Path) -> None:
+def _stand_in(folder: Path, contract: ModelContract, into: Path) -> None:
     """``folder``'s model on the python backend: its contract and weights linked."""
-    contract = load_contract(folder)
     into.mkdir()
     (into / CONTRACT_FILE).symlink_to(folder / CONTRACT_FILE)
     origin = f"{folder}: {contract.backend.value} model on the python backend (embedded Triton)"
